@@ -1,0 +1,395 @@
+"""The typed configuration: YAML file, then `IDLEGATE_*` environment overrides, validated by pydantic.
+
+Defaults live here and nowhere else. Durations are seconds as floats; sizes are bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+ENV_PREFIX = "IDLEGATE_"
+DEFAULT_PATH = "config/gateway.yaml"
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE = re.compile(r"(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB)?")
+_SIZE_UNITS = {
+    None: 1,
+    "B": 1,
+    "KB": 1000,
+    "KiB": 1024,
+    "MB": 1000**2,
+    "MiB": 1024**2,
+    "GB": 1000**3,
+    "GiB": 1024**3,
+}
+
+
+def parse_duration(value: object) -> float:
+    """`900`, `90s`, `250ms`, `15m`, `1h30m` -> seconds. Negative or empty values are refused."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 900, 90s, 15m or 1h30m")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip().replace(" ", "")
+        if re.fullmatch(r"\d+(\.\d+)?", text):
+            seconds = float(text)
+        else:
+            pos, seconds = 0, 0.0
+            for match in _DURATION_PART.finditer(text):
+                if match.start() != pos:
+                    break
+                seconds += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+                pos = match.end()
+            if pos != len(text) or not text:
+                raise ValueError(f"invalid duration {value!r}: use 900, 90s, 15m or 1h30m")
+    else:
+        raise ValueError("expected a duration such as 900, 90s, 15m or 1h30m")
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+def parse_size(value: object) -> int:
+    """`1048576`, `512KiB`, `10MiB` -> bytes."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 10MiB")
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str) and (match := _SIZE.fullmatch(value.strip())):
+        size = int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+    else:
+        raise ValueError(f"invalid size {value!r}: use bytes or e.g. 512KiB, 10MiB")
+    if size < 0:
+        raise ValueError("a size cannot be negative")
+    return size
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Size = Annotated[int, BeforeValidator(parse_size)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Listen(_Model):
+    host: str = "0.0.0.0"
+    port: int = Field(default=8080, ge=0, le=65535)
+
+
+class Admin(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(default=9090, ge=0, le=65535)
+    token_file: Path | None = None
+
+
+class Server(_Model):
+    """Process-level behaviour (beyond the contract's keys)."""
+
+    shutdown_grace: Duration = 20.0
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    access_log: bool = True
+
+
+class Store(_Model):
+    url: str = "memory://"
+    key_prefix: str = Field(default="idlegate", pattern=r"^[A-Za-z0-9:_.-]{1,64}$")
+    timeout: Duration = 0.25
+    on_error: Literal["deny", "allow", "grace"] = "deny"
+    # Name of an environment variable holding the secret used to hash jti/sid into store keys.
+    # Every replica must share it; without one a fixed, public key is used (still no raw claims).
+    hash_key_env: str | None = None
+    # How often each instance re-reads the shared revocation list (propagation delay bound).
+    revocation_poll: Duration = 0.25
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, url: str) -> str:
+        schemes = ("memory://", "redis://", "rediss://", "redis+sentinel://", "redis+cluster://")
+        if not url.startswith(schemes):
+            raise ValueError("must start with one of " + ", ".join(schemes))
+        return url
+
+    @property
+    def is_memory(self) -> bool:
+        return self.url.startswith("memory://")
+
+
+PRESETS: dict[str, dict[str, float]] = {
+    # PCI DSS 8.2.8: re-authenticate after 15 minutes idle.
+    "pci-dss": {"idle_timeout": 900, "max_token_lifetime": 900, "max_session_age": 43200},
+    # NIST SP 800-63B AAL2: 30 min inactivity, 12 h overall.
+    "nist-aal2": {"idle_timeout": 1800, "max_token_lifetime": 900, "max_session_age": 43200},
+    # NIST SP 800-63B AAL3: 15 min inactivity, 12 h overall.
+    "nist-aal3": {"idle_timeout": 900, "max_token_lifetime": 600, "max_session_age": 43200},
+}
+
+
+class Policy(_Model):
+    preset: Literal["pci-dss", "nist-aal2", "nist-aal3"] | None = None
+    idle_timeout: Duration = 900.0
+    max_token_lifetime: Duration = 900.0
+    leeway: Duration = 30.0
+    required_claims: list[str] = Field(default_factory=lambda: ["exp", "iat", "jti"])
+    track_by: Literal["jti", "sid"] = "jti"
+    session_claim: str = "sid"
+    session_retention: Duration = 86400.0
+    max_session_age: Duration | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        """A preset fills the keys the file leaves unset; explicit keys still win."""
+        if isinstance(data, Mapping) and data.get("preset") in PRESETS:
+            return {**PRESETS[data["preset"]], **data}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Policy:
+        if self.idle_timeout <= 0:
+            raise ValueError("idle_timeout must be positive")
+        if self.max_token_lifetime <= 0:
+            raise ValueError("max_token_lifetime must be positive")
+        for claim in ("exp", "iat"):
+            if claim not in self.required_claims:
+                raise ValueError(f"required_claims must include {claim} (the lifetime cap needs it)")
+        if self.track_by == "jti" and "jti" not in self.required_claims:
+            raise ValueError("required_claims must include jti when track_by is jti")
+        if self.track_by == "sid" and self.session_claim not in self.required_claims:
+            raise ValueError(f"required_claims must include {self.session_claim} when track_by is sid")
+        return self
+
+
+_ALGORITHMS = {
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+    "ES256", "ES384", "ES512", "EdDSA", "HS256", "HS384", "HS512",
+}  # fmt: skip
+
+
+class Provider(_Model):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    issuer: str = Field(min_length=1)
+    audiences: list[str] = Field(min_length=1)
+    algorithms: list[str] = Field(default_factory=lambda: ["RS256", "ES256"], min_length=1)
+    jwks_uri: str | None = None
+    discovery: bool = False
+    jwks_file: Path | None = None
+    public_key_file: Path | None = None
+    hmac_secret_env: str | None = None
+    require_typ: str | None = None
+    # Remote key refresh bounds; Cache-Control max-age is honoured between them.
+    jwks_min_refresh: Duration = 60.0
+    jwks_max_refresh: Duration = 3600.0
+
+    @field_validator("algorithms")
+    @classmethod
+    def _allowed_algorithms(cls, algorithms: list[str]) -> list[str]:
+        for alg in algorithms:
+            if alg.lower() == "none":
+                raise ValueError("'none' is never accepted")
+            if alg not in _ALGORITHMS:
+                raise ValueError(f"unknown algorithm {alg!r}")
+        return algorithms
+
+    @field_validator("jwks_uri")
+    @classmethod
+    def _https_or_local(cls, uri: str | None) -> str | None:
+        if uri is not None and not uri.startswith(("https://", "http://")):
+            raise ValueError("must be an http(s) URL")
+        return uri
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> Provider:
+        sources = [
+            self.jwks_uri is not None,
+            self.discovery,
+            self.jwks_file is not None,
+            self.public_key_file is not None,
+            self.hmac_secret_env is not None,
+        ]
+        if sum(sources) != 1:
+            raise ValueError(
+                "exactly one key source is needed: jwks_uri, discovery, jwks_file, "
+                "public_key_file or hmac_secret_env"
+            )
+        hmac = [alg for alg in self.algorithms if alg.startswith("HS")]
+        if self.hmac_secret_env is None and hmac:
+            raise ValueError(f"{', '.join(hmac)} only allowed with hmac_secret_env")
+        if self.hmac_secret_env is not None and len(hmac) != len(self.algorithms):
+            raise ValueError("an hmac_secret_env provider allows only HS256/HS384/HS512")
+        return self
+
+
+class Route(_Model):
+    prefix: str = Field(pattern=r"^/")
+    upstream: str = ""
+    strip_prefix: bool = False
+    scopes: list[str] = Field(default_factory=list)
+    idle_timeout: Duration | None = None
+    auth: Literal["required", "none"] = "required"
+    activity: Literal["extend", "passive"] = "extend"
+
+    @field_validator("upstream")
+    @classmethod
+    def _http_upstream(cls, upstream: str) -> str:
+        if not re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?", upstream):
+            raise ValueError("must be an http:// or https:// URL with a host")
+        return upstream.rstrip("/")
+
+
+class Forward(_Model):
+    identity_headers: dict[str, str] = Field(
+        default_factory=lambda: {
+            "X-Auth-Subject": "sub",
+            "X-Auth-Scope": "scope",
+            "X-Auth-Token-Id": "jti",
+        }
+    )
+    strip_authorization: bool = False
+    connect_timeout: Duration = 2.0
+    read_timeout: Duration = 30.0
+    max_body: Size = 10 * 1024 * 1024
+    # Keep-alive pool towards upstreams (per process).
+    pool_size: int = Field(default=256, ge=1)
+
+    @field_validator("identity_headers")
+    @classmethod
+    def _header_names(cls, headers: dict[str, str]) -> dict[str, str]:
+        for name in headers:
+            if not re.fullmatch(r"[A-Za-z0-9-]+", name):
+                raise ValueError(f"{name!r} is not a valid header name")
+        return headers
+
+
+class Config(_Model):
+    listen: Listen = Field(default_factory=Listen)
+    admin: Admin = Field(default_factory=Admin)
+    server: Server = Field(default_factory=Server)
+    store: Store = Field(default_factory=Store)
+    policy: Policy = Field(default_factory=Policy)
+    providers: list[Provider] = Field(min_length=1)
+    routes: list[Route] = Field(min_length=1)
+    forward: Forward = Field(default_factory=Forward)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        names = [p.name for p in self.providers]
+        if len(set(names)) != len(names):
+            raise ValueError("providers: names must be unique")
+        issuers = [p.issuer for p in self.providers]
+        if len(set(issuers)) != len(issuers):
+            raise ValueError("providers: issuers must be unique (the token's iss picks one)")
+        prefixes = [r.prefix for r in self.routes]
+        if len(set(prefixes)) != len(prefixes):
+            raise ValueError("routes: prefixes must be unique")
+        for route in self.routes:
+            if route.idle_timeout is not None and route.idle_timeout > self.policy.idle_timeout:
+                raise ValueError(
+                    f"routes: {route.prefix} idle_timeout may only be shorter than "
+                    "policy.idle_timeout"
+                )
+        return self
+
+    def masked(self) -> dict[str, Any]:
+        """The effective config as plain data with secrets replaced, for printing."""
+        data = self.model_dump(mode="json")
+        data["store"]["url"] = mask_url(self.store.url)
+        return data
+
+
+def mask_url(url: str) -> str:
+    """Hide the password in `scheme://user:password@host`."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+class ConfigError(Exception):
+    """Every problem found, each as `field.path: reason`."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def _env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """Apply `IDLEGATE_A__B=v` as data["a"]["b"] = yaml(v); list indexes are numbers."""
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or name == "IDLEGATE_CONFIG":
+            continue
+        path = name[len(ENV_PREFIX) :].lower().split("__")
+        try:
+            value = yaml.safe_load(raw) if raw else raw
+        except yaml.YAMLError:
+            value = raw
+        # `yaml` turns "15m" into a string and "900" into an int, as a file would.
+        node: Any = data
+        for i, part in enumerate(path):
+            last = i == len(path) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError([f"{name}: no list item {part}"])
+                key: Any = int(part)
+            else:
+                key = part
+            if last:
+                node[key] = value
+            else:
+                if isinstance(node, dict) and not isinstance(node.get(key), dict | list):
+                    node[key] = {}
+                node = node[key]
+    return data
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "(root)"
+
+
+def from_data(data: Any, environ: Mapping[str, str] | None = None) -> Config:
+    """Validate already-parsed data, environment overrides applied on top."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(["(root): the config must be a mapping of keys"])
+    data = _env_overrides(data, os.environ if environ is None else environ)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            message = error["msg"].removeprefix("Value error, ")
+            problems.append(f"{_location(error['loc'])}: {message}")
+        raise ConfigError(problems) from None
+
+
+def load(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read the YAML file (or `$IDLEGATE_CONFIG`, then config/gateway.yaml) and validate it."""
+    env = os.environ if environ is None else environ
+    chosen = Path(path or env.get("IDLEGATE_CONFIG") or DEFAULT_PATH)
+    try:
+        text = chosen.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{chosen}: cannot read config file ({exc.strerror})"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError([f"{chosen}:{where}: {problem}"]) from None
+    return from_data(data, env)

@@ -1,0 +1,91 @@
+"""Every Prometheus metric, defined once.
+
+With `--workers N` the CLI sets `PROMETHEUS_MULTIPROC_DIR` before this module is imported, so
+each worker writes its samples to shared files and a scrape of any worker shows the sum.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from gateway import __version__
+
+# Sub-millisecond gateway overhead up to slow upstreams.
+LATENCY_BUCKETS = (
+    0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+STORE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+IDLE_GAP_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 900, 1200, 1800, 3600)
+
+REQUESTS = Counter(
+    "idlegate_requests_total",
+    "Requests by route prefix, decision (allowed|rejected|error) and reason code.",
+    ["route", "decision", "reason"],
+)
+REQUEST_DURATION = Histogram(
+    "idlegate_request_duration_seconds",
+    "Whole request time at the gateway, by route prefix.",
+    ["route"],
+    buckets=LATENCY_BUCKETS,
+)
+UPSTREAM_DURATION = Histogram(
+    "idlegate_upstream_duration_seconds",
+    "Time until the upstream's response headers, by route prefix.",
+    ["route"],
+    buckets=LATENCY_BUCKETS,
+)
+STORE_DURATION = Histogram(
+    "idlegate_store_duration_seconds",
+    "Store round trips by operation.",
+    ["op"],
+    buckets=STORE_BUCKETS,
+)
+STORE_ERRORS = Counter(
+    "idlegate_store_errors_total",
+    "Store operations that failed or timed out, by operation.",
+    ["op"],
+)
+JWKS_REFRESH = Counter(
+    "idlegate_jwks_refresh_total",
+    "Key set fetches by provider and result (ok|error).",
+    ["provider", "result"],
+)
+JWKS_KEYS = Gauge(
+    "idlegate_jwks_keys",
+    "Usable keys held per provider.",
+    ["provider"],
+    multiprocess_mode="max",
+)
+IN_FLIGHT = Gauge(
+    "idlegate_in_flight_requests",
+    "Requests being handled right now.",
+    multiprocess_mode="livesum",
+)
+BUILD_INFO = Gauge(
+    "idlegate_build_info",
+    "Always 1; the version label says what runs.",
+    ["version"],
+    multiprocess_mode="max",
+)
+BUILD_INFO.labels(version=__version__).set(1)
+TOKEN_IDLE_GAP = Histogram(
+    "idlegate_token_idle_gap_seconds",
+    "On accepted requests: seconds since the token's (or session's) last activity.",
+    buckets=IDLE_GAP_BUCKETS,
+)
+STORE_FALLBACKS = Counter(
+    "idlegate_store_fallbacks_total",
+    "Requests decided without the store because it failed (on_error allow|grace), by mode.",
+    ["mode"],
+)
+ADMIN_REQUESTS = Counter(
+    "idlegate_admin_requests_total",
+    "Admin API requests by outcome (ok|unauthorized|disabled|bad_request).",
+    ["outcome"],
+)
+REVOCATIONS = Gauge(
+    "idlegate_revocations",
+    "Revocation entries currently in force at this instance.",
+    multiprocess_mode="max",
+)

@@ -1,0 +1,88 @@
+"""The one table of refusal reasons: stable code, HTTP status, OAuth error and message.
+
+Handlers raise `Refusal(Reason.X)`; one middleware renders it. The code is also the
+`reason` label of `idlegate_requests_total`.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    status: int
+    oauth_error: str | None
+    message: str
+
+
+class Reason(enum.Enum):
+    MISSING_TOKEN = _Outcome(401, None, "a bearer token is required")
+    MALFORMED_REQUEST = _Outcome(400, "invalid_request", "the request's credentials are malformed")
+    MALFORMED_TOKEN = _Outcome(401, "invalid_token", "the token is not a well-formed JWT")
+    DISALLOWED_ALG = _Outcome(401, "invalid_token", "the token's algorithm is not allowed")
+    UNKNOWN_KEY = _Outcome(401, "invalid_token", "the token was signed by an unknown key")
+    BAD_SIGNATURE = _Outcome(401, "invalid_token", "the token's signature is invalid")
+    WRONG_ISSUER = _Outcome(401, "invalid_token", "the token's issuer is not trusted")
+    WRONG_AUDIENCE = _Outcome(401, "invalid_token", "the token is not meant for this API")
+    WRONG_TYPE = _Outcome(401, "invalid_token", "the token has the wrong type")
+    MISSING_CLAIM = _Outcome(401, "invalid_token", "the token lacks a required claim")
+    EXPIRED = _Outcome(401, "invalid_token", "the token has expired")
+    NOT_YET_VALID = _Outcome(401, "invalid_token", "the token is not valid yet")
+    ISSUED_IN_FUTURE = _Outcome(401, "invalid_token", "the token was issued in the future")
+    LIFETIME_TOO_LONG = _Outcome(
+        401, "invalid_token", "the token was issued with a lifetime over the allowed maximum"
+    )
+    IDLE_TIMEOUT = _Outcome(401, "invalid_token", "the token was idle for too long")
+    REVOKED = _Outcome(401, "invalid_token", "the token has been revoked")
+    SESSION_IDLE = _Outcome(401, "invalid_token", "the session was idle for too long")
+    SESSION_TOO_OLD = _Outcome(401, "invalid_token", "the session is older than allowed")
+    INSUFFICIENT_SCOPE = _Outcome(
+        403, "insufficient_scope", "the token lacks a scope this route requires"
+    )
+    NO_ROUTE = _Outcome(404, None, "no route matches this path")
+    BAD_PATH = _Outcome(400, "invalid_request", "the request path is not acceptable")
+    PAYLOAD_TOO_LARGE = _Outcome(413, None, "the request body is too large")
+    STORE_UNAVAILABLE = _Outcome(503, None, "the session store is unavailable, retry shortly")
+    UPSTREAM_UNAVAILABLE = _Outcome(502, None, "the upstream service is unavailable")
+    UPSTREAM_TIMEOUT = _Outcome(504, None, "the upstream service did not answer in time")
+
+    @property
+    def code(self) -> str:
+        return self.name.lower()
+
+    @property
+    def status(self) -> int:
+        return self.value.status
+
+    @property
+    def oauth_error(self) -> str | None:
+        return self.value.oauth_error
+
+    @property
+    def message(self) -> str:
+        return self.value.message
+
+    @property
+    def decision(self) -> str:
+        """`error` for failures of the gateway or upstream, `rejected` for refusals."""
+        return "error" if self.status >= 500 else "rejected"
+
+
+class Refusal(Exception):
+    """Raised anywhere on the request path; rendered once by the error middleware."""
+
+    def __init__(
+        self,
+        reason: Reason,
+        detail: str | None = None,
+        *,
+        scope: str | None = None,
+        retry_after: int | None = None,
+    ) -> None:
+        super().__init__(detail or reason.message)
+        self.reason = reason
+        self.detail = detail or reason.message
+        self.scope = scope
+        self.retry_after = retry_after

@@ -1,0 +1,1 @@
+"""Stores of last activity and revocations."""

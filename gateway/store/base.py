@@ -1,0 +1,94 @@
+"""What the gateway needs from a store of last activity and revocations.
+
+Two implementations: `memory.MemoryStore` (one process) and `redis.RedisStore` (shared by every
+replica). Ids are hashed with a keyed hash before they reach a store: no raw claim is ever stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+RevocationKind = Literal["jti", "sid", "sub"]
+
+
+class StoreUnavailable(Exception):
+    """The store failed or did not answer within `store.timeout`."""
+
+
+@dataclass(frozen=True, slots=True)
+class Touch:
+    """One request's activity check, decided and recorded atomically by the store.
+
+    `key` is the hashed tracking id (jti, or sid with `track_by: sid`). `initial` is the last
+    activity when the store holds none (the token's `iat`). The request is idle iff
+    `now - last_activity > idle_timeout` (see `tokens.policy.is_idle`).
+    """
+
+    key: str
+    initial: float
+    now: float
+    idle_timeout: float
+    # False for `activity: passive` routes and the session-status endpoint: check only.
+    extend: bool
+    # The token's `exp`; the record is kept until max(exp, last_activity + idle_timeout) + linger.
+    expires_at: float
+    # `leeway` (+ `session_retention` with track_by sid, so that an idled-out session stays
+    # refused for that long, even for tokens issued later).
+    linger: float
+    # With track_by sid, an idle refusal with no record writes one (last_activity = initial), so
+    # that later tokens of the session are refused too. Never moves last_activity.
+    remember_idle: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TouchResult:
+    last_activity: float  # as it was before this request (== initial when never seen)
+    idle: bool  # refused: nothing was updated
+
+
+@dataclass(frozen=True, slots=True)
+class Revocation:
+    kind: RevocationKind
+    key: str  # hashed id (jti, sid or sub)
+    # For `sub`: tokens with iat <= issued_before are revoked. None: every token matching the id.
+    issued_before: float | None
+    until: float  # wall-clock time after which no token it covers can still be valid
+
+
+class Store(Protocol):
+    async def check_and_touch(self, touch: Touch) -> TouchResult:
+        """One round trip: decide idleness and, when not idle and `extend`, set
+        last_activity = max(last_activity, now) and extend the record's lifetime (never shorten)."""
+        ...
+
+    async def last_activity(self, key: str) -> float | None:
+        """The recorded last activity, or None when the store holds none."""
+        ...
+
+    async def revoke(self, revocation: Revocation, now: float) -> None:
+        """Add (or widen) a revocation; entries whose `until` passed are dropped."""
+        ...
+
+    async def revocations(self, since: int) -> tuple[int, list[Revocation] | None]:
+        """(version, entries); entries is None when the version still equals `since`."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise StoreUnavailable unless the store answers."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class KeyHasher:
+    """Keyed hash of ids (HMAC-SHA256, truncated): store keys never hold raw jti/sid/sub."""
+
+    def __init__(self, secret: bytes) -> None:
+        self._secret = secret
+
+    def __call__(self, kind: str, value: str) -> str:
+        digest = hmac.new(self._secret, f"{kind}\0{value}".encode(), hashlib.sha256)
+        return digest.hexdigest()[:32]
