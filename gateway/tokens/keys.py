@@ -1,0 +1,550 @@
+"""Verification keys per provider: JWKS (direct or OIDC discovery), JWKS file, PEM, HMAC secret.
+
+Each key carries the exact set of algorithms it may verify (key type, intersected with the
+provider's allow-list, narrowed by the JWK's `alg`). `verify.py` refuses a token whose header
+`alg` is not in that set, which is what stops key confusion (an RSA public key used as an HMAC
+secret, `none`, an EC key asked for RS256). Nothing here takes a URL from a token: `jku`,
+`x5u` and `jwk` headers are never looked at; keys come only from the provider's configuration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple, NoReturn
+
+import aiohttp
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
+from jwt.exceptions import InvalidKeyError
+
+from gateway import __version__
+from gateway.clock import Clock, SystemClock
+from gateway.config import Provider
+from gateway.metrics import JWKS_KEYS, JWKS_REFRESH
+
+log = logging.getLogger("idlegate.keys")
+
+RSA_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
+HMAC_MIN_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}  # RFC 7518 §3.2: key >= hash size
+EC_ALGORITHMS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
+MIN_RSA_BITS = 2048
+
+# Refresh timing when the JWKS response says nothing usable about its freshness.
+DEFAULT_REFRESH = 300.0
+# JWK members that only a private (or symmetric) key has (RFC 7518 §6.2.2, §6.3.2, §6.4; RFC 8037).
+_PRIVATE_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "oth", "k")
+_MAX_AGE = re.compile(r"(?:^|,)\s*max-age\s*=\s*\"?(\d+)\"?\s*(?=,|$)", re.IGNORECASE)
+_NO_CACHE = re.compile(r"(?:^|,)\s*(?:no-cache|no-store)\s*(?=,|=|$)", re.IGNORECASE)
+
+
+class KeySourceError(Exception):
+    """A provider's configured key file or secret is missing or unusable (a startup problem)."""
+
+
+class UnusableKeyError(ValueError):
+    """One key cannot be used for verification; the message says why (no key material in it)."""
+
+
+class PrivateKeyMaterialError(UnusableKeyError):
+    """A published key carries its private half: anyone could sign with it, so it is refused."""
+
+
+@dataclass(frozen=True, slots=True)
+class VerificationKey:
+    """A public key (or HMAC secret bytes) and the algorithms a token signed with it may use."""
+
+    kid: str | None
+    key: Any
+    algorithms: frozenset[str]
+
+    def __repr__(self) -> str:
+        # Never print the key itself (an HMAC secret is key material).
+        return (
+            f"VerificationKey(kid={self.kid!r}, type={type(self.key).__name__}, "
+            f"algorithms={sorted(self.algorithms)})"
+        )
+
+
+def algorithms_for(key: object) -> frozenset[str]:
+    """Every JWS algorithm the key's type can verify; empty for anything else (private keys too)."""
+    if isinstance(key, rsa.RSAPublicKey):
+        return RSA_ALGORITHMS
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        alg = EC_ALGORITHMS.get(key.curve.name)
+        return frozenset({alg}) if alg else frozenset()
+    if isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+        return frozenset({"EdDSA"})
+    if isinstance(key, bytes):
+        return frozenset(alg for alg, size in HMAC_MIN_BYTES.items() if len(key) >= size)
+    return frozenset()
+
+
+def _usable(
+    kid: str | None, key: object, allowed: Iterable[str], jwk_alg: str | None = None
+) -> VerificationKey:
+    if isinstance(key, rsa.RSAPublicKey) and key.key_size < MIN_RSA_BITS:
+        raise UnusableKeyError(f"RSA key of {key.key_size} bits (at least {MIN_RSA_BITS} needed)")
+    by_type = algorithms_for(key)
+    algorithms = by_type & frozenset(allowed)
+    if jwk_alg is not None:
+        algorithms &= {jwk_alg}
+    if not algorithms:
+        what = f"alg {jwk_alg}" if jwk_alg is not None else "key type"
+        raise UnusableKeyError(
+            f"{what} ({type(key).__name__}: {', '.join(sorted(by_type)) or 'nothing'}) "
+            f"allows none of the configured algorithms {sorted(allowed)}"
+        )
+    return VerificationKey(kid=kid, key=key, algorithms=algorithms)
+
+
+def key_from_jwk(jwk: object, allowed: Iterable[str]) -> VerificationKey:
+    """One signature-verification key from a JWK (RFC 7517); raises `UnusableKeyError`.
+
+    Refused: `use` other than `sig`, `key_ops` without `verify`, symmetric (`oct`) keys, and any
+    JWK carrying private members: a key whose private half was published can sign for anyone.
+    """
+    if not isinstance(jwk, Mapping):
+        raise UnusableKeyError("not a JSON object")
+    kid = jwk.get("kid")
+    if kid is not None and not isinstance(kid, str):
+        raise UnusableKeyError("kid is not a string")
+    use = jwk.get("use")
+    if use is not None and use != "sig":
+        raise UnusableKeyError(f"use is {use!r}, not 'sig'")
+    key_ops = jwk.get("key_ops")
+    if key_ops is not None and (not isinstance(key_ops, list) or "verify" not in key_ops):
+        raise UnusableKeyError("key_ops does not include 'verify'")
+    alg = jwk.get("alg")
+    if alg is not None and not isinstance(alg, str):
+        raise UnusableKeyError("alg is not a string")
+    kty = jwk.get("kty")
+    if kty == "oct":
+        raise UnusableKeyError(
+            "symmetric (oct) keys are not taken from a JWKS; use hmac_secret_env"
+        )
+    if any(member in jwk for member in _PRIVATE_MEMBERS):
+        raise PrivateKeyMaterialError(
+            "the JWK contains private key material; publish only the public key"
+        )
+    public = dict(jwk)  # PyJWT's from_jwk wants a dict, not any Mapping
+    try:
+        if kty == "RSA":
+            key: object = RSAAlgorithm.from_jwk(public)
+        elif kty == "EC":
+            key = ECAlgorithm.from_jwk(public)
+        elif kty == "OKP":
+            key = OKPAlgorithm.from_jwk(public)
+        else:
+            raise UnusableKeyError(f"unsupported kty {kty!r}")
+    except (InvalidKeyError, ValueError, TypeError) as exc:
+        if isinstance(exc, UnusableKeyError):
+            raise
+        raise UnusableKeyError(f"invalid {kty} key: {exc}") from None
+    return _usable(kid, key, allowed, alg)
+
+
+def keys_from_jwks(
+    document: object, allowed: Iterable[str], *, provider: str = "?"
+) -> list[VerificationKey]:
+    """The usable keys of a JWK Set; unusable members are dropped and logged (debug/warning)."""
+    if not isinstance(document, Mapping) or not isinstance(document.get("keys"), list):
+        raise UnusableKeyError("not a JWK Set (a JSON object with a 'keys' list)")
+    allowed = list(allowed)
+    keys: list[VerificationKey] = []
+    seen: set[str | None] = set()
+    for index, jwk in enumerate(document["keys"]):
+        try:
+            key = key_from_jwk(jwk, allowed)
+        except UnusableKeyError as exc:
+            kid = jwk.get("kid") if isinstance(jwk, Mapping) else None
+            level = logging.WARNING if isinstance(exc, PrivateKeyMaterialError) else logging.DEBUG
+            log.log(level, "provider %s: key #%d kid=%r dropped: %s", provider, index, kid, exc)
+            continue
+        if key.kid is not None and key.kid in seen:
+            log.warning(
+                "provider %s: duplicate kid %r in JWKS; the first one is kept", provider, key.kid
+            )
+            continue
+        seen.add(key.kid)
+        keys.append(key)
+    return keys
+
+
+def key_from_pem(data: bytes, allowed: Iterable[str]) -> VerificationKey:
+    """A public key from a PEM `PUBLIC KEY` or `CERTIFICATE`; private keys are refused."""
+    if b"PRIVATE KEY-----" in data:
+        raise UnusableKeyError(
+            "holds a private key; configure the public key or certificate instead "
+            "(e.g. openssl pkey -in key.pem -pubout)"
+        )
+    try:
+        if b"-----BEGIN CERTIFICATE-----" in data:
+            key: object = x509.load_pem_x509_certificate(data).public_key()
+        else:
+            key = serialization.load_pem_public_key(data)
+    except (ValueError, TypeError) as exc:
+        raise UnusableKeyError(f"not a PEM public key or certificate ({exc})") from None
+    return _usable(None, key, allowed)
+
+
+def key_from_secret(secret: bytes, allowed: Iterable[str]) -> VerificationKey:
+    """An HMAC key for the allowed HS* algorithms the secret is long enough for (RFC 7518 §3.2)."""
+    wanted = sorted(alg for alg in allowed if alg in HMAC_MIN_BYTES)
+    if not wanted:
+        raise UnusableKeyError("no HS256/HS384/HS512 algorithm is allowed for this provider")
+    strong = [alg for alg in wanted if len(secret) >= HMAC_MIN_BYTES[alg]]
+    if not strong:
+        need = min(HMAC_MIN_BYTES[alg] for alg in wanted)
+        raise UnusableKeyError(
+            f"the secret is {len(secret)} bytes; {', '.join(wanted)} needs at least {need} "
+            "bytes (RFC 7518 §3.2)"
+        )
+    weak = sorted(set(wanted) - set(strong))
+    if weak:
+        log.warning(
+            "hmac secret of %d bytes is too short for %s; only %s accepted",
+            len(secret),
+            ", ".join(weak),
+            ", ".join(strong),
+        )
+    return VerificationKey(kid=None, key=secret, algorithms=frozenset(strong))
+
+
+def freshness(cache_control: str | None, age: str | None = None) -> float | None:
+    """Seconds a response stays fresh per `Cache-Control` max-age minus `Age`; None if unstated."""
+    if cache_control is None:
+        return None
+    if _NO_CACHE.search(cache_control):
+        return 0.0
+    match = _MAX_AGE.search(cache_control)
+    if match is None:
+        return None
+    lifetime = float(match.group(1))
+    if age is not None and age.strip().isdigit():
+        lifetime -= float(age.strip())
+    return max(lifetime, 0.0)
+
+
+def refresh_delay(fresh_for: float | None, minimum: float, maximum: float) -> float:
+    """When to refetch: a little before the key set goes stale, within [minimum, maximum]."""
+    lifetime = DEFAULT_REFRESH if fresh_for is None else fresh_for
+    lifetime = min(max(lifetime, minimum), maximum)
+    # 80-90 % of the lifetime: early enough to beat staleness, spread so replicas do not align.
+    early = lifetime * random.uniform(0.8, 0.9)  # noqa: S311 - jitter, not a secret
+    return max(early, minimum)
+
+
+class _FetchError(Exception):
+    pass
+
+
+class _Outcome(NamedTuple):
+    ok: bool
+    fresh_for: float | None = None  # from Cache-Control; None when the response did not say
+
+
+class KeyRing:
+    """The verification keys of one provider, kept fresh; `lookup` is the request fast path.
+
+    A ring whose only key has no kid (public_key_file, hmac_secret_env, a kid-less single-key
+    JWKS) returns that key for any token kid: there is no kid to compare with.
+    """
+
+    def __init__(
+        self,
+        provider: Provider,
+        http: aiohttp.ClientSession | None,
+        environ: Mapping[str, str] | None = None,
+        *,
+        clock: Clock | None = None,
+        miss_refetch_interval: float = 30.0,
+        backoff_base: float = 1.0,
+        backoff_cap: float = 30.0,
+        fetch_timeout: float = 5.0,
+        max_document_bytes: int = 1024 * 1024,
+    ) -> None:
+        self.provider = provider
+        self.miss_refetch_interval = miss_refetch_interval
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self.fetch_timeout = fetch_timeout
+        self.max_document_bytes = max_document_bytes
+        self._http = http
+        self._owns_http = False
+        self._environ = environ
+        self._clock: Clock = clock or SystemClock()
+        self._by_kid: dict[str, VerificationKey] = {}
+        self._single: VerificationKey | None = None
+        self._count = 0
+        self._jwks_uri: str | None = provider.jwks_uri
+        self._inflight: asyncio.Task[_Outcome] | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._last_miss_refetch: float | None = None
+        self._closed = False
+        self.last_success: float | None = None
+        self.last_error: str | None = None
+
+    @property
+    def remote(self) -> bool:
+        return self.provider.jwks_uri is not None or self.provider.discovery
+
+    @property
+    def ready(self) -> bool:
+        """True once the ring holds at least one usable key (it never goes back to empty)."""
+        return self._count > 0
+
+    @property
+    def key_count(self) -> int:
+        return self._count
+
+    def lookup(self, kid: str | None) -> VerificationKey | None:
+        """The key for a token's `kid` header, without I/O."""
+        single = self._single
+        if single is not None and (kid is None or single.kid is None or single.kid == kid):
+            return single
+        if kid is None:
+            return None
+        return self._by_kid.get(kid)
+
+    async def lookup_or_refresh(self, kid: str | None) -> VerificationKey | None:
+        """`lookup`, and on a miss refetch the key set (rotation) at most once per interval.
+
+        Concurrent misses wait for one shared fetch; a fetch already running (first load,
+        background refresh) is joined instead of starting another.
+        """
+        found = self.lookup(kid)
+        if found is not None or not self.remote or self._closed:
+            return found
+        task = self._inflight
+        if task is None:
+            now = self._clock.now()
+            last = self._last_miss_refetch
+            if last is not None and 0 <= now - last < self.miss_refetch_interval:
+                return None
+            self._last_miss_refetch = now
+            task = self._fetch_shared()
+        # asyncio.wait never cancels the fetch, even if this request is cancelled.
+        await asyncio.wait([task])
+        return self.lookup(kid)
+
+    async def start(self) -> None:
+        """Load file/env keys (raising `KeySourceError`), or make the first remote fetch.
+
+        A remote failure does not raise: the ring stays not ready and keeps retrying in the
+        background. Returns after the first attempt (bounded by `fetch_timeout`).
+        """
+        provider = self.provider
+        if provider.jwks_file is not None:
+            data = await self._read(provider.jwks_file, "jwks_file")
+            try:
+                document = json.loads(data)
+            except (ValueError, UnicodeDecodeError) as exc:
+                self._fail_source(f"jwks_file {provider.jwks_file}: not valid JSON ({exc})")
+            try:
+                keys = keys_from_jwks(document, provider.algorithms, provider=provider.name)
+            except UnusableKeyError as exc:
+                self._fail_source(f"jwks_file {provider.jwks_file}: {exc}")
+            if not keys:
+                self._fail_source(
+                    f"jwks_file {provider.jwks_file}: no usable key for algorithms "
+                    f"{provider.algorithms} (set the idlegate.keys logger to debug to see why)"
+                )
+            self._install(keys, source=f"jwks_file {provider.jwks_file}")
+        elif provider.public_key_file is not None:
+            data = await self._read(provider.public_key_file, "public_key_file")
+            try:
+                key = key_from_pem(data, provider.algorithms)
+            except UnusableKeyError as exc:
+                self._fail_source(f"public_key_file {provider.public_key_file}: {exc}")
+            self._install([key], source=f"public_key_file {provider.public_key_file}")
+        elif provider.hmac_secret_env is not None:
+            name = provider.hmac_secret_env
+            environ = os.environ if self._environ is None else self._environ
+            secret = environ.get(name)
+            if not secret:
+                self._fail_source(f"hmac_secret_env: environment variable {name} is not set")
+            try:
+                key = key_from_secret(secret.encode(), provider.algorithms)
+            except UnusableKeyError as exc:
+                self._fail_source(f"hmac_secret_env {name}: {exc}")
+            self._install([key], source=f"hmac_secret_env {name}")
+        else:
+            if self._http is None:
+                self._http = aiohttp.ClientSession()
+                self._owns_http = True
+            outcome = await asyncio.shield(self._fetch_shared())
+            self._runner = asyncio.get_running_loop().create_task(
+                self._refresh_loop(outcome), name=f"idlegate-keys-{provider.name}"
+            )
+
+    async def close(self) -> None:
+        """Stop background refreshes; the keys held stay usable for `lookup`."""
+        self._closed = True
+        for task in (self._runner, self._inflight):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._runner = self._inflight = None
+        if self._owns_http and self._http is not None:
+            await self._http.close()
+            self._http = None
+
+    # -- file sources -------------------------------------------------------------------------
+
+    async def _read(self, path: Path, field: str) -> bytes:
+        try:
+            return await asyncio.to_thread(path.read_bytes)
+        except OSError as exc:
+            self._fail_source(f"{field} {path}: cannot read ({exc.strerror or exc})")
+
+    def _fail_source(self, problem: str) -> NoReturn:
+        JWKS_REFRESH.labels(provider=self.provider.name, result="error").inc()
+        self.last_error = problem
+        raise KeySourceError(f"provider {self.provider.name}: {problem}")
+
+    # -- remote source ------------------------------------------------------------------------
+
+    def _install(self, keys: list[VerificationKey], *, source: str) -> None:
+        """Replace the key set in one step (lookups see the old set or the new one, never a mix)."""
+        before = set(self._by_kid)
+        had = self._count
+        self._by_kid = {key.kid: key for key in keys if key.kid is not None}
+        self._single = keys[0] if len(keys) == 1 else None
+        self._count = len(keys)
+        self.last_success = self._clock.now()
+        self.last_error = None
+        JWKS_REFRESH.labels(provider=self.provider.name, result="ok").inc()
+        JWKS_KEYS.labels(provider=self.provider.name).set(len(keys))
+        after = set(self._by_kid)
+        level = logging.INFO if (after != before or had != len(keys)) else logging.DEBUG
+        log.log(
+            level,
+            "provider %s: %d keys from %s (added kids %s, removed %s)",
+            self.provider.name,
+            len(keys),
+            source,
+            sorted(after - before),
+            sorted(before - after),
+        )
+
+    def _fetch_shared(self) -> asyncio.Task[_Outcome]:
+        """The running fetch, or a new one: there is never more than one per provider."""
+        if self._inflight is None or self._inflight.done():
+            self._inflight = asyncio.get_running_loop().create_task(self._fetch())
+            self._inflight.add_done_callback(self._fetch_done)
+        return self._inflight
+
+    def _fetch_done(self, task: asyncio.Task[_Outcome]) -> None:
+        if self._inflight is task:
+            self._inflight = None
+
+    async def _fetch(self) -> _Outcome:
+        """One refresh: (discovery,) JWKS, parse, install. Failures keep the current keys."""
+        name = self.provider.name
+        try:
+            async with asyncio.timeout(self.fetch_timeout):
+                jwks_uri = self._jwks_uri or await self._discover()
+                self._jwks_uri = jwks_uri
+                try:
+                    document, fresh_for = await self._get_json(jwks_uri, "JWKS")
+                    keys = keys_from_jwks(document, self.provider.algorithms, provider=name)
+                    if not keys:
+                        raise _FetchError(
+                            f"JWKS at {jwks_uri} has no usable key for algorithms "
+                            f"{self.provider.algorithms}"
+                        )
+                except (_FetchError, UnusableKeyError, aiohttp.ClientError, OSError):
+                    if self.provider.discovery:
+                        self._jwks_uri = None  # discover again next time: jwks_uri may have moved
+                    raise
+        except (_FetchError, UnusableKeyError) as exc:
+            problem = str(exc)
+        except (aiohttp.ClientError, OSError) as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+        except TimeoutError:
+            problem = f"no complete answer within {self.fetch_timeout:g}s"
+        except Exception as exc:  # a bug must not kill the ring; count it like any failure
+            log.exception("provider %s: unexpected error fetching keys", name)
+            problem = f"unexpected {type(exc).__name__}"
+        else:
+            self._install(keys, source=jwks_uri)
+            return _Outcome(ok=True, fresh_for=fresh_for)
+        JWKS_REFRESH.labels(provider=name, result="error").inc()
+        self.last_error = problem
+        log.warning(
+            "provider %s: key refresh failed: %s (holding %d keys)", name, problem, self._count
+        )
+        return _Outcome(ok=False)
+
+    async def _discover(self) -> str:
+        """OIDC Discovery 1.0 §4: the issuer's configuration names the JWKS; issuer must match."""
+        issuer = self.provider.issuer
+        url = issuer.rstrip("/") + "/.well-known/openid-configuration"
+        document, _ = await self._get_json(url, "discovery document")
+        if not isinstance(document, Mapping):
+            raise _FetchError(f"discovery document at {url} is not a JSON object")
+        if document.get("issuer") != issuer:
+            # §4.3: a mismatch means the document is not this issuer's (or is forged).
+            raise _FetchError(
+                f"discovery document at {url} names issuer {document.get('issuer')!r}, "
+                f"not {issuer!r}"
+            )
+        jwks_uri = document.get("jwks_uri")
+        if not isinstance(jwks_uri, str) or not jwks_uri.startswith(("https://", "http://")):
+            raise _FetchError(f"discovery document at {url} has no http(s) jwks_uri")
+        if issuer.startswith("https://") and not jwks_uri.startswith("https://"):
+            raise _FetchError(f"discovery document at {url}: jwks_uri is not https")
+        return jwks_uri
+
+    async def _get_json(self, url: str, what: str) -> tuple[Any, float | None]:
+        assert self._http is not None
+        headers = {"Accept": "application/json", "User-Agent": f"idlegate/{__version__}"}
+        # No redirects: the key set must come from the configured (or discovered) URL itself.
+        async with self._http.get(url, headers=headers, allow_redirects=False) as response:
+            if response.status != 200:
+                raise _FetchError(f"{what} at {url} answered HTTP {response.status}")
+            length = response.content_length
+            if length is not None and length > self.max_document_bytes:
+                raise _FetchError(f"{what} at {url} is larger than {self.max_document_bytes} bytes")
+            body = bytearray()
+            async for chunk in response.content.iter_chunked(65536):
+                body += chunk
+                if len(body) > self.max_document_bytes:
+                    raise _FetchError(
+                        f"{what} at {url} is larger than {self.max_document_bytes} bytes"
+                    )
+            cache_control = ",".join(response.headers.getall("Cache-Control", [])) or None
+            fresh_for = freshness(cache_control, response.headers.get("Age"))
+        try:
+            return json.loads(bytes(body)), fresh_for
+        except (ValueError, UnicodeDecodeError):
+            raise _FetchError(f"{what} at {url} is not valid JSON") from None
+
+    async def _refresh_loop(self, outcome: _Outcome) -> None:
+        """Refetch before the keys go stale; after a failure retry with exponential backoff."""
+        provider = self.provider
+        failures = 0
+        while True:
+            if outcome.ok:
+                failures = 0
+                delay = refresh_delay(
+                    outcome.fresh_for, provider.jwks_min_refresh, provider.jwks_max_refresh
+                )
+            else:
+                delay = min(self.backoff_cap, self.backoff_base * 2**failures)
+                failures += 1
+            log.debug("provider %s: next key refresh in %.2fs", provider.name, delay)
+            await asyncio.sleep(delay)
+            outcome = await asyncio.shield(self._fetch_shared())
