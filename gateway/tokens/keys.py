@@ -116,6 +116,15 @@ def key_from_jwk(jwk: object, allowed: Iterable[str]) -> VerificationKey:
     """
     if not isinstance(jwk, Mapping):
         raise UnusableKeyError("not a JSON object")
+    kty = jwk.get("kty")
+    if kty == "oct":
+        raise UnusableKeyError(
+            "symmetric (oct) keys are never taken from a JWKS (use hmac_secret_env)"
+        )
+    if any(member in jwk for member in _PRIVATE_MEMBERS):
+        raise PrivateKeyMaterialError(
+            "the JWK contains private key material; publish only the public key"
+        )
     kid = jwk.get("kid")
     if kid is not None and not isinstance(kid, str):
         raise UnusableKeyError("kid is not a string")
@@ -128,15 +137,6 @@ def key_from_jwk(jwk: object, allowed: Iterable[str]) -> VerificationKey:
     alg = jwk.get("alg")
     if alg is not None and not isinstance(alg, str):
         raise UnusableKeyError("alg is not a string")
-    kty = jwk.get("kty")
-    if kty == "oct":
-        raise UnusableKeyError(
-            "symmetric (oct) keys are not taken from a JWKS; use hmac_secret_env"
-        )
-    if any(member in jwk for member in _PRIVATE_MEMBERS):
-        raise PrivateKeyMaterialError(
-            "the JWK contains private key material; publish only the public key"
-        )
     public = dict(jwk)  # PyJWT's from_jwk wants a dict, not any Mapping
     try:
         if kty == "RSA":
