@@ -1,4 +1,4 @@
-"""The typed configuration: YAML file, then `IDLEGATE_*` environment overrides, validated by pydantic.
+"""The typed configuration: a YAML file, then `IDLEGATE_*` environment overrides, validated.
 
 Defaults live here and nowhere else. Durations are seconds as floats; sizes are bytes.
 """
@@ -169,11 +169,15 @@ class Policy(_Model):
             raise ValueError("max_token_lifetime must be positive")
         for claim in ("exp", "iat"):
             if claim not in self.required_claims:
-                raise ValueError(f"required_claims must include {claim} (the lifetime cap needs it)")
+                raise ValueError(
+                    f"required_claims must include {claim} (the lifetime cap needs it)"
+                )
         if self.track_by == "jti" and "jti" not in self.required_claims:
             raise ValueError("required_claims must include jti when track_by is jti")
         if self.track_by == "sid" and self.session_claim not in self.required_claims:
-            raise ValueError(f"required_claims must include {self.session_claim} when track_by is sid")
+            raise ValueError(
+                f"required_claims must include {self.session_claim} when track_by is sid"
+            )
         return self
 
 
@@ -239,7 +243,7 @@ class Provider(_Model):
 
 class Route(_Model):
     prefix: str = Field(pattern=r"^/")
-    upstream: str = ""
+    upstream: str
     strip_prefix: bool = False
     scopes: list[str] = Field(default_factory=list)
     idle_timeout: Duration | None = None

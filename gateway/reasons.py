@@ -47,6 +47,7 @@ class Reason(enum.Enum):
     STORE_UNAVAILABLE = _Outcome(503, None, "the session store is unavailable, retry shortly")
     UPSTREAM_UNAVAILABLE = _Outcome(502, None, "the upstream service is unavailable")
     UPSTREAM_TIMEOUT = _Outcome(504, None, "the upstream service did not answer in time")
+    INTERNAL_ERROR = _Outcome(500, None, "the gateway failed to handle the request")
 
     @property
     def code(self) -> str:

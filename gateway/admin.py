@@ -1,0 +1,190 @@
+"""The admin port: metrics, health, readiness and the revocation API. Never on the proxy port."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from gateway import metrics
+from gateway.clock import Clock
+from gateway.config import Config
+from gateway.revocation import RevocationList
+from gateway.store.base import KeyHasher, Revocation, RevocationKind, Store, StoreUnavailable
+
+log = logging.getLogger("idlegate.admin")
+
+Readiness = Callable[[], Awaitable[tuple[bool, str]]]
+
+
+def _registry() -> CollectorRegistry:
+    """With several workers, aggregate every worker's samples (prometheus multiprocess mode)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return registry
+    return REGISTRY
+
+
+def _read_token(path: Path) -> bytes | None:
+    try:
+        token = path.read_bytes().strip()
+    except OSError:
+        log.error("admin.token_file %s cannot be read: admin API refuses every request", path)
+        return None
+    return token or None
+
+
+class AdminAPI:
+    def __init__(
+        self,
+        *,
+        readiness: Readiness,
+        revocations: RevocationList,
+        store: Store,
+        hasher: KeyHasher,
+        clock: Clock,
+        config: Config,
+    ) -> None:
+        self._readiness = readiness
+        self._revocations = revocations
+        self._store = store
+        self._hasher = hasher
+        self._clock = clock
+        self._config = config
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(_registry())
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        ready, why = await self._readiness()
+        return web.json_response(
+            {"status": "ready" if ready else "not_ready", "reason": why},
+            status=200 if ready else 503,
+        )
+
+    def _authorize(self, request: web.Request) -> None:
+        """404 when no token file is configured; 401 unless the bearer matches in constant time."""
+        token_file = self._config.admin.token_file
+        if token_file is None:
+            metrics.ADMIN_REQUESTS.labels("disabled").inc()
+            raise web.HTTPNotFound()
+        expected = _read_token(token_file)
+        scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+        if (
+            expected is None
+            or scheme.lower() != "bearer"
+            or not hmac.compare_digest(presented.strip().encode(), expected)
+        ):
+            metrics.ADMIN_REQUESTS.labels("unauthorized").inc()
+            raise web.HTTPUnauthorized(
+                text=json.dumps({"error": "unauthorized"}),
+                content_type="application/json",
+                headers={"WWW-Authenticate": 'Bearer realm="idlegate-admin"'},
+            )
+
+    def _bad_request(self, message: str) -> web.HTTPBadRequest:
+        metrics.ADMIN_REQUESTS.labels("bad_request").inc()
+        return web.HTTPBadRequest(
+            text=json.dumps({"error": "bad_request", "message": message}),
+            content_type="application/json",
+        )
+
+    async def revoke(self, request: web.Request) -> web.Response:
+        self._authorize(request)
+        try:
+            body = await request.json()
+        except ValueError:
+            raise self._bad_request("the body must be JSON") from None
+        kinds: tuple[RevocationKind, ...] = ("jti", "sid", "sub")
+        given = [k for k in kinds if isinstance(body, dict) and k in body]
+        if len(given) != 1 or len(body) != 1:
+            raise self._bad_request('send exactly one of {"jti"}, {"sid"} or {"sub"}')
+        kind = given[0]
+        value = body[kind]
+        if not isinstance(value, str) or not value or len(value) > 1024:
+            raise self._bad_request(f"{kind} must be a non-empty string")
+        now = self._clock.now()
+        policy = self._config.policy
+        # No token covered can outlive this: exp <= iat + max_token_lifetime, iat <= now + leeway,
+        # and exp itself is honoured with leeway.
+        horizon = now + policy.max_token_lifetime + 2 * policy.leeway
+        if kind == "sid":
+            horizon = max(horizon, now + policy.session_retention)
+        revocation = Revocation(
+            kind=kind,
+            key=self._hasher(kind, value),
+            issued_before=now if kind == "sub" else None,
+            until=horizon,
+        )
+        try:
+            await self._revocations.revoke(revocation)
+        except StoreUnavailable:
+            raise web.HTTPServiceUnavailable(
+                text=json.dumps({"error": "store_unavailable"}), content_type="application/json"
+            ) from None
+        metrics.ADMIN_REQUESTS.labels("ok").inc()
+        log.warning("revoked %s (until %.0f)", kind, horizon)
+        return web.Response(status=204)
+
+    async def token(self, request: web.Request) -> web.Response:
+        self._authorize(request)
+        jti = request.match_info["jti"]
+        key = self._hasher("jti", jti)
+        policy = self._config.policy
+        try:
+            last = await self._store.last_activity(key) if policy.track_by == "jti" else None
+        except StoreUnavailable:
+            raise web.HTTPServiceUnavailable(
+                text=json.dumps({"error": "store_unavailable"}), content_type="application/json"
+            ) from None
+        now = self._clock.now()
+        metrics.ADMIN_REQUESTS.labels("ok").inc()
+        return web.json_response(
+            {
+                "jti": jti,
+                "tracked_by": policy.track_by,
+                "last_activity": last,
+                "idle_remaining_seconds": (
+                    None if last is None else max(0.0, policy.idle_timeout - (now - last))
+                ),
+                "revoked": self._revocations.is_key_revoked("jti", key),
+            }
+        )
+
+
+def build_app(
+    *,
+    readiness: Readiness,
+    revocations: RevocationList,
+    store: Store,
+    hasher: KeyHasher,
+    clock: Clock,
+    config: Config,
+) -> web.Application:
+    api = AdminAPI(
+        readiness=readiness,
+        revocations=revocations,
+        store=store,
+        hasher=hasher,
+        clock=clock,
+        config=config,
+    )
+    app = web.Application()
+    app.router.add_get("/metrics", api.metrics)
+    app.router.add_get("/healthz", api.healthz)
+    app.router.add_get("/readyz", api.readyz)
+    app.router.add_post("/admin/revoke", api.revoke)
+    app.router.add_get("/admin/tokens/{jti}", api.token)
+    return app

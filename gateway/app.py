@@ -1,0 +1,344 @@
+"""Wires config, keys, store, policy and forwarding into the proxy app and the admin app.
+
+The request's way through `Gateway.handle`: route -> bearer token -> signature and claims ->
+scopes -> revocation -> session age -> one store round trip (idle check + touch) -> upstream.
+Every step raises `Refusal`; `handle` renders it once and counts it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from gateway import admin, metrics
+from gateway.accesslog import AccessLog
+from gateway.clock import Clock, SystemClock
+from gateway.config import Config
+from gateway.proxy import Forwarder
+from gateway.reasons import Reason, Refusal
+from gateway.revocation import RevocationList
+from gateway.routing import Router
+from gateway.store import hasher_from_config, open_store
+from gateway.store.base import Store, StoreUnavailable, TouchResult
+from gateway.tokens import policy
+from gateway.tokens.extract import bearer_token
+from gateway.tokens.keys import KeyRing
+from gateway.tokens.verify import VerifiedToken, Verifier
+
+log = logging.getLogger("idlegate")
+
+SESSION_PATH = "/.idlegate/session"
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+_HEADER_VALUE = re.compile(r"[\x00-\x1f\x7f]")
+_NO_ROUTE_LABEL = "none"
+
+
+@dataclass(slots=True)
+class _Outcome:
+    """What one request ended as, for metrics and the access log."""
+
+    route: str = _NO_ROUTE_LABEL
+    decision: str = "allowed"
+    reason: str = "ok"
+    status: int = 0
+    token: VerifiedToken | None = None
+    upstream_ms: float | None = None
+
+
+class RecentActivity:
+    """This instance's own memory of accepted requests, for `on_error: grace` (bounded LRU)."""
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        self._seen: OrderedDict[str, float] = OrderedDict()
+        self._capacity = capacity
+
+    def record(self, key: str, now: float) -> None:
+        self._seen[key] = now
+        self._seen.move_to_end(key)
+        if len(self._seen) > self._capacity:
+            self._seen.popitem(last=False)
+
+    def last(self, key: str) -> float | None:
+        return self._seen.get(key)
+
+
+def render_refusal(refusal: Refusal, request_id: str) -> web.Response:
+    reason = refusal.reason
+    headers = {"Cache-Control": "no-store", "X-Request-ID": request_id}
+    if reason.status in (401, 403):
+        challenge = 'Bearer realm="idlegate"'
+        if reason.oauth_error is not None:
+            description = refusal.detail.replace('"', "'")
+            challenge += f', error="{reason.oauth_error}", error_description="{description}"'
+        if refusal.scope is not None:
+            challenge += f', scope="{refusal.scope}"'
+        headers["WWW-Authenticate"] = challenge
+    if refusal.retry_after is not None:
+        headers["Retry-After"] = str(refusal.retry_after)
+    body = {
+        "error": reason.oauth_error or reason.code,
+        "reason": reason.code,
+        "message": refusal.detail,
+        "request_id": request_id,
+    }
+    return web.json_response(body, status=reason.status, headers=headers)
+
+
+class Gateway:
+    """One process's gateway: owns the store, key rings, revocation list and upstream pool."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        clock: Clock | None = None,
+        environ: Mapping[str, str] | None = None,
+        access_log: AccessLog | None = None,
+    ) -> None:
+        self.config = config
+        self.clock = clock or SystemClock()
+        self._environ = environ
+        self.router = Router(config.routes)
+        self.forwarder = Forwarder(config.forward)
+        self.hasher = hasher_from_config(config.store, environ)
+        self.store: Store = open_store(config.store)
+        self.revocations = RevocationList(self.store, self.clock, config.store.revocation_poll)
+        self._key_http: aiohttp.ClientSession | None = None
+        self.rings: dict[str, KeyRing] = {}
+        self.verifier: Verifier | None = None
+        self.recent = RecentActivity()
+        self.access_log = access_log or AccessLog(enabled=config.server.access_log)
+        self.draining = False
+        self._policy = config.policy
+        self._identity = list(config.forward.identity_headers.items())
+        self._requests: dict[tuple[str, str, str], Any] = {}
+        self._durations: dict[str, Any] = {}
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._key_http = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=10), raise_for_status=False
+        )
+        self.rings = {
+            p.name: KeyRing(p, self._key_http, self._environ, clock=self.clock)
+            for p in self.config.providers
+        }
+        for ring in self.rings.values():
+            await ring.start()
+        self.verifier = Verifier(self.config, self.rings, self.hasher, self.clock)
+        await self.forwarder.start()
+        await self.revocations.start()
+
+    async def close(self) -> None:
+        await self.revocations.close()
+        for ring in self.rings.values():
+            await ring.close()
+        if self._key_http is not None:
+            await self._key_http.close()
+        await self.forwarder.close()
+        await self.store.close()
+
+    async def readiness(self) -> tuple[bool, str]:
+        """(ready, why not). Ready: not draining, every provider has keys, the store answers."""
+        if self.draining:
+            return False, "draining"
+        missing = [name for name, ring in self.rings.items() if not ring.ready]
+        if missing or not self.rings:
+            return False, "no usable keys for provider(s): " + ", ".join(missing)
+        try:
+            await self.store.ping()
+        except StoreUnavailable:
+            return False, "the store does not answer"
+        return True, "ready"
+
+    # -- the request path ------------------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        sent_id = request.headers.get("X-Request-ID")
+        request_id = (
+            sent_id if sent_id and _SANE_REQUEST_ID.fullmatch(sent_id) else uuid.uuid4().hex
+        )
+        outcome = _Outcome()
+        metrics.IN_FLIGHT.inc()
+        try:
+            response = await self._decide_and_forward(request, request_id, outcome)
+        except Refusal as refusal:
+            outcome.decision, outcome.reason = refusal.reason.decision, refusal.reason.code
+            response = render_refusal(refusal, request_id)
+        except Exception:
+            log.exception("request %s failed", request_id)
+            outcome.decision, outcome.reason = "error", Reason.INTERNAL_ERROR.code
+            response = render_refusal(Refusal(Reason.INTERNAL_ERROR), request_id)
+        finally:
+            metrics.IN_FLIGHT.dec()
+        elapsed = time.perf_counter() - started
+        self._count(outcome, elapsed)
+        token = outcome.token
+        self.access_log.write(
+            request_id=request_id,
+            method=request.method,
+            route=outcome.route,
+            status=response.status,
+            decision=outcome.decision,
+            reason=outcome.reason,
+            jti=token.jti if token else None,
+            sub=token.sub if token else None,
+            upstream_ms=outcome.upstream_ms,
+            total_ms=elapsed * 1000,
+        )
+        return response
+
+    def _count(self, outcome: _Outcome, elapsed: float) -> None:
+        key = (outcome.route, outcome.decision, outcome.reason)
+        counter = self._requests.get(key)
+        if counter is None:
+            counter = self._requests[key] = metrics.REQUESTS.labels(*key)
+        counter.inc()
+        histogram = self._durations.get(outcome.route)
+        if histogram is None:
+            histogram = self._durations[outcome.route] = metrics.REQUEST_DURATION.labels(
+                outcome.route
+            )
+        histogram.observe(elapsed)
+
+    async def _decide_and_forward(
+        self, request: web.Request, request_id: str, outcome: _Outcome
+    ) -> web.StreamResponse:
+        raw_path = request.raw_path.partition("?")[0]
+        if raw_path == SESSION_PATH:
+            outcome.route = SESSION_PATH
+            return await self._session_status(request, outcome)
+        match = self.router.match(raw_path)
+        route = match.route
+        outcome.route = match.label
+        identity: dict[str, str] = {}
+        if route.auth == "required":
+            token = await self._authenticate(request)
+            outcome.token = token
+            policy.check_scopes(route.scopes, token.scopes)
+            idle_timeout = policy.idle_timeout_for(self._policy, route)
+            await self._check_activity(
+                token, idle_timeout, extend=route.activity == "extend", outcome=outcome
+            )
+            identity = self._identity_headers(token)
+        headers = self.forwarder.upstream_headers(
+            request,
+            request_id,
+            identity,
+            strip_authorization=route.auth == "required"
+            and self.config.forward.strip_authorization,
+        )
+        upstream_started = time.perf_counter()
+        try:
+            return await self.forwarder.forward(request, match, headers, request_id)
+        finally:
+            outcome.upstream_ms = (time.perf_counter() - upstream_started) * 1000
+
+    async def _authenticate(self, request: web.Request) -> VerifiedToken:
+        """Bearer token -> verified token that is neither revoked nor too old a session."""
+        assert self.verifier is not None, "Gateway.start() was not awaited"
+        token = await self.verifier.verify(bearer_token(request.headers, request.rel_url))
+        if self.revocations.is_revoked(token):
+            raise Refusal(Reason.REVOKED)
+        policy.check_session_age(token, self._policy, self.clock.now())
+        return token
+
+    async def _check_activity(
+        self, token: VerifiedToken, idle_timeout: float, *, extend: bool, outcome: _Outcome
+    ) -> TouchResult:
+        """The one store round trip: refuse if idle, else (when `extend`) record activity."""
+        now = self.clock.now()
+        touch = policy.touch_for(token, self._policy, idle_timeout, now, extend=extend)
+        try:
+            result = await self.store.check_and_touch(touch)
+        except StoreUnavailable:
+            return self._store_fallback(token, idle_timeout, now, outcome)
+        if result.idle:
+            raise Refusal(policy.idle_reason(self._policy))
+        metrics.TOKEN_IDLE_GAP.observe(max(0.0, now - result.last_activity))
+        if extend and self.config.store.on_error == "grace":
+            self.recent.record(token.track_key, now)
+        return result
+
+    def _store_fallback(
+        self, token: VerifiedToken, idle_timeout: float, now: float, outcome: _Outcome
+    ) -> TouchResult:
+        mode = self.config.store.on_error
+        if mode == "allow":
+            log.warning("store unavailable: forwarding jti=%s without idle check", token.jti)
+            metrics.STORE_FALLBACKS.labels("allow").inc()
+            outcome.reason = Reason.STORE_UNAVAILABLE.code
+            return TouchResult(last_activity=now, idle=False)
+        if mode == "grace":
+            seen = self.recent.last(token.track_key)
+            if seen is not None and not policy.is_idle(seen, now, idle_timeout):
+                log.warning("store unavailable: jti=%s allowed on local activity", token.jti)
+                metrics.STORE_FALLBACKS.labels("grace").inc()
+                outcome.reason = Reason.STORE_UNAVAILABLE.code
+                return TouchResult(last_activity=seen, idle=False)
+        raise Refusal(Reason.STORE_UNAVAILABLE, retry_after=1)
+
+    def _identity_headers(self, token: VerifiedToken) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        claims = token.claims
+        for header, claim in self._identity:
+            value = claims.get(claim)
+            if value is None and claim == "scope" and token.scopes:
+                value = " ".join(sorted(token.scopes))
+            if value is None or isinstance(value, dict):
+                continue
+            if isinstance(value, list):
+                text = " ".join(str(v) for v in value)
+            elif isinstance(value, bool):
+                text = "true" if value else "false"
+            else:
+                text = str(value)
+            if not _HEADER_VALUE.search(text):  # a claim can never smuggle a header line
+                headers[header] = text
+        return headers
+
+    async def _session_status(self, request: web.Request, outcome: _Outcome) -> web.Response:
+        """Remaining idle time etc. for the presented token; never counts as activity."""
+        if request.method not in ("GET", "HEAD"):
+            return web.json_response({"error": "method_not_allowed"}, status=405)
+        token = await self._authenticate(request)
+        outcome.token = token
+        idle_timeout = self._policy.idle_timeout
+        result = await self._check_activity(token, idle_timeout, extend=False, outcome=outcome)
+        now = self.clock.now()
+        started_at = token.auth_time if token.auth_time is not None else token.iat
+        body = {
+            "idle_remaining_seconds": round(idle_timeout - (now - result.last_activity), 3),
+            "expires_in_seconds": round(token.exp - now, 3),
+            "session_age_seconds": round(now - started_at, 3),
+        }
+        return web.json_response(body, headers={"Cache-Control": "no-store"})
+
+
+async def build_proxy_app(gateway: Gateway) -> web.Application:
+    """The proxy port's app: one catch-all handler, no per-request middleware stack."""
+    app = web.Application(handler_args={"max_field_size": 16 * 1024 + 64})
+    app.router.add_route("*", "/{tail:.*}", gateway.handle)
+    return app
+
+
+def build_admin_app(gateway: Gateway) -> web.Application:
+    return admin.build_app(
+        readiness=gateway.readiness,
+        revocations=gateway.revocations,
+        store=gateway.store,
+        hasher=gateway.hasher,
+        clock=gateway.clock,
+        config=gateway.config,
+    )

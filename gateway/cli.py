@@ -1,0 +1,185 @@
+"""The `idlegate` command: serve, check-config, token, demo. No logic of its own.
+
+Every user error ends as one `idlegate: ...` line per problem on stderr and a non-zero exit,
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+import yaml
+
+from gateway import __version__
+from gateway.config import Config, ConfigError, load, parse_duration
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"idlegate: {message} (see 'idlegate {self._sub_name()}--help')\n")
+
+    def _sub_name(self) -> str:
+        parts = self.prog.split()[1:]
+        return " ".join(parts) + " " if parts else ""
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="idlegate",
+        description="A gateway that refuses bearer tokens left idle for longer than a timeout.",
+    )
+    parser.add_argument("--version", action="version", version=f"idlegate {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    serve = commands.add_parser("serve", help="run the gateway")
+    serve.add_argument(
+        "-c", "--config", help="config file (default $IDLEGATE_CONFIG, then config/gateway.yaml)"
+    )
+    serve.add_argument(
+        "--workers", type=_positive_int, default=1, help="processes sharing the port"
+    )
+
+    check = commands.add_parser(
+        "check-config", help="validate a config and print it, secrets masked"
+    )
+    check.add_argument(
+        "-c", "--config", help="config file (default $IDLEGATE_CONFIG, then config/gateway.yaml)"
+    )
+
+    token = commands.add_parser("token", help="mint a signed token for development")
+    token.add_argument(
+        "--key", required=True, type=Path, help="PEM private key (RSA, EC or Ed25519)"
+    )
+    token.add_argument("--kid", help="key id header")
+    token.add_argument("--sub", default="dev-user", help="subject (default dev-user)")
+    token.add_argument("--ttl", type=_duration, default=600.0, help="lifetime, e.g. 10m (default)")
+    token.add_argument("--aud", default="orders-api", help="audience (default orders-api)")
+    token.add_argument("--iss", default="https://issuer.example/", help="issuer")
+    token.add_argument("--sid", help="session id claim")
+    token.add_argument("--scope", help='space-separated scopes, e.g. "orders:read orders:write"')
+
+    demo = commands.add_parser(
+        "demo", help="a self-contained demo: gateway, echo upstream, dev key"
+    )
+    demo.add_argument("--port", type=int, default=8080, help="proxy port (default 8080)")
+    demo.add_argument("--admin-port", type=int, default=9090, help="admin port (default 9090)")
+    demo.add_argument("--upstream-port", type=int, default=8081, help="echo upstream port")
+    demo.add_argument("--idle-timeout", type=_duration, default=20.0, help="default 20s")
+    demo.add_argument("--no-walkthrough", action="store_true", help="skip the self-run scenario")
+    return parser
+
+
+def _config_or_exit(path: str | None) -> Config:
+    try:
+        return load(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"idlegate: {problem}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    config = _config_or_exit(args.config)
+    print(yaml.safe_dump(config.masked(), sort_keys=False), end="")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = _config_or_exit(args.config)
+    if args.workers > 1:
+        if config.store.is_memory:
+            print(
+                "idlegate: --workers > 1 needs a shared store: the memory store would give each "
+                "worker its own idea of last activity; set store.url to redis://...",
+                file=sys.stderr,
+            )
+            return 2
+        # Must be set before prometheus_client is imported (by gateway.serve), in every worker.
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="idlegate-metrics-")
+    from gateway.serve import run
+
+    try:
+        return run(config, args.workers)
+    except OSError as exc:
+        print(f"idlegate: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+
+
+def _token(args: argparse.Namespace) -> int:
+    from gateway.devtoken import KeyFileError, load_private_key, mint
+
+    try:
+        key = load_private_key(args.key)
+        token = mint(
+            key,
+            issuer=args.iss,
+            audience=args.aud,
+            subject=args.sub,
+            ttl=args.ttl,
+            kid=args.kid,
+            sid=args.sid,
+            scope=args.scope,
+        )
+    except KeyFileError as exc:
+        print(f"idlegate: {exc}", file=sys.stderr)
+        return 2
+    print(token)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from gateway.demo import run_demo
+
+    try:
+        return run_demo(
+            port=args.port,
+            admin_port=args.admin_port,
+            upstream_port=args.upstream_port,
+            idle_timeout=args.idle_timeout,
+            walkthrough=not args.no_walkthrough,
+        )
+    except OSError as exc:
+        print(f"idlegate: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {
+        "serve": _serve,
+        "check-config": _check_config,
+        "token": _token,
+        "demo": _demo,
+    }
+    try:
+        return handlers[args.command](args)
+    except KeyboardInterrupt:
+        return 130
+
+
+def entrypoint() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entrypoint()

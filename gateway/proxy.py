@@ -1,0 +1,212 @@
+"""Forwarding: header hygiene, streaming both ways, upstream errors.
+
+One `ClientSession` per process holds the keep-alive pool. Bodies are streamed chunk by chunk
+(never read whole); a request body is cut off at `max_body`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Mapping
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from gateway import metrics
+from gateway.config import Forward
+from gateway.reasons import Reason, Refusal
+from gateway.routing import Match
+
+# RFC 9110 §7.6.1 plus the legacy ones proxies still meet.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-authenticate",
+        "proxy-authorization",
+    }
+)
+# Set by the gateway itself, never taken from the client.
+_REQUEST_OWN = frozenset(
+    {"host", "x-forwarded-proto", "x-forwarded-host", "x-request-id", "expect"}
+)
+_CHUNK = 64 * 1024
+_SMALL_RESPONSE = 64 * 1024
+
+
+def _connection_named(headers: CIMultiDictProxy[str]) -> set[str]:
+    named: set[str] = set()
+    for value in headers.getall("Connection", ()):
+        named.update(token.strip().lower() for token in value.split(",") if token.strip())
+    return named
+
+
+def _filtered(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> CIMultiDict[str]:
+    """A copy without hop-by-hop headers, those named in Connection, and `drop`."""
+    named = _connection_named(headers) if "Connection" in headers else set()
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower in HOP_BY_HOP or lower in drop or lower in named:
+            continue
+        out.add(name, value)
+    return out
+
+
+class BodyLimit:
+    """Streams a request body and stops it once it grows past `max_body`."""
+
+    def __init__(self, request: web.Request, max_body: int) -> None:
+        self._content = request.content
+        self._max_body = max_body
+        self.exceeded = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        total = 0
+        async for chunk in self._content.iter_chunked(_CHUNK):
+            total += len(chunk)
+            if total > self._max_body:
+                self.exceeded = True
+                raise Refusal(Reason.PAYLOAD_TOO_LARGE)
+            yield chunk
+
+
+class Forwarder:
+    def __init__(self, config: Forward) -> None:
+        self._config = config
+        # Identity header names are dropped from every incoming request (client-sent copies).
+        self._drop = frozenset({*_REQUEST_OWN, *(n.lower() for n in config.identity_headers)})
+        self._drop_with_auth = self._drop | {"authorization"}
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=config.connect_timeout, sock_read=config.read_timeout
+        )
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=self._config.pool_size, keepalive_timeout=30, ttl_dns_cache=10
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=self._timeout,
+            auto_decompress=False,  # pass bodies through exactly as the upstream sent them
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def upstream_headers(
+        self,
+        request: web.Request,
+        request_id: str,
+        identity: Mapping[str, str],
+        *,
+        strip_authorization: bool,
+    ) -> CIMultiDict[str]:
+        headers = _filtered(
+            request.headers, self._drop_with_auth if strip_authorization else self._drop
+        )
+        # Added after hop-by-hop removal, so `Connection: X-Auth-Subject` cannot strip them.
+        headers.update(identity)
+        peer = request.remote or ""
+        previous = request.headers.get("X-Forwarded-For")
+        headers["X-Forwarded-For"] = f"{previous}, {peer}" if previous else peer
+        headers["X-Forwarded-Proto"] = request.scheme
+        if request.host:
+            headers["X-Forwarded-Host"] = request.host
+        headers["X-Request-ID"] = request_id
+        return headers
+
+    async def forward(
+        self,
+        request: web.Request,
+        match: Match,
+        headers: CIMultiDict[str],
+        request_id: str,
+    ) -> web.StreamResponse:
+        assert self._session is not None, "Forwarder.start() was not awaited"
+        declared = request.content_length
+        if declared is not None and declared > self._config.max_body:
+            raise Refusal(Reason.PAYLOAD_TOO_LARGE)
+        query = request.raw_path.partition("?")[2]
+        target = match.route.upstream + match.upstream_path + ("?" + query if query else "")
+        limit: BodyLimit | None = None
+        data: AsyncIterator[bytes] | None = None
+        if request.body_exists:
+            limit = BodyLimit(request, self._config.max_body)
+            data = limit.chunks()
+        started = time.perf_counter()
+        try:
+            upstream = await self._session.request(
+                request.method,
+                URL(target, encoded=True),
+                headers=headers,
+                data=data,
+                allow_redirects=False,
+                compress=None,
+            )
+        except aiohttp.ServerTimeoutError as exc:
+            if isinstance(exc, aiohttp.ConnectionTimeoutError):
+                raise Refusal(Reason.UPSTREAM_UNAVAILABLE, "connecting timed out") from None
+            raise Refusal(Reason.UPSTREAM_TIMEOUT) from None
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            if limit is not None and limit.exceeded:
+                raise Refusal(Reason.PAYLOAD_TOO_LARGE) from None
+            if isinstance(exc, asyncio.TimeoutError):
+                raise Refusal(Reason.UPSTREAM_TIMEOUT) from None
+            raise Refusal(Reason.UPSTREAM_UNAVAILABLE) from None
+        metrics.UPSTREAM_DURATION.labels(match.label).observe(time.perf_counter() - started)
+        try:
+            return await self._relay(request, upstream, request_id, limit)
+        finally:
+            upstream.release()
+
+    async def _relay(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        request_id: str,
+        limit: BodyLimit | None,
+    ) -> web.StreamResponse:
+        if limit is not None and limit.exceeded:
+            raise Refusal(Reason.PAYLOAD_TOO_LARGE)
+        headers = _filtered(upstream.headers, frozenset())
+        headers["X-Request-ID"] = request_id
+        length = upstream.content_length
+        bodiless = request.method == "HEAD" or upstream.status in (204, 304)
+        if length is not None and length <= _SMALL_RESPONSE and not bodiless:
+            try:
+                body = await upstream.read()
+            except (TimeoutError, aiohttp.ClientError):
+                raise Refusal(
+                    Reason.UPSTREAM_UNAVAILABLE, "the upstream response broke off"
+                ) from None
+            headers.popall("Content-Length", None)
+            return web.Response(
+                status=upstream.status, reason=upstream.reason, headers=headers, body=body
+            )
+        response = web.StreamResponse(
+            status=upstream.status, reason=upstream.reason, headers=headers
+        )
+        await response.prepare(request)
+        try:
+            async for chunk in upstream.content.iter_chunked(_CHUNK):
+                await response.write(chunk)
+        except (TimeoutError, aiohttp.ClientError):
+            # Headers are gone already: the only honest signal left is to cut the connection.
+            if request.transport is not None:
+                request.transport.close()
+            return response
+        await response.write_eof()
+        return response

@@ -1,0 +1,83 @@
+"""Path normalisation and longest-prefix route matching.
+
+A path is matched and forwarded in one normalised form. Encoded separators (`%2f`, `%5c`),
+backslashes and NUL are refused outright; dot-segments (also as `%2e`) and doubled slashes are
+resolved, and refused when resolving them changes which route matches (`/public/../api/x`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from gateway.config import Route
+from gateway.reasons import Reason, Refusal
+
+_FORBIDDEN = re.compile(r"%2[fF]|%5[cC]|%00|\\|[\x00-\x20\x7f]")
+_ENCODED_DOT = re.compile(r"%2[eE]")
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    route: Route
+    label: str  # the configured prefix: the bounded `route` metric label
+    upstream_path: str  # the normalised path, prefix stripped if configured; starts with "/"
+
+
+def normalise(raw_path: str) -> str:
+    """Resolve dot-segments and doubled slashes; refuse what cannot be made unambiguous."""
+    if not raw_path.startswith("/") or _FORBIDDEN.search(raw_path):
+        raise Refusal(Reason.BAD_PATH, "the path contains encoded separators or control bytes")
+    if "." not in raw_path and "//" not in raw_path and "%" not in raw_path:
+        return raw_path  # the common case: nothing to resolve
+    segments: list[str] = []
+    parts = raw_path.split("/")
+    for i, part in enumerate(parts[1:], start=1):
+        literal = _ENCODED_DOT.sub(".", part)
+        if literal == ".":
+            continue
+        if literal == "..":
+            if not segments:
+                raise Refusal(Reason.BAD_PATH, "the path climbs above the root")
+            segments.pop()
+            continue
+        if part == "" and i != len(parts) - 1:
+            continue  # doubled slash
+        segments.append(part)
+    return "/" + "/".join(segments)
+
+
+class Router:
+    """Longest configured prefix wins; prefixes match on segment boundaries."""
+
+    def __init__(self, routes: list[Route]) -> None:
+        # Longest first, so the first hit is the longest match.
+        self._routes = sorted(routes, key=lambda r: len(r.prefix), reverse=True)
+        self._bases = [r.prefix.rstrip("/") for r in self._routes]
+
+    def find(self, path: str) -> tuple[Route, str] | None:
+        for route, base in zip(self._routes, self._bases, strict=True):
+            if base == "" or path == base or path.startswith(base + "/"):
+                return route, base
+        return None
+
+    def match(self, raw_path: str) -> Match:
+        """The route for a raw path (no query), or a Refusal: 400 bad path, 404 no route."""
+        path = normalise(raw_path)
+        found = self.find(path)
+        if path != raw_path:
+            # What a naive matcher (or the upstream) would have seen must agree with us.
+            literal = self.find(raw_path)
+            if (found and found[0]) is not (literal and literal[0]):
+                raise Refusal(
+                    Reason.BAD_PATH, "the path's dot-segments or slashes change its route"
+                )
+        if found is None:
+            raise Refusal(Reason.NO_ROUTE)
+        route, base = found
+        upstream_path = path
+        if route.strip_prefix and base:
+            upstream_path = path[len(base) :] or "/"
+            if not upstream_path.startswith("/"):
+                upstream_path = "/" + upstream_path
+        return Match(route=route, label=route.prefix, upstream_path=upstream_path)

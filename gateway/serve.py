@@ -1,0 +1,149 @@
+"""Running the gateway: one process or N workers on one port, and a graceful drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from gateway import __version__
+from gateway.app import Gateway, build_admin_app, build_proxy_app
+from gateway.config import Config, mask_url
+
+log = logging.getLogger("idlegate")
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def install_uvloop() -> bool:
+    try:
+        import uvloop
+    except ImportError:
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True
+
+
+@dataclass
+class Running:
+    """A started gateway with both listeners; `drain()` is the SIGTERM path."""
+
+    gateway: Gateway
+    proxy: web.AppRunner
+    admin: web.AppRunner
+
+    def addresses(self) -> tuple[str, str]:
+        def first(runner: web.AppRunner) -> str:
+            host, port = runner.addresses[0][:2]
+            return f"http://{host}:{port}"
+
+        return first(self.proxy), first(self.admin)
+
+    async def drain(self) -> None:
+        """Readiness off at once, stop accepting, let in-flight requests finish, close clients."""
+        self.gateway.draining = True
+        await self.proxy.cleanup()  # stops the listener, then waits up to shutdown_grace
+        await self.gateway.close()
+        await self.admin.cleanup()
+
+
+async def start(
+    config: Config, *, reuse_port: bool = False, gateway: Gateway | None = None
+) -> Running:
+    gateway = gateway or Gateway(config)
+    await gateway.start()
+    proxy = web.AppRunner(
+        await build_proxy_app(gateway),
+        access_log=None,
+        auto_decompress=False,  # bodies pass through as sent
+        shutdown_timeout=config.server.shutdown_grace,
+        max_field_size=16 * 1024 + 64,  # a 16 KiB token still fits; larger headers get 400
+    )
+    admin = web.AppRunner(build_admin_app(gateway), access_log=None, shutdown_timeout=2)
+    await proxy.setup()
+    await admin.setup()
+    await web.TCPSite(
+        proxy, config.listen.host, config.listen.port, reuse_port=reuse_port, backlog=1024
+    ).start()
+    await web.TCPSite(admin, config.admin.host, config.admin.port, reuse_port=reuse_port).start()
+    return Running(gateway, proxy, admin)
+
+
+async def serve(config: Config, *, reuse_port: bool = False, worker: int | None = None) -> None:
+    running = await start(config, reuse_port=reuse_port)
+    proxy_url, admin_url = running.addresses()
+    who = f" worker {worker}" if worker is not None else ""
+    log.info(
+        "idlegate %s%s listening on %s (proxy) and %s (admin: metrics, health); store %s",
+        __version__,
+        who,
+        proxy_url,
+        admin_url,
+        mask_url(config.store.url),
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    log.info("draining: readiness off, listener closed, waiting for in-flight requests")
+    await running.drain()
+    log.info("stopped")
+
+
+def _worker(config: Config, index: int) -> None:
+    configure_logging(config.server.log_level)
+    install_uvloop()
+    asyncio.run(serve(config, reuse_port=True, worker=index))
+
+
+def _reuse_port_supported() -> bool:
+    return hasattr(socket, "SO_REUSEPORT")
+
+
+def run(config: Config, workers: int = 1) -> int:
+    """Serve until SIGTERM/SIGINT; returns the process exit code."""
+    configure_logging(config.server.log_level)
+    if workers <= 1:
+        install_uvloop()
+        asyncio.run(serve(config))
+        return 0
+    if not _reuse_port_supported():
+        log.error("--workers needs SO_REUSEPORT, which this platform lacks")
+        return 2
+    context = multiprocessing.get_context("spawn")
+    processes = [
+        context.Process(target=_worker, args=(config, i), name=f"idlegate-worker-{i}")
+        for i in range(workers)
+    ]
+    for process in processes:
+        process.start()
+
+    def forward(signum: int, _frame: object) -> None:
+        for process in processes:
+            if process.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    codes = []
+    for process in processes:
+        process.join()
+        codes.append(process.exitcode or 0)
+    return 0 if all(code == 0 for code in codes) else 1

@@ -1,0 +1,38 @@
+"""Bearer token extraction (RFC 6750 §2.1): exactly one credential, in the header only."""
+
+from __future__ import annotations
+
+import re
+
+from multidict import CIMultiDictProxy
+from yarl import URL
+
+from gateway.reasons import Reason, Refusal
+
+MAX_TOKEN_BYTES = 16 * 1024
+# token68 (RFC 9110 §11.2); a JWS compact JWT is a subset of it.
+_TOKEN68 = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+
+
+def bearer_token(headers: CIMultiDictProxy[str], url: URL) -> str:
+    """The bearer token of a request, or a Refusal saying why there is none usable."""
+    values = headers.getall("Authorization", ())
+    in_query = "access_token" in url.query
+    if len(values) > 1:
+        raise Refusal(Reason.MALFORMED_REQUEST, "more than one Authorization header")
+    if in_query:
+        # Tokens in URLs end up in logs and caches; never accepted (RFC 6750 §5.3).
+        detail = "a token in the query and the header" if values else "tokens in the URL"
+        raise Refusal(Reason.MALFORMED_REQUEST, f"{detail} are not accepted")
+    if not values:
+        raise Refusal(Reason.MISSING_TOKEN)
+    value = values[0]
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "bearer":
+        raise Refusal(Reason.MISSING_TOKEN, "a bearer token is required")
+    token = token.strip(" ")
+    if len(token) > MAX_TOKEN_BYTES:
+        raise Refusal(Reason.MALFORMED_TOKEN, "the token is larger than 16 KiB")
+    if not _TOKEN68.fullmatch(token):
+        raise Refusal(Reason.MALFORMED_REQUEST, "the Authorization header is not 'Bearer <token>'")
+    return token

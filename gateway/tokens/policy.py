@@ -1,0 +1,63 @@
+"""Pure decisions about a verified token: no I/O, no clock of their own.
+
+The store applies `is_idle` atomically (its Lua script mirrors it); everything else here is
+called by the request pipeline with the values it already holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from gateway.config import Policy, Route
+from gateway.reasons import Reason, Refusal
+from gateway.store.base import Touch
+from gateway.tokens.verify import VerifiedToken
+
+
+def is_idle(last_activity: float, now: float, idle_timeout: float) -> bool:
+    """Idle iff strictly more than `idle_timeout` passed: exactly the timeout is still accepted."""
+    return now - last_activity > idle_timeout
+
+
+def idle_timeout_for(policy: Policy, route: Route) -> float:
+    return route.idle_timeout if route.idle_timeout is not None else policy.idle_timeout
+
+
+def touch_for(
+    token: VerifiedToken, policy: Policy, idle_timeout: float, now: float, *, extend: bool
+) -> Touch:
+    """The store operation for this request: what counts as activity and how long to remember."""
+    by_session = policy.track_by == "sid"
+    return Touch(
+        key=token.track_key,
+        initial=token.iat,
+        now=now,
+        idle_timeout=idle_timeout,
+        extend=extend,
+        expires_at=token.exp,
+        linger=policy.leeway + (policy.session_retention if by_session else 0.0),
+        remember_idle=by_session,
+    )
+
+
+def idle_reason(policy: Policy) -> Reason:
+    return Reason.SESSION_IDLE if policy.track_by == "sid" else Reason.IDLE_TIMEOUT
+
+
+def check_session_age(token: VerifiedToken, policy: Policy, now: float) -> None:
+    if policy.max_session_age is None:
+        return
+    if token.auth_time is None:
+        raise Refusal(Reason.MISSING_CLAIM, "the token lacks auth_time, needed for max_session_age")
+    if now - token.auth_time > policy.max_session_age + policy.leeway:
+        raise Refusal(Reason.SESSION_TOO_OLD)
+
+
+def check_scopes(required: Iterable[str], granted: frozenset[str]) -> None:
+    missing = [scope for scope in required if scope not in granted]
+    if missing:
+        raise Refusal(
+            Reason.INSUFFICIENT_SCOPE,
+            f"this route requires the scope(s): {' '.join(missing)}",
+            scope=" ".join(required),
+        )

@@ -1,0 +1,266 @@
+"""Signature and claim verification (RFC 7519, RFC 8725, RFC 9068), with a bounded cache.
+
+The issuer picks the provider; the provider's allow-list and the key's own type bound the
+algorithm; `kid` is looked up only among that provider's keys. `jku`, `x5u` and `jwk` headers
+are never used. Time-dependent checks run on every request, cache hit or not.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from jwt.algorithms import Algorithm, get_default_algorithms
+
+from gateway.clock import Clock
+from gateway.config import Config, Provider
+from gateway.reasons import Reason, Refusal
+from gateway.store.base import KeyHasher
+from gateway.tokens.extract import MAX_TOKEN_BYTES
+from gateway.tokens.keys import KeyRing, VerificationKey
+
+_B64URL = re.compile(r"[A-Za-z0-9_-]*")
+_ALGORITHMS: dict[str, Algorithm] = get_default_algorithms()
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedToken:
+    """What the rest of the gateway may rely on about a token whose signature checked out."""
+
+    provider: str
+    claims: Mapping[str, Any]
+    jti: str | None
+    sub: str | None
+    sid: str | None
+    iat: float
+    exp: float
+    nbf: float | None
+    auth_time: float | None
+    scopes: frozenset[str]
+    kid: str | None
+    key: VerificationKey
+    # Keyed hashes of the ids: what the store and the revocation list are keyed by.
+    track_key: str
+    jti_key: str | None
+    sid_key: str | None
+    sub_key: str | None
+
+
+def _b64decode(part: str) -> bytes:
+    if not _B64URL.fullmatch(part):
+        raise Refusal(Reason.MALFORMED_TOKEN, "the token is not base64url")
+    try:
+        return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+    except (binascii.Error, ValueError):
+        raise Refusal(Reason.MALFORMED_TOKEN, "the token is not base64url") from None
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise ValueError("duplicate member")
+    return result
+
+
+def _json_object(data: bytes, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(data, object_pairs_hook=_no_duplicates)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise Refusal(Reason.MALFORMED_TOKEN, f"the token's {what} is not JSON") from None
+    if not isinstance(value, dict):
+        raise Refusal(Reason.MALFORMED_TOKEN, f"the token's {what} is not a JSON object")
+    return value
+
+
+def _number(claims: Mapping[str, Any], name: str) -> float | None:
+    value = claims.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise Refusal(Reason.MALFORMED_TOKEN, f"the {name} claim is not a number")
+    return float(value)
+
+
+def _string(claims: Mapping[str, Any], name: str) -> str | None:
+    value = claims.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise Refusal(Reason.MALFORMED_TOKEN, f"the {name} claim is not a string")
+    return value
+
+
+def _scopes(claims: Mapping[str, Any]) -> frozenset[str]:
+    scope = claims.get("scope")
+    scp = claims.get("scp")
+    found: set[str] = set()
+    if isinstance(scope, str):
+        found.update(scope.split())
+    if isinstance(scp, str):
+        found.update(scp.split())
+    elif isinstance(scp, list):
+        found.update(s for s in scp if isinstance(s, str))
+    return frozenset(found)
+
+
+def _typ_matches(typ: object, required: str) -> bool:
+    """RFC 9068 §2.1: `at+jwt`, with or without `application/`, compared case-insensitively."""
+    if not isinstance(typ, str):
+        return False
+    typ = typ.lower().removeprefix("application/")
+    return typ == required.lower().removeprefix("application/")
+
+
+class Verifier:
+    """Turns a token string into a VerifiedToken or a Refusal with the precise reason."""
+
+    def __init__(
+        self,
+        config: Config,
+        rings: Mapping[str, KeyRing],
+        hasher: KeyHasher,
+        clock: Clock,
+        *,
+        cache_size: int = 50_000,
+    ) -> None:
+        self._providers = {p.issuer: p for p in config.providers}
+        self._rings = rings
+        self._policy = config.policy
+        self._hasher = hasher
+        self._clock = clock
+        self._cache: dict[str, VerifiedToken] = {}
+        self._cache_size = cache_size
+
+    async def verify(self, token: str) -> VerifiedToken:
+        cached = self._cache.get(token)
+        if cached is not None and self._rings[cached.provider].lookup(cached.kid) is cached.key:
+            self._check_time(cached)
+            return cached
+        verified = await self._verify_uncached(token)
+        self._check_time(verified)
+        self._remember(token, verified)
+        return verified
+
+    def _remember(self, token: str, verified: VerifiedToken) -> None:
+        if len(self._cache) >= self._cache_size:
+            now = self._clock.now()
+            for stale in [t for t, v in self._cache.items() if v.exp <= now]:
+                del self._cache[stale]
+            while len(self._cache) >= self._cache_size:
+                del self._cache[next(iter(self._cache))]  # oldest first
+        self._cache[token] = verified
+
+    async def _verify_uncached(self, token: str) -> VerifiedToken:
+        if len(token) > MAX_TOKEN_BYTES:
+            raise Refusal(Reason.MALFORMED_TOKEN, "the token is larger than 16 KiB")
+        parts = token.split(".")
+        if len(parts) != 3:
+            raise Refusal(Reason.MALFORMED_TOKEN, "the token is not a JWS compact JWT")
+        header = _json_object(_b64decode(parts[0]), "header")
+        claims = _json_object(_b64decode(parts[1]), "payload")
+        signature = _b64decode(parts[2])
+
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg.lower() == "none":
+            raise Refusal(Reason.DISALLOWED_ALG, "unsigned tokens are never accepted")
+        if "crit" in header:
+            raise Refusal(Reason.MALFORMED_TOKEN, "critical header extensions are not supported")
+        iss = claims.get("iss")
+        if iss is None:
+            raise Refusal(Reason.MISSING_CLAIM, "the token lacks the iss claim")
+        provider = self._providers.get(iss) if isinstance(iss, str) else None
+        if provider is None:
+            raise Refusal(Reason.WRONG_ISSUER)
+        if alg not in provider.algorithms:
+            raise Refusal(Reason.DISALLOWED_ALG, f"{alg} is not allowed for this issuer")
+        kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise Refusal(Reason.MALFORMED_TOKEN, "the kid header is not a string")
+
+        ring = self._rings[provider.name]
+        key = ring.lookup(kid) or await ring.lookup_or_refresh(kid)
+        if key is None:
+            raise Refusal(Reason.UNKNOWN_KEY)
+        if alg not in key.algorithms:
+            # e.g. HS256 presented with an RSA public key: key confusion (RFC 8725 §2.1).
+            raise Refusal(Reason.DISALLOWED_ALG, f"{alg} cannot be used with this key")
+        signing_input = f"{parts[0]}.{parts[1]}".encode("ascii")
+        try:
+            valid = _ALGORITHMS[alg].verify(signing_input, key.key, signature)
+        except Exception:  # malformed signatures make some backends raise
+            valid = False
+        if not valid:
+            raise Refusal(Reason.BAD_SIGNATURE)
+        return self._check_claims(provider, header, claims, kid, key)
+
+    def _check_claims(
+        self,
+        provider: Provider,
+        header: Mapping[str, Any],
+        claims: Mapping[str, Any],
+        kid: str | None,
+        key: VerificationKey,
+    ) -> VerifiedToken:
+        if provider.require_typ is not None and not _typ_matches(
+            header.get("typ"), provider.require_typ
+        ):
+            raise Refusal(Reason.WRONG_TYPE, f"the token's typ must be {provider.require_typ}")
+        policy = self._policy
+        for name in policy.required_claims:
+            if claims.get(name) in (None, ""):
+                raise Refusal(Reason.MISSING_CLAIM, f"the token lacks the {name} claim")
+        aud = claims.get("aud")
+        audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
+        if not any(a in provider.audiences for a in audiences if isinstance(a, str)):
+            raise Refusal(Reason.WRONG_AUDIENCE)
+        iat, exp = _number(claims, "iat"), _number(claims, "exp")
+        if iat is None or exp is None:  # required_claims always holds both; keep mypy honest
+            raise Refusal(Reason.MISSING_CLAIM, "the token lacks exp or iat")
+        if exp - iat > policy.max_token_lifetime:
+            raise Refusal(
+                Reason.LIFETIME_TOO_LONG,
+                f"the token was issued for {exp - iat:.0f}s; at most "
+                f"{policy.max_token_lifetime:.0f}s is allowed",
+            )
+        jti = _string(claims, "jti")
+        sub = _string(claims, "sub")
+        sid = _string(claims, policy.session_claim)
+        hashed = self._hasher
+        jti_key = hashed("jti", jti) if jti else None
+        sid_key = hashed("sid", sid) if sid else None
+        track_key = sid_key if policy.track_by == "sid" else jti_key
+        if track_key is None:
+            raise Refusal(Reason.MISSING_CLAIM, f"the token lacks the {policy.track_by} claim")
+        return VerifiedToken(
+            provider=provider.name,
+            claims=claims,
+            jti=jti,
+            sub=sub,
+            sid=sid,
+            iat=iat,
+            exp=exp,
+            nbf=_number(claims, "nbf"),
+            auth_time=_number(claims, "auth_time"),
+            scopes=_scopes(claims),
+            kid=kid,
+            key=key,
+            track_key=track_key,
+            jti_key=jti_key,
+            sid_key=sid_key,
+            sub_key=hashed("sub", sub) if sub else None,
+        )
+
+    def _check_time(self, token: VerifiedToken) -> None:
+        now = self._clock.now()
+        leeway = self._policy.leeway
+        if now >= token.exp + leeway:
+            raise Refusal(Reason.EXPIRED)
+        if token.nbf is not None and token.nbf > now + leeway:
+            raise Refusal(Reason.NOT_YET_VALID)
+        if token.iat > now + leeway:
+            raise Refusal(Reason.ISSUED_IN_FUTURE)
