@@ -1,0 +1,245 @@
+{{/*
+Names, labels and the few derived facts every template shares.
+*/}}
+
+{{- define "idlegate.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Fully qualified app name, at most 63 characters (DNS label). The release name is used as
+is when it already contains the chart name.
+*/}}
+{{- define "idlegate.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "idlegate.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels on every object of the release (app.kubernetes.io/* recommended labels). */}}
+{{- define "idlegate.commonLabels" -}}
+helm.sh/chart: {{ include "idlegate.chart" . }}
+app.kubernetes.io/name: {{ include "idlegate.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ (default .Chart.AppVersion .Values.image.tag) | trunc 63 | trimSuffix "-" | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: idlegate
+{{- end }}
+
+{{/* Selector of the gateway pods; the component keeps the trial Redis out of it. */}}
+{{- define "idlegate.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "idlegate.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: gateway
+{{- end }}
+
+{{- define "idlegate.labels" -}}
+{{ include "idlegate.commonLabels" . }}
+app.kubernetes.io/component: gateway
+{{- end }}
+
+{{/* The metrics Service carries its own component so a ServiceMonitor selects only it. */}}
+{{- define "idlegate.metrics.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "idlegate.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: metrics
+{{- end }}
+
+{{- define "idlegate.redis.fullname" -}}
+{{- printf "%s-redis" (include "idlegate.fullname" . | trunc 57 | trimSuffix "-") }}
+{{- end }}
+
+{{- define "idlegate.redis.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "idlegate.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: redis
+{{- end }}
+
+{{- define "idlegate.redis.labels" -}}
+{{ include "idlegate.commonLabels" . }}
+app.kubernetes.io/component: redis
+{{- end }}
+
+{{- define "idlegate.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "idlegate.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* image reference: digest wins over tag; the tag defaults to the chart's appVersion. */}}
+{{- define "idlegate.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/* Where the admin token Secret is mounted; config.admin.token_file points at it. */}}
+{{- define "idlegate.adminTokenDir" -}}/run/secrets/idlegate/admin{{- end }}
+{{- define "idlegate.adminTokenFile" -}}{{ include "idlegate.adminTokenDir" . }}/token{{- end }}
+
+{{/*
+A gateway duration (900, "90s", "250ms", "15m", "1h30m") as whole seconds, rounded up.
+Call with (list <value> <field path for the error message>).
+*/}}
+{{- define "idlegate.seconds" -}}
+{{- $raw := toString (index . 0) | nospace }}
+{{- $field := index . 1 }}
+{{- if regexMatch "^[0-9]+(\\.[0-9]+)?$" $raw }}
+{{- $raw | float64 | ceil | int }}
+{{- else }}
+{{- $units := dict "ms" 0.001 "s" 1.0 "m" 60.0 "h" 3600.0 "d" 86400.0 }}
+{{- $parts := regexFindAll "[0-9]+(\\.[0-9]+)?(ms|s|m|h|d)" $raw -1 }}
+{{- if or (not $parts) (ne (join "" $parts) $raw) }}
+{{- fail (printf "%s: invalid duration %q: use 900, 90s, 15m or 1h30m" $field $raw) }}
+{{- end }}
+{{- $total := 0.0 }}
+{{- range $parts }}
+{{- $unit := regexReplaceAll "^[0-9.]+" . "" }}
+{{- $number := regexFind "^[0-9.]+" . | float64 }}
+{{- $total = addf $total (mulf $number (get $units $unit)) }}
+{{- end }}
+{{- $total | ceil | int }}
+{{- end }}
+{{- end }}
+
+{{- define "idlegate.shutdownGraceSeconds" -}}
+{{- $server := default (dict) .Values.config.server }}
+{{- $grace := "20s" }}
+{{- if hasKey $server "shutdown_grace" }}{{ $grace = get $server "shutdown_grace" }}{{ end }}
+{{- include "idlegate.seconds" (list $grace "config.server.shutdown_grace") }}
+{{- end }}
+
+{{/* The preStop sleep action needs no shell but exists only from Kubernetes 1.30. */}}
+{{- define "idlegate.preStopSleepSeconds" -}}
+{{- if semverCompare ">=1.30-0" .Capabilities.KubeVersion.Version }}
+{{- int .Values.drain.preStopSleepSeconds }}
+{{- else }}0{{- end }}
+{{- end }}
+
+{{/*
+Long enough for the preStop sleep, then the gateway's own drain (shutdown_grace), then a
+margin: the kubelet must not SIGKILL a pod that is still finishing requests.
+*/}}
+{{- define "idlegate.terminationGracePeriodSeconds" -}}
+{{- $needed := add (include "idlegate.preStopSleepSeconds" . | int) (include "idlegate.shutdownGraceSeconds" . | int) }}
+{{- if kindIs "invalid" .Values.terminationGracePeriodSeconds }}
+{{- add $needed (int .Values.drain.extraGraceSeconds) }}
+{{- else if le (int .Values.terminationGracePeriodSeconds) $needed }}
+{{- fail (printf "terminationGracePeriodSeconds (%d) must exceed drain.preStopSleepSeconds + config.server.shutdown_grace (%d s), or the kubelet kills requests mid-drain" (int .Values.terminationGracePeriodSeconds) $needed) }}
+{{- else }}
+{{- int .Values.terminationGracePeriodSeconds }}
+{{- end }}
+{{- end }}
+
+{{/* Does the gateway end up on the per-process memory store? */}}
+{{- define "idlegate.storeIsMemory" -}}
+{{- $store := default (dict) .Values.config.store }}
+{{- $url := toString (default "memory://" (get $store "url")) }}
+{{- if and (not .Values.redis.enabled) (not .Values.secrets.storeUrl.existingSecret) (hasPrefix "memory://" $url) }}true{{- end }}
+{{- end }}
+
+{{/*
+The gateway config file: .Values.config plus what the chart wires in (store URL of the
+trial Redis, the admin token file, the hash key env name). Never holds a secret value.
+*/}}
+{{- define "idlegate.gatewayConfig" -}}
+{{- $cfg := deepCopy .Values.config }}
+{{- $store := deepCopy (default (dict) $cfg.store) }}
+{{- if .Values.redis.enabled }}
+{{- $_ := set $store "url" (printf "redis://%s:%d/0" (include "idlegate.redis.fullname" .) (int .Values.redis.port)) }}
+{{- else if .Values.secrets.storeUrl.existingSecret }}
+{{- $_ := unset $store "url" }}
+{{- end }}
+{{- if .Values.secrets.storeHashKey.existingSecret }}
+{{- $_ := set $store "hash_key_env" .Values.secrets.storeHashKey.env }}
+{{- end }}
+{{- $_ := set $cfg "store" $store }}
+{{- if .Values.secrets.adminToken.existingSecret }}
+{{- $admin := deepCopy (default (dict) $cfg.admin) }}
+{{- $_ := set $admin "token_file" (include "idlegate.adminTokenFile" .) }}
+{{- $_ := set $cfg "admin" $admin }}
+{{- end }}
+{{- toYaml $cfg }}
+{{- end }}
+
+{{- define "idlegate.listenPort" -}}
+{{- $listen := default (dict) .Values.config.listen }}
+{{- int (default 8080 (get $listen "port")) }}
+{{- end }}
+
+{{- define "idlegate.adminPort" -}}
+{{- $admin := default (dict) .Values.config.admin }}
+{{- int (default 9090 (get $admin "port")) }}
+{{- end }}
+
+{{/*
+Refuse values that would install but not work, or would leak a secret. Rendered once,
+from the Deployment template.
+*/}}
+{{- define "idlegate.validate" -}}
+{{- if include "idlegate.storeIsMemory" . }}
+{{- if gt (int .Values.replicaCount) 1 }}
+{{- fail "replicaCount > 1 needs a shared store: the memory:// store keeps idle times per pod. Set secrets.storeUrl.existingSecret (or redis.enabled for a trial)." }}
+{{- end }}
+{{- if .Values.autoscaling.enabled }}
+{{- fail "autoscaling.enabled needs a shared store: the memory:// store keeps idle times per pod. Set secrets.storeUrl.existingSecret (or redis.enabled for a trial)." }}
+{{- end }}
+{{- if gt (int .Values.workers) 1 }}
+{{- fail "workers > 1 needs a shared store: the memory:// store keeps idle times per process. Set secrets.storeUrl.existingSecret (or redis.enabled for a trial)." }}
+{{- end }}
+{{- end }}
+{{- if and .Values.redis.enabled .Values.secrets.storeUrl.existingSecret }}
+{{- fail "redis.enabled and secrets.storeUrl.existingSecret both set the store URL: choose one." }}
+{{- end }}
+{{- $store := default (dict) .Values.config.store }}
+{{- if regexMatch "://[^/@]*:[^/@]+@" (toString (default "" (get $store "url"))) }}
+{{- fail "config.store.url carries a password and would land in a ConfigMap: put the URL in a Secret and set secrets.storeUrl.existingSecret." }}
+{{- end }}
+{{- $admin := default (dict) .Values.config.admin }}
+{{- if has (toString (default "127.0.0.1" (get $admin "host"))) (list "127.0.0.1" "localhost" "::1") }}
+{{- fail "config.admin.host must not be loopback in a pod: kubelet probes and Prometheus connect to the pod IP (use 0.0.0.0)." }}
+{{- end }}
+{{- if eq (include "idlegate.listenPort" .) (include "idlegate.adminPort" .) }}
+{{- fail "config.listen.port and config.admin.port must differ." }}
+{{- end }}
+{{- $hmacEnvs := list }}
+{{- range .Values.secrets.hmac }}{{ $hmacEnvs = append $hmacEnvs .env }}{{ end }}
+{{- range .Values.config.providers }}
+{{- if and .hmac_secret_env (not (has .hmac_secret_env $hmacEnvs)) }}
+{{- fail (printf "provider %s: hmac_secret_env %s has no entry in secrets.hmac (env, existingSecret, key)." .name .hmac_secret_env) }}
+{{- end }}
+{{- end }}
+{{- if and .Values.autoscaling.enabled (gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
+{{- fail "autoscaling.minReplicas must not exceed autoscaling.maxReplicas." }}
+{{- end }}
+{{- if and .Values.autoscaling.enabled (kindIs "invalid" .Values.autoscaling.targetCPUUtilizationPercentage) (kindIs "invalid" .Values.autoscaling.targetMemoryUtilizationPercentage) }}
+{{- fail "autoscaling needs targetCPUUtilizationPercentage or targetMemoryUtilizationPercentage." }}
+{{- end }}
+{{- if .Values.podDisruptionBudget.enabled }}
+{{- if and (not (kindIs "invalid" .Values.podDisruptionBudget.minAvailable)) (not (kindIs "invalid" .Values.podDisruptionBudget.maxUnavailable)) }}
+{{- fail "podDisruptionBudget: set minAvailable or maxUnavailable, not both." }}
+{{- end }}
+{{- if and (kindIs "invalid" .Values.podDisruptionBudget.minAvailable) (kindIs "invalid" .Values.podDisruptionBudget.maxUnavailable) }}
+{{- fail "podDisruptionBudget: set minAvailable or maxUnavailable." }}
+{{- end }}
+{{- end }}
+{{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.service.enabled) }}
+{{- fail "metrics.serviceMonitor.enabled needs metrics.service.enabled (the ServiceMonitor scrapes that Service)." }}
+{{- end }}
+{{- $_ := include "idlegate.terminationGracePeriodSeconds" . }}
+{{- end }}
