@@ -6,13 +6,16 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+from harness import GatewayUnderTest, Upstream, base_config, start_gateway
+from jwks_server import SigningKey, rsa_key
 
-from gateway.clock import ManualClock
+from gateway.clock import Clock, ManualClock
 
 
 def free_port() -> int:
@@ -89,3 +92,53 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 @pytest.fixture
 def clock() -> ManualClock:
     return ManualClock(start=1_800_000_000.0)
+
+
+@pytest.fixture(scope="session")
+def signing_key() -> SigningKey:
+    return rsa_key(kid="main-1")
+
+
+@pytest.fixture(scope="session")
+def key_file(signing_key: SigningKey, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("keys") / "public.pem"
+    path.write_bytes(signing_key.public_pem())
+    return path
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    server = Upstream()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+GatewayFactory = Callable[..., Awaitable[GatewayUnderTest]]
+
+
+@pytest.fixture
+async def gateways(
+    upstream: Upstream, key_file: Path, signing_key: SigningKey, clock: ManualClock
+) -> AsyncIterator[GatewayFactory]:
+    """Start gateways in process on real sockets, config overrides as keyword arguments.
+
+    `store_url` picks the store, `gateway_clock` another clock; every one started is drained
+    when the test ends.
+    """
+    started: list[GatewayUnderTest] = []
+
+    async def make(
+        store_url: str = "memory://",
+        environ: dict[str, str] | None = None,
+        gateway_clock: Clock | None = None,
+        **overrides: Any,
+    ) -> GatewayUnderTest:
+        data = base_config(upstream.url, key_file, store_url, **overrides)
+        under_test = await start_gateway(data, signing_key, gateway_clock or clock, environ)
+        started.append(under_test)
+        return under_test
+
+    yield make
+    for under_test in started:
+        await under_test.close()

@@ -1,0 +1,273 @@
+"""Routing and forwarding through a real gateway to a real upstream, over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+
+import pytest
+from conftest import GatewayFactory, free_port
+from harness import Upstream
+
+
+def _error_body_ok(body: dict[str, object], reason: str) -> None:
+    assert body["reason"] == reason
+    assert isinstance(body["message"], str) and body["message"]
+    assert isinstance(body["request_id"], str) and body["request_id"]
+    assert "error" in body
+
+
+async def test_no_route_is_404_with_contract_body(gateways: GatewayFactory, upstream: Upstream):
+    gw = await gateways()
+    response = await gw.get("/nowhere")
+    assert response.status == 404
+    assert response.headers["Cache-Control"] == "no-store"
+    _error_body_ok(await response.json(), "no_route")
+    assert upstream.received == []
+
+
+async def test_public_route_forwards_without_token(gateways: GatewayFactory, upstream: Upstream):
+    gw = await gateways()
+    response = await gw.get("/public/info?x=1&y=%20z")
+    assert response.status == 200
+    assert upstream.received[-1].path_qs == "/public/info?x=1&y=%20z"
+
+
+async def test_longest_prefix_wins_and_strip_prefix(gateways: GatewayFactory, upstream: Upstream):
+    gw = await gateways(
+        routes=[
+            {"prefix": "/api/", "upstream": upstream.url, "auth": "none"},
+            {
+                "prefix": "/api/v2/",
+                "upstream": upstream.url + "/base",
+                "auth": "none",
+                "strip_prefix": True,
+            },
+        ]
+    )
+    assert (await gw.get("/api/v2/orders?id=7")).status == 200
+    assert upstream.received[-1].path_qs == "/base/orders?id=7"
+    assert (await gw.get("/api/v1/orders")).status == 200
+    assert upstream.received[-1].path_qs == "/api/v1/orders"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/public/../api/x",
+        "/public/%2e%2e/api/x",
+        "/public/%2E%2E/api/x",
+        "/public%2f..%2fapi/x",
+        "//api/x",
+        "/public/..%5capi/x",
+        "/public/./../api/x",
+    ],
+)
+async def test_paths_that_change_the_route_are_refused(
+    gateways: GatewayFactory, upstream: Upstream, path: str
+):
+    gw = await gateways()
+    # aiohttp's client would normalise the path; send it raw.
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.running.proxy.addresses[0][1])
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    await writer.drain()
+    raw = await reader.read()
+    writer.close()
+    assert raw.startswith(b"HTTP/1.1 400"), raw[:100]
+    assert b'"reason": "bad_path"' in raw or b'"reason":"bad_path"' in raw
+    assert upstream.received == []
+
+
+async def test_dot_segments_within_one_route_are_resolved_and_forwarded_as_matched(
+    gateways: GatewayFactory, upstream: Upstream
+):
+    gw = await gateways()
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.running.proxy.addresses[0][1])
+    writer.write(b"GET /public/a/../b//c HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    raw = await reader.read()
+    writer.close()
+    assert raw.startswith(b"HTTP/1.1 200")
+    assert upstream.received[-1].path_qs == "/public/b/c"
+
+
+async def test_method_query_and_body_pass_through(gateways: GatewayFactory, upstream: Upstream):
+    gw = await gateways()
+    body = b"x" * 100_000
+    response = await gw.get("/public/items?a=1&b=2", method="PUT", data=body)
+    assert response.status == 200
+    seen = upstream.received[-1]
+    assert (seen.method, seen.path_qs) == ("PUT", "/public/items?a=1&b=2")
+    assert seen.body_sha256 == hashlib.sha256(body).hexdigest()
+
+
+async def test_hop_by_hop_headers_are_removed_both_ways(
+    gateways: GatewayFactory, upstream: Upstream
+):
+    gw = await gateways()
+    response = await gw.get(
+        "/public/hop",
+        headers={
+            "Connection": "keep-alive, X-Client-Private",
+            "X-Client-Private": "drop me",
+            "Keep-Alive": "timeout=5",
+            "TE": "trailers",
+            "Proxy-Authorization": "Basic abc",
+            "Upgrade": "websocket",
+            "X-Visible": "kept",
+        },
+    )
+    seen = {name.lower() for name in upstream.received[-1].headers}
+    for header in ("x-client-private", "keep-alive", "te", "proxy-authorization", "upgrade"):
+        assert header not in seen
+    assert upstream.received[-1].headers["X-Visible"] == "kept"
+    # And on the way back.
+    assert response.headers["X-Kept"] == "yes"
+    for header in ("X-Upstream-Private", "Keep-Alive", "Proxy-Authenticate"):
+        assert header not in response.headers
+
+
+async def test_forwarded_headers_and_request_id(gateways: GatewayFactory, upstream: Upstream):
+    gw = await gateways()
+    response = await gw.get(
+        "/public/x",
+        headers={
+            "X-Forwarded-For": "203.0.113.9",
+            "X-Forwarded-Host": "evil.example",
+            "X-Request-ID": "abc-123_.x",
+        },
+    )
+    seen = upstream.received[-1].headers
+    assert seen["X-Forwarded-For"] == "203.0.113.9, 127.0.0.1"
+    assert seen["X-Forwarded-Proto"] == "http"
+    assert seen["X-Forwarded-Host"] != "evil.example"
+    assert seen["X-Request-ID"] == "abc-123_.x"
+    assert response.headers["X-Request-ID"] == "abc-123_.x"
+
+
+@pytest.mark.parametrize("sent", ["bad id with spaces", "x" * 129, "a\tb", "ü"])
+async def test_insane_request_id_is_replaced(
+    gateways: GatewayFactory, upstream: Upstream, sent: str
+):
+    gw = await gateways()
+    response = await gw.get("/public/x", headers={"X-Request-ID": sent})
+    generated = response.headers["X-Request-ID"]
+    assert generated != sent and 8 <= len(generated) <= 128
+    assert upstream.received[-1].headers["X-Request-ID"] == generated
+
+
+async def test_declared_body_over_max_is_413_and_not_forwarded(
+    gateways: GatewayFactory, upstream: Upstream
+):
+    gw = await gateways(forward={"max_body": "1KiB"})
+    response = await gw.get("/public/upload", method="POST", data=b"y" * 2048)
+    assert response.status == 413
+    _error_body_ok(await response.json(), "payload_too_large")
+    assert upstream.received == []
+
+
+async def test_chunked_body_growing_past_max_is_413(gateways: GatewayFactory, upstream: Upstream):
+    gw = await gateways(forward={"max_body": "64KiB"})
+
+    async def chunks():
+        for _ in range(10):
+            yield b"z" * 16384
+
+    response = await gw.get("/public/upload", method="POST", data=chunks())
+    assert response.status == 413
+    assert (await response.json())["reason"] == "payload_too_large"
+    # The upstream never saw a complete request.
+    assert all(r.body_length <= 64 * 1024 for r in upstream.received)
+
+
+async def test_connect_failure_is_502(gateways: GatewayFactory, upstream: Upstream):
+    closed = f"http://127.0.0.1:{free_port()}"
+    gw = await gateways(routes=[{"prefix": "/", "upstream": closed, "auth": "none"}])
+    response = await gw.get("/x")
+    assert response.status == 502
+    _error_body_ok(await response.json(), "upstream_unavailable")
+
+
+async def test_slow_upstream_is_504(gateways: GatewayFactory, upstream: Upstream):
+    gw = await gateways(forward={"read_timeout": "300ms"})
+    response = await gw.get("/public/slow?s=1")
+    assert response.status == 504
+    _error_body_ok(await response.json(), "upstream_timeout")
+
+
+async def test_50_mib_upload_and_download_stream_intact(
+    gateways: GatewayFactory, upstream: Upstream
+):
+    gw = await gateways(forward={"max_body": "64MiB"})
+    size = 50 * 1024 * 1024
+    block = hashlib.sha256(b"seed").digest() * 2048  # 64 KiB
+    digest = hashlib.sha256()
+
+    async def body():
+        for _ in range(size // len(block)):
+            digest.update(block)
+            yield block
+
+    response = await gw.http.post(gw.url + "/public/upload", data=body())
+    echoed = await response.json()
+    assert echoed["length"] == size and echoed["sha256"] == digest.hexdigest()
+
+    response = await gw.http.get(gw.url + f"/public/download?n={size}")
+    got = hashlib.sha256()
+    received = 0
+    async for chunk in response.content.iter_chunked(1 << 20):
+        got.update(chunk)
+        received += len(chunk)
+    expected = hashlib.sha256()
+    pattern = bytes(range(256)) * 1024
+    for offset in range(0, size, len(pattern)):
+        expected.update(pattern[: min(len(pattern), size - offset)])
+    assert received == size and got.hexdigest() == expected.hexdigest()
+
+
+def _raw_exchange(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(request)
+        chunks = []
+        while True:
+            try:
+                data = sock.recv(65536)
+            except TimeoutError:
+                break
+            if not data:
+                break
+            chunks.append(data)
+        return b"".join(chunks)
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        pytest.param(
+            b"POST /public/x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /public/smuggled HTTP/1.1\r\n\r\n",
+            id="cl-and-te",
+        ),
+        pytest.param(
+            b"POST /public/x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+            b"Content-Length: 6\r\n\r\nhello!",
+            id="two-content-lengths",
+        ),
+        pytest.param(
+            b"GET /public/x HTTP/1.1\r\nHost: x\r\nX-Folded: a\r\n  b\r\n\r\n",
+            id="obs-fold",
+        ),
+        pytest.param(
+            b"GET /public/x HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n",
+            id="oversized-header",
+        ),
+    ],
+)
+async def test_smuggling_shapes_are_400_and_nothing_reaches_upstream(
+    gateways: GatewayFactory, upstream: Upstream, request_bytes: bytes
+):
+    gw = await gateways()
+    port = gw.running.proxy.addresses[0][1]
+    raw = await asyncio.to_thread(_raw_exchange, port, request_bytes)
+    assert raw.split(b" ", 2)[1] == b"400", raw[:200]
+    assert upstream.received == []
