@@ -165,6 +165,7 @@ class JwksServer:
     status: int = 200
     jwks_requests: int = 0
     discovery_requests: int = 0
+    requests: list[tuple[float, str]] = field(default_factory=list)  # (time.monotonic(), path)
     _runner: web.AppRunner | None = None
     _released: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -227,7 +228,10 @@ class JwksServer:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    async def _answer(self, document: dict[str, Any], cache: bool) -> web.Response:
+    async def _answer(
+        self, request: web.Request, document: dict[str, Any], cache: bool
+    ) -> web.Response:
+        self.requests.append((time.monotonic(), request.path))
         await self._released.wait()
         if self.status != 200:
             return web.json_response({"error": "unavailable"}, status=self.status)
@@ -241,8 +245,8 @@ class JwksServer:
             "jwks_uri": self.jwks_uri,
             "id_token_signing_alg_values_supported": sorted({key.alg for key in self.keys}),
         }
-        return await self._answer(document, cache=False)
+        return await self._answer(request, document, cache=False)
 
     async def _jwks(self, request: web.Request) -> web.Response:
         self.jwks_requests += 1
-        return await self._answer(self.jwks(), cache=True)
+        return await self._answer(request, self.jwks(), cache=True)

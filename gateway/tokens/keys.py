@@ -471,10 +471,10 @@ class KeyRing:
                     raise
         except (_FetchError, UnusableKeyError) as exc:
             problem = str(exc)
+        except TimeoutError:  # before OSError, its base class
+            problem = f"no complete answer within {self.fetch_timeout:g}s"
         except (aiohttp.ClientError, OSError) as exc:
             problem = f"{type(exc).__name__}: {exc}"
-        except TimeoutError:
-            problem = f"no complete answer within {self.fetch_timeout:g}s"
         except Exception as exc:  # a bug must not kill the ring; count it like any failure
             log.exception("provider %s: unexpected error fetching keys", name)
             problem = f"unexpected {type(exc).__name__}"

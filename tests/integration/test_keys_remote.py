@@ -1,0 +1,337 @@
+"""Remote key sets over real sockets: discovery, rotation, refresh timing, failures and backoff."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import jwt
+import pytest
+from jwks_server import JwksServer, SigningKey, claims, ec_key, rsa_key
+from prometheus_client import REGISTRY
+
+from gateway.clock import ManualClock
+from gateway.config import Provider
+from gateway.tokens.keys import KeyRing
+
+MakeRing = Callable[..., KeyRing]
+
+
+@pytest.fixture(scope="module")
+def k1() -> SigningKey:
+    return rsa_key("k1")
+
+
+@pytest.fixture(scope="module")
+def k2() -> SigningKey:
+    return rsa_key("k2")
+
+
+@pytest.fixture
+async def idp(k1: SigningKey) -> AsyncIterator[JwksServer]:
+    async with JwksServer([k1]) as server:
+        yield server
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture
+async def make_ring(http: aiohttp.ClientSession) -> AsyncIterator[MakeRing]:
+    """KeyRing for a provider of the test's own (unique name, so metrics start at zero)."""
+    rings: list[KeyRing] = []
+
+    def make(server: JwksServer, *, ring: dict[str, Any] | None = None, **fields: Any) -> KeyRing:
+        fields.setdefault("discovery", "jwks_uri" not in fields)
+        fields.setdefault("algorithms", ["RS256", "ES256"])
+        provider = Provider(
+            name=f"idp-{uuid.uuid4().hex[:8]}",
+            issuer=fields.pop("issuer", server.issuer),
+            audiences=["api"],
+            **fields,
+        )
+        options = {"backoff_base": 0.2, **(ring or {})}
+        created = KeyRing(provider, http, **options)
+        rings.append(created)
+        return created
+
+    yield make
+    for created in rings:
+        await created.close()
+
+
+def refreshes(ring: KeyRing, result: str) -> float:
+    labels = {"provider": ring.provider.name, "result": result}
+    return REGISTRY.get_sample_value("idlegate_jwks_refresh_total", labels) or 0.0
+
+
+def keys_gauge(ring: KeyRing) -> float | None:
+    return REGISTRY.get_sample_value("idlegate_jwks_keys", {"provider": ring.provider.name})
+
+
+async def eventually(condition: Callable[[], bool], within: float = 2.0) -> float:
+    """Seconds until `condition()` held; fails after `within`."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > within:
+            raise AssertionError(f"condition not met within {within}s")
+        await asyncio.sleep(0.01)
+    return time.monotonic() - started
+
+
+async def test_discovery_leads_to_the_jwks_and_its_keys_verify_tokens(
+    idp: JwksServer, make_ring: MakeRing, k1: SigningKey
+) -> None:
+    ring = make_ring(idp)
+    await ring.start()
+    assert ring.ready
+    assert (idp.discovery_requests, idp.jwks_requests) == (1, 1)
+    key = ring.lookup("k1")
+    assert key is not None
+    assert key.algorithms == {"RS256"}
+    assert refreshes(ring, "ok") == 1
+    assert keys_gauge(ring) == 1
+    token = k1.sign(claims(idp.issuer, "api"))
+    assert jwt.decode(token, key.key, algorithms=sorted(key.algorithms), audience="api")
+
+
+async def test_issuer_with_path_and_trailing_slash_is_discovered(
+    make_ring: MakeRing, k1: SigningKey
+) -> None:
+    async with JwksServer([k1], issuer_path="/realms/main") as idp:
+        ring = make_ring(idp, issuer=idp.issuer + "/")
+        idp.discovery_issuer = idp.issuer + "/"
+        await ring.start()
+        assert ring.ready
+        assert idp.discovery_requests == 1
+
+
+async def test_configured_jwks_uri_needs_no_discovery(idp: JwksServer, make_ring: MakeRing) -> None:
+    ring = make_ring(idp, jwks_uri=idp.jwks_uri)
+    await ring.start()
+    assert ring.ready
+    assert (idp.discovery_requests, idp.jwks_requests) == (0, 1)
+
+
+async def test_many_concurrent_unknown_kids_share_one_refetch(
+    idp: JwksServer, make_ring: MakeRing
+) -> None:
+    ring = make_ring(idp)
+    await ring.start()
+    before = idp.jwks_requests
+    started = time.monotonic()
+    found = await asyncio.gather(*(ring.lookup_or_refresh(uuid.uuid4().hex) for _ in range(500)))
+    elapsed = time.monotonic() - started
+    assert found == [None] * 500
+    assert idp.jwks_requests - before == 1
+    # Within the miss-refetch interval, later misses do not fetch at all.
+    assert await ring.lookup_or_refresh("still-unknown") is None
+    assert idp.jwks_requests - before == 1
+    assert elapsed < 1.0
+
+
+async def test_rotated_key_is_found_on_first_use(
+    idp: JwksServer, make_ring: MakeRing, k1: SigningKey, k2: SigningKey
+) -> None:
+    ring = make_ring(idp)
+    await ring.start()
+    idp.rotate(k2)
+    assert ring.lookup("k2") is None
+    key = await ring.lookup_or_refresh("k2")
+    assert key is not None
+    token = k2.sign(claims(idp.issuer, "api"))
+    assert jwt.decode(token, key.key, algorithms=sorted(key.algorithms), audience="api")
+    assert ring.lookup("k1") is None  # retired by the provider, so no longer trusted
+    assert ring.key_count == 1
+
+
+async def test_miss_refetch_happens_at_most_once_per_interval(
+    idp: JwksServer, make_ring: MakeRing, k1: SigningKey, k2: SigningKey
+) -> None:
+    clock = ManualClock()
+    ring = make_ring(idp, ring={"clock": clock, "miss_refetch_interval": 30.0})
+    await ring.start()
+    idp.rotate(k1, k2)
+    assert await ring.lookup_or_refresh("k2") is not None
+    k3 = ec_key("k3")
+    idp.rotate(k1, k2, k3)
+    clock.advance(29)
+    assert await ring.lookup_or_refresh("k3") is None
+    assert idp.jwks_requests == 2
+    clock.advance(2)
+    assert await ring.lookup_or_refresh("k3") is not None
+    assert idp.jwks_requests == 3
+
+
+async def test_background_refresh_honours_max_age(
+    idp: JwksServer, make_ring: MakeRing, k2: SigningKey
+) -> None:
+    idp.cache_control = "public, max-age=1"
+    ring = make_ring(idp, jwks_min_refresh=0.5, jwks_max_refresh=10)
+    await ring.start()
+    idp.rotate(k2)
+    waited = await eventually(lambda: idp.jwks_requests == 2, within=1.5)
+    assert 0.7 < waited < 1.3  # 80-90 % of max-age
+    await eventually(lambda: ring.lookup("k2") is not None, within=0.2)
+    assert refreshes(ring, "ok") == 2
+
+
+async def test_refresh_interval_is_clamped_to_the_provider_bounds(
+    idp: JwksServer, make_ring: MakeRing
+) -> None:
+    idp.cache_control = "no-store"
+    often = make_ring(idp, jwks_uri=idp.jwks_uri, jwks_min_refresh=1.0, jwks_max_refresh=10)
+    await often.start()
+    await asyncio.sleep(0.8)
+    assert refreshes(often, "ok") == 1  # no-store still waits jwks_min_refresh
+    idp.cache_control = "max-age=86400"
+    rarely = make_ring(idp, jwks_uri=idp.jwks_uri, jwks_min_refresh=0.1, jwks_max_refresh=0.5)
+    await rarely.start()
+    await eventually(lambda: refreshes(rarely, "ok") == 2, within=0.6)
+    await eventually(lambda: refreshes(often, "ok") == 2, within=0.5)
+
+
+async def test_failed_refresh_keeps_the_keys_and_retries_sooner(
+    idp: JwksServer, make_ring: MakeRing, k2: SigningKey
+) -> None:
+    idp.cache_control = "max-age=1"
+    ring = make_ring(idp, jwks_min_refresh=0.5)
+    await ring.start()
+    idp.fail(500)
+    await eventually(lambda: refreshes(ring, "error") >= 2, within=1.6)  # 0.8-0.9 s, then +0.2 s
+    assert ring.ready
+    assert ring.lookup("k1") is not None
+    assert keys_gauge(ring) == 1
+    assert ring.last_error is not None
+    assert "HTTP 500" in ring.last_error
+    idp.recover()
+    idp.rotate(k2)
+    await eventually(lambda: ring.lookup("k2") is not None, within=1.0)
+    assert ring.last_error is None
+
+
+async def test_refresh_without_usable_keys_keeps_the_current_ones(
+    idp: JwksServer, make_ring: MakeRing
+) -> None:
+    ring = make_ring(idp, jwks_uri=idp.jwks_uri)
+    await ring.start()
+    idp.rotate()
+    idp.extra_jwks = [rsa_key("enc").public_jwk(use="enc"), ec_key("e").private_jwk()]
+    assert await ring.lookup_or_refresh("enc") is None
+    assert refreshes(ring, "error") == 1
+    assert ring.lookup("k1") is not None
+    assert keys_gauge(ring) == 1
+
+
+async def test_provider_down_at_start_becomes_ready_when_it_comes_up(
+    idp: JwksServer, make_ring: MakeRing
+) -> None:
+    await idp.stop()
+    ring = make_ring(idp)
+    await ring.start()  # does not raise
+    assert not ring.ready
+    assert refreshes(ring, "error") == 1
+    assert await ring.lookup_or_refresh("k1") is None
+    await idp.start()  # same port
+    waited = await eventually(lambda: ring.ready, within=2.0)
+    assert waited < 1.0  # first retries after 0.2 s, 0.4 s
+    assert ring.lookup("k1") is not None
+
+
+async def test_retries_back_off_exponentially(idp: JwksServer, make_ring: MakeRing) -> None:
+    idp.fail(503)
+    ring = make_ring(idp, ring={"backoff_base": 0.1, "backoff_cap": 0.4})
+    await ring.start()
+    await eventually(lambda: len(idp.requests) == 6, within=2.5)
+    times = [at for at, _ in idp.requests]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+    for gap, expected in zip(gaps, [0.1, 0.2, 0.4, 0.4, 0.4], strict=True):
+        assert expected - 0.01 < gap < expected + 0.1
+    assert refreshes(ring, "error") == 6
+    assert not ring.ready
+
+
+async def test_hanging_provider_is_given_up_on_after_the_fetch_timeout(
+    idp: JwksServer, make_ring: MakeRing
+) -> None:
+    idp.hang()
+    ring = make_ring(idp, ring={"fetch_timeout": 0.3, "backoff_base": 5.0})
+    started = time.monotonic()
+    await ring.start()
+    assert 0.25 < time.monotonic() - started < 1.0
+    assert not ring.ready
+    assert ring.last_error is not None
+    assert "no complete answer within 0.3s" in ring.last_error
+    assert refreshes(ring, "error") == 1
+
+
+async def test_discovery_issuer_mismatch_is_refused(idp: JwksServer, make_ring: MakeRing) -> None:
+    idp.discovery_issuer = "https://evil.example/"
+    ring = make_ring(idp, ring={"backoff_base": 5.0})
+    await ring.start()
+    assert not ring.ready
+    assert refreshes(ring, "error") == 1
+    assert refreshes(ring, "ok") == 0
+    assert idp.jwks_requests == 0  # never fetched keys named by a foreign document
+    assert ring.last_error is not None
+    assert "evil.example" in ring.last_error
+
+
+@pytest.mark.parametrize(
+    ("setup", "problem"),
+    [
+        (lambda idp: setattr(idp, "extra_jwks", [{"pad": "x" * 4096}]), "larger than 2048 bytes"),
+        (lambda idp: idp.fail(404), "HTTP 404"),
+    ],
+)
+async def test_bad_jwks_answers_are_errors(
+    idp: JwksServer, make_ring: MakeRing, setup: Callable[[JwksServer], None], problem: str
+) -> None:
+    setup(idp)
+    ring = make_ring(idp, jwks_uri=idp.jwks_uri, ring={"max_document_bytes": 2048})
+    await ring.start()
+    assert not ring.ready
+    assert ring.last_error is not None
+    assert problem in ring.last_error
+
+
+async def test_close_stops_background_refresh(idp: JwksServer, make_ring: MakeRing) -> None:
+    idp.cache_control = "max-age=0"
+    ring = make_ring(idp, jwks_min_refresh=0.2)
+    await ring.start()
+    await ring.close()
+    await asyncio.sleep(0.4)
+    assert idp.jwks_requests == 1
+    assert ring.lookup("k1") is not None  # keys stay usable after close
+
+
+async def test_ring_without_a_session_brings_its_own(idp: JwksServer, k1: SigningKey) -> None:
+    provider = Provider(name="own-session", issuer=idp.issuer, audiences=["a"], discovery=True)
+    ring = KeyRing(provider, None)
+    await ring.start()
+    assert ring.ready
+    await ring.close()
+
+
+async def test_logs_name_the_provider_but_hold_no_key_material(
+    idp: JwksServer, make_ring: MakeRing, k1: SigningKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="idlegate.keys")
+    idp.extra_jwks = [ec_key("leaked").private_jwk(), rsa_key("enc").public_jwk(use="enc")]
+    ring = make_ring(idp)
+    await ring.start()
+    text = caplog.text
+    assert ring.provider.name in text
+    assert "private key material" in text
+    modulus = k1.public_jwk()["n"]
+    assert modulus[:16] not in text
+    assert idp.extra_jwks[0]["d"][:16] not in text
