@@ -1,0 +1,270 @@
+"""The store shared by every replica: Redis (standalone, Sentinel or Cluster) through redis-py.
+
+Each operation is one round trip (a Lua script where a decision and a write must be atomic),
+bounded by `store.timeout`, and fails as `StoreUnavailable`. The client reconnects by itself
+after Redis restarts or fails over; a call cut short by the timeout drops its connection
+(redis-py disconnects on cancellation), so a late reply can never be read by the next call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from gateway.metrics import STORE_DURATION, STORE_ERRORS
+from gateway.store.base import Revocation, RevocationKind, StoreUnavailable, Touch, TouchResult
+
+RedisClient = Redis | RedisCluster
+T = TypeVar("T")
+
+# Calls in flight per process, and so connections (per node with Cluster): enough for the proxy's
+# concurrency; beyond it a call waits for a slot, within its timeout, instead of failing on an
+# exhausted pool (Sentinel's and Cluster's pools do not block).
+MAX_CONNECTIONS = 64
+# A connection idle this long is PINGed before reuse, so a half-dead one is replaced first.
+HEALTH_CHECK_INTERVAL = 30.0
+_KINDS: tuple[RevocationKind, ...] = ("jti", "sid", "sub")
+
+
+def _script(name: str) -> str:
+    return resources.files("gateway.store").joinpath(name).read_text(encoding="utf-8")
+
+
+class RedisStore:
+    """Last activity as `<prefix>:a:<hashed id>` strings with a TTL; revocations in one hash
+    `<prefix>:{rev}` (hash tag: anything touching it stays in one Cluster slot)."""
+
+    def __init__(
+        self,
+        client: RedisClient,
+        *,
+        key_prefix: str,
+        timeout: float,
+        closing: tuple[RedisClient, ...] = (),
+    ) -> None:
+        self._client = client
+        self._closing = closing  # further clients to close with this one (Sentinel's)
+        self._prefix = key_prefix
+        self._timeout = timeout
+        self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
+        self._revocation_key = f"{key_prefix}:{{rev}}"
+        self._check_and_touch = client.register_script(_script("check_and_touch.lua"))
+        self._revoke = client.register_script(_script("revoke.lua"))
+        self._revocations = client.register_script(_script("revocations.lua"))
+
+    @property
+    def client(self) -> RedisClient:
+        return self._client
+
+    def activity_key(self, key: str) -> str:
+        return f"{self._prefix}:a:{key}"
+
+    async def _call(self, op: str, call: Callable[[], Awaitable[T]]) -> T:
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self._timeout), self._slots:
+                return await call()
+        except (RedisError, TimeoutError, OSError) as exc:
+            STORE_ERRORS.labels(op=op).inc()
+            reason = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
+            raise StoreUnavailable(f"redis {op}: {reason}: {exc}") from exc
+        finally:
+            STORE_DURATION.labels(op=op).observe(time.perf_counter() - started)
+
+    async def check_and_touch(self, touch: Touch) -> TouchResult:
+        args = (
+            touch.initial,
+            touch.now,
+            touch.idle_timeout,
+            int(touch.extend),
+            touch.expires_at,
+            touch.linger,
+            int(touch.remember_idle),
+        )
+        keys = [self.activity_key(touch.key)]
+        reply: list[Any] = await self._call(
+            "check_and_touch", lambda: self._check_and_touch(keys=keys, args=args)
+        )
+        return TouchResult(last_activity=float(reply[0]), idle=bool(reply[1]))
+
+    async def last_activity(self, key: str) -> float | None:
+        value: bytes | str | None = await self._call(
+            "last_activity", lambda: self._client.get(self.activity_key(key))
+        )
+        return None if value is None else float(value)
+
+    async def revoke(self, revocation: Revocation, now: float) -> None:
+        issued_before = "" if revocation.issued_before is None else repr(revocation.issued_before)
+        args = (
+            f"{revocation.kind}:{revocation.key}",
+            issued_before,
+            revocation.until,
+            now,
+            secrets.randbits(48),
+        )
+        keys = [self._revocation_key]
+        await self._call("revoke", lambda: self._revoke(keys=keys, args=args))
+
+    async def revocations(self, since: int) -> tuple[int, list[Revocation] | None]:
+        """Entries whose `until` passed may still be listed until the next revoke prunes them;
+        they cover no token that could still be valid."""
+        keys = [self._revocation_key]
+        reply: list[bytes] = await self._call(
+            "revocations", lambda: self._revocations(keys=keys, args=(since,))
+        )
+        version = int(reply[0])
+        if len(reply) == 1 and version == since:
+            return version, None
+        entries = []
+        for field, value in zip(reply[1::2], reply[2::2], strict=True):
+            kind, _, key = field.decode().partition(":")
+            issued_before, _, until = value.decode().partition("|")
+            if kind not in _KINDS:
+                continue  # written by a newer version of the gateway
+            entries.append(
+                Revocation(
+                    kind=kind,
+                    key=key,
+                    issued_before=float(issued_before) if issued_before else None,
+                    until=float(until),
+                )
+            )
+        return version, entries
+
+    async def ping(self) -> None:
+        await self._call("ping", self._client.ping)
+
+    async def close(self) -> None:
+        await self._client.aclose()
+        for client in self._closing:
+            await client.aclose()
+
+
+def _connection_options(timeout: float) -> dict[str, Any]:
+    return {
+        "socket_connect_timeout": timeout,
+        "socket_timeout": timeout,
+        "socket_keepalive": True,
+        "health_check_interval": HEALTH_CHECK_INTERVAL,
+        # One immediate retry on a dropped connection (e.g. after a Redis restart): the scripts
+        # are safe to repeat (max() semantics), and the whole call stays within `timeout`.
+        "retry": Retry(NoBackoff(), 1),
+    }
+
+
+def _split_hosts(
+    netloc: str, default_port: int
+) -> tuple[str | None, str | None, list[tuple[str, int]]]:
+    """`[user:password@]h1:p1,h2:p2` -> (username, password, [(host, port), ...])."""
+    userinfo, _, hostlist = netloc.rpartition("@")
+    username: str | None = None
+    password: str | None = None
+    if userinfo:
+        user, has_password, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if has_password else None
+    hosts = []
+    for item in hostlist.split(","):
+        host, colon, port_text = item.strip().rpartition(":")
+        if not colon:
+            host, port_text = item.strip(), str(default_port)
+        host = host.strip("[]")  # IPv6 literal
+        if not host:
+            raise ValueError("a host is missing (expected host:port)")
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise ValueError(f"invalid port {port_text!r}")
+        hosts.append((host, int(port_text)))
+    return username, password, hosts
+
+
+def client_from_url(url: str, *, timeout: float) -> tuple[RedisClient, tuple[RedisClient, ...]]:
+    """Build (without connecting) the client for a `redis://`, `rediss://`,
+    `redis+sentinel://[:password@]h:p[,h:p]/<service>[/<db>][?sentinel_password=…]` or
+    `redis+cluster://[:password@]h:p[,h:p]` URL. Returns the client and any further clients to
+    close with it. Raises ValueError with a message that never repeats the password."""
+    options = _connection_options(timeout)
+    scheme, _, rest = url.partition("://")
+    if scheme in ("redis", "rediss"):
+        parts = urlsplit(url)
+        try:
+            port = parts.port
+        except ValueError:
+            raise ValueError("invalid port") from None
+        if not parts.hostname:
+            raise ValueError(f"a host is missing, e.g. {scheme}://redis:6379/0")
+        if port == 0:
+            raise ValueError("invalid port 0")
+        db = parts.path.strip("/")
+        if db and not db.isdigit():
+            raise ValueError(f"the path must be a database number, not {db!r}")
+        pool = BlockingConnectionPool.from_url(
+            url, max_connections=MAX_CONNECTIONS, timeout=timeout, **options
+        )
+        return Redis.from_pool(pool), ()
+
+    netloc, _, path_and_query = rest.partition("/")
+    path, _, query = path_and_query.partition("?")
+    params: dict[str, str] = {}
+    for pair in filter(None, query.split("&")):
+        name, _, value = pair.partition("=")
+        params[name] = unquote(value)
+    if not netloc:
+        raise ValueError(f"no host given, e.g. {scheme}://host:port")
+
+    if scheme == "redis+sentinel":
+        username, password, sentinels = _split_hosts(netloc, default_port=26379)
+        service, _, db_text = path.partition("/")
+        if not service:
+            raise ValueError(
+                "the master's service name is missing: redis+sentinel://host:26379/<service>"
+            )
+        db_text = db_text.strip("/")
+        if db_text and not db_text.isdigit():
+            raise ValueError(f"the database must be a number, not {db_text!r}")
+        unknown = set(params) - {"sentinel_password"}
+        if unknown:
+            raise ValueError(f"unknown option(s) {', '.join(sorted(unknown))}")
+        sentinel_options = {
+            key: value for key, value in options.items() if key.startswith("socket_")
+        }
+        if "sentinel_password" in params:
+            sentinel_options["password"] = params["sentinel_password"]
+        sentinel = Sentinel(sentinels, sentinel_kwargs=sentinel_options)  # type: ignore[no-untyped-call]
+        master = sentinel.master_for(
+            unquote(service),
+            username=username,
+            password=password,
+            db=int(db_text or 0),
+            max_connections=MAX_CONNECTIONS,
+            **options,
+        )
+        return master, tuple(sentinel.sentinels)
+
+    if scheme == "redis+cluster":
+        username, password, nodes = _split_hosts(netloc, default_port=6379)
+        if path.strip("/") not in ("", "0"):
+            raise ValueError("Redis Cluster has only database 0")
+        if params:
+            raise ValueError(f"unknown option(s) {', '.join(sorted(params))}")
+        cluster = RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in nodes],
+            username=username,
+            password=password,
+            max_connections=MAX_CONNECTIONS,
+            **options,
+        )
+        return cluster, ()
+
+    raise ValueError(f"unsupported scheme {scheme!r}")
