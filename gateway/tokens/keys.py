@@ -95,6 +95,7 @@ def _usable(
 ) -> VerificationKey:
     if isinstance(key, rsa.RSAPublicKey) and key.key_size < MIN_RSA_BITS:
         raise UnusableKeyError(f"RSA key of {key.key_size} bits (at least {MIN_RSA_BITS} needed)")
+    allowed = sorted(allowed)
     by_type = algorithms_for(key)
     algorithms = by_type & frozenset(allowed)
     if jwk_alg is not None:
@@ -103,7 +104,7 @@ def _usable(
         what = f"alg {jwk_alg}" if jwk_alg is not None else "key type"
         raise UnusableKeyError(
             f"{what} ({type(key).__name__}: {', '.join(sorted(by_type)) or 'nothing'}) "
-            f"allows none of the configured algorithms {sorted(allowed)}"
+            f"allows none of the configured algorithms {allowed}"
         )
     return VerificationKey(kid=kid, key=key, algorithms=algorithms)
 
