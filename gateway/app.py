@@ -328,7 +328,7 @@ class Gateway:
 
 async def build_proxy_app(gateway: Gateway) -> web.Application:
     """The proxy port's app: one catch-all handler, no per-request middleware stack."""
-    app = web.Application(handler_args={"max_field_size": 16 * 1024 + 64})
+    app = web.Application()
     app.router.add_route("*", "/{tail:.*}", gateway.handle)
     return app
 

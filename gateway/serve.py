@@ -72,7 +72,9 @@ async def start(
         access_log=None,
         auto_decompress=False,  # bodies pass through as sent
         shutdown_timeout=config.server.shutdown_grace,
-        max_field_size=16 * 1024 + 64,  # a 16 KiB token still fits; larger headers get 400
+        # Room for a token just over 16 KiB, which the gateway refuses itself (malformed_token);
+        # larger header fields get aiohttp's 400.
+        max_field_size=32 * 1024,
     )
     admin = web.AppRunner(build_admin_app(gateway), access_log=None, shutdown_timeout=2)
     await proxy.setup()

@@ -1,0 +1,588 @@
+"""The core promise through a real gateway: verified tokens, the lifetime cap, idle timeout,
+sessions, scopes, store failure and identity headers. Each refusal is checked as a user sees it:
+status, reason code, WWW-Authenticate, the metric that moved, and nothing reaching upstream."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from conftest import GatewayFactory, RedisServer
+from harness import AUDIENCE, ISSUER, GatewayUnderTest, Upstream
+from jwks_server import JwksServer, SigningKey, claims, rsa_key
+from prometheus_client import REGISTRY
+
+from gateway.clock import ManualClock
+from gateway.store.base import Revocation
+
+IDLE = 900
+
+
+def refused_count(reason: str, route: str = "/api/") -> float:
+    value = REGISTRY.get_sample_value(
+        "idlegate_requests_total",
+        {"route": route, "decision": "rejected", "reason": reason},
+    )
+    return value or 0.0
+
+
+async def assert_refused(
+    gw: GatewayUnderTest,
+    upstream: Upstream,
+    token: str | None,
+    reason: str,
+    status: int = 401,
+    path: str = "/api/orders",
+    route: str = "/api/",
+    **kwargs: Any,
+) -> dict[str, Any]:
+    before_metric = refused_count(reason, route)
+    before_upstream = len(upstream.received)
+    response = await gw.get(path, token, **kwargs)
+    body = await response.json()
+    assert response.status == status, body
+    assert body["reason"] == reason
+    assert response.headers["Cache-Control"] == "no-store"
+    if status in (401, 403):
+        challenge = response.headers["WWW-Authenticate"]
+        assert challenge.startswith('Bearer realm="idlegate"')
+        if reason != "missing_token":
+            assert f'error="{body["error"]}"' in challenge
+        else:
+            assert "error=" not in challenge
+    assert len(upstream.received) == before_upstream, "a refused request reached the upstream"
+    assert refused_count(reason, route) == before_metric + 1
+    if token:
+        assert token not in json.dumps(body)
+    return body
+
+
+def b64(data: bytes | str) -> str:
+    raw = data.encode() if isinstance(data, str) else data
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def unsigned(header: dict[str, Any], payload: dict[str, Any], signature: str = "") -> str:
+    return f"{b64(json.dumps(header))}.{b64(json.dumps(payload))}.{signature}"
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store_url(request: pytest.FixtureRequest) -> AsyncIterator[str]:
+    if request.param == "memory":
+        yield "memory://"
+    else:
+        server: RedisServer = request.getfixturevalue("redis_server")
+        yield server.url
+
+
+# -- the happy path ----------------------------------------------------------------------------
+
+
+async def test_valid_token_is_forwarded_with_identity_headers(
+    gateways: GatewayFactory, upstream: Upstream, store_url: str
+):
+    gw = await gateways(store_url=store_url)
+    token = gw.token(sub="alice", scope="orders:read orders:write", jti="j-1")
+    response = await gw.get(
+        "/api/orders",
+        token,
+        headers={
+            "X-Auth-Subject": "mallory",
+            "x-auth-scope": "admin",
+            "Connection": "X-Auth-Token-Id",
+        },
+    )
+    assert response.status == 200
+    seen = upstream.received[-1].header_list
+    subjects = [v for k, v in seen if k.lower() == "x-auth-subject"]
+    assert subjects == ["alice"]
+    assert [v for k, v in seen if k.lower() == "x-auth-scope"] == ["orders:read orders:write"]
+    assert [v for k, v in seen if k.lower() == "x-auth-token-id"] == ["j-1"]
+    assert upstream.received[-1].headers["Authorization"] == f"Bearer {token}"
+
+
+async def test_strip_authorization_removes_the_token_upstream(
+    gateways: GatewayFactory, upstream: Upstream
+):
+    gw = await gateways(forward={"strip_authorization": True})
+    assert (await gw.get("/api/x", gw.token())).status == 200
+    assert "Authorization" not in upstream.received[-1].headers
+
+
+async def test_identity_headers_are_stripped_on_public_routes_too(
+    gateways: GatewayFactory, upstream: Upstream
+):
+    gw = await gateways()
+    await gw.get("/public/x", headers={"X-Auth-Subject": "root"})
+    assert "X-Auth-Subject" not in upstream.received[-1].headers
+
+
+# -- every refusal reason ------------------------------------------------------------------------
+
+
+async def test_missing_token(gateways: GatewayFactory, upstream: Upstream):
+    gw = await gateways()
+    await assert_refused(gw, upstream, None, "missing_token")
+    await assert_refused(gw, upstream, None, "missing_token", headers={"Authorization": "Basic x"})
+
+
+async def test_malformed_requests(gateways: GatewayFactory, upstream: Upstream):
+    gw = await gateways()
+    token = gw.token()
+    await assert_refused(
+        gw, upstream, token, "malformed_request", 400, path=f"/api/x?access_token={token}"
+    )
+    await assert_refused(
+        gw, upstream, None, "malformed_request", 400, headers={"Authorization": "Bearer a b"}
+    )
+    two = [("Authorization", f"Bearer {token}"), ("Authorization", f"Bearer {token}")]
+    before = len(upstream.received)
+    response = await gw.http.get(gw.url + "/api/x", headers=two)
+    assert response.status == 400
+    assert (await response.json())["reason"] == "malformed_request"
+    assert len(upstream.received) == before
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "abc",
+        "a.b",
+        "a.b.c.d.e",
+        f"{b64('not json')}.{b64('{}')}.c2ln",
+        f"{b64('[1,2]')}.{b64('{}')}.c2ln",
+        f"{b64(json.dumps({'alg': 'RS256'}))}.{b64('{bad')}.c2ln",
+        b64(json.dumps({"alg": "RS256"})) + "." + b64('{"iss":"a","iss":"b"}') + ".c2ln",
+    ],
+)
+async def test_malformed_tokens(gateways: GatewayFactory, upstream: Upstream, token: str):
+    gw = await gateways()
+    await assert_refused(gw, upstream, token, "malformed_token")
+
+
+async def test_token_over_16_kib_is_refused_unparsed(gateways: GatewayFactory, upstream: Upstream):
+    gw = await gateways()
+    huge = gw.token(padding="p" * 17_000)
+    await assert_refused(gw, upstream, huge, "malformed_token")
+
+
+@pytest.mark.parametrize("alg", ["none", "None", "NONE", "nOnE"])
+async def test_alg_none_in_any_casing_is_refused(
+    gateways: GatewayFactory, upstream: Upstream, alg: str, clock: ManualClock
+):
+    gw = await gateways()
+    payload = claims(ISSUER, AUDIENCE, now=clock.now())
+    await assert_refused(
+        gw, upstream, unsigned({"alg": alg, "typ": "JWT"}, payload), "disallowed_alg"
+    )
+    await assert_refused(gw, upstream, unsigned({"alg": alg}, payload, "c2ln"), "disallowed_alg")
+
+
+async def test_algorithm_outside_allow_list_is_refused(
+    gateways: GatewayFactory, upstream: Upstream, signing_key: SigningKey, clock: ManualClock
+):
+    gw = await gateways()
+    token = signing_key.sign(claims(ISSUER, AUDIENCE, now=clock.now()), alg="RS512")
+    await assert_refused(gw, upstream, token, "disallowed_alg")
+
+
+async def test_hs256_signed_with_the_rsa_public_key_is_refused(
+    gateways: GatewayFactory, upstream: Upstream, signing_key: SigningKey, clock: ManualClock
+):
+    gw = await gateways(
+        providers=[
+            {
+                "name": "main",
+                "issuer": ISSUER,
+                "audiences": [AUDIENCE],
+                "algorithms": ["RS256"],
+                "public_key_file": str(gw_key_path(signing_key)),
+            }
+        ]
+    )
+    payload = claims(ISSUER, AUDIENCE, now=clock.now())
+    # PyJWT refuses to sign HMAC with a PEM; forge the token by hand, as an attacker would.
+    import hashlib
+    import hmac
+
+    header = b64(json.dumps({"alg": "HS256", "typ": "JWT"}))
+    body = b64(json.dumps(payload))
+    mac = hmac.new(signing_key.public_pem(), f"{header}.{body}".encode(), hashlib.sha256)
+    forged = f"{header}.{body}.{b64(mac.digest())}"
+    await assert_refused(gw, upstream, forged, "disallowed_alg")
+
+
+def gw_key_path(key: SigningKey) -> str:
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("wb", suffix=".pem", delete=False) as handle:
+        handle.write(key.public_pem())
+    return handle.name
+
+
+async def test_tampered_payload_is_bad_signature(gateways: GatewayFactory, upstream: Upstream):
+    gw = await gateways()
+    header, _, signature = gw.token(sub="alice").split(".")
+    forged_claims = claims(ISSUER, AUDIENCE, now=gw.clock.now(), sub="admin")
+    forged = f"{header}.{b64(json.dumps(forged_claims))}.{signature}"
+    await assert_refused(gw, upstream, forged, "bad_signature")
+
+
+async def test_token_from_another_key_is_bad_signature(
+    gateways: GatewayFactory, upstream: Upstream
+):
+    gw = await gateways()
+    await assert_refused(gw, upstream, gw.token(key=rsa_key(kid="main-1")), "bad_signature")
+
+
+@pytest.fixture
+async def idp(signing_key: SigningKey) -> AsyncIterator[JwksServer]:
+    async with JwksServer([signing_key]) as server:
+        yield server
+
+
+async def test_unknown_kid_and_key_urls_in_the_token_are_never_fetched(
+    gateways: GatewayFactory, upstream: Upstream, idp: JwksServer, clock: ManualClock
+):
+    provider = {
+        "name": "idp",
+        "issuer": ISSUER,
+        "audiences": [AUDIENCE],
+        "algorithms": ["RS256"],
+        "jwks_uri": idp.jwks_uri,
+    }
+    gw = await gateways(providers=[provider])
+    attacker = rsa_key(kid="attacker")
+    async with JwksServer([attacker]) as evil:
+        token = attacker.sign(
+            claims(ISSUER, AUDIENCE, now=clock.now()),
+            headers={
+                "jku": evil.jwks_uri,
+                "x5u": evil.url + "/cert",
+                "jwk": attacker.public_jwk(),
+            },
+        )
+        await assert_refused(gw, upstream, token, "unknown_key")
+        assert evil.jwks_requests == 0
+        # Same kid as the real key, attacker's signature: still refused.
+        token = attacker.sign(
+            claims(ISSUER, AUDIENCE, now=clock.now()),
+            kid="main-1",
+            headers={"jwk": attacker.public_jwk()},
+        )
+        await assert_refused(gw, upstream, token, "bad_signature")
+        assert evil.jwks_requests == 0
+    assert (await gw.get("/api/x", gw.token())).status == 200
+
+
+@pytest.mark.parametrize(
+    "iss", [ISSUER + "evil", ISSUER[:-1], "https://evil.test/?" + ISSUER, ISSUER.upper()]
+)
+async def test_issuer_must_match_exactly(gateways: GatewayFactory, upstream: Upstream, iss: Any):
+    gw = await gateways()
+    await assert_refused(gw, upstream, gw.token(iss=iss), "wrong_issuer")
+
+
+async def test_missing_issuer_is_missing_claim(gateways: GatewayFactory, upstream: Upstream):
+    gw = await gateways()
+    await assert_refused(gw, upstream, gw.token(iss=None), "missing_claim")
+
+
+async def test_audience_any_of(gateways: GatewayFactory, upstream: Upstream):
+    gw = await gateways()
+    assert (await gw.get("/api/x", gw.token(aud=["other", AUDIENCE]))).status == 200
+    await assert_refused(gw, upstream, gw.token(aud="other-api"), "wrong_audience")
+    await assert_refused(gw, upstream, gw.token(aud=["a", "b"]), "wrong_audience")
+
+
+async def test_required_typ(gateways: GatewayFactory, upstream: Upstream, signing_key: SigningKey):
+    gw = await gateways(
+        providers=[
+            {
+                "name": "main",
+                "issuer": ISSUER,
+                "audiences": [AUDIENCE],
+                "algorithms": ["RS256"],
+                "public_key_file": gw_key_path(signing_key),
+                "require_typ": "at+jwt",
+            }
+        ]
+    )
+    payload = claims(ISSUER, AUDIENCE, now=gw.clock.now())
+    await assert_refused(
+        gw, upstream, signing_key.sign(payload, headers={"typ": "JWT"}), "wrong_type"
+    )
+    accepted = signing_key.sign(
+        claims(ISSUER, AUDIENCE, now=gw.clock.now()), headers={"typ": "application/at+jwt"}
+    )
+    assert (await gw.get("/api/x", accepted)).status == 200
+
+
+@pytest.mark.parametrize("claim", ["jti", "exp", "iat"])
+async def test_required_claims(gateways: GatewayFactory, upstream: Upstream, claim: str):
+    gw = await gateways()
+    await assert_refused(gw, upstream, gw.token(**{claim: None}), "missing_claim")
+
+
+async def test_time_claims(gateways: GatewayFactory, upstream: Upstream):
+    gw = await gateways()
+    now = gw.clock.now()
+    await assert_refused(gw, upstream, gw.token(iat=now - 700, exp=now - 31), "expired")
+    # Within leeway (30 s) still fine.
+    assert (await gw.get("/api/x", gw.token(iat=now - 600, exp=now - 29))).status == 200
+    await assert_refused(gw, upstream, gw.token(nbf=now + 31), "not_yet_valid")
+    await assert_refused(gw, upstream, gw.token(iat=now + 60, exp=now + 600), "issued_in_future")
+    assert (await gw.get("/api/x", gw.token(iat=now + 20, exp=now + 600))).status == 200
+
+
+async def test_lifetime_over_the_cap_is_refused(gateways: GatewayFactory, upstream: Upstream):
+    gw = await gateways()
+    assert (await gw.get("/api/x", gw.token(ttl=900))).status == 200
+    body = await assert_refused(gw, upstream, gw.token(ttl=901), "lifetime_too_long")
+    assert "900" in body["message"]
+
+
+async def test_scopes_all_required(gateways: GatewayFactory, upstream: Upstream):
+    gw = await gateways(
+        routes=[
+            {"prefix": "/api/", "upstream": upstream.url, "scopes": ["orders:read", "orders:write"]}
+        ]
+    )
+    body = await assert_refused(
+        gw, upstream, gw.token(scope="orders:read"), "insufficient_scope", 403
+    )
+    assert body["error"] == "insufficient_scope"
+    response = await gw.get("/api/x", gw.token(scope="orders:read"))
+    assert 'scope="orders:read orders:write"' in response.headers["WWW-Authenticate"]
+    assert (await gw.get("/api/x", gw.token(scope="orders:write orders:read x"))).status == 200
+    assert (await gw.get("/api/x", gw.token(scp=["orders:write", "orders:read"]))).status == 200
+
+
+async def test_revoked_token_is_refused(
+    gateways: GatewayFactory, upstream: Upstream, store_url: str
+):
+    gw = await gateways(store_url=store_url)
+    token = gw.token(jti="to-revoke")
+    assert (await gw.get("/api/x", token)).status == 200
+    now = gw.clock.now()
+    await gw.gateway.revocations.revoke(
+        Revocation("jti", gw.gateway.hasher("jti", "to-revoke"), None, now + 1000)
+    )
+    await assert_refused(gw, upstream, token, "revoked")
+    assert (await gw.get("/api/x", gw.token())).status == 200
+
+
+# -- idle semantics, exactly ---------------------------------------------------------------------
+
+
+async def test_idle_boundary_is_exact_to_the_second(
+    gateways: GatewayFactory, upstream: Upstream, store_url: str, clock: ManualClock
+):
+    gw = await gateways(store_url=store_url, policy={"max_token_lifetime": "1h"})
+    first = gw.token(ttl=3600)
+    second = gw.token(ttl=3600)
+    clock.advance(IDLE)  # exactly idle_timeout after iat: still accepted
+    assert (await gw.get("/api/x", first)).status == 200
+    clock.advance(IDLE)  # exactly idle_timeout after that last activity
+    assert (await gw.get("/api/x", first)).status == 200
+    clock.advance(IDLE + 1)  # one second more than the timeout
+    await assert_refused(gw, upstream, first, "idle_timeout")
+    # A token never used for longer than the timeout after iat is refused on first use.
+    await assert_refused(gw, upstream, second, "idle_timeout")
+
+
+async def test_activity_extends_and_refusal_is_terminal(
+    gateways: GatewayFactory, upstream: Upstream, store_url: str, clock: ManualClock
+):
+    gw = await gateways(store_url=store_url, policy={"max_token_lifetime": "1h"})
+    token = gw.token(ttl=3600, jti="busy")
+    for _ in range(3):
+        clock.advance(600)
+        assert (await gw.get("/api/x", token)).status == 200
+    key = gw.gateway.hasher("jti", "busy")
+    last = await gw.gateway.store.last_activity(key)
+    assert last == clock.now()
+    clock.advance(IDLE + 1)
+    await assert_refused(gw, upstream, token, "idle_timeout")
+    assert await gw.gateway.store.last_activity(key) == last  # refusal changed nothing
+    clock.advance(1)
+    await assert_refused(gw, upstream, token, "idle_timeout")
+
+
+async def test_route_idle_override_is_honoured(
+    gateways: GatewayFactory, upstream: Upstream, clock: ManualClock
+):
+    gw = await gateways(
+        routes=[
+            {"prefix": "/api/", "upstream": upstream.url},
+            {"prefix": "/api/admin/", "upstream": upstream.url, "idle_timeout": "60s"},
+        ]
+    )
+    token = gw.token()
+    clock.advance(61)
+    await assert_refused(
+        gw, upstream, token, "idle_timeout", path="/api/admin/x", route="/api/admin/"
+    )
+    assert (await gw.get("/api/x", token)).status == 200
+
+
+async def test_passive_route_checks_but_does_not_extend(
+    gateways: GatewayFactory, upstream: Upstream, store_url: str, clock: ManualClock
+):
+    gw = await gateways(
+        store_url=store_url,
+        policy={"max_token_lifetime": "1h"},
+        routes=[
+            {"prefix": "/api/", "upstream": upstream.url},
+            {"prefix": "/api/poll/", "upstream": upstream.url, "activity": "passive"},
+        ],
+    )
+    token = gw.token(ttl=3600)
+    for _ in range(3):
+        clock.advance(300)
+        assert (await gw.get("/api/poll/x", token)).status == 200
+    clock.advance(1)
+    await assert_refused(
+        gw, upstream, token, "idle_timeout", path="/api/poll/x", route="/api/poll/"
+    )
+
+
+async def test_session_status_does_not_count_as_activity(
+    gateways: GatewayFactory, upstream: Upstream, store_url: str, clock: ManualClock
+):
+    gw = await gateways(store_url=store_url, policy={"max_token_lifetime": "1h"})
+    token = gw.token(ttl=3600)
+    clock.advance(100)
+    assert (await gw.get("/api/x", token)).status == 200
+    for _ in range(3):
+        clock.advance(300)
+        response = await gw.get("/.idlegate/session", token)
+        assert response.status == 200
+        body = await response.json()
+    assert body["idle_remaining_seconds"] == 0
+    clock.advance(1)
+    response = await gw.get("/.idlegate/session", token)
+    assert response.status == 401
+    assert (await response.json())["reason"] == "idle_timeout"
+    await assert_refused(gw, upstream, token, "idle_timeout")
+
+
+async def test_session_status_reports_remaining_time(gateways: GatewayFactory, clock: ManualClock):
+    gw = await gateways()
+    token = gw.token(ttl=800, auth_time=clock.now() - 50)
+    clock.advance(200)
+    body = await (await gw.get("/.idlegate/session", token)).json()
+    assert body == {
+        "idle_remaining_seconds": 700,
+        "expires_in_seconds": 600,
+        "session_age_seconds": 250,
+    }
+
+
+# -- sessions -------------------------------------------------------------------------------------
+
+
+async def test_session_activity_is_shared_and_idle_sessions_stay_dead(
+    gateways: GatewayFactory, upstream: Upstream, store_url: str, clock: ManualClock
+):
+    gw = await gateways(
+        store_url=store_url,
+        policy={
+            "track_by": "sid",
+            "required_claims": ["exp", "iat", "sid"],
+            "max_token_lifetime": "1h",
+        },
+    )
+    first = gw.token(sid="s-1", ttl=3600)
+    clock.advance(800)
+    second = gw.token(sid="s-1", ttl=3600)  # a refreshed token of the same session
+    assert (await gw.get("/api/x", second)).status == 200
+    clock.advance(800)
+    # `first` itself was never used, but its session was active 800 s ago.
+    assert (await gw.get("/api/x", first)).status == 200
+    clock.advance(IDLE + 1)
+    await assert_refused(gw, upstream, second, "session_idle")
+    later = gw.token(sid="s-1", ttl=3600)  # issued after the session idled out
+    await assert_refused(gw, upstream, later, "session_idle")
+    assert (await gw.get("/api/x", gw.token(sid="s-2"))).status == 200
+
+
+async def test_session_too_old(gateways: GatewayFactory, upstream: Upstream, clock: ManualClock):
+    gw = await gateways(policy={"max_session_age": "8h"})
+    old = gw.token(auth_time=clock.now() - 8 * 3600 - 31)
+    await assert_refused(gw, upstream, old, "session_too_old")
+    fresh = gw.token(auth_time=clock.now() - 3600)
+    assert (await gw.get("/api/x", fresh)).status == 200
+
+
+# -- Redis shared between instances, failures ------------------------------------------------
+
+
+async def test_two_instances_see_each_others_activity(
+    gateways: GatewayFactory, upstream: Upstream, redis_server: RedisServer, clock: ManualClock
+):
+    one = await gateways(store_url=redis_server.url, policy={"max_token_lifetime": "1h"})
+    two = await gateways(store_url=redis_server.url, policy={"max_token_lifetime": "1h"})
+    token = one.token(ttl=3600)
+    clock.advance(800)
+    assert (await one.get("/api/x", token)).status == 200
+    clock.advance(800)  # idle at `two` if it had not seen `one`'s activity
+    assert (await two.get("/api/x", token)).status == 200
+    clock.advance(IDLE + 1)
+    await assert_refused(one, upstream, token, "idle_timeout")
+
+
+async def test_clock_skew_cannot_move_last_activity_back(
+    gateways: GatewayFactory, upstream: Upstream, redis_server: RedisServer, clock: ManualClock
+):
+    ahead = ManualClock(clock.now() + 120)
+    fast = await gateways(store_url=redis_server.url, gateway_clock=ahead)
+    slow = await gateways(store_url=redis_server.url)
+    token = slow.token(jti="skewed")
+    assert (await fast.get("/api/x", token)).status == 200
+    assert (await slow.get("/api/x", token)).status == 200
+    key = slow.gateway.hasher("jti", "skewed")
+    assert await slow.gateway.store.last_activity(key) == ahead.now()
+
+
+async def test_redis_down_is_503_and_recovers_without_restart(
+    gateways: GatewayFactory, upstream: Upstream, redis_server: RedisServer
+):
+    gw = await gateways(store_url=redis_server.url)
+    token = gw.token()
+    assert (await gw.get("/api/x", token)).status == 200
+    redis_server.stop()
+    before = len(upstream.received)
+    response = await gw.get("/api/x", token)
+    assert response.status == 503
+    assert response.headers["Retry-After"]
+    assert (await response.json())["reason"] == "store_unavailable"
+    assert len(upstream.received) == before
+    redis_server.start()
+    assert (await gw.get("/api/x", token)).status == 200
+
+
+async def test_on_error_allow_forwards_and_counts(
+    gateways: GatewayFactory, upstream: Upstream, redis_server: RedisServer
+):
+    gw = await gateways(store_url=redis_server.url, store={"on_error": "allow"})
+    redis_server.stop()
+    before = REGISTRY.get_sample_value("idlegate_store_fallbacks_total", {"mode": "allow"}) or 0
+    assert (await gw.get("/api/x", gw.token())).status == 200
+    after = REGISTRY.get_sample_value("idlegate_store_fallbacks_total", {"mode": "allow"})
+    assert after == before + 1
+
+
+async def test_on_error_grace_allows_only_tokens_seen_here(
+    gateways: GatewayFactory, upstream: Upstream, redis_server: RedisServer
+):
+    gw = await gateways(store_url=redis_server.url, store={"on_error": "grace"})
+    seen = gw.token()
+    unseen = gw.token()
+    assert (await gw.get("/api/x", seen)).status == 200
+    redis_server.stop()
+    assert (await gw.get("/api/x", seen)).status == 200
+    assert (await gw.get("/api/x", unseen)).status == 503
