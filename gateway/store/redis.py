@@ -78,8 +78,11 @@ class RedisStore:
                 return await call()
         except (RedisError, TimeoutError, OSError) as exc:
             STORE_ERRORS.labels(op=op).inc()
-            reason = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
-            raise StoreUnavailable(f"redis {op}: {reason}: {exc}") from exc
+            if isinstance(exc, TimeoutError):
+                reason = f"timed out after {self._timeout:g}s"
+            else:
+                reason = f"{type(exc).__name__}: {exc}"
+            raise StoreUnavailable(f"redis {op}: {reason}") from exc
         finally:
             STORE_DURATION.labels(op=op).observe(time.perf_counter() - started)
 
