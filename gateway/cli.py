@@ -116,10 +116,15 @@ def _serve(args: argparse.Namespace) -> int:
         # Must be set before prometheus_client is imported (by gateway.serve), in every worker.
         if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="idlegate-metrics-")
-    from gateway.serve import run
+    from gateway.serve import run  # after the metrics mode is chosen
+    from gateway.store import StoreConfigError
+    from gateway.tokens.keys import KeySourceError
 
     try:
         return run(config, args.workers)
+    except (KeySourceError, StoreConfigError) as exc:
+        print(f"idlegate: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"idlegate: cannot listen: {exc.strerror or exc}", file=sys.stderr)
         return 1

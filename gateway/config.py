@@ -396,4 +396,23 @@ def load(path: str | Path | None = None, environ: Mapping[str, str] | None = Non
         where = f" line {mark.line + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise ConfigError([f"{chosen}:{where}: {problem}"]) from None
-    return from_data(data, env)
+    return from_data(_relative_to(data, chosen.parent), env)
+
+
+def _relative_to(data: Any, base: Path) -> Any:
+    """File paths in a config file are relative to that file, wherever the gateway starts."""
+    if not isinstance(data, dict):
+        return data
+
+    def resolve(section: Any, key: str) -> None:
+        if isinstance(section, dict) and isinstance(section.get(key), str):
+            path = Path(section[key])
+            if not path.is_absolute():
+                section[key] = str(base / path)
+
+    resolve(data.get("admin"), "token_file")
+    providers = data.get("providers")
+    for provider in providers if isinstance(providers, list) else []:
+        resolve(provider, "jwks_file")
+        resolve(provider, "public_key_file")
+    return data

@@ -66,7 +66,11 @@ async def start(
     config: Config, *, reuse_port: bool = False, gateway: Gateway | None = None
 ) -> Running:
     gateway = gateway or Gateway(config)
-    await gateway.start()
+    try:
+        await gateway.start()
+    except BaseException:
+        await gateway.close()
+        raise
     proxy = web.AppRunner(
         await build_proxy_app(gateway),
         access_log=None,
