@@ -264,6 +264,8 @@ def test_more_than_one_process_with_the_memory_store_is_refused(
     [
         ({"redis": {"enabled": True}, "secrets": REDIS_URL_SECRET}, "choose one"),
         ({"config": {"store": {"url": "redis://:hunter2@redis:6379/0"}}}, "password"),
+        ({"config": {"store": {"url": "redis+sentinel://s:26379/m?sentinel_password=x"}}},
+         "password"),
         ({"config": {"admin": {"host": "127.0.0.1"}}}, "loopback"),
         ({"config": {"admin": {"port": 8080}}}, "must differ"),
         ({"terminationGracePeriodSeconds": 20}, "must exceed"),

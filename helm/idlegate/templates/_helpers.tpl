@@ -207,7 +207,7 @@ from the Deployment template.
 {{- fail "redis.enabled and secrets.storeUrl.existingSecret both set the store URL: choose one." }}
 {{- end }}
 {{- $store := default (dict) .Values.config.store }}
-{{- if regexMatch "://[^/@]*:[^/@]+@" (toString (default "" (get $store "url"))) }}
+{{- if regexMatch "://[^/@]*:[^/@]+@|[?&]sentinel_password=" (toString (default "" (get $store "url"))) }}
 {{- fail "config.store.url carries a password and would land in a ConfigMap: put the URL in a Secret and set secrets.storeUrl.existingSecret." }}
 {{- end }}
 {{- $admin := default (dict) .Values.config.admin }}
