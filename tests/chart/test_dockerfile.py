@@ -12,10 +12,12 @@ import sys
 import tomllib
 import zipfile
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
 
 from .rendering import CHART_DIR, REPO_ROOT
 
@@ -186,9 +188,28 @@ def test_dockerignore_admits_the_build_sources_and_nothing_else(stages: list[Sta
         assert dockerignored(private, patterns), f"{private} would be sent to the Docker daemon"
 
 
+def unmet_build_requirements() -> list[str]:
+    """pyproject's build-system.requires not satisfied here (the wheel is built offline,
+    without build isolation, so they must be installed with the test extras)."""
+    pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    unmet = []
+    for text in pyproject["build-system"]["requires"]:
+        requirement = Requirement(text)
+        try:
+            installed = version(requirement.name)
+        except PackageNotFoundError:
+            unmet.append(text)
+            continue
+        if not requirement.specifier.contains(installed, prereleases=True):
+            unmet.append(f"{text} (installed: {installed})")
+    return unmet
+
+
 def test_wheel_built_like_the_image_holds_the_package_and_console_script(
     stages: list[Stage], tmp_path: Path
 ) -> None:
+    unmet = unmet_build_requirements()
+    assert not unmet, f"install {unmet} (add them to the test extras in pyproject.toml)"
     context = tmp_path / "context"
     context.mkdir()
     for source in build_sources(stages):
