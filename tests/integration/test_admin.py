@@ -1,0 +1,179 @@
+"""The admin port as an operator uses it: metrics, health, readiness, revocation API."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import aiohttp
+from conftest import GatewayFactory, RedisServer
+from harness import AUDIENCE, ISSUER, Upstream
+from jwks_server import JwksServer, rsa_key
+
+CONTRACT_METRICS = {
+    "idlegate_requests_total": {"route", "decision", "reason"},
+    "idlegate_request_duration_seconds_bucket": {"route", "le"},
+    "idlegate_upstream_duration_seconds_bucket": {"route", "le"},
+    "idlegate_store_duration_seconds_bucket": {"op", "le"},
+    "idlegate_jwks_keys": {"provider"},
+    "idlegate_in_flight_requests": set(),
+    "idlegate_build_info": {"version"},
+    "idlegate_token_idle_gap_seconds_bucket": {"le"},
+}
+
+
+def parse_metrics(text: str) -> dict[str, list[dict[str, str]]]:
+    samples: dict[str, list[dict[str, str]]] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        match = re.match(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? ", line)
+        assert match, line
+        labels = dict(re.findall(r'([a-zA-Z_]+)="((?:[^"\\]|\\.)*)"', match.group(2) or ""))
+        samples.setdefault(match.group(1), []).append(labels)
+    return samples
+
+
+async def test_metrics_have_contract_names_and_bounded_route_labels(
+    gateways: GatewayFactory, upstream: Upstream, redis_server: RedisServer
+):
+    gw = await gateways(store_url=redis_server.url)
+    await gw.get("/api/orders/1", gw.token())
+    for i in range(20):  # raw paths must never become label values
+        await gw.get(f"/api/orders/{i}?x={i}", "garbage")
+        await gw.get(f"/unrouted/{i}")
+    async with aiohttp.ClientSession() as http, http.get(gw.admin_url + "/metrics") as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain")
+        samples = parse_metrics(await response.text())
+    for name, labels in CONTRACT_METRICS.items():
+        assert name in samples, name
+        assert all(set(s) == labels for s in samples[name]), (name, samples[name][:2])
+    routes = {s["route"] for s in samples["idlegate_requests_total"]}
+    assert routes <= {"/api/", "/public/", "none", "/.idlegate/session"}
+    reasons = {s["reason"] for s in samples["idlegate_requests_total"]}
+    assert {"ok", "malformed_token", "no_route"} <= reasons
+    les = {s["le"] for s in samples["idlegate_request_duration_seconds_bucket"]}
+    assert "0.00025" in les
+    assert "30.0" in les
+    ops = {s["op"] for s in samples["idlegate_store_duration_seconds_bucket"]}
+    assert "check_and_touch" in ops
+
+
+async def test_health_and_readiness(
+    gateways: GatewayFactory, upstream: Upstream, redis_server: RedisServer
+):
+    gw = await gateways(store_url=redis_server.url)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(gw.admin_url + "/healthz") as response:
+            assert response.status == 200
+        async with http.get(gw.admin_url + "/readyz") as response:
+            assert response.status == 200
+        redis_server.stop()
+        async with http.get(gw.admin_url + "/readyz") as response:
+            assert response.status == 503
+            assert "store" in (await response.json())["reason"]
+        async with http.get(gw.admin_url + "/healthz") as response:
+            assert response.status == 200
+        redis_server.start()
+        async with http.get(gw.admin_url + "/readyz") as response:
+            assert response.status == 200
+        gw.gateway.draining = True
+        async with http.get(gw.admin_url + "/readyz") as response:
+            assert response.status == 503
+            assert (await response.json())["reason"] == "draining"
+        gw.gateway.draining = False
+
+
+async def test_not_ready_until_every_provider_has_keys(
+    gateways: GatewayFactory, upstream: Upstream
+):
+    async with JwksServer([rsa_key("k")]) as idp:
+        idp.fail(500)
+        gw = await gateways(
+            providers=[
+                {
+                    "name": "idp",
+                    "issuer": ISSUER,
+                    "audiences": [AUDIENCE],
+                    "algorithms": ["RS256"],
+                    "jwks_uri": idp.jwks_uri,
+                }
+            ]
+        )
+        async with aiohttp.ClientSession() as http:
+            async with http.get(gw.admin_url + "/readyz") as response:
+                assert response.status == 503
+                assert "idp" in (await response.json())["reason"]
+            idp.recover()
+            await gw.gateway.rings["idp"].lookup_or_refresh("k")
+            async with http.get(gw.admin_url + "/readyz") as response:
+                assert response.status == 200
+
+
+async def test_admin_api_is_404_without_a_token_file(gateways: GatewayFactory):
+    gw = await gateways()
+    async with aiohttp.ClientSession() as http:
+        async with http.post(gw.admin_url + "/admin/revoke", json={"jti": "x"}) as response:
+            assert response.status == 404
+        async with http.get(gw.admin_url + "/admin/tokens/x") as response:
+            assert response.status == 404
+
+
+async def test_revocation_api(
+    gateways: GatewayFactory, upstream: Upstream, redis_server: RedisServer, tmp_path: Path
+):
+    token_file = tmp_path / "admin.token"
+    token_file.write_text("s3cret-admin-token\n")
+    gw = await gateways(store_url=redis_server.url, admin={"token_file": str(token_file)})
+    good = {"Authorization": "Bearer s3cret-admin-token"}
+    token = gw.token(jti="j-77", sub="bob", sid="sess-1")
+    assert (await gw.get("/api/x", token)).status == 200
+    async with aiohttp.ClientSession() as http:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic x"}):
+            async with http.post(
+                gw.admin_url + "/admin/revoke", json={"jti": "j-77"}, headers=headers
+            ) as response:
+                assert response.status == 401
+        for body in ({}, {"jti": "a", "sub": "b"}, {"jti": 5}, {"nope": "x"}):
+            async with http.post(
+                gw.admin_url + "/admin/revoke", json=body, headers=good
+            ) as response:
+                assert response.status == 400
+        async with http.get(gw.admin_url + "/admin/tokens/j-77", headers=good) as response:
+            status = await response.json()
+        assert status["last_activity"] == gw.clock.now()
+        assert status["idle_remaining_seconds"] == 900
+        assert status["revoked"] is False
+        async with http.post(
+            gw.admin_url + "/admin/revoke", json={"jti": "j-77"}, headers=good
+        ) as response:
+            assert response.status == 204
+        async with http.get(gw.admin_url + "/admin/tokens/j-77", headers=good) as response:
+            assert (await response.json())["revoked"] is True
+    refused = await gw.get("/api/x", token)
+    assert refused.status == 401
+    assert (await refused.json())["reason"] == "revoked"
+
+
+async def test_revoke_by_sub_covers_tokens_issued_up_to_now(
+    gateways: GatewayFactory, upstream: Upstream, tmp_path: Path
+):
+    token_file = tmp_path / "admin.token"
+    token_file.write_text("t0ken")
+    gw = await gateways(admin={"token_file": str(token_file)})
+    before = gw.token(sub="carol")
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            gw.admin_url + "/admin/revoke",
+            json={"sub": "carol"},
+            headers={"Authorization": "Bearer t0ken"},
+        ) as response,
+    ):
+        assert response.status == 204
+    assert (await gw.get("/api/x", before)).status == 401
+    gw.clock.advance(1)  # type: ignore[attr-defined]
+    after = gw.token(sub="carol")
+    assert (await gw.get("/api/x", after)).status == 200
+    assert (await gw.get("/api/x", gw.token(sub="dave"))).status == 200
