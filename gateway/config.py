@@ -337,6 +337,10 @@ def _env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str
         if not name.startswith(ENV_PREFIX) or name == "IDLEGATE_CONFIG":
             continue
         path = name[len(ENV_PREFIX) :].lower().split("__")
+        if path[0] not in Config.model_fields:
+            # Not ours: Kubernetes service links (IDLEGATE_SERVICE_HOST, IDLEGATE_PORT_...)
+            # and similar. Unknown keys below a known section are still refused.
+            continue
         try:
             value = yaml.safe_load(raw) if raw else raw
         except yaml.YAMLError:
