@@ -7,6 +7,7 @@ Every step raises `Refusal`; `handle` renders it once and counts it.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import time
@@ -121,6 +122,9 @@ class Gateway:
         self._policy = config.policy
         self._identity = list(config.forward.identity_headers.items())
         self._requests: dict[tuple[str, str, str], Any] = {}
+        # Request ids: a random per-process prefix and a counter; unique without a syscall.
+        self._id_prefix = uuid.uuid4().hex[:16]
+        self._id_counter = itertools.count()
         self._durations: dict[str, Any] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -166,9 +170,10 @@ class Gateway:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
         sent_id = request.headers.get("X-Request-ID")
-        request_id = (
-            sent_id if sent_id and _SANE_REQUEST_ID.fullmatch(sent_id) else uuid.uuid4().hex
-        )
+        if sent_id and _SANE_REQUEST_ID.fullmatch(sent_id):
+            request_id = sent_id
+        else:
+            request_id = f"{self._id_prefix}{next(self._id_counter):08x}"
         outcome = _Outcome()
         metrics.IN_FLIGHT.inc()
         try:
@@ -248,7 +253,7 @@ class Gateway:
     async def _authenticate(self, request: web.Request) -> VerifiedToken:
         """Bearer token -> verified token that is neither revoked nor too old a session."""
         assert self.verifier is not None, "Gateway.start() was not awaited"
-        token = await self.verifier.verify(bearer_token(request.headers, request.rel_url))
+        token = await self.verifier.verify(bearer_token(request.headers, request.query_string))
         if self.revocations.is_revoked(token):
             raise Refusal(Reason.REVOKED)
         policy.check_session_age(token, self._policy, self.clock.now())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -89,6 +90,7 @@ class Forwarder:
             total=None, sock_connect=config.connect_timeout, sock_read=config.read_timeout
         )
         self._session: aiohttp.ClientSession | None = None
+        self._upstream_durations: dict[str, Any] = {}
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
@@ -166,7 +168,12 @@ class Forwarder:
             if isinstance(exc, asyncio.TimeoutError):
                 raise Refusal(Reason.UPSTREAM_TIMEOUT) from None
             raise Refusal(Reason.UPSTREAM_UNAVAILABLE) from None
-        metrics.UPSTREAM_DURATION.labels(match.label).observe(time.perf_counter() - started)
+        histogram = self._upstream_durations.get(match.label)
+        if histogram is None:
+            histogram = self._upstream_durations[match.label] = metrics.UPSTREAM_DURATION.labels(
+                match.label
+            )
+        histogram.observe(time.perf_counter() - started)
         try:
             return await self._relay(request, upstream, request_id, limit)
         finally:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import re
+from urllib.parse import parse_qsl
 
 from multidict import CIMultiDictProxy
-from yarl import URL
 
 from gateway.reasons import Reason, Refusal
 
@@ -14,10 +14,16 @@ MAX_TOKEN_BYTES = 16 * 1024
 _TOKEN68 = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
 
-def bearer_token(headers: CIMultiDictProxy[str], url: URL) -> str:
+def _has_query_token(query_string: str) -> bool:
+    if "access_token" not in query_string:  # the common case, without parsing
+        return False
+    return any(name == "access_token" for name, _ in parse_qsl(query_string, True))
+
+
+def bearer_token(headers: CIMultiDictProxy[str], query_string: str) -> str:
     """The bearer token of a request, or a Refusal saying why there is none usable."""
     values = headers.getall("Authorization", ())
-    in_query = "access_token" in url.query
+    in_query = _has_query_token(query_string)
     if len(values) > 1:
         raise Refusal(Reason.MALFORMED_REQUEST, "more than one Authorization header")
     if in_query:
