@@ -152,4 +152,8 @@ def run(config: Config, workers: int = 1) -> int:
     for process in processes:
         process.join()
         codes.append(process.exitcode or 0)
+        if process.pid is not None and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(process.pid)  # type: ignore[no-untyped-call]
     return 0 if all(code == 0 for code in codes) else 1

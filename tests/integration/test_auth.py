@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from conftest import GatewayFactory, RedisServer
 from harness import AUDIENCE, ISSUER, GatewayUnderTest, Upstream
-from jwks_server import JwksServer, SigningKey, claims, rsa_key
+from jwks_server import JwksServer, SigningKey, claims, ec_key, rsa_key
 from prometheus_client import REGISTRY
 
 from gateway.clock import ManualClock
@@ -586,3 +586,39 @@ async def test_on_error_grace_allows_only_tokens_seen_here(
     redis_server.stop()
     assert (await gw.get("/api/x", seen)).status == 200
     assert (await gw.get("/api/x", unseen)).status == 503
+
+
+# -- keys from a JWKS, through the gateway -------------------------------------------------------
+
+
+async def test_random_kids_share_one_jwks_refetch_and_rotation_works_on_first_use(
+    gateways: GatewayFactory, upstream: Upstream, clock: ManualClock
+):
+    import asyncio
+    import uuid
+
+    first = rsa_key(kid="k1")
+    async with JwksServer([first]) as idp:
+        provider = {
+            "name": "idp",
+            "issuer": ISSUER,
+            "audiences": [AUDIENCE],
+            "algorithms": ["RS256", "ES256"],
+            "jwks_uri": idp.jwks_uri,
+        }
+        gw = await gateways(providers=[provider])
+        assert (await gw.get("/api/x", gw.token(key=first))).status == 200
+        fetched = idp.jwks_requests
+        strangers = [
+            rsa_key(kid=uuid.uuid4().hex).sign(claims(ISSUER, AUDIENCE, now=clock.now()))
+            for _ in range(5)
+        ]
+        responses = await asyncio.gather(*(gw.get("/api/x", strangers[i % 5]) for i in range(500)))
+        assert {r.status for r in responses} == {401}
+        assert idp.jwks_requests <= fetched + 1
+
+        clock.advance(31)  # past the unknown-kid refetch interval
+        second = ec_key(kid="k2")
+        idp.rotate(first, second)
+        response = await gw.get("/api/x", gw.token(key=second))
+        assert response.status == 200
