@@ -10,7 +10,7 @@ from gateway.config import Store as StoreConfig
 from gateway.config import mask_url
 from gateway.store.base import KeyHasher, Store
 from gateway.store.memory import MemoryStore
-from gateway.store.redis import RedisStore, client_from_url
+from gateway.store.redis import RedisStore, client_from_url, pipelined_from_url
 
 
 class StoreConfigError(ValueError):
@@ -27,7 +27,13 @@ def open_store(config: StoreConfig) -> Store:
         client, closing = client_from_url(config.url, timeout=config.timeout)
     except ValueError as exc:
         raise StoreConfigError(f"store.url: {exc} (in {mask_url(config.url)})") from None
-    return RedisStore(client, key_prefix=config.key_prefix, timeout=config.timeout, closing=closing)
+    return RedisStore(
+        client,
+        key_prefix=config.key_prefix,
+        timeout=config.timeout,
+        closing=closing,
+        pipelined=pipelined_from_url(config.url, timeout=config.timeout),
+    )
 
 
 def hasher_from_config(config: StoreConfig, environ: Mapping[str, str] | None = None) -> KeyHasher:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
@@ -25,6 +26,7 @@ from redis.exceptions import RedisError
 
 from gateway.metrics import STORE_DURATION, STORE_ERRORS
 from gateway.store.base import Revocation, RevocationKind, StoreUnavailable, Touch, TouchResult
+from gateway.store.pipeline import ConnectionLost, PipelinedConnection, ReplyError
 
 RedisClient = Redis | RedisCluster
 T = TypeVar("T")
@@ -53,14 +55,19 @@ class RedisStore:
         key_prefix: str,
         timeout: float,
         closing: tuple[RedisClient, ...] = (),
+        pipelined: PipelinedConnection | None = None,
     ) -> None:
         self._client = client
+        # Standalone Redis: the request path's one call goes over a pipelined connection (a
+        # fraction of redis-py's per-call CPU); everything else, and Sentinel/Cluster, via redis-py.
+        self._pipelined = pipelined
         self._closing = closing  # further clients to close with this one (Sentinel's)
         self._prefix = key_prefix
         self._timeout = timeout
         self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
         self._revocation_key = f"{key_prefix}:{{rev}}"
-        self._check_and_touch = client.register_script(_script("check_and_touch.lua"))
+        self._touch_source = _script("check_and_touch.lua")
+        self._check_and_touch = client.register_script(self._touch_source)
         self._revoke = client.register_script(_script("revoke.lua"))
         self._revocations = client.register_script(_script("revocations.lua"))
 
@@ -76,8 +83,10 @@ class RedisStore:
         try:
             async with asyncio.timeout(self._timeout), self._slots:
                 return await call()
-        except (RedisError, TimeoutError, OSError) as exc:
+        except (RedisError, TimeoutError, OSError, ReplyError) as exc:
             STORE_ERRORS.labels(op=op).inc()
+            if isinstance(exc, TimeoutError) and self._pipelined is not None:
+                self._pipelined.reset_if_stalled(after=self._timeout)
             if isinstance(exc, TimeoutError):
                 reason = f"timed out after {self._timeout:g}s"
             else:
@@ -97,10 +106,35 @@ class RedisStore:
             int(touch.remember_idle),
         )
         keys = [self.activity_key(touch.key)]
-        reply: list[Any] = await self._call(
-            "check_and_touch", lambda: self._check_and_touch(keys=keys, args=args)
-        )
+        if self._pipelined is not None:
+            reply: list[Any] = await self._call(
+                "check_and_touch", lambda: self._pipelined_touch(keys[0], args)
+            )
+        else:
+            reply = await self._call(
+                "check_and_touch", lambda: self._check_and_touch(keys=keys, args=args)
+            )
         return TouchResult(last_activity=float(reply[0]), idle=bool(reply[1]))
+
+    async def _pipelined_touch(self, key: str, args: tuple[float | int, ...]) -> Any:
+        connection = self._pipelined
+        assert connection is not None
+        sha = self._check_and_touch.sha
+        for attempt in (1, 2):
+            try:
+                try:
+                    return await connection.execute("EVALSHA", sha, 1, key, *args)
+                except ReplyError as exc:
+                    if not str(exc).startswith("NOSCRIPT"):
+                        raise
+                    # A restarted or failed-over Redis forgot the script: EVAL caches it again.
+                    return await connection.execute("EVAL", self._touch_source, 1, key, *args)
+            except ConnectionLost:
+                if attempt == 2:
+                    raise
+                # One immediate retry on a fresh connection (e.g. after a Redis restart): the
+                # script is safe to repeat (max() semantics), and it stays within the timeout.
+        raise AssertionError("unreachable")
 
     async def last_activity(self, key: str) -> float | None:
         value: bytes | str | None = await self._call(
@@ -150,6 +184,8 @@ class RedisStore:
         await self._call("ping", self._client.ping)
 
     async def close(self) -> None:
+        if self._pipelined is not None:
+            self._pipelined.close()
         await self._client.aclose()
         for client in self._closing:
             await client.aclose()
@@ -190,6 +226,23 @@ def _split_hosts(
             raise ValueError(f"invalid port {port_text!r}")
         hosts.append((host, int(port_text)))
     return username, password, hosts
+
+
+def pipelined_from_url(url: str, *, timeout: float) -> PipelinedConnection | None:
+    """The request path's pipelined connection for a standalone `redis://`/`rediss://` URL."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        return None
+    db = parts.path.strip("/")
+    return PipelinedConnection(
+        parts.hostname,
+        parts.port or 6379,
+        db=int(db) if db.isdigit() else 0,
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password is not None else None,
+        tls=ssl.create_default_context() if parts.scheme == "rediss" else None,
+        connect_timeout=timeout,
+    )
 
 
 def client_from_url(url: str, *, timeout: float) -> tuple[RedisClient, tuple[RedisClient, ...]]:

@@ -1,0 +1,160 @@
+"""A pipelined connection to one standalone Redis, for the request path.
+
+Every request's store call is one command on a shared connection: commands from concurrent
+requests are written together once per event-loop turn, and Redis answers in order, so each
+reply resolves the oldest waiting call. No per-call pool checkout, no per-call lock: a call
+costs one small write and one parsed reply. A call abandoned by its timeout keeps its place in
+the queue and its late reply is dropped, so replies can never be handed to the wrong caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections import deque
+from typing import Any
+
+import hiredis
+
+
+def _pack(*args: Any) -> bytes:
+    """RESP-encode one command (hiredis does it in C)."""
+    packed: bytes = hiredis.pack_command(args)
+    return packed
+
+
+class ConnectionLost(ConnectionError):
+    pass
+
+
+class ReplyError(Exception):
+    """An error reply from Redis (e.g. NOSCRIPT, WRONGTYPE)."""
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self, owner: PipelinedConnection) -> None:
+        self._owner = owner
+        self._reader = hiredis.Reader(replyError=ReplyError)
+
+    def data_received(self, data: bytes) -> None:
+        self._reader.feed(data)
+        waiting = self._owner.waiting
+        self._owner.last_reply = time.monotonic()
+        while (reply := self._reader.gets()) is not False:
+            if not waiting:
+                break  # a reply nobody waits for: the connection is out of step
+            future = waiting.popleft()
+            if future.done():
+                continue  # its caller gave up (timeout); the reply is dropped
+            if isinstance(reply, ReplyError):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._owner.lost(exc)
+
+
+class PipelinedConnection:
+    """One TCP (or TLS) connection, (re)opened on demand; `execute` is safe to call concurrently."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        db: int = 0,
+        username: str | None = None,
+        password: str | None = None,
+        tls: ssl.SSLContext | None = None,
+        connect_timeout: float = 1.0,
+    ) -> None:
+        self._host = host
+        self._port = port
+        self._db = db
+        self._username = username
+        self._password = password
+        self._tls = tls
+        self._connect_timeout = connect_timeout
+        self._transport: asyncio.Transport | None = None
+        self._connecting: asyncio.Future[None] | None = None
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
+        self.waiting: deque[asyncio.Future[Any]] = deque()
+        self.last_reply = 0.0
+
+    async def execute(self, *args: str | bytes | int | float) -> Any:
+        if self._transport is None or self._transport.is_closing():
+            await self._connect()
+        return await self._send(_pack(*args))
+
+    def _send(self, command: bytes) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self.waiting.append(future)
+        self._out.append(command)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        out, self._out = self._out, []
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(b"".join(out))
+
+    async def _connect(self) -> None:
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(self._open())
+        connecting = self._connecting
+        try:
+            await asyncio.shield(connecting)
+        finally:
+            if connecting.done() and self._connecting is connecting:
+                self._connecting = None
+
+    async def _open(self) -> None:
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(self._connect_timeout):
+            transport, _ = await loop.create_connection(
+                lambda: _Protocol(self),
+                self._host,
+                self._port,
+                ssl=self._tls,
+                server_hostname=self._host if self._tls else None,
+            )
+        self._transport = transport
+        self._out.clear()
+        handshake = []
+        if self._password is not None:
+            credentials = (self._username, self._password) if self._username else (self._password,)
+            handshake.append(self._send(_pack("AUTH", *credentials)))
+        if self._db:
+            handshake.append(self._send(_pack("SELECT", self._db)))
+        if handshake:
+            try:
+                async with asyncio.timeout(self._connect_timeout):
+                    await asyncio.gather(*handshake)
+            except BaseException:
+                self.close()
+                raise
+
+    def lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        waiting, self.waiting = self.waiting, deque()
+        for future in waiting:
+            if not future.done():
+                future.set_exception(ConnectionLost(str(exc or "connection closed")))
+
+    def reset_if_stalled(self, after: float) -> None:
+        """Drop a connection whose oldest call has waited `after` seconds with no reply at all:
+        a half-open socket would otherwise hold every later call hostage."""
+        if self.waiting and time.monotonic() - self.last_reply > after:
+            self.close()
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+            self.lost(None)
