@@ -39,7 +39,6 @@ log = logging.getLogger("idlegate")
 
 SESSION_PATH = "/.idlegate/session"
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
-_HEADER_VALUE = re.compile(r"[\x00-\x1f\x7f]")
 _NO_ROUTE_LABEL = "none"
 
 
@@ -120,7 +119,6 @@ class Gateway:
         self.access_log = access_log or AccessLog(enabled=config.server.access_log)
         self.draining = False
         self._policy = config.policy
-        self._identity = list(config.forward.identity_headers.items())
         self._requests: dict[tuple[str, str, str], Any] = {}
         # Request ids: a random per-process prefix and a counter; unique without a syscall.
         self._id_prefix = uuid.uuid4().hex[:16]
@@ -227,7 +225,7 @@ class Gateway:
         match = self.router.match(raw_path)
         route = match.route
         outcome.route = match.label
-        identity: dict[str, str] = {}
+        identity: Mapping[str, str] = {}
         if route.auth == "required":
             token = await self._authenticate(request)
             outcome.token = token
@@ -236,7 +234,7 @@ class Gateway:
             await self._check_activity(
                 token, idle_timeout, extend=route.activity == "extend", outcome=outcome
             )
-            identity = self._identity_headers(token)
+            identity = token.identity
         headers = self.forwarder.upstream_headers(
             request,
             request_id,
@@ -293,25 +291,6 @@ class Gateway:
                 outcome.reason = Reason.STORE_UNAVAILABLE.code
                 return TouchResult(last_activity=seen, idle=False)
         raise Refusal(Reason.STORE_UNAVAILABLE, retry_after=1)
-
-    def _identity_headers(self, token: VerifiedToken) -> dict[str, str]:
-        headers: dict[str, str] = {}
-        claims = token.claims
-        for header, claim in self._identity:
-            value = claims.get(claim)
-            if value is None and claim == "scope" and token.scopes:
-                value = " ".join(sorted(token.scopes))
-            if value is None or isinstance(value, dict):
-                continue
-            if isinstance(value, list):
-                text = " ".join(str(v) for v in value)
-            elif isinstance(value, bool):
-                text = "true" if value else "false"
-            else:
-                text = str(value)
-            if not _HEADER_VALUE.search(text):  # a claim can never smuggle a header line
-                headers[header] = text
-        return headers
 
     async def _session_status(self, request: web.Request, outcome: _Outcome) -> web.Response:
         """Remaining idle time etc. for the presented token; never counts as activity."""
