@@ -1,0 +1,255 @@
+"""The `idlegate` command line as users meet it: check-config, token, bad flags and bad configs
+(one clear line per problem, a non-zero exit, never a traceback), and the newcomer's demo."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import jwt
+import pytest
+import yaml
+from conftest import free_port
+
+from .processes import bearer, clean_environ, e2e_config, run_cli
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG_DIR = REPO / "config"
+JWT_LINE = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$")
+INFO_LOG = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ INFO ")
+PROBLEM_LINE = re.compile(r"^idlegate: [A-Za-z0-9_.]+: \S.*$")
+
+
+def assert_clean_failure(
+    result: subprocess.CompletedProcess[str], code: int | None = 2
+) -> list[str]:
+    """Non-zero (or exactly `code`) exit, no traceback; the `idlegate: ...` lines on stderr.
+
+    Besides those, stderr may hold only INFO log lines (a failing `serve` logs what it loaded).
+    """
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output, output
+    if code is None:
+        assert result.returncode != 0
+    else:
+        assert result.returncode == code, output
+    lines = result.stderr.strip().splitlines()
+    messages = [line for line in lines if line.startswith("idlegate: ")]
+    assert messages, f"no message on stderr: {lines}"
+    others = [line for line in lines if line not in messages and not INFO_LOG.match(line)]
+    assert others == [], f"stderr holds more than the problem: {lines}"
+    return messages
+
+
+# -- check-config ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["gateway.yaml", "redis.yaml"])
+def test_check_config_accepts_the_shipped_configs(name: str):
+    result = run_cli("check-config", "-c", str(CONFIG_DIR / name))
+    assert result.returncode == 0, result.stderr
+    effective = yaml.safe_load(result.stdout)
+    assert effective["routes"][0]["prefix"] == "/api/"
+    assert effective["policy"]["idle_timeout"] == 900
+
+
+def test_check_config_masks_the_redis_password_from_the_environment():
+    result = run_cli(
+        "check-config",
+        "-c",
+        str(CONFIG_DIR / "redis.yaml"),
+        IDLEGATE_STORE__URL="redis://:s3cret@h:6379/0",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "s3cret" not in result.stdout + result.stderr
+    assert yaml.safe_load(result.stdout)["store"]["url"] == "redis://:***@h:6379/0"
+
+
+def test_check_config_lists_every_problem_with_its_path(tmp_path: Path):
+    config = tmp_path / "broken.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "listen": {"port": 70000},
+                "policy": {"idle_timeout": "soon"},
+                "store": {"url": "memcached://x", "colour": "blue"},
+                "providers": [{"name": "p", "issuer": "i", "audiences": []}],
+                "routes": [{"prefix": "api", "upstream": "ftp://x"}],
+            }
+        )
+    )
+    lines = assert_clean_failure(run_cli("check-config", "-c", str(config)))
+    for line in lines:
+        assert PROBLEM_LINE.match(line), line
+    paths = {line.removeprefix("idlegate: ").split(":")[0] for line in lines}
+    assert {
+        "listen.port",
+        "policy.idle_timeout",
+        "store.url",
+        "store.colour",
+        "providers.0.audiences",
+        "routes.0.prefix",
+        "routes.0.upstream",
+    } <= paths
+
+
+def test_check_config_on_a_missing_file_is_one_line(tmp_path: Path):
+    lines = assert_clean_failure(run_cli("check-config", "-c", str(tmp_path / "nope.yaml")))
+    assert len(lines) == 1
+    assert "nope.yaml" in lines[0]
+
+
+def test_check_config_on_invalid_yaml_is_one_line(tmp_path: Path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("listen: {port: [\n")
+    lines = assert_clean_failure(run_cli("check-config", "-c", str(config)))
+    assert len(lines) == 1 and "bad.yaml" in lines[0]
+
+
+# -- bad flags and failing starts --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["serve", "--workers", "0"],
+        ["serve", "--workers", "two"],
+        ["token"],
+        ["token", "--key", "k.pem", "--ttl", "forever"],
+        ["frobnicate"],
+        [],
+        ["serve", "--no-such-flag"],
+    ],
+    ids=lambda args: " ".join(args) or "(no command)",
+)
+def test_bad_flags_fail_in_one_line_without_traceback(args: list[str]):
+    lines = assert_clean_failure(run_cli(*args))
+    assert len(lines) == 1, lines
+
+
+def test_token_with_an_unreadable_key_is_one_line(tmp_path: Path):
+    (tmp_path / "garbage.pem").write_text("not a key")
+    for key in ("missing.pem", "garbage.pem"):
+        lines = assert_clean_failure(run_cli("token", "--key", str(tmp_path / key)))
+        assert len(lines) == 1 and key in lines[0]
+
+
+def test_serve_with_an_unusable_key_file_is_one_line(tmp_path: Path):
+    bad_key = tmp_path / "public.pem"
+    bad_key.write_text("-----BEGIN PUBLIC KEY-----\nnope\n-----END PUBLIC KEY-----\n")
+    config = tmp_path / "gateway.yaml"
+    config.write_text(yaml.safe_dump(e2e_config("http://127.0.0.1:9", bad_key)))
+    lines = assert_clean_failure(run_cli("serve", "-c", str(config)), code=None)
+    assert len(lines) == 1, lines
+
+
+def test_serve_on_a_busy_port_is_one_line(tmp_path: Path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        data = e2e_config("http://127.0.0.1:9", CONFIG_DIR / "dev-public.pem")
+        data["listen"]["port"] = busy.getsockname()[1]
+        config = tmp_path / "gateway.yaml"
+        config.write_text(yaml.safe_dump(data))
+        lines = assert_clean_failure(run_cli("serve", "-c", str(config)), code=None)
+    assert len(lines) == 1 and "listen" in lines[0], lines
+
+
+def test_help_works():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for command in ("serve", "check-config", "token", "demo"):
+        assert command in result.stdout
+
+
+# -- token -------------------------------------------------------------------------------------
+
+
+def test_token_prints_a_jwt_with_the_requested_claims():
+    result = run_cli(
+        "token",
+        "--key", str(CONFIG_DIR / "dev-private.pem"),
+        "--sub", "alice",
+        "--ttl", "5m",
+        "--aud", "A",
+        "--iss", "I",
+        "--sid", "S",
+        "--scope", "a b",
+        "--kid", "k1",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    token = result.stdout.strip()
+    assert JWT_LINE.match(token)
+    header = jwt.get_unverified_header(token)
+    assert (header["kid"], header["alg"]) == ("k1", "RS256")
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert claims["sub"] == "alice"
+    assert claims["aud"] == "A"
+    assert claims["iss"] == "I"
+    assert claims["sid"] == "S"
+    assert claims["scope"] == "a b"
+    assert claims["exp"] - claims["iat"] == 300
+    assert abs(claims["iat"] - time.time()) < 60
+    assert claims["jti"]
+    # ... and it is really signed by the key's public half.
+    public = (CONFIG_DIR / "dev-public.pem").read_bytes()
+    jwt.decode(token, public, algorithms=["RS256"], audience="A", issuer="I")
+
+
+# -- demo --------------------------------------------------------------------------------------
+
+
+async def test_demo_token_is_accepted_then_refused_after_idling():
+    port, admin_port, upstream_port = free_port(), free_port(), free_port()
+    demo = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "demo", "--no-walkthrough",
+        "--port", str(port),
+        "--admin-port", str(admin_port),
+        "--upstream-port", str(upstream_port),
+        "--idle-timeout", "2s",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=clean_environ(),
+    )  # fmt: skip
+    try:
+        assert demo.stdout is not None
+        printed: list[str] = []
+        token = None
+        deadline = time.monotonic() + 10
+        while token is None:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"no token line within 10 s: {printed}"
+            raw = await asyncio.wait_for(demo.stdout.readline(), remaining)
+            assert raw, f"the demo exited: {printed}"
+            line = raw.decode().strip()
+            printed.append(line)
+            if JWT_LINE.match(line):
+                token = line
+
+        url = f"http://127.0.0.1:{port}/api/hello"
+        async with aiohttp.ClientSession() as http:
+            async with http.get(url, headers=bearer(token)) as response:
+                assert response.status == 200
+                assert (await response.json())["upstream"] == "echo"
+            await asyncio.sleep(2.5)
+            async with http.get(url, headers=bearer(token)) as response:
+                assert response.status == 401
+                assert (await response.json())["reason"] == "idle_timeout"
+
+        demo.send_signal(signal.SIGINT)
+        _, stderr = await asyncio.wait_for(demo.communicate(), 10)
+        assert demo.returncode == 0, stderr
+        assert b"Traceback" not in stderr
+    finally:
+        if demo.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                demo.kill()
+            await demo.wait()
