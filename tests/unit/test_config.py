@@ -1,0 +1,499 @@
+"""Config parsing as an operator writes it: durations and sizes, environment overrides, every
+problem reported with its path, presets, cross-field rules, secrets masked, paths relative to
+the config file. No sockets, no files beyond tmp_path."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from gateway.config import (
+    PRESETS,
+    Config,
+    ConfigError,
+    from_data,
+    load,
+    mask_url,
+    parse_duration,
+    parse_size,
+)
+
+MINIMAL: dict[str, Any] = {
+    "providers": [
+        {
+            "name": "main",
+            "issuer": "https://issuer.test/",
+            "audiences": ["orders-api"],
+            "public_key_file": "/keys/public.pem",
+        }
+    ],
+    "routes": [{"prefix": "/api/", "upstream": "http://orders:8000"}],
+}
+
+
+def config(environ: dict[str, str] | None = None, **sections: Any) -> Config:
+    """MINIMAL with whole sections replaced, validated with `environ` (default: none)."""
+    data = copy.deepcopy(MINIMAL)
+    data.update(copy.deepcopy(sections))
+    return from_data(data, environ={} if environ is None else environ)
+
+
+def problems(environ: dict[str, str] | None = None, **sections: Any) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        config(environ, **sections)
+    return caught.value.problems
+
+
+def provider(**fields: Any) -> dict[str, Any]:
+    """A provider with no key source unless `fields` gives one."""
+    return {"name": "main", "issuer": "https://issuer.test/", "audiences": ["a"], **fields}
+
+
+# -- durations and sizes -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        (900, 900.0),
+        ("900", 900.0),
+        ("90s", 90.0),
+        ("15m", 900.0),
+        ("1h", 3600.0),
+        ("1h30m", 5400.0),
+        ("250ms", 0.25),
+        ("1m30s", 90.0),
+        ("1.5h", 5400.0),
+        ("2d", 172800.0),
+        (0, 0.0),
+        (2.5, 2.5),
+        (" 15m ", 900.0),
+    ],
+)
+def test_durations_accept_seconds_and_unit_strings(text: object, seconds: float):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "abc", "15x", "m15", "15m30", "-5", "-5s", -1, "1h 30q", "1..5s", True, None, []],
+)
+def test_bad_durations_are_refused(text: object):
+    with pytest.raises(ValueError, match=r"duration"):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_non_finite_durations_are_refused(value: float):
+    # `idle_timeout: .nan` would disable the idle check (now - last > nan is never true),
+    # `leeway: .nan` would make tokens never expire.
+    with pytest.raises(ValueError, match=r"duration"):
+        parse_duration(value)
+
+
+def test_a_nan_duration_from_yaml_or_the_environment_is_a_config_problem():
+    found = problems({"IDLEGATE_POLICY__LEEWAY": ".nan"})
+    assert [p.split(":")[0] for p in found] == ["policy.leeway"]
+    found = problems(policy={"idle_timeout": yaml.safe_load(".nan")})
+    assert [p.split(":")[0] for p in found] == ["policy.idle_timeout"]
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("10MiB", 10 * 1024 * 1024),
+        ("512KiB", 512 * 1024),
+        ("1GiB", 1024**3),
+        ("10MB", 10_000_000),
+        ("1048576", 1048576),
+        (1048576, 1048576),
+        ("10 MiB", 10 * 1024 * 1024),
+        ("0", 0),
+    ],
+)
+def test_sizes_accept_bytes_and_binary_units(text: object, size: int):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["10XB", "ten", "1.5MiB", "-1", -1, 1.5, True, "", "MiB"])
+def test_bad_sizes_are_refused(text: object):
+    with pytest.raises(ValueError, match=r"size"):
+        parse_size(text)
+
+
+def test_durations_and_sizes_in_a_config_are_seconds_and_bytes():
+    loaded = config(
+        policy={"idle_timeout": "10m", "leeway": "250ms", "session_retention": "1h30m"},
+        forward={"max_body": "512KiB", "read_timeout": 90},
+    )
+    assert loaded.policy.idle_timeout == 600.0
+    assert loaded.policy.leeway == 0.25
+    assert loaded.policy.session_retention == 5400.0
+    assert loaded.forward.max_body == 512 * 1024
+    assert loaded.forward.read_timeout == 90.0
+
+
+def test_a_bad_duration_is_reported_with_its_path():
+    found = problems(policy={"idle_timeout": "soon"}, store={"timeout": "fast"})
+    assert {p.split(":")[0] for p in found} == {"policy.idle_timeout", "store.timeout"}
+    assert all("duration" in p for p in found)
+
+
+# -- environment overrides ---------------------------------------------------------------------
+
+
+def test_environment_overrides_nested_keys_with_yaml_typed_values():
+    loaded = config(
+        {
+            "IDLEGATE_STORE__URL": "redis://redis:6379/0",
+            "IDLEGATE_POLICY__IDLE_TIMEOUT": "10m",
+            "IDLEGATE_LISTEN__PORT": "8081",
+            "IDLEGATE_FORWARD__STRIP_AUTHORIZATION": "true",
+            "IDLEGATE_POLICY__REQUIRED_CLAIMS": "[exp, iat, jti, sub]",
+        }
+    )
+    assert loaded.store.url == "redis://redis:6379/0"
+    assert loaded.policy.idle_timeout == 600.0
+    assert loaded.listen.port == 8081
+    assert loaded.forward.strip_authorization is True
+    assert loaded.policy.required_claims == ["exp", "iat", "jti", "sub"]
+
+
+def test_environment_overrides_list_items_by_index():
+    loaded = config(
+        {
+            "IDLEGATE_ROUTES__0__UPSTREAM": "http://orders-v2:8000",
+            "IDLEGATE_ROUTES__0__IDLE_TIMEOUT": "5m",
+            "IDLEGATE_PROVIDERS__0__AUDIENCES": "[orders-api, billing-api]",
+        }
+    )
+    assert loaded.routes[0].upstream == "http://orders-v2:8000"
+    assert loaded.routes[0].idle_timeout == 300.0
+    assert loaded.routes[0].prefix == "/api/"  # the rest of the item is kept
+    assert loaded.providers[0].audiences == ["orders-api", "billing-api"]
+
+
+def test_environment_override_of_a_missing_list_item_is_refused():
+    found = problems({"IDLEGATE_ROUTES__3__UPSTREAM": "http://x"})
+    assert len(found) == 1
+    assert found[0].startswith("IDLEGATE_ROUTES__3__UPSTREAM: ")
+
+
+def test_environment_override_creates_sections_the_file_left_out():
+    loaded = config({"IDLEGATE_ADMIN__PORT": "9191", "IDLEGATE_SERVER__ACCESS_LOG": "false"})
+    assert loaded.admin.port == 9191
+    assert loaded.server.access_log is False
+
+
+def test_environment_override_of_an_unknown_key_is_refused_with_its_path():
+    assert problems({"IDLEGATE_POLICY__IDLE_TIMOUT": "5m"}) == [
+        "policy.idle_timout: Extra inputs are not permitted"
+    ]
+
+
+def test_environment_overrides_apply_to_the_loaded_file(tmp_path: Path):
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(MINIMAL))
+    loaded = load(path, environ={"IDLEGATE_POLICY__IDLE_TIMEOUT": "1h"})
+    assert loaded.policy.idle_timeout == 3600.0
+
+
+def test_idlegate_config_names_the_file_and_is_not_an_override(tmp_path: Path):
+    path = tmp_path / "elsewhere.yaml"
+    path.write_text(yaml.safe_dump(MINIMAL))
+    loaded = load(environ={"IDLEGATE_CONFIG": str(path)})
+    assert loaded.routes[0].prefix == "/api/"
+
+
+# -- every problem, with its path ---------------------------------------------------------------
+
+
+def test_unknown_keys_are_refused_with_their_path():
+    found = problems(
+        policy={"idle_timout": "5m"},
+        store={"url": "memory://", "colour": "blue"},
+        routes=[{"prefix": "/api/", "upstream": "http://x", "strip": True}],
+    )
+    assert sorted(found) == [
+        "policy.idle_timout: Extra inputs are not permitted",
+        "routes.0.strip: Extra inputs are not permitted",
+        "store.colour: Extra inputs are not permitted",
+    ]
+
+
+def test_a_top_level_unknown_key_is_refused():
+    assert problems(proxy={"port": 1}) == ["proxy: Extra inputs are not permitted"]
+
+
+def test_every_problem_is_reported_at_once():
+    found = problems(
+        listen={"port": 70000},
+        store={"url": "memcached://x"},
+        providers=[provider(public_key_file="/k", audiences=[])],
+        routes=[{"prefix": "api", "upstream": "ftp://x"}],
+    )
+    paths = {p.split(":")[0] for p in found}
+    assert paths >= {
+        "listen.port",
+        "store.url",
+        "providers.0.audiences",
+        "routes.0.prefix",
+        "routes.0.upstream",
+    }
+
+
+def from_data_problems(data: object) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        from_data(data, environ={})
+    return caught.value.problems
+
+
+def test_providers_and_routes_are_required():
+    found = from_data_problems({})
+    assert {p.split(":")[0] for p in found} == {"providers", "routes"}
+
+
+def test_a_config_that_is_not_a_mapping_is_one_problem():
+    assert from_data_problems(["a", "list"]) == ["(root): the config must be a mapping of keys"]
+
+
+def test_a_missing_file_is_one_problem(tmp_path: Path):
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path / "nope.yaml", environ={})
+    assert len(caught.value.problems) == 1
+    assert "nope.yaml" in caught.value.problems[0]
+
+
+def test_invalid_yaml_is_one_problem_with_its_line(tmp_path: Path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("listen:\n  port: 1\nroutes: [\n")
+    with pytest.raises(ConfigError) as caught:
+        load(path, environ={})
+    assert len(caught.value.problems) == 1
+    assert "bad.yaml" in caught.value.problems[0] and "line" in caught.value.problems[0]
+
+
+# -- presets ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_presets_fill_the_policy_defaults(preset: str):
+    loaded = config(policy={"preset": preset})
+    for key, value in PRESETS[preset].items():
+        assert getattr(loaded.policy, key) == value
+
+
+def test_nist_aal2_preset_allows_30_minutes_idle_and_12_hours_overall():
+    policy = config(policy={"preset": "nist-aal2"}).policy
+    assert policy.idle_timeout == 1800.0
+    assert policy.max_session_age == 43200.0
+
+
+def test_explicit_policy_keys_win_over_the_preset():
+    policy = config(policy={"preset": "nist-aal2", "idle_timeout": "10m"}).policy
+    assert policy.idle_timeout == 600.0
+    assert policy.max_session_age == 43200.0  # the preset still fills what was left out
+
+
+def test_environment_override_wins_over_the_preset():
+    policy = config({"IDLEGATE_POLICY__IDLE_TIMEOUT": "5m"}, policy={"preset": "pci-dss"}).policy
+    assert policy.idle_timeout == 300.0
+
+
+def test_an_unknown_preset_is_refused():
+    assert [p.split(":")[0] for p in problems(policy={"preset": "hipaa"})] == ["policy.preset"]
+
+
+# -- cross-field rules --------------------------------------------------------------------------
+
+
+def test_route_idle_timeout_longer_than_the_policy_is_refused():
+    found = problems(
+        policy={"idle_timeout": "10m"},
+        routes=[{"prefix": "/api/", "upstream": "http://x", "idle_timeout": "15m"}],
+    )
+    assert len(found) == 1
+    assert "/api/" in found[0] and "idle_timeout" in found[0]
+
+
+def test_route_idle_timeout_shorter_or_equal_is_accepted():
+    loaded = config(
+        policy={"idle_timeout": "10m"},
+        routes=[
+            {"prefix": "/api/", "upstream": "http://x", "idle_timeout": "2m"},
+            {"prefix": "/b/", "upstream": "http://x", "idle_timeout": "10m"},
+        ],
+    )
+    assert [r.idle_timeout for r in loaded.routes] == [120.0, 600.0]
+
+
+def test_a_zero_idle_timeout_is_refused():
+    assert problems(policy={"idle_timeout": 0})
+
+
+@pytest.mark.parametrize("missing", ["exp", "iat"])
+def test_required_claims_must_keep_exp_and_iat(missing: str):
+    claims = [c for c in ("exp", "iat", "jti") if c != missing]
+    assert any(missing in p for p in problems(policy={"required_claims": claims}))
+
+
+def test_tracking_by_sid_requires_the_session_claim():
+    found = problems(policy={"track_by": "sid"})
+    assert any("sid" in p for p in found)
+    loaded = config(policy={"track_by": "sid", "required_claims": ["exp", "iat", "sid"]})
+    assert loaded.policy.track_by == "sid"
+
+
+def test_duplicate_route_prefixes_and_provider_issuers_are_refused():
+    assert problems(
+        routes=[
+            {"prefix": "/api/", "upstream": "http://a"},
+            {"prefix": "/api/", "upstream": "http://b"},
+        ]
+    )
+    assert problems(
+        providers=[
+            provider(name="a", public_key_file="/k"),
+            provider(name="b", public_key_file="/k"),
+        ]
+    )
+
+
+# -- providers ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        {"jwks_uri": "https://issuer.test/jwks"},
+        {"discovery": True},
+        {"jwks_file": "/keys/jwks.json"},
+        {"public_key_file": "/keys/public.pem"},
+        {"hmac_secret_env": "HMAC_SECRET", "algorithms": ["HS256"]},
+    ],
+    ids=lambda source: next(iter(source)),
+)
+def test_each_single_key_source_is_accepted(source: dict[str, Any]):
+    assert config(providers=[provider(**source)]).providers[0].name == "main"
+
+
+@pytest.mark.parametrize(
+    "sources",
+    [
+        {},
+        {"jwks_uri": "https://issuer.test/jwks", "public_key_file": "/k.pem"},
+        {"discovery": True, "jwks_file": "/jwks.json"},
+    ],
+    ids=["none", "jwks_uri+public_key_file", "discovery+jwks_file"],
+)
+def test_a_provider_needs_exactly_one_key_source(sources: dict[str, Any]):
+    found = problems(providers=[provider(**sources)])
+    assert len(found) == 1
+    assert found[0].startswith("providers.0: ") and "exactly one key source" in found[0]
+
+
+def test_hmac_algorithms_only_with_hmac_secret_env():
+    found = problems(providers=[provider(public_key_file="/k.pem", algorithms=["RS256", "HS256"])])
+    assert len(found) == 1 and "HS256" in found[0]
+    found = problems(providers=[provider(jwks_uri="https://i/jwks", algorithms=["HS512"])])
+    assert len(found) == 1 and "HS512" in found[0]
+
+
+def test_an_hmac_provider_allows_only_hmac_algorithms():
+    found = problems(providers=[provider(hmac_secret_env="S", algorithms=["HS256", "RS256"])])
+    assert len(found) == 1 and "HS256" in found[0]
+
+
+@pytest.mark.parametrize("alg", ["none", "None", "NONE"])
+def test_alg_none_is_refused(alg: str):
+    found = problems(providers=[provider(public_key_file="/k.pem", algorithms=["RS256", alg])])
+    assert found == ["providers.0.algorithms: 'none' is never accepted"]
+
+
+def test_unknown_algorithms_and_non_http_jwks_uris_are_refused():
+    found = problems(providers=[provider(jwks_uri="file:///etc/jwks", algorithms=["RS1"])])
+    assert {p.split(":")[0] for p in found} == {
+        "providers.0.algorithms",
+        "providers.0.jwks_uri",
+    }
+
+
+# -- secrets are masked ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        ("redis://:s3cret@redis:6379/0", "redis://:***@redis:6379/0"),
+        ("redis://app:s3cret@redis:6379/0", "redis://app:***@redis:6379/0"),
+        ("rediss://app:s3cret@redis:6380/1", "rediss://app:***@redis:6380/1"),
+        (
+            "redis+sentinel://:s3cret@s1:26379,s2:26379/mymaster",
+            "redis+sentinel://:***@s1:26379,s2:26379/mymaster",
+        ),
+        ("redis+cluster://:s3cret@n1:7000,n2:7000", "redis+cluster://:***@n1:7000,n2:7000"),
+        ("redis://redis:6379/0", "redis://redis:6379/0"),
+        ("memory://", "memory://"),
+    ],
+)
+def test_mask_url_hides_the_password(url: str, masked: str):
+    assert mask_url(url) == masked
+
+
+def test_masked_config_hides_the_redis_password_from_the_environment():
+    loaded = config({"IDLEGATE_STORE__URL": "redis://:s3cret@h:6379/0"})
+    assert loaded.store.url == "redis://:s3cret@h:6379/0"  # the real one is still used
+    shown = loaded.masked()
+    assert shown["store"]["url"] == "redis://:***@h:6379/0"
+    assert "s3cret" not in yaml.safe_dump(shown)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        # The store factory reads the sentinels' own password from the query.
+        "redis+sentinel://:pw@s1:26379/mymaster?sentinel_password=s3cret",
+        # redis-py takes the password from the query as well.
+        "redis://redis:6379/0?password=s3cret",
+        # Not percent-encoded, yet accepted: the userinfo ends at the last '@'.
+        "redis://:pa@s3cret@redis:6379/0",
+    ],
+)
+def test_masked_config_hides_every_form_of_store_password(url: str):
+    shown = yaml.safe_dump(config(store={"url": url}).masked())
+    assert "s3cret" not in shown
+
+
+# -- file paths relative to the config file --------------------------------------------------
+
+
+def test_relative_key_and_token_paths_are_relative_to_the_config_file(tmp_path: Path):
+    directory = tmp_path / "etc" / "idlegate"
+    directory.mkdir(parents=True)
+    data = copy.deepcopy(MINIMAL)
+    data["providers"] = [
+        provider(name="a", issuer="https://a/", public_key_file="keys/public.pem"),
+        provider(name="b", issuer="https://b/", jwks_file="../jwks.json"),
+        provider(name="c", issuer="https://c/", public_key_file="/abs/public.pem"),
+    ]
+    data["admin"] = {"token_file": "admin.token"}
+    path = directory / "gateway.yaml"
+    path.write_text(yaml.safe_dump(data))
+    loaded = load(path, environ={})
+    assert loaded.providers[0].public_key_file == directory / "keys" / "public.pem"
+    assert loaded.providers[1].jwks_file == directory / ".." / "jwks.json"
+    assert loaded.providers[2].public_key_file == Path("/abs/public.pem")
+    assert loaded.admin.token_file == directory / "admin.token"
+
+
+def test_the_shipped_example_configs_are_valid():
+    repo = Path(__file__).resolve().parents[2]
+    for name in ("gateway.yaml", "redis.yaml"):
+        loaded = load(repo / "config" / name, environ={})
+        assert loaded.providers[0].public_key_file == repo / "config" / "dev-public.pem"
+        assert loaded.providers[0].public_key_file.is_file()
