@@ -5,6 +5,7 @@ Defaults live here and nowhere else. Durations are seconds as floats; sizes are 
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -61,6 +62,8 @@ def parse_duration(value: object) -> float:
                 raise ValueError(f"invalid duration {value!r}: use 900, 90s, 15m or 1h30m")
     else:
         raise ValueError("expected a duration such as 900, 90s, 15m or 1h30m")
+    if not math.isfinite(seconds):  # .nan would disable every comparison it takes part in
+        raise ValueError("a duration must be a finite number")
     if seconds < 0:
         raise ValueError("a duration cannot be negative")
     return seconds
