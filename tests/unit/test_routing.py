@@ -1,0 +1,210 @@
+"""Path normalisation and route matching: the longest prefix on segment boundaries, one
+normalised path for matching and forwarding, and every path trick that would make the gateway
+and the upstream disagree about the route refused."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from gateway.config import Route
+from gateway.reasons import Reason, Refusal
+from gateway.routing import Match, Router, normalise
+
+
+def route(prefix: str, **fields: Any) -> Route:
+    return Route(prefix=prefix, upstream=fields.pop("upstream", "http://app:8000"), **fields)
+
+
+def refused(router: Router, path: str) -> Reason:
+    with pytest.raises(Refusal) as caught:
+        router.match(path)
+    return caught.value.reason
+
+
+def normalise_refused(path: str) -> Reason:
+    with pytest.raises(Refusal) as caught:
+        normalise(path)
+    return caught.value.reason
+
+
+# -- normalise -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "normal"),
+    [
+        ("/api/orders", "/api/orders"),
+        ("/api/orders/", "/api/orders/"),
+        ("/", "/"),
+        ("/api/./orders", "/api/orders"),
+        ("/api/a/../orders", "/api/orders"),
+        ("/api/a/b/../../orders", "/api/orders"),
+        ("/api//orders", "/api/orders"),
+        ("/api///orders//7", "/api/orders/7"),
+        ("/api/%2e/orders", "/api/orders"),
+        ("/api/a/%2E%2e/orders", "/api/orders"),
+        ("/api/a/.%2e/orders", "/api/orders"),
+        ("/api/.../orders", "/api/.../orders"),  # three dots are a name, not a dot-segment
+        ("/api/..orders", "/api/..orders"),
+        ("/api/orders.json", "/api/orders.json"),
+        ("/api/%252e%252e/x", "/api/%252e%252e/x"),  # double-encoded: literal, never decoded
+        ("/.", "/"),
+        ("//", "/"),
+    ],
+)
+def test_normalise_resolves_dot_segments_and_doubled_slashes(raw: str, normal: str):
+    assert normalise(raw) == normal
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "/api/a%2fb",
+        "/api/a%2Fb",
+        "/api/a%5cb",
+        "/api/a%5Cb",
+        "/api/a\\b",
+        "/api/a%00b",
+        "/api/a\x00b",
+        "/api/a b",
+        "/api/a\tb",
+        "/api/a\x7fb",
+        "api/orders",
+        "",
+        "*",
+    ],
+)
+def test_normalise_refuses_encoded_separators_and_control_bytes(raw: str):
+    assert normalise_refused(raw) is Reason.BAD_PATH
+
+
+@pytest.mark.parametrize(
+    "raw", ["/..", "/../etc/passwd", "/api/../..", "/%2e%2e/x", "/a/./../../b"]
+)
+def test_climbing_above_the_root_is_refused(raw: str):
+    assert normalise_refused(raw) is Reason.BAD_PATH
+
+
+# -- Router.match ----------------------------------------------------------------------------
+
+
+def test_the_longest_prefix_wins_whatever_the_configured_order():
+    router = Router([route("/api/"), route("/api/v2/", upstream="http://v2:8000"), route("/")])
+    assert router.match("/api/v2/orders").label == "/api/v2/"
+    assert router.match("/api/v2/orders").route.upstream == "http://v2:8000"
+    assert router.match("/api/v1/orders").label == "/api/"
+    assert router.match("/other").label == "/"
+
+
+@pytest.mark.parametrize("path", ["/apix", "/apix/orders", "/ap", "/api-v2/x", "/API/x"])
+def test_prefixes_match_on_segment_boundaries_only(path: str):
+    assert refused(Router([route("/api/")]), path) is Reason.NO_ROUTE
+
+
+@pytest.mark.parametrize("prefix", ["/api/", "/api"])
+def test_the_prefix_itself_matches_with_or_without_its_trailing_slash(prefix: str):
+    router = Router([route(prefix)])
+    assert router.match("/api").label == prefix
+    assert router.match("/api/").label == prefix
+    assert router.match("/api/orders").label == prefix
+    assert refused(router, "/apix") is Reason.NO_ROUTE
+
+
+def test_no_route_is_a_refusal_with_the_no_route_reason():
+    router = Router([route("/api/"), route("/public/", auth="none")])
+    assert refused(router, "/admin") is Reason.NO_ROUTE
+    assert Reason.NO_ROUTE.status == 404
+
+
+def test_a_root_route_matches_everything():
+    router = Router([route("/")])
+    for path in ("/", "/x", "/x/y/z"):
+        assert router.match(path).label == "/"
+
+
+def test_the_forwarded_path_is_the_normalised_one():
+    match = Router([route("/api/")]).match("/api/a/./b//../orders")
+    assert match == Match(route=route("/api/"), label="/api/", upstream_path="/api/a/orders")
+
+
+@pytest.mark.parametrize(
+    ("path", "upstream_path"),
+    [
+        ("/api/v2/orders", "/orders"),
+        ("/api/v2/orders/7?", "/orders/7?"),  # the router sees no query; kept verbatim
+        ("/api/v2/", "/"),
+        ("/api/v2", "/"),
+        ("/api/v2/a/../orders", "/orders"),
+    ],
+)
+def test_strip_prefix_forwards_the_rest_of_the_path(path: str, upstream_path: str):
+    router = Router([route("/api/v2/", strip_prefix=True)])
+    assert router.match(path).upstream_path == upstream_path
+
+
+def test_without_strip_prefix_the_whole_path_is_forwarded():
+    assert Router([route("/api/")]).match("/api/orders").upstream_path == "/api/orders"
+
+
+def test_a_strip_prefix_root_route_forwards_the_whole_path():
+    assert Router([route("/", strip_prefix=True)]).match("/orders").upstream_path == "/orders"
+
+
+@pytest.mark.parametrize("path", ["/api/a%2f..%2f..%2fpublic", "/public%2f..%2fapi/x", "/api%5c"])
+def test_encoded_separators_are_refused_by_the_router(path: str):
+    router = Router([route("/api/"), route("/public/", auth="none")])
+    assert refused(router, path) is Reason.BAD_PATH
+
+
+@pytest.mark.parametrize(
+    ("path", "forwarded"),
+    [
+        ("/api/a/../b", "/api/b"),
+        ("/api/./b", "/api/b"),
+        ("/api//b", "/api/b"),
+        ("/api/%2e%2e/api/b", "/api/b"),  # leaves the route and comes back: same route
+        ("/public/x/../y", "/public/y"),
+    ],
+)
+def test_dot_segments_within_one_route_are_resolved(path: str, forwarded: str):
+    router = Router([route("/api/"), route("/public/", auth="none")])
+    assert router.match(path).upstream_path == forwarded
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/public/../api/orders",
+        "/public/%2e%2e/api/orders",
+        "/public/%2E%2E/api/orders",
+        "/public/./../api/orders",
+        "/api/../public/x",
+        "//api/orders",  # a naive matcher sees no route, we would see /api/
+        "/api/v2/../x",  # from the longer prefix to the shorter one
+    ],
+)
+def test_dot_segments_or_slashes_that_change_the_route_are_refused(path: str):
+    router = Router([route("/api/"), route("/api/v2/"), route("/public/", auth="none")])
+    assert refused(router, path) is Reason.BAD_PATH
+
+
+def test_climbing_above_the_root_is_refused_by_the_router():
+    assert refused(Router([route("/")]), "/../x") is Reason.BAD_PATH
+
+
+def route_or_refusal(router: Router, path: str) -> str:
+    """The matched prefix, or the refusal's reason code."""
+    try:
+        return router.match(path).label
+    except Refusal as refusal:
+        return refusal.reason.code
+
+
+@pytest.mark.parametrize("path", ["/%61pi/orders", "/ap%69/orders", "/%61%70%69/orders"])
+def test_percent_encoded_letters_cannot_dodge_a_protected_route(path: str):
+    """`/%61pi/x` is `/api/x` to the upstream (it decodes unreserved characters, RFC 3986
+    §6.2.2.2); matched as the public catch-all, it would reach /api/ without a token."""
+    router = Router([route("/api/"), route("/", auth="none")])
+    assert route_or_refusal(router, path) in ("/api/", "bad_path")
