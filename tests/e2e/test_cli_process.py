@@ -163,6 +163,19 @@ def test_serve_on_a_busy_port_is_one_line(tmp_path: Path):
     assert len(lines) == 1 and "listen" in lines[0], lines
 
 
+@pytest.mark.parametrize(
+    "args",
+    [["--idle-timeout", "0"], ["--port", "70000"]],
+    ids=["idle-timeout 0", "port 70000"],
+)
+def test_demo_with_unusable_values_fails_without_traceback(args: list[str]):
+    ports = ["--port", str(free_port()), "--admin-port", str(free_port())]
+    ports += ["--upstream-port", str(free_port())]
+    result = run_cli("demo", "--no-walkthrough", *ports, *args)
+    lines = assert_clean_failure(result, code=None)
+    assert len(lines) == 1, lines
+
+
 def test_help_works():
     result = run_cli("--help")
     assert result.returncode == 0

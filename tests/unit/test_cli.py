@@ -1,0 +1,300 @@
+"""The command line in process (`main([...])`): what check-config and token print, and every
+error path as one `idlegate: ...` line on stderr with a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import jwt
+import pytest
+import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from jwks_server import SigningKey, ec_key, ed25519_key, rsa_key
+
+from gateway import __version__
+from gateway.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+GATEWAY_YAML = REPO / "config" / "gateway.yaml"
+DEV_PRIVATE = REPO / "config" / "dev-private.pem"
+DEV_PUBLIC = REPO / "config" / "dev-public.pem"
+
+
+@pytest.fixture(autouse=True)
+def no_idlegate_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runner's own IDLEGATE_* variables must not change what these tests see."""
+    for name in list(os.environ):
+        if name.startswith("IDLEGATE_"):
+            monkeypatch.delenv(name)
+
+
+def exit_code(argv: list[str]) -> int:
+    """main()'s result, whether it returns or exits (argparse and config errors exit)."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+
+
+def error_lines(capsys: pytest.CaptureFixture[str]) -> list[str]:
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.out + captured.err
+    lines = captured.err.strip().splitlines()
+    assert lines, "nothing on stderr"
+    assert all(line.startswith("idlegate: ") for line in lines), lines
+    return lines
+
+
+# -- check-config ------------------------------------------------------------------------------
+
+
+def test_check_config_prints_the_effective_config_and_exits_0(capsys: pytest.CaptureFixture[str]):
+    assert main(["check-config", "-c", str(GATEWAY_YAML)]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["policy"]["idle_timeout"] == 900
+    assert printed["providers"][0]["public_key_file"] == str(DEV_PUBLIC)
+
+
+def test_check_config_masks_the_store_password(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv("IDLEGATE_STORE__URL", "redis://:s3cret@h:6379/0")
+    assert main(["check-config", "-c", str(GATEWAY_YAML)]) == 0
+    captured = capsys.readouterr()
+    assert "s3cret" not in captured.out + captured.err
+    assert "redis://:***@h:6379/0" in captured.out
+
+
+def test_check_config_reads_idlegate_config_then_the_default_path(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    elsewhere = tmp_path / "elsewhere.yaml"
+    data = yaml.safe_load(GATEWAY_YAML.read_text())
+    data["providers"][0]["public_key_file"] = str(DEV_PUBLIC)
+    data["listen"]["port"] = 8181
+    elsewhere.write_text(yaml.safe_dump(data))
+    monkeypatch.setenv("IDLEGATE_CONFIG", str(elsewhere))
+    assert main(["check-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["listen"]["port"] == 8181
+
+    monkeypatch.delenv("IDLEGATE_CONFIG")
+    monkeypatch.chdir(REPO)
+    assert main(["check-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["listen"]["port"] == 8080
+
+
+def test_check_config_on_a_missing_file_is_one_line_exit_2(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+):
+    assert exit_code(["check-config", "-c", str(tmp_path / "missing.yaml")]) == 2
+    lines = error_lines(capsys)
+    assert len(lines) == 1 and "missing.yaml" in lines[0]
+
+
+def test_check_config_lists_every_problem_as_path_and_reason(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+):
+    path = tmp_path / "broken.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "policy": {"idle_timeout": "later", "preset": "strict"},
+                "listen": {"port": -1},
+                "providers": [{"name": "p", "issuer": "i", "audiences": ["a"]}],
+                "routes": [{"prefix": "/api/", "upstream": "http://x", "stripprefix": True}],
+            }
+        )
+    )
+    assert exit_code(["check-config", "-c", str(path)]) == 2
+    lines = error_lines(capsys)
+    paths = [line.removeprefix("idlegate: ").split(": ")[0] for line in lines]
+    assert sorted(paths) == [
+        "listen.port",
+        "policy.idle_timeout",
+        "policy.preset",
+        "providers.0",
+        "routes.0.stripprefix",
+    ]
+
+
+def test_check_config_on_yaml_that_is_not_a_mapping(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+):
+    path = tmp_path / "list.yaml"
+    path.write_text("- a\n- b\n")
+    assert exit_code(["check-config", "-c", str(path)]) == 2
+    assert len(error_lines(capsys)) == 1
+
+
+def test_serve_with_a_bad_config_exits_2_before_starting(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+):
+    assert exit_code(["serve", "-c", str(tmp_path / "missing.yaml")]) == 2
+    assert len(error_lines(capsys)) == 1
+
+
+def test_serve_refuses_several_workers_with_the_memory_store(capsys: pytest.CaptureFixture[str]):
+    assert exit_code(["serve", "-c", str(GATEWAY_YAML), "--workers", "3"]) == 2
+    (line,) = error_lines(capsys)
+    assert "memory" in line and "redis://" in line
+
+
+# -- flags -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["nonsense"],
+        ["serve", "--workers", "0"],
+        ["serve", "--workers", "-2"],
+        ["serve", "--workers", "1.5"],
+        ["token"],
+        ["token", "--key", str(DEV_PRIVATE), "--ttl", "a while"],
+        ["token", "--key", str(DEV_PRIVATE), "--ttl", "-5m"],
+        ["check-config", "--unknown"],
+        ["demo", "--idle-timeout", "soon"],
+    ],
+    ids=lambda argv: " ".join(argv) or "(nothing)",
+)
+def test_bad_flags_exit_2_with_one_line(capsys: pytest.CaptureFixture[str], argv: list[str]):
+    assert exit_code(argv) == 2
+    lines = error_lines(capsys)
+    assert len(lines) == 1
+    assert "--help" in lines[0]  # says where to look
+
+
+def test_version_and_help(capsys: pytest.CaptureFixture[str]):
+    assert exit_code(["--version"]) == 0
+    assert __version__ in capsys.readouterr().out
+    assert exit_code(["token", "--help"]) == 0
+    assert "--key" in capsys.readouterr().out
+
+
+# -- token -----------------------------------------------------------------------------------
+
+
+def test_token_defaults_are_a_ten_minute_dev_token(capsys: pytest.CaptureFixture[str]):
+    assert main(["token", "--key", str(DEV_PRIVATE)]) == 0
+    token = capsys.readouterr().out.strip()
+    claims = jwt.decode(
+        token,
+        DEV_PUBLIC.read_bytes(),
+        algorithms=["RS256"],
+        audience="orders-api",
+        issuer="https://issuer.example/",
+    )
+    assert claims["sub"] == "dev-user"
+    assert claims["exp"] - claims["iat"] == 600
+    assert "sid" not in claims and "scope" not in claims
+    assert "kid" not in jwt.get_unverified_header(token)
+
+
+def test_token_flags_become_claims(capsys: pytest.CaptureFixture[str]):
+    argv = ["token", "--key", str(DEV_PRIVATE), "--sub", "alice", "--ttl", "5m"]
+    argv += ["--aud", "A", "--iss", "I", "--sid", "S", "--scope", "a b", "--kid", "k1"]
+    assert main(argv) == 0
+    token = capsys.readouterr().out.strip()
+    assert jwt.get_unverified_header(token)["kid"] == "k1"
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert {k: claims[k] for k in ("sub", "aud", "iss", "sid", "scope")} == {
+        "sub": "alice",
+        "aud": "A",
+        "iss": "I",
+        "sid": "S",
+        "scope": "a b",
+    }
+    assert claims["exp"] - claims["iat"] == 300
+
+
+def test_two_tokens_have_different_jtis(capsys: pytest.CaptureFixture[str]):
+    main(["token", "--key", str(DEV_PRIVATE)])
+    main(["token", "--key", str(DEV_PRIVATE)])
+    first, second = capsys.readouterr().out.split()
+    assert (
+        jwt.decode(first, options={"verify_signature": False})["jti"]
+        != jwt.decode(second, options={"verify_signature": False})["jti"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("make_key", "alg"),
+    [(lambda: ec_key(alg="ES256"), "ES256"), (lambda: ec_key(alg="ES384"), "ES384"),
+     (ed25519_key, "EdDSA"), (rsa_key, "RS256")],
+    ids=["ES256", "ES384", "EdDSA", "RS256"],
+)  # fmt: skip
+def test_token_signs_with_the_algorithm_of_the_key(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, make_key: Callable[[], SigningKey], alg: str
+):
+    key = make_key()
+    path = tmp_path / "key.pem"
+    path.write_bytes(key.private_pem())
+    assert main(["token", "--key", str(path)]) == 0
+    token = capsys.readouterr().out.strip()
+    assert jwt.get_unverified_header(token)["alg"] == alg
+    jwt.decode(token, key.public_key, algorithms=[alg], audience="orders-api")
+
+
+def test_token_with_a_missing_key_file_is_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+):
+    assert main(["token", "--key", str(tmp_path / "nope.pem")]) == 2
+    (line,) = error_lines(capsys)
+    assert "nope.pem" in line
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"not a key",
+        DEV_PUBLIC.read_bytes(),  # a public key cannot sign
+        b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+    ],
+    ids=["garbage", "public-key", "truncated"],
+)
+def test_token_with_an_unusable_key_is_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, content: bytes
+):
+    path = tmp_path / "key.pem"
+    path.write_bytes(content)
+    assert main(["token", "--key", str(path)]) == 2
+    (line,) = error_lines(capsys)
+    assert "key.pem" in line
+
+
+def test_token_with_an_encrypted_key_is_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+):
+    key = ec.generate_private_key(ec.SECP256R1())
+    path = tmp_path / "encrypted.pem"
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"passphrase"),
+        )
+    )
+    assert main(["token", "--key", str(path)]) == 2
+    (line,) = error_lines(capsys)
+    assert "unencrypted" in line
+
+
+def test_token_with_an_unsupported_curve_is_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+):
+    key = ec.generate_private_key(ec.SECP256K1())
+    path = tmp_path / "k1.pem"
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    assert main(["token", "--key", str(path)]) == 2
+    (line,) = error_lines(capsys)
+    assert "unsupported" in line
