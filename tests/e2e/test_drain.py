@@ -84,3 +84,32 @@ async def test_sigterm_drains_in_flight_requests_and_exits_0(
     assert code == 0, gw.describe()
     assert elapsed < GRACE, f"took {elapsed:.2f}s to exit"
     assert "Traceback" not in gw.stderr()
+
+
+async def test_requests_outliving_the_grace_period_do_not_hold_the_exit(
+    spawn: Spawn, upstream: Upstream, key_file: Path, signing_key: SigningKey
+):
+    """The drain lasts at most shutdown_grace (the chart sizes the pod's termination grace
+    period on it), even when an upstream answers later than that."""
+    grace = 1.0
+    gw = spawn(e2e_config(upstream.url, key_file, server={"shutdown_grace": f"{grace}s"}))
+    await gw.wait_ready()
+    async with aiohttp.ClientSession() as http:
+
+        async def stuck_request() -> int:
+            async with http.get(
+                f"{gw.url}/api/slow?s=3", headers=bearer(mint(signing_key))
+            ) as response:
+                await response.read()
+                return response.status
+
+        stuck = asyncio.create_task(stuck_request())
+        await until(lambda: len(upstream.received) == 1, timeout=5)
+        signalled = time.monotonic()
+        gw.send(signal.SIGTERM)
+        code = await gw.wait_exit(timeout=5)
+        elapsed = time.monotonic() - signalled
+        outcome = (await asyncio.gather(stuck, return_exceptions=True))[0]
+    print(f"exited {elapsed:.2f}s after SIGTERM with a {grace:.0f} s grace ({outcome!r})")
+    assert code == 0, gw.describe()
+    assert elapsed < grace + 0.8, f"took {elapsed:.2f}s with a {grace:.0f} s grace"

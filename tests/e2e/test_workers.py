@@ -31,7 +31,7 @@ ALLOWED = re.compile(
 
 def allowed_per_process(metrics_dir: Path) -> dict[str, float]:
     """Allowed /api/ requests each process wrote to its own multiprocess file."""
-    counted = {}
+    counted: dict[str, float] = {}
     for path in metrics_dir.glob("counter_*.db"):
         for key, value, *_ in MmapedDict.read_all_values_from_file(str(path)):
             name, labels = json.loads(key)[1:3]
