@@ -42,6 +42,12 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, got {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="idlegate",
@@ -80,9 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="a self-contained demo: gateway, echo upstream, dev key"
     )
-    demo.add_argument("--port", type=int, default=8080, help="proxy port (default 8080)")
-    demo.add_argument("--admin-port", type=int, default=9090, help="admin port (default 9090)")
-    demo.add_argument("--upstream-port", type=int, default=8081, help="echo upstream port")
+    demo.add_argument("--port", type=_port, default=8080, help="proxy port (default 8080)")
+    demo.add_argument("--admin-port", type=_port, default=9090, help="admin port (default 9090)")
+    demo.add_argument("--upstream-port", type=_port, default=8081, help="echo upstream port")
     demo.add_argument("--idle-timeout", type=_duration, default=20.0, help="default 20s")
     demo.add_argument("--no-walkthrough", action="store_true", help="skip the self-run scenario")
     return parser

@@ -322,8 +322,17 @@ class Config(_Model):
 
 
 def mask_url(url: str) -> str:
-    """Hide the password in `scheme://user:password@host`."""
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+    """Hide passwords: in `scheme://user:password@host` (up to the last `@`, as a password may
+    hold one unencoded) and in query options named like `*password*`."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    userinfo, at, hosts = rest.rpartition("@")
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        rest = f"{user}{':***' if colon else ''}@{hosts}"
+    rest = re.sub(r"([?&][^=&]*password=)[^&]*", r"\1***", rest, flags=re.IGNORECASE)
+    return f"{scheme}://{rest}"
 
 
 class ConfigError(Exception):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import shlex
 import signal
+import sys
 import tempfile
 from pathlib import Path
 
@@ -63,12 +64,7 @@ async def _main(
     (workdir / "dev-private.pem").write_bytes(private_pem(key))
     (workdir / "dev-public.pem").write_bytes(public_pem(key))
 
-    upstream = web.AppRunner(web.Application())
-    upstream.app.router.add_route("*", "/{tail:.*}", _echo)
-    await upstream.setup()
-    await web.TCPSite(upstream, "127.0.0.1", upstream_port).start()
-
-    config = config_module.from_data(
+    config = config_module.from_data(  # ConfigError: reported by run_demo
         {
             "listen": {"host": "127.0.0.1", "port": port},
             "admin": {"host": "127.0.0.1", "port": admin_port},
@@ -88,15 +84,23 @@ async def _main(
         },
         environ={},
     )
-    running = await start(config)
+    upstream = web.AppRunner(web.Application())
+    upstream.app.router.add_route("*", "/{tail:.*}", _echo)
+    await upstream.setup()
+    await web.TCPSite(upstream, "127.0.0.1", upstream_port).start()
+
+    try:
+        running = await start(config)
+    except BaseException:
+        await upstream.cleanup()
+        raise
     base = f"http://127.0.0.1:{port}"
     fresh = mint(key, issuer=ISSUER, audience=AUDIENCE, subject="alice", ttl=600)
     long_lived = mint(key, issuer=ISSUER, audience=AUDIENCE, subject="alice", ttl=3600)
     yours = mint(key, issuer=ISSUER, audience=AUDIENCE, subject="you", ttl=600)
     _say(f"idlegate demo: gateway on {base}, echo upstream behind it, memory store,")
-    _say(
-        f"idle timeout {idle_timeout:.0f}s, lifetime cap 15m. Metrics: http://127.0.0.1:{admin_port}/metrics"
-    )
+    _say(f"idle timeout {idle_timeout:.0f}s, lifetime cap 15m.")
+    _say(f"Metrics: http://127.0.0.1:{admin_port}/metrics")
     _say("")
     if walkthrough:
         await _walkthrough(base, fresh, long_lived, idle_timeout)
@@ -135,4 +139,9 @@ def run_demo(
 ) -> int:
     configure_logging("warning")
     install_uvloop()
-    return asyncio.run(_main(port, admin_port, upstream_port, idle_timeout, walkthrough))
+    try:
+        return asyncio.run(_main(port, admin_port, upstream_port, idle_timeout, walkthrough))
+    except config_module.ConfigError as exc:
+        for problem in exc.problems:
+            print(f"idlegate: {problem}", file=sys.stderr)
+        return 2

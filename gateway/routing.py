@@ -14,7 +14,14 @@ from gateway.config import Route
 from gateway.reasons import Reason, Refusal
 
 _FORBIDDEN = re.compile(r"%2[fF]|%5[cC]|%00|\\|[\x00-\x20\x7f]")
-_ENCODED_DOT = re.compile(r"%2[eE]")
+_ENCODED = re.compile(r"%([0-9A-Fa-f]{2})")
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+def _decode_unreserved(match: re.Match[str]) -> str:
+    """RFC 3986 §6.2.2.2: `%61` *is* `a` to every upstream, so it must be `a` to the router."""
+    char = chr(int(match.group(1), 16))
+    return char if char in _UNRESERVED else match.group(0).upper()
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,13 +37,13 @@ def normalise(raw_path: str) -> str:
         raise Refusal(Reason.BAD_PATH, "the path contains encoded separators or control bytes")
     if "." not in raw_path and "//" not in raw_path and "%" not in raw_path:
         return raw_path  # the common case: nothing to resolve
+    path = _ENCODED.sub(_decode_unreserved, raw_path) if "%" in raw_path else raw_path
     segments: list[str] = []
-    parts = raw_path.split("/")
+    parts = path.split("/")
     for i, part in enumerate(parts[1:], start=1):
-        literal = _ENCODED_DOT.sub(".", part)
-        if literal == ".":
+        if part == ".":
             continue
-        if literal == "..":
+        if part == "..":
             if not segments:
                 raise Refusal(Reason.BAD_PATH, "the path climbs above the root")
             segments.pop()

@@ -81,13 +81,20 @@ async def start(
         max_field_size=32 * 1024,
     )
     admin = web.AppRunner(build_admin_app(gateway), access_log=None, shutdown_timeout=2)
-    await proxy.setup()
-    await admin.setup()
-    await web.TCPSite(
-        proxy, config.listen.host, config.listen.port, reuse_port=reuse_port, backlog=1024
-    ).start()
-    await web.TCPSite(admin, config.admin.host, config.admin.port, reuse_port=reuse_port).start()
-    return Running(gateway, proxy, admin)
+    running = Running(gateway, proxy, admin)
+    try:
+        await proxy.setup()
+        await admin.setup()
+        await web.TCPSite(
+            proxy, config.listen.host, config.listen.port, reuse_port=reuse_port, backlog=1024
+        ).start()
+        await web.TCPSite(
+            admin, config.admin.host, config.admin.port, reuse_port=reuse_port
+        ).start()
+    except BaseException:
+        await running.drain()  # e.g. a port in use: close what was opened, then report
+        raise
+    return running
 
 
 async def serve(config: Config, *, reuse_port: bool = False, worker: int | None = None) -> None:
