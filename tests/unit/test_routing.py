@@ -208,3 +208,23 @@ def test_percent_encoded_letters_cannot_dodge_a_protected_route(path: str):
     §6.2.2.2); matched as the public catch-all, it would reach /api/ without a token."""
     router = Router([route("/api/"), route("/", auth="none")])
     assert route_or_refusal(router, path) in ("/api/", "bad_path")
+
+
+@pytest.mark.parametrize(
+    ("raw", "normal"),
+    [
+        ("/%61pi/orders", "/api/orders"),
+        ("/api/%7Euser", "/api/~user"),
+        ("/api/%41%42-%5f", "/api/AB-_"),
+        ("/api/%c3%a9t%c3%a9", "/api/%C3%A9t%C3%A9"),  # not unreserved: stays encoded
+        ("/api/100%25", "/api/100%25"),  # an encoded '%' is never decoded (no double decoding)
+    ],
+)
+def test_percent_encoded_unreserved_characters_are_decoded_others_kept(raw: str, normal: str):
+    assert normalise(raw) == normal
+
+
+def test_the_upstream_gets_the_decoded_path_it_was_matched_on():
+    router = Router([route("/api/"), route("/", auth="none")])
+    match = router.match("/api/%6Frders/%7E1")
+    assert (match.label, match.upstream_path) == ("/api/", "/api/orders/~1")
