@@ -321,6 +321,18 @@ def test_route_idle_timeout_longer_than_the_policy_is_refused():
     assert "/api/" in found[0] and "idle_timeout" in found[0]
 
 
+def test_a_cross_field_problem_names_the_field_at_fault():
+    """`field.path: reason`, as for every other problem: not `(root): routes: ...`."""
+    found = problems(
+        policy={"idle_timeout": "10m"},
+        routes=[
+            {"prefix": "/a/", "upstream": "http://x"},
+            {"prefix": "/api/", "upstream": "http://x", "idle_timeout": "15m"},
+        ],
+    )
+    assert [p.split(": ")[0] for p in found] == ["routes.1.idle_timeout"]
+
+
 def test_route_idle_timeout_shorter_or_equal_is_accepted():
     loaded = config(
         policy={"idle_timeout": "10m"},
@@ -497,3 +509,14 @@ def test_the_shipped_example_configs_are_valid():
         loaded = load(repo / "config" / name, environ={})
         assert loaded.providers[0].public_key_file == repo / "config" / "dev-public.pem"
         assert loaded.providers[0].public_key_file.is_file()
+
+
+@pytest.mark.parametrize("name", ["gateway.yaml", "redis.yaml"])
+def test_a_preset_chosen_in_the_shipped_example_takes_effect(name: str):
+    """The example says presets "fill the defaults below": an operator who sets
+    `preset: nist-aal2` there must get its 30 min idle timeout and 12 h session cap, not the
+    example's spelled-out defaults (explicit keys win, so the example must leave them unset)."""
+    repo = Path(__file__).resolve().parents[2]
+    loaded = load(repo / "config" / name, environ={"IDLEGATE_POLICY__PRESET": "nist-aal2"})
+    assert loaded.policy.idle_timeout == PRESETS["nist-aal2"]["idle_timeout"]
+    assert loaded.policy.max_session_age == PRESETS["nist-aal2"]["max_session_age"]
