@@ -11,6 +11,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -220,49 +222,75 @@ def test_token_prints_a_jwt_with_the_requested_claims():
 # -- demo --------------------------------------------------------------------------------------
 
 
-async def test_demo_token_is_accepted_then_refused_after_idling():
-    port, admin_port, upstream_port = free_port(), free_port(), free_port()
-    demo = await asyncio.create_subprocess_exec(
+@dataclass
+class Demo:
+    process: asyncio.subprocess.Process
+    port: int
+    token: str
+    printed: list[str]
+
+
+@contextlib.asynccontextmanager
+async def demo_running(**env: str) -> AsyncIterator[Demo]:
+    """`idlegate demo --no-walkthrough` on free ports, once it printed its token; killed on exit
+    unless the test stopped it."""
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway", "demo", "--no-walkthrough",
         "--port", str(port),
-        "--admin-port", str(admin_port),
-        "--upstream-port", str(upstream_port),
+        "--admin-port", str(free_port()),
+        "--upstream-port", str(free_port()),
         "--idle-timeout", "2s",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env=clean_environ(),
+        env=clean_environ(**env),
     )  # fmt: skip
     try:
-        assert demo.stdout is not None
+        assert process.stdout is not None
         printed: list[str] = []
-        token = None
         deadline = time.monotonic() + 10
-        while token is None:
+        while not printed or not JWT_LINE.match(printed[-1]):
             remaining = deadline - time.monotonic()
             assert remaining > 0, f"no token line within 10 s: {printed}"
-            raw = await asyncio.wait_for(demo.stdout.readline(), remaining)
+            raw = await asyncio.wait_for(process.stdout.readline(), remaining)
             assert raw, f"the demo exited: {printed}"
-            line = raw.decode().strip()
-            printed.append(line)
-            if JWT_LINE.match(line):
-                token = line
+            printed.append(raw.decode().strip())
+        yield Demo(process=process, port=port, token=printed[-1], printed=printed)
+    finally:
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
 
-        url = f"http://127.0.0.1:{port}/api/hello"
+
+async def interrupt(demo: Demo) -> bytes:
+    """SIGINT, as Ctrl-C would; the demo's stderr once it exited 0."""
+    demo.process.send_signal(signal.SIGINT)
+    _, stderr = await asyncio.wait_for(demo.process.communicate(), 10)
+    assert demo.process.returncode == 0, stderr
+    assert b"Traceback" not in stderr
+    return stderr
+
+
+async def test_demo_token_is_accepted_then_refused_after_idling():
+    async with demo_running() as demo:
+        url = f"http://127.0.0.1:{demo.port}/api/hello"
         async with aiohttp.ClientSession() as http:
-            async with http.get(url, headers=bearer(token)) as response:
+            async with http.get(url, headers=bearer(demo.token)) as response:
                 assert response.status == 200
                 assert (await response.json())["upstream"] == "echo"
             await asyncio.sleep(2.5)
-            async with http.get(url, headers=bearer(token)) as response:
+            async with http.get(url, headers=bearer(demo.token)) as response:
                 assert response.status == 401
                 assert (await response.json())["reason"] == "idle_timeout"
+        await interrupt(demo)
 
-        demo.send_signal(signal.SIGINT)
-        _, stderr = await asyncio.wait_for(demo.communicate(), 10)
-        assert demo.returncode == 0, stderr
-        assert b"Traceback" not in stderr
-    finally:
-        if demo.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                demo.kill()
-            await demo.wait()
+
+async def test_demo_leaves_no_key_behind(tmp_path: Path):
+    """The demo writes a dev private key to a temporary directory; it goes when the demo ends."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    async with demo_running(TMPDIR=str(scratch)) as demo:
+        assert any(str(scratch) in line for line in demo.printed)  # the mint line names it
+        await interrupt(demo)
+    assert list(scratch.iterdir()) == []
