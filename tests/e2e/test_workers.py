@@ -18,7 +18,7 @@ from jwks_server import SigningKey
 from prometheus_client.mmap_dict import MmapedDict
 
 from .conftest import Spawn
-from .processes import bearer, e2e_config, mint, run_cli
+from .processes import GatewayProcess, bearer, e2e_config, mint, run_cli
 
 REQUESTS = 40
 SCRAPES = 6
@@ -27,6 +27,15 @@ ALLOWED = re.compile(
     r" ([0-9.e+]+)$",
     re.MULTILINE,
 )
+
+
+async def wait_for_workers(gw: GatewayProcess, workers: int) -> None:
+    """Ready, and every worker said it listens (the ports are shared: any one answers /readyz)."""
+    await gw.wait_ready()
+    deadline = time.monotonic() + 10
+    while not all(f"worker {i} listening on" in gw.stderr() for i in range(workers)):
+        assert time.monotonic() < deadline, gw.describe()
+        await asyncio.sleep(0.05)
 
 
 def allowed_per_process(metrics_dir: Path) -> dict[str, float]:
@@ -60,12 +69,7 @@ async def test_two_workers_share_the_port_and_sum_their_metrics(
         "2",
         env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)},
     )
-    await gw.wait_ready()
-    # The admin port is shared too: wait until both workers said they listen.
-    deadline = time.monotonic() + 10
-    while not all(f"worker {i} listening on" in gw.stderr() for i in (0, 1)):
-        assert time.monotonic() < deadline, gw.describe()
-        await asyncio.sleep(0.05)
+    await wait_for_workers(gw, 2)
 
     token = mint(signing_key)
     # A fresh connection per request: the kernel spreads new connections over the workers.
@@ -88,6 +92,25 @@ async def test_two_workers_share_the_port_and_sum_their_metrics(
 
     assert await gw.stop(signal.SIGTERM) == 0, gw.describe()
     assert "Traceback" not in gw.stderr()
+
+
+async def test_workers_leave_no_metrics_directory_behind(
+    spawn: Spawn, upstream: Upstream, key_file: Path, redis_server: RedisServer, tmp_path: Path
+):
+    """Without PROMETHEUS_MULTIPROC_DIR the CLI makes a temporary one; it goes at exit (else
+    every restart leaves a directory of mmap files, and stale ones would skew a reused dir)."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    gw = spawn(
+        e2e_config(upstream.url, key_file, store={"url": redis_server.url}),
+        "--workers",
+        "2",
+        env={"TMPDIR": str(scratch)},
+    )
+    await wait_for_workers(gw, 2)
+    assert [p.name.startswith("idlegate-metrics-") for p in scratch.iterdir()] == [True]
+    assert await gw.stop(signal.SIGTERM) == 0, gw.describe()
+    assert list(scratch.iterdir()) == []
 
 
 def test_several_workers_with_the_memory_store_are_refused(tmp_path: Path, key_file: Path):
