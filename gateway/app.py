@@ -7,6 +7,7 @@ Every step raises `Refusal`; `handle` renders it once and counts it.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import re
@@ -118,6 +119,8 @@ class Gateway:
         self.recent = RecentActivity()
         self.access_log = access_log or AccessLog(enabled=config.server.access_log)
         self.draining = False
+        self.in_flight = 0  # requests inside `handle` now; the drain waits for it to reach 0
+        self.quiet = asyncio.Event()  # set once draining with nothing in flight
         self._policy = config.policy
         self._requests: dict[tuple[str, str, str], Any] = {}
         # Request ids: a random per-process prefix and a counter; unique without a syscall.
@@ -174,6 +177,7 @@ class Gateway:
             request_id = f"{self._id_prefix}{next(self._id_counter):08x}"
         outcome = _Outcome()
         metrics.IN_FLIGHT.inc()
+        self.in_flight += 1
         try:
             response = await self._decide_and_forward(request, request_id, outcome)
         except Refusal as refusal:
@@ -185,6 +189,9 @@ class Gateway:
             response = render_refusal(Refusal(Reason.INTERNAL_ERROR), request_id)
         finally:
             metrics.IN_FLIGHT.dec()
+            self.in_flight -= 1
+            if not self.in_flight and self.draining:
+                self.quiet.set()
         elapsed = time.perf_counter() - started
         self._count(outcome, elapsed)
         token = outcome.token

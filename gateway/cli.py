@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -111,6 +112,7 @@ def _check_config(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     config = _config_or_exit(args.config)
+    metrics_dir: str | None = None
     if args.workers > 1:
         if config.store.is_memory:
             print(
@@ -121,7 +123,8 @@ def _serve(args: argparse.Namespace) -> int:
             return 2
         # Must be set before prometheus_client is imported (by gateway.serve), in every worker.
         if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="idlegate-metrics-")
+            metrics_dir = tempfile.mkdtemp(prefix="idlegate-metrics-")
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     from gateway.serve import run  # after the metrics mode is chosen
     from gateway.store import StoreConfigError
     from gateway.tokens.keys import KeySourceError
@@ -134,6 +137,9 @@ def _serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"idlegate: cannot listen: {exc.strerror or exc}", file=sys.stderr)
         return 1
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def _token(args: argparse.Namespace) -> int:

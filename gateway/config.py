@@ -166,21 +166,19 @@ class Policy(_Model):
 
     @model_validator(mode="after")
     def _consistent(self) -> Policy:
+        problems = []
         if self.idle_timeout <= 0:
-            raise ValueError("idle_timeout must be positive")
+            problems.append("idle_timeout: must be positive")
         if self.max_token_lifetime <= 0:
-            raise ValueError("max_token_lifetime must be positive")
+            problems.append("max_token_lifetime: must be positive")
         for claim in ("exp", "iat"):
             if claim not in self.required_claims:
-                raise ValueError(
-                    f"required_claims must include {claim} (the lifetime cap needs it)"
-                )
-        if self.track_by == "jti" and "jti" not in self.required_claims:
-            raise ValueError("required_claims must include jti when track_by is jti")
-        if self.track_by == "sid" and self.session_claim not in self.required_claims:
-            raise ValueError(
-                f"required_claims must include {self.session_claim} when track_by is sid"
-            )
+                problems.append(f"required_claims: must include {claim} (the lifetime cap)")
+        tracked = "jti" if self.track_by == "jti" else self.session_claim
+        if tracked not in self.required_claims:
+            problems.append(f"required_claims: must include {tracked} (track_by {self.track_by})")
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
 
@@ -297,21 +295,23 @@ class Config(_Model):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
-        names = [p.name for p in self.providers]
-        if len(set(names)) != len(names):
-            raise ValueError("providers: names must be unique")
-        issuers = [p.issuer for p in self.providers]
-        if len(set(issuers)) != len(issuers):
-            raise ValueError("providers: issuers must be unique (the token's iss picks one)")
-        prefixes = [r.prefix for r in self.routes]
-        if len(set(prefixes)) != len(prefixes):
-            raise ValueError("routes: prefixes must be unique")
-        for route in self.routes:
+        problems = []
+        for field, values, what in (
+            ("providers", [p.name for p in self.providers], "name"),
+            ("providers", [p.issuer for p in self.providers], "issuer"),
+            ("routes", [r.prefix for r in self.routes], "prefix"),
+        ):
+            for i, value in enumerate(values):
+                if value in values[:i]:
+                    problems.append(f"{field}.{i}.{what}: {value!r} is used twice; must be unique")
+        for i, route in enumerate(self.routes):
             if route.idle_timeout is not None and route.idle_timeout > self.policy.idle_timeout:
-                raise ValueError(
-                    f"routes: {route.prefix} idle_timeout may only be shorter than "
-                    "policy.idle_timeout"
+                problems.append(
+                    f"routes.{i}.idle_timeout: may only be shorter than policy.idle_timeout "
+                    f"(route {route.prefix})"
                 )
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
     def masked(self) -> dict[str, Any]:
@@ -376,6 +376,9 @@ def _env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str
     return data
 
 
+_NAMED_PROBLEM = re.compile(r"([a-z_][a-z0-9_]*(?:\.[a-z0-9_]+)*): (.+)")
+
+
 def _location(loc: tuple[int | str, ...]) -> str:
     return ".".join(str(part) for part in loc) or "(root)"
 
@@ -393,7 +396,15 @@ def from_data(data: Any, environ: Mapping[str, str] | None = None) -> Config:
         problems = []
         for error in exc.errors():
             message = error["msg"].removeprefix("Value error, ")
-            problems.append(f"{_location(error['loc'])}: {message}")
+            location = _location(error["loc"])
+            for line in message.splitlines():
+                # A model-level check names the field it is about: `field.path: reason`.
+                named = _NAMED_PROBLEM.fullmatch(line)
+                if named:
+                    prefix = "" if location == "(root)" else location + "."
+                    problems.append(f"{prefix}{named.group(1)}: {named.group(2)}")
+                else:
+                    problems.append(f"{location}: {line}")
         raise ConfigError(problems) from None
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shlex
+import shutil
 import signal
 import sys
 import tempfile
@@ -131,6 +132,7 @@ async def _main(
     await stop.wait()
     await running.drain()
     await upstream.cleanup()
+    shutil.rmtree(workdir, ignore_errors=True)  # the dev private key goes with it
     return 0
 
 

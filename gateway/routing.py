@@ -51,6 +51,8 @@ def normalise(raw_path: str) -> str:
         if part == "" and i != len(parts) - 1:
             continue  # doubled slash
         segments.append(part)
+    if parts[-1] in (".", "..") and segments:
+        segments.append("")  # `/a/b/.` is `/a/b/` (RFC 3986 §5.2.4)
     return "/" + "/".join(segments)
 
 

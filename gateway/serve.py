@@ -19,6 +19,7 @@ from gateway.app import Gateway, build_admin_app, build_proxy_app
 from gateway.config import Config, mask_url
 
 log = logging.getLogger("idlegate")
+_CLEANUP_TIMEOUT = 0.1
 
 
 def configure_logging(level: str) -> None:
@@ -55,9 +56,20 @@ class Running:
         return first(self.proxy), first(self.admin)
 
     async def drain(self) -> None:
-        """Readiness off at once, stop accepting, let in-flight requests finish, close clients."""
+        """Readiness off at once, stop accepting, let in-flight requests finish (up to
+        `shutdown_grace`, in total), then close upstream and store connections."""
         self.gateway.draining = True
-        await self.proxy.cleanup()  # stops the listener, then waits up to shutdown_grace
+        for site in list(self.proxy.sites):
+            await site.stop()  # no new connections
+        if self.proxy.server is not None:
+            self.proxy.server.pre_shutdown()  # idle keep-alives close; busy ones after their reply
+        if self.gateway.in_flight:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.gateway.config.server.shutdown_grace):
+                    await self.gateway.quiet.wait()
+        if self.gateway.in_flight:
+            log.warning("shutdown_grace over: %d request(s) cut off", self.gateway.in_flight)
+        await self.proxy.cleanup()  # what is left gets _CLEANUP_TIMEOUT, then is cancelled
         await self.gateway.close()
         await self.admin.cleanup()
 
@@ -75,7 +87,7 @@ async def start(
         await build_proxy_app(gateway),
         access_log=None,
         auto_decompress=False,  # bodies pass through as sent
-        shutdown_timeout=config.server.shutdown_grace,
+        shutdown_timeout=_CLEANUP_TIMEOUT,  # the drain itself waits up to shutdown_grace
         # Room for a token just over 16 KiB, which the gateway refuses itself (malformed_token);
         # larger header fields get aiohttp's 400.
         max_field_size=32 * 1024,
@@ -147,7 +159,10 @@ def run(config: Config, workers: int = 1) -> int:
     for process in processes:
         process.start()
 
+    forwarded: set[int] = set()
+
     def forward(signum: int, _frame: object) -> None:
+        forwarded.add(signum)
         for process in processes:
             if process.pid is not None:
                 with contextlib.suppress(ProcessLookupError):
@@ -158,7 +173,10 @@ def run(config: Config, workers: int = 1) -> int:
     codes = []
     for process in processes:
         process.join()
-        codes.append(process.exitcode or 0)
+        code = process.exitcode or 0
+        # A worker stopped by the signal we forwarded before it could install its own handler
+        # (still starting) stopped as asked.
+        codes.append(0 if -code in forwarded else code)
         if process.pid is not None and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             from prometheus_client import multiprocess
 
