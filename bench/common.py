@@ -66,6 +66,7 @@ class Proc:
     cmd: list[str]
     log: Path
     env: dict[str, str] | None = None
+    cwd: Path = ROOT
     popen: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Proc:
@@ -75,7 +76,7 @@ class Proc:
                 self.cmd,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                cwd=ROOT,
+                cwd=self.cwd,
                 env=self.env,
                 start_new_session=True,
             )

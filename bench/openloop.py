@@ -174,6 +174,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "rate_target": args.rate,
         "requests": len(latencies),
         "sent": sent_recorded,
+        "sent_total": n,
         "achieved_rate": len(latencies) / args.duration,
         "unfinished": client.in_flight,
         "errors": stats.errors,
