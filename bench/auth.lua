@@ -2,7 +2,7 @@
 -- distinct tokens read from a file (one per line). Requests are pre-formatted in init(), so the
 -- per-request cost in wrk is one table lookup.
 --
---   wrk -t1 -c50 -d10s -s bench/auth.lua http://127.0.0.1:8080/api/orders -- tokens.txt
+--   wrk -t1 -c50 -d10s -s bench/auth.lua http://127.0.0.1:8080/api/orders -- tokens.txt [start]
 --
 -- done() prints one line `BENCH_JSON {...}` with the totals and latency percentiles (µs).
 
@@ -28,8 +28,10 @@ function init(args)
   assert(#requests > 0, "no tokens in " .. path)
   pool = requests
   size = #requests
+  -- args[2]: where in the pool to start (a run continuing an earlier one passes how many
+  -- requests went before, so that a long series of runs walks the whole pool).
   -- Threads start at different places in the pool so they do not move in lockstep.
-  index = ((id or 0) * 7919) % size
+  index = (tonumber(args[2] or "0") + (id or 0) * 7919) % size
 end
 
 function request()

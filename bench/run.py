@@ -222,30 +222,44 @@ class Bench:
         return snap
 
     def wrk(
-        self, target: Target, tokens: Path, duration: float, label: str, cpus: str | None
+        self,
+        target: Target,
+        tokens: Path,
+        duration: float,
+        label: str,
+        cpus: str | None,
+        start: int = 0,
+        retry: bool = True,
     ) -> dict[str, Any]:
         """One wrk run; repeated (up to --retries times) while other users of the machine took
         more than --max-foreign of a core during it. Every attempt is kept in the raw output."""
         attempt = 0
         while True:
-            result = self._wrk_once(target, tokens, duration, f"{label}-a{attempt}", cpus)
+            result = self._wrk_once(target, tokens, duration, f"{label}-a{attempt}", cpus, start)
             result["attempt"] = attempt
             if duration < 5 or result["foreign_cpu_util"] <= self.args.max_foreign:
                 return result
-            if attempt >= self.args.retries:
+            if attempt >= self.args.retries or not retry:
                 result["noisy"] = True
                 return result
             print(f"    {label}: other load {result['foreign_cpu_util']:.0%}, again", flush=True)
             attempt += 1
 
     def _wrk_once(
-        self, target: Target, tokens: Path, duration: float, label: str, cpus: str | None
+        self,
+        target: Target,
+        tokens: Path,
+        duration: float,
+        label: str,
+        cpus: str | None,
+        start: int = 0,
     ) -> dict[str, Any]:
         quiet = self.wait_quiet() if duration >= 5 else {}
         before = self.snapshot(target)
         cmd = [
-            "wrk", "-t1", f"-c{self.args.connections}", f"-d{duration:g}s", "--timeout", "5s",
-            "-s", str(BENCH / "auth.lua"), target.url, "--", str(tokens),
+            "wrk", "-t1", f"-c{self.args.connections}", f"-d{max(1, round(duration))}s",
+            "--timeout", "5s",
+            "-s", str(BENCH / "auth.lua"), target.url, "--", str(tokens), str(start),
         ]  # fmt: skip
         wrk_started = time.monotonic()
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -562,6 +576,21 @@ class Bench:
                 print("\n".join("    " + line for line in text.splitlines()[:20]))
         self.results["profile"] = summaries
 
+    def start_py_spy(
+        self, target: Target, name: str, seconds: int
+    ) -> subprocess.Popen[bytes] | None:
+        py_spy = Path(PYTHON).parent / "py-spy"
+        if not py_spy.exists():
+            return None
+        raw = self.out / f"profile-{name}.txt"
+        cmd = [
+            str(py_spy), "record", "--nonblocking", "--rate", "200", "--format", "raw",
+            "-o", str(raw), "-p", str(target.proc.pid), "-d", str(seconds),
+        ]  # fmt: skip
+        return subprocess.Popen(
+            pinned(cmd, LOAD_CPU), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+        )
+
     def phase_memory(self) -> None:
         """RSS after `memory_requests` requests over `memory_tokens` distinct tokens, and the
         Redis bytes per tracked token. Bounded by `--memory-seconds`."""
@@ -575,7 +604,9 @@ class Bench:
         rss_start = rss_kib(gateway.proc.pid)
         print(f"memory: {args.memory_tokens} tokens, up to {args.memory_requests} requests")
         total = 0
-        series = []
+        series: list[dict[str, Any]] = []
+        # Kept as it grows, so a run cut short still leaves its series in results.json.
+        self.results["memory_series"] = series
         started = time.monotonic()
         chunk = 0
         try:
@@ -586,8 +617,13 @@ class Bench:
                 chunk += 1
                 rate = total / max(1e-9, time.monotonic() - started) if total else 0
                 need = (args.memory_requests - total) / rate if rate else 10
-                duration = max(5, min(30, left, math.ceil(need)))
-                result = self.wrk(gateway, tokens, duration, f"mem-{chunk}", LOAD_CPU)
+                duration = int(max(5, min(30, left, math.ceil(need))))
+                spy = self.start_py_spy(gateway, f"mem-{chunk}", 20) if chunk == 3 else None
+                result = self.wrk(
+                    gateway, tokens, duration, f"mem-{chunk}", LOAD_CPU, total, retry=False
+                )
+                if spy is not None:
+                    spy.wait(timeout=60)
                 total += result["requests"]
                 rss = rss_kib(gateway.proc.pid)
                 keys = resp_command(self.redis_port, "DBSIZE")
@@ -612,6 +648,7 @@ class Bench:
                 "rss_end_kib": rss_kib(gateway.proc.pid),
                 "series": series,
                 "redis_keys": keys,
+                "gateway_requests": gateway_requests(gateway.admin or ""),
                 "redis_used_memory_delta": used - base_memory,
                 "redis_bytes_per_key_delta": (used - base_memory) / max(1, keys),
                 "redis_memory_usage_sample": usage,
