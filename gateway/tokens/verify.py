@@ -164,6 +164,8 @@ class Verifier:
     async def verify(self, token: str) -> VerifiedToken:
         cached = self._cache.get(token)
         if cached is not None and self._rings[cached.provider].lookup(cached.kid) is cached.key:
+            if cached.exp + self._policy.leeway <= self._clock.now():
+                del self._cache[token]  # never past exp: refused below, and forgotten
             self._check_time(cached)
             return cached
         verified = await self._verify_uncached(token)
@@ -172,12 +174,10 @@ class Verifier:
         return verified
 
     def _remember(self, token: str, verified: VerifiedToken) -> None:
+        """Insertion order is age: when full, the oldest entry goes (O(1), whatever the load).
+        An expired entry is dropped when next presented (`_check_time` refuses it first)."""
         if len(self._cache) >= self._cache_size:
-            now = self._clock.now()
-            for stale in [t for t, v in self._cache.items() if v.exp <= now]:
-                del self._cache[stale]
-            while len(self._cache) >= self._cache_size:
-                del self._cache[next(iter(self._cache))]  # oldest first
+            del self._cache[next(iter(self._cache))]
         self._cache[token] = verified
 
     async def _verify_uncached(self, token: str) -> VerifiedToken:
