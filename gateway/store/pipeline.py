@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-import time
 from collections import deque
 from typing import Any
 
@@ -40,11 +39,12 @@ class _Protocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)
         waiting = self._owner.waiting
-        self._owner.last_reply = time.monotonic()
+        self._owner.last_reply = asyncio.get_running_loop().time()
         while (reply := self._reader.gets()) is not False:
             if not waiting:
                 break  # a reply nobody waits for: the connection is out of step
             future = waiting.popleft()
+            self._owner.deadlines.popleft()
             if future.done():
                 continue  # its caller gave up (timeout); the reply is dropped
             if isinstance(reply, ReplyError):
@@ -69,6 +69,7 @@ class PipelinedConnection:
         password: str | None = None,
         tls: ssl.SSLContext | None = None,
         connect_timeout: float = 1.0,
+        call_timeout: float = 1.0,
     ) -> None:
         self._host = host
         self._port = port
@@ -82,17 +83,32 @@ class PipelinedConnection:
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self.waiting: deque[asyncio.Future[Any]] = deque()
-        self.last_reply = 0.0
+        # Deadlines of the waiting calls, in the same order. One watchdog timer for all of them
+        # instead of a timer per call: calls fail with TimeoutError between call_timeout and
+        # 1.25 x call_timeout after they were sent.
+        self._deadlines: deque[float] = deque()
+        self._call_timeout = call_timeout
+        self._watchdog: asyncio.TimerHandle | None = None
+        self.last_reply = 0.0  # loop time
 
-    async def execute(self, *args: str | bytes | int | float) -> Any:
+    async def execute(self, *args: str | bytes | int | float, deadline: float | None = None) -> Any:
+        """Send one command, wait for its reply. Fails with TimeoutError once `deadline` (loop
+        time; default now + call_timeout) passed, ConnectionLost, OSError or ReplyError."""
+        loop = asyncio.get_running_loop()
+        if deadline is None:
+            deadline = loop.time() + self._call_timeout
         if self._transport is None or self._transport.is_closing():
-            await self._connect()
-        return await self._send(_pack(*args))
+            async with asyncio.timeout_at(deadline):
+                await self._connect()
+        return await self._send(_pack(*args), deadline)
 
-    def _send(self, command: bytes) -> asyncio.Future[Any]:
+    def _send(self, command: bytes, deadline: float | None = None) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self.waiting.append(future)
+        self._deadlines.append(deadline or loop.time() + self._connect_timeout)
+        if self._watchdog is None:
+            self._watchdog = loop.call_later(self._call_timeout / 4, self._watch)
         self._out.append(command)
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -104,6 +120,18 @@ class PipelinedConnection:
         out, self._out = self._out, []
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(b"".join(out))
+
+    def _watch(self) -> None:
+        self._watchdog = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for future, deadline in zip(self.waiting, self._deadlines, strict=True):
+            if deadline <= now and not future.done():
+                future.set_exception(TimeoutError())
+        # No reply at all for a whole timeout while calls wait: a half-open connection.
+        self.reset_if_stalled(after=self._call_timeout)
+        if self.waiting:
+            self._watchdog = loop.call_later(self._call_timeout / 4, self._watch)
 
     async def _connect(self) -> None:
         if self._connecting is None:
@@ -141,17 +169,25 @@ class PipelinedConnection:
                 self.close()
                 raise
 
+    @property
+    def deadlines(self) -> deque[float]:
+        return self._deadlines
+
     def lost(self, exc: Exception | None) -> None:
         self._transport = None
         waiting, self.waiting = self.waiting, deque()
+        self._deadlines = deque()
         for future in waiting:
             if not future.done():
                 future.set_exception(ConnectionLost(str(exc or "connection closed")))
 
     def reset_if_stalled(self, after: float) -> None:
-        """Drop a connection whose oldest call has waited `after` seconds with no reply at all:
+        """Drop a connection on which calls wait and nothing was heard for `after` seconds:
         a half-open socket would otherwise hold every later call hostage."""
-        if self.waiting and time.monotonic() - self.last_reply > after:
+        if not self.waiting:
+            return
+        oldest_due = self._deadlines[0]
+        if asyncio.get_running_loop().time() - max(self.last_reply, oldest_due) > after:
             self.close()
 
     def close(self) -> None:

@@ -78,15 +78,17 @@ class RedisStore:
     def activity_key(self, key: str) -> str:
         return f"{self._prefix}:a:{key}"
 
-    async def _call(self, op: str, call: Callable[[], Awaitable[T]]) -> T:
+    async def _call(
+        self, op: str, call: Callable[[], Awaitable[T]], *, bounded_by_connection: bool = False
+    ) -> T:
         started = time.perf_counter()
         try:
+            if bounded_by_connection:  # the pipelined connection times its calls out itself
+                return await call()
             async with asyncio.timeout(self._timeout), self._slots:
                 return await call()
         except (RedisError, TimeoutError, OSError, ReplyError) as exc:
             STORE_ERRORS.labels(op=op).inc()
-            if isinstance(exc, TimeoutError) and self._pipelined is not None:
-                self._pipelined.reset_if_stalled(after=self._timeout)
             if isinstance(exc, TimeoutError):
                 reason = f"timed out after {self._timeout:g}s"
             else:
@@ -108,7 +110,9 @@ class RedisStore:
         keys = [self.activity_key(touch.key)]
         if self._pipelined is not None:
             reply: list[Any] = await self._call(
-                "check_and_touch", lambda: self._pipelined_touch(keys[0], args)
+                "check_and_touch",
+                lambda: self._pipelined_touch(keys[0], args),
+                bounded_by_connection=True,
             )
         else:
             reply = await self._call(
@@ -120,15 +124,21 @@ class RedisStore:
         connection = self._pipelined
         assert connection is not None
         sha = self._check_and_touch.sha
+        # The whole call, retry included, ends by one deadline: store.timeout from now.
+        deadline = asyncio.get_running_loop().time() + self._timeout
         for attempt in (1, 2):
             try:
                 try:
-                    return await connection.execute("EVALSHA", sha, 1, key, *args)
+                    return await connection.execute(
+                        "EVALSHA", sha, 1, key, *args, deadline=deadline
+                    )
                 except ReplyError as exc:
                     if not str(exc).startswith("NOSCRIPT"):
                         raise
                     # A restarted or failed-over Redis forgot the script: EVAL caches it again.
-                    return await connection.execute("EVAL", self._touch_source, 1, key, *args)
+                    return await connection.execute(
+                        "EVAL", self._touch_source, 1, key, *args, deadline=deadline
+                    )
             except ConnectionLost:
                 if attempt == 2:
                     raise
@@ -242,6 +252,7 @@ def pipelined_from_url(url: str, *, timeout: float) -> PipelinedConnection | Non
         password=unquote(parts.password) if parts.password is not None else None,
         tls=ssl.create_default_context() if parts.scheme == "rediss" else None,
         connect_timeout=timeout,
+        call_timeout=timeout,
     )
 
 
