@@ -168,7 +168,7 @@ class Gateway:
 
     # -- the request path ------------------------------------------------------------------
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
         sent_id = request.headers.get("X-Request-ID")
         if sent_id and _SANE_REQUEST_ID.fullmatch(sent_id):
@@ -223,7 +223,7 @@ class Gateway:
         histogram.observe(elapsed)
 
     async def _decide_and_forward(
-        self, request: web.Request, request_id: str, outcome: _Outcome
+        self, request: web.BaseRequest, request_id: str, outcome: _Outcome
     ) -> web.StreamResponse:
         raw_path = request.raw_path.partition("?")[0]
         if raw_path == SESSION_PATH:
@@ -255,7 +255,7 @@ class Gateway:
         finally:
             outcome.upstream_ms = (time.perf_counter() - upstream_started) * 1000
 
-    async def _authenticate(self, request: web.Request) -> VerifiedToken:
+    async def _authenticate(self, request: web.BaseRequest) -> VerifiedToken:
         """Bearer token -> verified token that is neither revoked nor too old a session."""
         assert self.verifier is not None, "Gateway.start() was not awaited"
         token = await self.verifier.verify(bearer_token(request.headers, request.query_string))
@@ -299,7 +299,7 @@ class Gateway:
                 return TouchResult(last_activity=seen, idle=False)
         raise Refusal(Reason.STORE_UNAVAILABLE, retry_after=1)
 
-    async def _session_status(self, request: web.Request, outcome: _Outcome) -> web.Response:
+    async def _session_status(self, request: web.BaseRequest, outcome: _Outcome) -> web.Response:
         """Remaining idle time etc. for the presented token; never counts as activity."""
         if request.method not in ("GET", "HEAD"):
             return web.json_response({"error": "method_not_allowed"}, status=405)
@@ -317,11 +317,10 @@ class Gateway:
         return web.json_response(body, headers={"Cache-Control": "no-store"})
 
 
-async def build_proxy_app(gateway: Gateway) -> web.Application:
-    """The proxy port's app: one catch-all handler, no per-request middleware stack."""
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", gateway.handle)
-    return app
+def build_proxy_server(gateway: Gateway, **handler_options: Any) -> web.Server:
+    """The proxy port: aiohttp's low-level server calling `Gateway.handle` directly (no router,
+    middleware or signals on the request path: the gateway routes itself)."""
+    return web.Server(gateway.handle, **handler_options)
 
 
 def build_admin_app(gateway: Gateway) -> web.Application:

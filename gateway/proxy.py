@@ -65,7 +65,7 @@ def _filtered(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> CIMultiDi
 class BodyLimit:
     """Streams a request body and stops it once it grows past `max_body`."""
 
-    def __init__(self, request: web.Request, max_body: int) -> None:
+    def __init__(self, request: web.BaseRequest, max_body: int) -> None:
         self._content = request.content
         self._max_body = max_body
         self.exceeded = False
@@ -110,7 +110,7 @@ class Forwarder:
 
     def upstream_headers(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         request_id: str,
         identity: Mapping[str, str],
         *,
@@ -132,7 +132,7 @@ class Forwarder:
 
     async def forward(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         match: Match,
         headers: CIMultiDict[str],
         request_id: str,
@@ -148,6 +148,10 @@ class Forwarder:
         if request.body_exists:
             limit = BodyLimit(request, self._config.max_body)
             data = limit.chunks()
+            if request.headers.get("Expect", "").lower() == "100-continue":
+                # Only now, with the request routed, authorised and within max_body, does the
+                # client get to send its body (RFC 9110 §10.1.1).
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         started = time.perf_counter()
         try:
             upstream = await self._session.request(
@@ -181,7 +185,7 @@ class Forwarder:
 
     async def _relay(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         upstream: aiohttp.ClientResponse,
         request_id: str,
         limit: BodyLimit | None,

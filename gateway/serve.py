@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from gateway import __version__
-from gateway.app import Gateway, build_admin_app, build_proxy_app
+from gateway.app import Gateway, build_admin_app, build_proxy_server
 from gateway.config import Config, mask_url
 
 log = logging.getLogger("idlegate")
@@ -45,11 +45,11 @@ class Running:
     """A started gateway with both listeners; `drain()` is the SIGTERM path."""
 
     gateway: Gateway
-    proxy: web.AppRunner
+    proxy: web.BaseRunner
     admin: web.AppRunner
 
     def addresses(self) -> tuple[str, str]:
-        def first(runner: web.AppRunner) -> str:
+        def first(runner: web.BaseRunner) -> str:
             host, port = runner.addresses[0][:2]
             return f"http://{host}:{port}"
 
@@ -83,14 +83,16 @@ async def start(
     except BaseException:
         await gateway.close()
         raise
-    proxy = web.AppRunner(
-        await build_proxy_app(gateway),
-        access_log=None,
-        auto_decompress=False,  # bodies pass through as sent
+    proxy = web.ServerRunner(
+        build_proxy_server(
+            gateway,
+            access_log=None,
+            auto_decompress=False,  # bodies pass through as sent
+            # Room for a token just over 16 KiB, which the gateway refuses itself
+            # (malformed_token); larger header fields get aiohttp's 400.
+            max_field_size=32 * 1024,
+        ),
         shutdown_timeout=_CLEANUP_TIMEOUT,  # the drain itself waits up to shutdown_grace
-        # Room for a token just over 16 KiB, which the gateway refuses itself (malformed_token);
-        # larger header fields get aiohttp's 400.
-        max_field_size=32 * 1024,
     )
     admin = web.AppRunner(build_admin_app(gateway), access_log=None, shutdown_timeout=2)
     running = Running(gateway, proxy, admin)

@@ -271,3 +271,28 @@ async def test_smuggling_shapes_are_400_and_nothing_reaches_upstream(
     raw = await asyncio.to_thread(_raw_exchange, port, request_bytes)
     assert raw.split(b" ", 2)[1] == b"400", raw[:200]
     assert upstream.received == []
+
+
+async def test_expect_100_continue_is_answered_only_for_accepted_requests(
+    gateways: GatewayFactory, upstream: Upstream
+):
+    gw = await gateways()
+    port = gw.running.proxy.addresses[0][1]
+    head = (
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+        "Expect: 100-continue\r\nConnection: close\r\n\r\n"
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(head.format(path="/public/upload").encode())
+    assert (await reader.readline()).startswith(b"HTTP/1.1 100")
+    await reader.readline()
+    writer.write(b"hello")
+    assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+    writer.close()
+    assert upstream.received[-1].body_length == 5
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(head.format(path="/api/upload").encode())  # no token
+    assert (await reader.readline()).startswith(b"HTTP/1.1 401")
+    writer.close()
+    assert len(upstream.received) == 1
