@@ -60,6 +60,15 @@ class AdminAPI:
         self._clock = clock
         self._config = config
 
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        app.router.add_post("/admin/revoke", self.revoke)
+        app.router.add_get("/admin/tokens/{jti}", self.token)
+        return app
+
     async def metrics(self, request: web.Request) -> web.Response:
         body = generate_latest(_registry())
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -162,29 +171,3 @@ class AdminAPI:
                 "revoked": self._revocations.is_key_revoked("jti", key),
             }
         )
-
-
-def build_app(
-    *,
-    readiness: Readiness,
-    revocations: RevocationList,
-    store: Store,
-    hasher: KeyHasher,
-    clock: Clock,
-    config: Config,
-) -> web.Application:
-    api = AdminAPI(
-        readiness=readiness,
-        revocations=revocations,
-        store=store,
-        hasher=hasher,
-        clock=clock,
-        config=config,
-    )
-    app = web.Application()
-    app.router.add_get("/metrics", api.metrics)
-    app.router.add_get("/healthz", api.healthz)
-    app.router.add_get("/readyz", api.readyz)
-    app.router.add_post("/admin/revoke", api.revoke)
-    app.router.add_get("/admin/tokens/{jti}", api.token)
-    return app

@@ -324,11 +324,11 @@ def build_proxy_server(gateway: Gateway, **handler_options: Any) -> web.Server:
 
 
 def build_admin_app(gateway: Gateway) -> web.Application:
-    return admin.build_app(
+    return admin.AdminAPI(
         readiness=gateway.readiness,
         revocations=gateway.revocations,
         store=gateway.store,
         hasher=gateway.hasher,
         clock=gateway.clock,
         config=gateway.config,
-    )
+    ).app()
