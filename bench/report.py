@@ -82,7 +82,7 @@ def latency(data: dict[str, Any]) -> list[str]:
             "|---|---|---:|---:|---:|---:|---:|---:|",
         ]
         for index, row in enumerate(level["rounds"], 1):
-            for name in ("bare", "gateway"):
+            for name in [k for k in row if isinstance(row[k], dict)]:
                 r = row[name]
                 lines.append(
                     f"| {index} | {name} | {r['achieved_rate']:.0f} | {r['p50_ms']:.3f}"
@@ -99,6 +99,11 @@ def latency(data: dict[str, Any]) -> list[str]:
             f"Medians: p50 bare {m['bare_p50_ms']:.3f} / gateway {m['gateway_p50_ms']:.3f} ms;"
             f" p99 bare {m['bare_p99_ms']:.3f} / gateway {m['gateway_p99_ms']:.3f} ms;"
             f" **added p99 {m['added_p99_ms']:.3f} ms**, added p50 {m['added_p50_ms']:.3f} ms.",
+            *[
+                f"Variant {k.removeprefix('added_p99_ms_')}: added p99 {v:.3f} ms."
+                for k, v in m.items()
+                if k.startswith("added_p99_ms_")
+            ],
             "",
         ]
     return lines

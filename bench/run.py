@@ -396,7 +396,7 @@ class Bench:
             "median": medians(rounds, [t.name for t in targets]),
         }
 
-    def phase_latency(self, bare: Target, gateway: Target) -> None:
+    def phase_latency(self, bare: Target, gateway: Target, variants: list[Target]) -> None:
         args = self.args
         peak = self.results.get("throughput", {}).get("median", {}).get("bare_rps")
         if peak is None:
@@ -408,22 +408,24 @@ class Bench:
             peak = statistics.median(peaks)
         levels = []
         for load in args.latency_loads:
-            levels.append(self.latency_level(bare, gateway, peak, load))
+            levels.append(self.latency_level(bare, gateway, variants, peak, load))
         self.results["latency"] = {"bare_peak_rps": peak, "levels": levels}
 
     def latency_level(
-        self, bare: Target, gateway: Target, peak: float, load: float
+        self, bare: Target, gateway: Target, variants: list[Target], peak: float, load: float
     ) -> dict[str, Any]:
         args = self.args
         rate = peak * load
         tokens = self.tokens(args.tokens)
         print(f"latency: open loop at {rate:.0f} req/s ({load:.0%} of bare peak {peak:.0f})")
-        for target in (bare, gateway):  # warm-up at the same rate
+        targets = [bare, gateway, *variants]
+        for target in targets:  # warm-up at the same rate
             self.openloop(target, tokens, rate, 2, f"lat{load:g}-warmup-{target.name}")
         rounds = []
         for index in range(args.rounds):
-            order = (bare, gateway) if index % 2 == 0 else (gateway, bare)
-            row = {}
+            shift = index % len(targets)
+            order = targets[shift:] + targets[:shift]
+            row: dict[str, Any] = {}
             for target in order:
                 label = f"lat{load:g}-r{index + 1}-{target.name}"
                 result = self.openloop(target, tokens, rate, args.duration, label)
@@ -437,6 +439,10 @@ class Bench:
                 )
             row["added_p50_ms"] = row["gateway"]["p50_ms"] - row["bare"]["p50_ms"]
             row["added_p99_ms"] = row["gateway"]["p99_ms"] - row["bare"]["p99_ms"]
+            for variant in variants:
+                row[f"added_p99_ms_{variant.name}"] = (
+                    row[variant.name]["p99_ms"] - row["bare"]["p99_ms"]
+                )
             print(f"  round {index + 1} added p99 = {row['added_p99_ms']:.3f} ms", flush=True)
             rounds.append(row)
 
@@ -456,6 +462,16 @@ class Bench:
                 "gateway_p99_ms": median_of(lambda r: r["gateway"]["p99_ms"]),
                 "bare_cpu": median_of(lambda r: r["bare"]["sut_cpu_util"]),
                 "gateway_cpu": median_of(lambda r: r["gateway"]["sut_cpu_util"]),
+                **{
+                    f"{v.name}_p99_ms": statistics.median(r[v.name]["p99_ms"] for r in rounds)
+                    for v in variants
+                },
+                **{
+                    f"added_p99_ms_{v.name}": statistics.median(
+                        r[f"added_p99_ms_{v.name}"] for r in rounds
+                    )
+                    for v in variants
+                },
             },
         }
 
@@ -933,7 +949,7 @@ def main() -> int:
             if "cpucost" in phases:
                 bench.phase_cpucost([bare, gateway, *variants])
             if "latency" in phases:
-                bench.phase_latency(bare, gateway)
+                bench.phase_latency(bare, gateway, variants)
             if "profile" in phases:
                 bench.phase_profile(bare, gateway)
             for target in (bare, gateway, *variants):
