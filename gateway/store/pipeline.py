@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
+from collections.abc import Awaitable
 from typing import Any
 
 import hiredis
@@ -94,13 +95,22 @@ class PipelinedConnection:
     async def execute(self, *args: str | bytes | int | float, deadline: float | None = None) -> Any:
         """Send one command, wait for its reply. Fails with TimeoutError once `deadline` (loop
         time; default now + call_timeout) passed, ConnectionLost, OSError or ReplyError."""
-        loop = asyncio.get_running_loop()
+        return await self.call(*args, deadline=deadline)
+
+    def call(
+        self, *args: str | bytes | int | float, deadline: float | None = None
+    ) -> Awaitable[Any]:
+        """`execute` without a coroutine of its own when connected: the reply's future."""
         if deadline is None:
-            deadline = loop.time() + self._call_timeout
+            deadline = asyncio.get_running_loop().time() + self._call_timeout
         if self._transport is None or self._transport.is_closing():
-            async with asyncio.timeout_at(deadline):
-                await self._connect()
-        return await self._send(_pack(*args), deadline)
+            return self._connect_and_send(_pack(*args), deadline)
+        return self._send(_pack(*args), deadline)
+
+    async def _connect_and_send(self, command: bytes, deadline: float) -> Any:
+        async with asyncio.timeout_at(deadline):
+            await self._connect()
+        return await self._send(command, deadline)
 
     def _send(self, command: bytes, deadline: float | None = None) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()

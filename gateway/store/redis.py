@@ -29,6 +29,7 @@ from gateway.store.base import Revocation, RevocationKind, StoreUnavailable, Tou
 from gateway.store.pipeline import ConnectionLost, PipelinedConnection, ReplyError
 
 RedisClient = Redis | RedisCluster
+_FAILURES = (RedisError, TimeoutError, OSError, ReplyError)
 T = TypeVar("T")
 
 # Calls in flight per process, and so connections (per node with Cluster): enough for the proxy's
@@ -68,6 +69,7 @@ class RedisStore:
         self._revocation_key = f"{key_prefix}:{{rev}}"
         self._touch_source = _script("check_and_touch.lua")
         self._check_and_touch = client.register_script(self._touch_source)
+        self._touch_duration = STORE_DURATION.labels(op="check_and_touch")
         self._revoke = client.register_script(_script("revoke.lua"))
         self._revocations = client.register_script(_script("revocations.lua"))
 
@@ -78,26 +80,26 @@ class RedisStore:
     def activity_key(self, key: str) -> str:
         return f"{self._prefix}:a:{key}"
 
-    async def _call(
-        self, op: str, call: Callable[[], Awaitable[T]], *, bounded_by_connection: bool = False
-    ) -> T:
+    def _unavailable(self, op: str, exc: BaseException) -> StoreUnavailable:
+        STORE_ERRORS.labels(op=op).inc()
+        if isinstance(exc, TimeoutError):
+            reason = f"timed out after {self._timeout:g}s"
+        else:
+            reason = f"{type(exc).__name__}: {exc}"
+        return StoreUnavailable(f"redis {op}: {reason}")
+
+    async def _call(self, op: str, call: Callable[[], Awaitable[T]]) -> T:
         started = time.perf_counter()
         try:
-            if bounded_by_connection:  # the pipelined connection times its calls out itself
-                return await call()
             async with asyncio.timeout(self._timeout), self._slots:
                 return await call()
-        except (RedisError, TimeoutError, OSError, ReplyError) as exc:
-            STORE_ERRORS.labels(op=op).inc()
-            if isinstance(exc, TimeoutError):
-                reason = f"timed out after {self._timeout:g}s"
-            else:
-                reason = f"{type(exc).__name__}: {exc}"
-            raise StoreUnavailable(f"redis {op}: {reason}") from exc
+        except _FAILURES as exc:
+            raise self._unavailable(op, exc) from exc
         finally:
             STORE_DURATION.labels(op=op).observe(time.perf_counter() - started)
 
     async def check_and_touch(self, touch: Touch) -> TouchResult:
+        key = self.activity_key(touch.key)
         args = (
             touch.initial,
             touch.now,
@@ -107,36 +109,38 @@ class RedisStore:
             touch.linger,
             int(touch.remember_idle),
         )
-        keys = [self.activity_key(touch.key)]
-        if self._pipelined is not None:
-            reply: list[Any] = await self._call(
-                "check_and_touch",
-                lambda: self._pipelined_touch(keys[0], args),
-                bounded_by_connection=True,
-            )
-        else:
+        if self._pipelined is None:
             reply = await self._call(
-                "check_and_touch", lambda: self._check_and_touch(keys=keys, args=args)
+                "check_and_touch", lambda: self._check_and_touch(keys=[key], args=args)
             )
+            return TouchResult(last_activity=float(reply[0]), idle=bool(reply[1]))
+        # The request path: as few coroutine levels as possible between the request and the
+        # pipelined reply (each one is walked again when the reply wakes the request up).
+        started = time.perf_counter()
+        try:
+            reply = await self._pipelined_touch(key, args)
+        except _FAILURES as exc:
+            raise self._unavailable("check_and_touch", exc) from exc
+        finally:
+            self._touch_duration.observe(time.perf_counter() - started)
         return TouchResult(last_activity=float(reply[0]), idle=bool(reply[1]))
 
     async def _pipelined_touch(self, key: str, args: tuple[float | int, ...]) -> Any:
+        """EVALSHA over the pipelined connection; bounded by store.timeout, retry included
+        (the connection's watchdog fails the call at `deadline`)."""
         connection = self._pipelined
         assert connection is not None
         sha = self._check_and_touch.sha
-        # The whole call, retry included, ends by one deadline: store.timeout from now.
         deadline = asyncio.get_running_loop().time() + self._timeout
         for attempt in (1, 2):
             try:
                 try:
-                    return await connection.execute(
-                        "EVALSHA", sha, 1, key, *args, deadline=deadline
-                    )
+                    return await connection.call("EVALSHA", sha, 1, key, *args, deadline=deadline)
                 except ReplyError as exc:
                     if not str(exc).startswith("NOSCRIPT"):
                         raise
                     # A restarted or failed-over Redis forgot the script: EVAL caches it again.
-                    return await connection.execute(
+                    return await connection.call(
                         "EVAL", self._touch_source, 1, key, *args, deadline=deadline
                     )
             except ConnectionLost:
