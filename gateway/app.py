@@ -258,7 +258,8 @@ class Gateway:
     async def _authenticate(self, request: web.BaseRequest) -> VerifiedToken:
         """Bearer token -> verified token that is neither revoked nor too old a session."""
         assert self.verifier is not None, "Gateway.start() was not awaited"
-        token = await self.verifier.verify(bearer_token(request.headers, request.query_string))
+        presented = bearer_token(request.headers, request.query_string)
+        token = self.verifier.cached(presented) or await self.verifier.verify(presented)
         if self.revocations.is_revoked(token):
             raise Refusal(Reason.REVOKED)
         policy.check_session_age(token, self._policy, self.clock.now())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import multiprocessing
 import os
@@ -111,8 +112,18 @@ async def start(
     return running
 
 
+def tune_gc() -> None:
+    """Long-lived start-up objects leave the collector's view, and young collections run less
+    often: under load, requests' objects otherwise got promoted and full collections of
+    40-50 ms hit p99 every few seconds (bench/RESULTS.md)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 100)
+
+
 async def serve(config: Config, *, reuse_port: bool = False, worker: int | None = None) -> None:
     running = await start(config, reuse_port=reuse_port)
+    tune_gc()
     proxy_url, admin_url = running.addresses()
     who = f" worker {worker}" if worker is not None else ""
     log.info(

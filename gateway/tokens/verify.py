@@ -161,12 +161,20 @@ class Verifier:
         self._cache: dict[str, VerifiedToken] = {}
         self._cache_size = cache_size
 
-    async def verify(self, token: str) -> VerifiedToken:
+    def cached(self, token: str) -> VerifiedToken | None:
+        """The fast path, without a coroutine: a token verified before whose key still stands
+        (time claims re-checked; may raise Refusal). None: call `verify`."""
         cached = self._cache.get(token)
-        if cached is not None and self._rings[cached.provider].lookup(cached.kid) is cached.key:
-            if cached.exp + self._policy.leeway <= self._clock.now():
-                del self._cache[token]  # never past exp: refused below, and forgotten
-            self._check_time(cached)
+        if cached is None or self._rings[cached.provider].lookup(cached.kid) is not cached.key:
+            return None
+        if cached.exp + self._policy.leeway <= self._clock.now():
+            del self._cache[token]  # never past exp: refused below, and forgotten
+        self._check_time(cached)
+        return cached
+
+    async def verify(self, token: str) -> VerifiedToken:
+        cached = self.cached(token)
+        if cached is not None:
             return cached
         verified = await self._verify_uncached(token)
         self._check_time(verified)
