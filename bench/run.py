@@ -576,8 +576,14 @@ class Bench:
             )
             try:
                 time.sleep(0.5)
+                # py-spy itself shows as "other" load here: no repeats.
                 result = self.wrk(
-                    target, tokens, args.profile_seconds, f"prof-{target.name}", LOAD_CPU
+                    target,
+                    tokens,
+                    args.profile_seconds,
+                    f"prof-{target.name}",
+                    LOAD_CPU,
+                    retry=False,
                 )
                 spy.wait(timeout=args.profile_seconds + 30)
             finally:
