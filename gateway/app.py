@@ -119,6 +119,8 @@ class Gateway:
         self.recent = RecentActivity()
         self.access_log = access_log or AccessLog(enabled=config.server.access_log)
         self.draining = False
+        self._grace_mode = config.store.on_error == "grace"
+        self._idle_gap = metrics.TOKEN_IDLE_GAP
         self.in_flight = 0  # requests inside `handle` now; the drain waits for it to reach 0
         self.quiet = asyncio.Event()  # set once draining with nothing in flight
         self._policy = config.policy
@@ -234,13 +236,23 @@ class Gateway:
         outcome.route = match.label
         identity: Mapping[str, str] = {}
         if route.auth == "required":
-            token = await self._authenticate(request)
-            outcome.token = token
+            # Written out rather than calling _authenticate/_check_activity: every coroutine
+            # level is walked again when the store's reply wakes the request (bench/RESULTS.md).
+            assert self.verifier is not None, "Gateway.start() was not awaited"
+            presented = bearer_token(request.headers, request.query_string)
+            token = self.verifier.cached(presented) or await self.verifier.verify(presented)
+            outcome.token = self._admit(token)
             policy.check_scopes(route.scopes, token.scopes)
             idle_timeout = policy.idle_timeout_for(self._policy, route)
-            await self._check_activity(
-                token, idle_timeout, extend=route.activity == "extend", outcome=outcome
-            )
+            extend = route.activity == "extend"
+            now = self.clock.now()
+            touch = policy.touch_for(token, self._policy, idle_timeout, now, extend=extend)
+            try:
+                result = await self.store.check_and_touch(touch)
+            except StoreUnavailable:
+                self._store_fallback(token, idle_timeout, now, outcome)
+            else:
+                self._record_activity(token, result, now, extend=extend)
             identity = token.identity
         headers = self.forwarder.upstream_headers(
             request,
@@ -260,6 +272,9 @@ class Gateway:
         assert self.verifier is not None, "Gateway.start() was not awaited"
         presented = bearer_token(request.headers, request.query_string)
         token = self.verifier.cached(presented) or await self.verifier.verify(presented)
+        return self._admit(token)
+
+    def _admit(self, token: VerifiedToken) -> VerifiedToken:
         if self.revocations.is_revoked(token):
             raise Refusal(Reason.REVOKED)
         policy.check_session_age(token, self._policy, self.clock.now())
@@ -275,12 +290,18 @@ class Gateway:
             result = await self.store.check_and_touch(touch)
         except StoreUnavailable:
             return self._store_fallback(token, idle_timeout, now, outcome)
+        self._record_activity(token, result, now, extend=extend)
+        return result
+
+    def _record_activity(
+        self, token: VerifiedToken, result: TouchResult, now: float, *, extend: bool
+    ) -> None:
+        """After the store's answer: refuse an idle token, else count how close it came."""
         if result.idle:
             raise Refusal(policy.idle_reason(self._policy))
-        metrics.TOKEN_IDLE_GAP.observe(max(0.0, now - result.last_activity))
-        if extend and self.config.store.on_error == "grace":
+        self._idle_gap.observe(max(0.0, now - result.last_activity))
+        if extend and self._grace_mode:
             self.recent.record(token.track_key, now)
-        return result
 
     def _store_fallback(
         self, token: VerifiedToken, idle_timeout: float, now: float, outcome: _Outcome
