@@ -241,7 +241,8 @@ class Gateway:
             assert self.verifier is not None, "Gateway.start() was not awaited"
             presented = bearer_token(request.headers, request.query_string)
             token = self.verifier.cached(presented) or await self.verifier.verify(presented)
-            outcome.token = self._admit(token)
+            outcome.token = token  # logged (jti, sub) whatever is decided next
+            self._admit(token)
             policy.check_scopes(route.scopes, token.scopes)
             idle_timeout = policy.idle_timeout_for(self._policy, route)
             extend = route.activity == "extend"
@@ -268,17 +269,16 @@ class Gateway:
             outcome.upstream_ms = (time.perf_counter() - upstream_started) * 1000
 
     async def _authenticate(self, request: web.BaseRequest) -> VerifiedToken:
-        """Bearer token -> verified token that is neither revoked nor too old a session."""
+        """The request's bearer token, verified (not yet admitted: see `_admit`)."""
         assert self.verifier is not None, "Gateway.start() was not awaited"
         presented = bearer_token(request.headers, request.query_string)
-        token = self.verifier.cached(presented) or await self.verifier.verify(presented)
-        return self._admit(token)
+        return self.verifier.cached(presented) or await self.verifier.verify(presented)
 
-    def _admit(self, token: VerifiedToken) -> VerifiedToken:
+    def _admit(self, token: VerifiedToken) -> None:
+        """Refuse a revoked token, or one of a session older than max_session_age."""
         if self.revocations.is_revoked(token):
             raise Refusal(Reason.REVOKED)
         policy.check_session_age(token, self._policy, self.clock.now())
-        return token
 
     async def _check_activity(
         self, token: VerifiedToken, idle_timeout: float, *, extend: bool, outcome: _Outcome
@@ -327,6 +327,7 @@ class Gateway:
             return web.json_response({"error": "method_not_allowed"}, status=405)
         token = await self._authenticate(request)
         outcome.token = token
+        self._admit(token)
         idle_timeout = self._policy.idle_timeout
         result = await self._check_activity(token, idle_timeout, extend=False, outcome=outcome)
         now = self.clock.now()
