@@ -12,46 +12,83 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class _Outcome:
+    code: str  # stable: the contract's reason code, spelled out (never derived from a name)
     status: int
     oauth_error: str | None
     message: str
 
 
 class Reason(enum.Enum):
-    MISSING_TOKEN = _Outcome(401, None, "a bearer token is required")
-    MALFORMED_REQUEST = _Outcome(400, "invalid_request", "the request's credentials are malformed")
-    MALFORMED_TOKEN = _Outcome(401, "invalid_token", "the token is not a well-formed JWT")
-    DISALLOWED_ALG = _Outcome(401, "invalid_token", "the token's algorithm is not allowed")
-    UNKNOWN_KEY = _Outcome(401, "invalid_token", "the token was signed by an unknown key")
-    BAD_SIGNATURE = _Outcome(401, "invalid_token", "the token's signature is invalid")
-    WRONG_ISSUER = _Outcome(401, "invalid_token", "the token's issuer is not trusted")
-    WRONG_AUDIENCE = _Outcome(401, "invalid_token", "the token is not meant for this API")
-    WRONG_TYPE = _Outcome(401, "invalid_token", "the token has the wrong type")
-    MISSING_CLAIM = _Outcome(401, "invalid_token", "the token lacks a required claim")
-    EXPIRED = _Outcome(401, "invalid_token", "the token has expired")
-    NOT_YET_VALID = _Outcome(401, "invalid_token", "the token is not valid yet")
-    ISSUED_IN_FUTURE = _Outcome(401, "invalid_token", "the token was issued in the future")
+    MISSING_TOKEN = _Outcome("missing_token", 401, None, "a bearer token is required")
+    MALFORMED_REQUEST = _Outcome(
+        "malformed_request", 400, "invalid_request", "the request's credentials are malformed"
+    )
+    MALFORMED_TOKEN = _Outcome(
+        "malformed_token", 401, "invalid_token", "the token is not a well-formed JWT"
+    )
+    DISALLOWED_ALG = _Outcome(
+        "disallowed_alg", 401, "invalid_token", "the token's algorithm is not allowed"
+    )
+    UNKNOWN_KEY = _Outcome(
+        "unknown_key", 401, "invalid_token", "the token was signed by an unknown key"
+    )
+    BAD_SIGNATURE = _Outcome(
+        "bad_signature", 401, "invalid_token", "the token's signature is invalid"
+    )
+    WRONG_ISSUER = _Outcome(
+        "wrong_issuer", 401, "invalid_token", "the token's issuer is not trusted"
+    )
+    WRONG_AUDIENCE = _Outcome(
+        "wrong_audience", 401, "invalid_token", "the token is not meant for this API"
+    )
+    WRONG_TYPE = _Outcome("wrong_type", 401, "invalid_token", "the token has the wrong type")
+    MISSING_CLAIM = _Outcome(
+        "missing_claim", 401, "invalid_token", "the token lacks a required claim"
+    )
+    EXPIRED = _Outcome("expired", 401, "invalid_token", "the token has expired")
+    NOT_YET_VALID = _Outcome("not_yet_valid", 401, "invalid_token", "the token is not valid yet")
+    ISSUED_IN_FUTURE = _Outcome(
+        "issued_in_future", 401, "invalid_token", "the token was issued in the future"
+    )
     LIFETIME_TOO_LONG = _Outcome(
-        401, "invalid_token", "the token was issued with a lifetime over the allowed maximum"
+        "lifetime_too_long",
+        401,
+        "invalid_token",
+        "the token was issued with a lifetime over the allowed maximum",
     )
-    IDLE_TIMEOUT = _Outcome(401, "invalid_token", "the token was idle for too long")
-    REVOKED = _Outcome(401, "invalid_token", "the token has been revoked")
-    SESSION_IDLE = _Outcome(401, "invalid_token", "the session was idle for too long")
-    SESSION_TOO_OLD = _Outcome(401, "invalid_token", "the session is older than allowed")
+    IDLE_TIMEOUT = _Outcome("idle_timeout", 401, "invalid_token", "the token was idle for too long")
+    REVOKED = _Outcome("revoked", 401, "invalid_token", "the token has been revoked")
+    SESSION_IDLE = _Outcome(
+        "session_idle", 401, "invalid_token", "the session was idle for too long"
+    )
+    SESSION_TOO_OLD = _Outcome(
+        "session_too_old", 401, "invalid_token", "the session is older than allowed"
+    )
     INSUFFICIENT_SCOPE = _Outcome(
-        403, "insufficient_scope", "the token lacks a scope this route requires"
+        "insufficient_scope",
+        403,
+        "insufficient_scope",
+        "the token lacks a scope this route requires",
     )
-    NO_ROUTE = _Outcome(404, None, "no route matches this path")
-    BAD_PATH = _Outcome(400, "invalid_request", "the request path is not acceptable")
-    PAYLOAD_TOO_LARGE = _Outcome(413, None, "the request body is too large")
-    STORE_UNAVAILABLE = _Outcome(503, None, "the session store is unavailable, retry shortly")
-    UPSTREAM_UNAVAILABLE = _Outcome(502, None, "the upstream service is unavailable")
-    UPSTREAM_TIMEOUT = _Outcome(504, None, "the upstream service did not answer in time")
-    INTERNAL_ERROR = _Outcome(500, None, "the gateway failed to handle the request")
+    NO_ROUTE = _Outcome("no_route", 404, None, "no route matches this path")
+    BAD_PATH = _Outcome("bad_path", 400, "invalid_request", "the request path is not acceptable")
+    PAYLOAD_TOO_LARGE = _Outcome("payload_too_large", 413, None, "the request body is too large")
+    STORE_UNAVAILABLE = _Outcome(
+        "store_unavailable", 503, None, "the session store is unavailable, retry shortly"
+    )
+    UPSTREAM_UNAVAILABLE = _Outcome(
+        "upstream_unavailable", 502, None, "the upstream service is unavailable"
+    )
+    UPSTREAM_TIMEOUT = _Outcome(
+        "upstream_timeout", 504, None, "the upstream service did not answer in time"
+    )
+    INTERNAL_ERROR = _Outcome(
+        "internal_error", 500, None, "the gateway failed to handle the request"
+    )
 
     @property
     def code(self) -> str:
-        return self.name.lower()
+        return self.value.code
 
     @property
     def status(self) -> int:
