@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway import __version__
 from gateway.app import Gateway, build_admin_app, build_proxy_server
@@ -23,6 +24,21 @@ log = logging.getLogger("idlegate")
 _CLEANUP_TIMEOUT = 0.1
 
 
+class _BadRequestLine(logging.Filter):
+    """aiohttp logs every malformed request (scanners, smuggling attempts) at ERROR with a
+    traceback; for an operator it is one line: who sent what the parser refused."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg = "refused a malformed HTTP request (400): %s"
+            record.args = (str(exc.message).splitlines()[0] if exc.message else exc.code,)
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
 def configure_logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(),
@@ -30,6 +46,7 @@ def configure_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.server").addFilter(_BadRequestLine())
 
 
 def install_uvloop() -> bool:

@@ -54,3 +54,26 @@ async def test_sigint_stops_serve_with_exit_0(spawn: Spawn, upstream: Upstream, 
     await gw.wait_ready()
     assert await gw.stop(signal.SIGINT, timeout=5) == 0, gw.describe()
     assert "Traceback" not in gw.stderr()
+
+
+async def test_a_malformed_request_is_one_log_line_not_a_traceback(
+    spawn: Spawn, upstream: Upstream, key_file: Path
+):
+    import asyncio
+
+    gw = spawn(e2e_config(upstream.url, key_file))
+    await gw.wait_ready()
+    host, port = gw.url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"POST /api/x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    )
+    assert (await reader.read()).split(b" ", 2)[1] == b"400"
+    writer.close()
+    assert await gw.stop(signal.SIGTERM) == 0
+    logged = [line for line in gw.stderr().splitlines() if "malformed HTTP request" in line]
+    assert len(logged) == 1, gw.describe()
+    assert "WARNING" in logged[0]
+    assert "Traceback" not in gw.stderr()
+    assert upstream.received == []
