@@ -179,24 +179,15 @@ class Forwarder:
             )
         histogram.observe(time.perf_counter() - started)
         try:
-            return await self._relay(request, upstream, request_id, limit)
-        finally:
-            upstream.release()
-
-    async def _relay(
-        self,
-        request: web.BaseRequest,
-        upstream: aiohttp.ClientResponse,
-        request_id: str,
-        limit: BodyLimit | None,
-    ) -> web.StreamResponse:
-        if limit is not None and limit.exceeded:
-            raise Refusal(Reason.PAYLOAD_TOO_LARGE)
-        headers = _filtered(upstream.headers, HOP_BY_HOP)
-        headers["X-Request-ID"] = request_id
-        length = upstream.content_length
-        bodiless = request.method == "HEAD" or upstream.status in (204, 304)
-        if length is not None and length <= _SMALL_RESPONSE and not bodiless:
+            if limit is not None and limit.exceeded:
+                raise Refusal(Reason.PAYLOAD_TOO_LARGE)
+            headers = _filtered(upstream.headers, HOP_BY_HOP)
+            headers["X-Request-ID"] = request_id
+            length = upstream.content_length
+            bodiless = request.method == "HEAD" or upstream.status in (204, 304)
+            if length is None or length > _SMALL_RESPONSE or bodiless:
+                return await self._stream(request, upstream, headers)
+            # Small bodies (the common case) are read here, without another coroutine level.
             try:
                 body = await upstream.read()
             except (TimeoutError, aiohttp.ClientError):
@@ -207,6 +198,16 @@ class Forwarder:
             return web.Response(
                 status=upstream.status, reason=upstream.reason, headers=headers, body=body
             )
+        finally:
+            upstream.release()
+
+    async def _stream(
+        self,
+        request: web.BaseRequest,
+        upstream: aiohttp.ClientResponse,
+        headers: CIMultiDict[str],
+    ) -> web.StreamResponse:
+        """Large, unsized or bodiless responses: relayed chunk by chunk, never held whole."""
         response = web.StreamResponse(
             status=upstream.status, reason=upstream.reason, headers=headers
         )
