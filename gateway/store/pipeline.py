@@ -44,8 +44,7 @@ class _Protocol(asyncio.Protocol):
         while (reply := self._reader.gets()) is not False:
             if not waiting:
                 break  # a reply nobody waits for: the connection is out of step
-            future = waiting.popleft()
-            self._owner.deadlines.popleft()
+            future, _ = waiting.popleft()
             if future.done():
                 continue  # its caller gave up (timeout); the reply is dropped
             if isinstance(reply, ReplyError):
@@ -58,7 +57,7 @@ class _Protocol(asyncio.Protocol):
 
 
 class PipelinedConnection:
-    """One TCP (or TLS) connection, (re)opened on demand; `execute` is safe to call concurrently."""
+    """One TCP (or TLS) connection, (re)opened on demand; `call` is safe to use concurrently."""
 
     def __init__(
         self,
@@ -83,24 +82,20 @@ class PipelinedConnection:
         self._connecting: asyncio.Future[None] | None = None
         self._out: list[bytes] = []
         self._flush_scheduled = False
-        self.waiting: deque[asyncio.Future[Any]] = deque()
-        # Deadlines of the waiting calls, in the same order. One watchdog timer for all of them
-        # instead of a timer per call: calls fail with TimeoutError between call_timeout and
-        # 1.25 x call_timeout after they were sent.
-        self._deadlines: deque[float] = deque()
+        # Calls sent and not yet answered, oldest first, each with its deadline (loop time). One
+        # watchdog timer for all of them instead of a timer per call: a call fails with
+        # TimeoutError at most call_timeout / 4 after its deadline.
+        self.waiting: deque[tuple[asyncio.Future[Any], float]] = deque()
         self._call_timeout = call_timeout
         self._watchdog: asyncio.TimerHandle | None = None
         self.last_reply = 0.0  # loop time
 
-    async def execute(self, *args: str | bytes | int | float, deadline: float | None = None) -> Any:
-        """Send one command, wait for its reply. Fails with TimeoutError once `deadline` (loop
-        time; default now + call_timeout) passed, ConnectionLost, OSError or ReplyError."""
-        return await self.call(*args, deadline=deadline)
-
     def call(
         self, *args: str | bytes | int | float, deadline: float | None = None
     ) -> Awaitable[Any]:
-        """`execute` without a coroutine of its own when connected: the reply's future."""
+        """Send one command; await the result for its reply. Fails with TimeoutError once
+        `deadline` (loop time; default now + call_timeout) passed, ConnectionLost, OSError or
+        ReplyError. When connected it returns the reply's future itself (no coroutine)."""
         if deadline is None:
             deadline = asyncio.get_running_loop().time() + self._call_timeout
         if self._transport is None or self._transport.is_closing():
@@ -112,11 +107,10 @@ class PipelinedConnection:
             await self._connect()
         return await self._send(command, deadline)
 
-    def _send(self, command: bytes, deadline: float | None = None) -> asyncio.Future[Any]:
+    def _send(self, command: bytes, deadline: float) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self.waiting.append(future)
-        self._deadlines.append(deadline or loop.time() + self._connect_timeout)
+        self.waiting.append((future, deadline))
         if self._watchdog is None:
             self._watchdog = loop.call_later(self._call_timeout / 4, self._watch)
         self._out.append(command)
@@ -135,11 +129,13 @@ class PipelinedConnection:
         self._watchdog = None
         loop = asyncio.get_running_loop()
         now = loop.time()
-        for future, deadline in zip(self.waiting, self._deadlines, strict=True):
+        for future, deadline in self.waiting:
             if deadline <= now and not future.done():
                 future.set_exception(TimeoutError())
-        # No reply at all for a whole timeout while calls wait: a half-open connection.
-        self.reset_if_stalled(after=self._call_timeout)
+        # Nothing heard for a whole timeout since the oldest call fell due: a half-open socket
+        # would otherwise hold every later call hostage.
+        if self.waiting and now - max(self.last_reply, self.waiting[0][1]) > self._call_timeout:
+            self.close()
         if self.waiting:
             self._watchdog = loop.call_later(self._call_timeout / 4, self._watch)
 
@@ -166,39 +162,25 @@ class PipelinedConnection:
         self._transport = transport
         self._out.clear()
         handshake = []
+        deadline = loop.time() + self._connect_timeout
         if self._password is not None:
             credentials = (self._username, self._password) if self._username else (self._password,)
-            handshake.append(self._send(_pack("AUTH", *credentials)))
+            handshake.append(self._send(_pack("AUTH", *credentials), deadline))
         if self._db:
-            handshake.append(self._send(_pack("SELECT", self._db)))
+            handshake.append(self._send(_pack("SELECT", self._db), deadline))
         if handshake:
             try:
-                async with asyncio.timeout(self._connect_timeout):
-                    await asyncio.gather(*handshake)
+                await asyncio.gather(*handshake)
             except BaseException:
                 self.close()
                 raise
 
-    @property
-    def deadlines(self) -> deque[float]:
-        return self._deadlines
-
     def lost(self, exc: Exception | None) -> None:
         self._transport = None
         waiting, self.waiting = self.waiting, deque()
-        self._deadlines = deque()
-        for future in waiting:
+        for future, _ in waiting:
             if not future.done():
                 future.set_exception(ConnectionLost(str(exc or "connection closed")))
-
-    def reset_if_stalled(self, after: float) -> None:
-        """Drop a connection on which calls wait and nothing was heard for `after` seconds:
-        a half-open socket would otherwise hold every later call hostage."""
-        if not self.waiting:
-            return
-        oldest_due = self._deadlines[0]
-        if asyncio.get_running_loop().time() - max(self.last_reply, oldest_due) > after:
-            self.close()
 
     def close(self) -> None:
         if self._transport is not None:

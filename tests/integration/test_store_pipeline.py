@@ -69,14 +69,14 @@ async def test_password_and_database_from_the_url(redis_server: RedisServer):
 async def test_a_late_reply_is_dropped_not_handed_to_the_next_caller(redis_server: RedisServer):
     connection = PipelinedConnection("127.0.0.1", redis_server.port)
     try:
-        await connection.execute("SET", "x", "first")
+        await connection.call("SET", "x", "first")
         redis_server.command("CLIENT", "PAUSE", "400", "ALL")
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.1):
-                await connection.execute("GET", "x")
+                await connection.call("GET", "x")
         await asyncio.sleep(0.5)
-        assert await connection.execute("ECHO", "second") == b"second"
+        assert await connection.call("ECHO", "second") == b"second"
         with pytest.raises(ReplyError):
-            await connection.execute("NOSUCHCOMMAND")
+            await connection.call("NOSUCHCOMMAND")
     finally:
         connection.close()
