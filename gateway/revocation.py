@@ -27,25 +27,30 @@ class RevocationList:
         self._entries: dict[tuple[RevocationKind, str], Revocation] = {}
         self._version = -1
         self._task: asyncio.Task[None] | None = None
-        self.synced = False
+
+    def _live(self, kind: RevocationKind, key: str | None) -> Revocation | None:
+        entry = self._entries.get((kind, key)) if key is not None else None
+        return entry if entry is not None and entry.until >= self._clock.now() else None
 
     def is_revoked(self, token: VerifiedToken) -> bool:
         if not self._entries:
             return False
-        now = self._clock.now()
-        for kind, key in (("jti", token.jti_key), ("sid", token.sid_key), ("sub", token.sub_key)):
-            if key is None:
+        ids: tuple[tuple[RevocationKind, str | None], ...] = (
+            ("jti", token.jti_key),
+            ("sid", token.sid_key),
+            ("sub", token.sub_key),
+        )
+        for kind, key in ids:
+            entry = self._live(kind, key)
+            if entry is None:
                 continue
-            entry = self._entries.get((kind, key))  # type: ignore[arg-type]
-            if entry is None or entry.until < now:
-                continue
+            # `issued_before` (revocation by sub): only tokens issued up to that moment.
             if entry.issued_before is None or token.iat <= entry.issued_before:
                 return True
         return False
 
     def is_key_revoked(self, kind: RevocationKind, key: str) -> bool:
-        entry = self._entries.get((kind, key))
-        return entry is not None and entry.until >= self._clock.now()
+        return self._live(kind, key) is not None
 
     async def revoke(self, revocation: Revocation) -> None:
         await self._store.revoke(revocation, self._clock.now())
@@ -58,7 +63,6 @@ class RevocationList:
             self._entries = {(e.kind, e.key): e for e in entries if e.until >= now}
             metrics.REVOCATIONS.set(len(self._entries))
         self._version = version
-        self.synced = True
 
     async def start(self) -> None:
         with contextlib.suppress(StoreUnavailable):
