@@ -49,13 +49,12 @@ def configure_logging(level: str) -> None:
     logging.getLogger("aiohttp.server").addFilter(_BadRequestLine())
 
 
-def install_uvloop() -> bool:
+def install_uvloop() -> None:
     try:
         import uvloop
     except ImportError:
-        return False
+        return  # optional: the standard event loop works, only slower
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return True
 
 
 @dataclass
@@ -167,10 +166,6 @@ def _worker(config: Config, index: int) -> None:
     asyncio.run(serve(config, reuse_port=True, worker=index))
 
 
-def _reuse_port_supported() -> bool:
-    return hasattr(socket, "SO_REUSEPORT")
-
-
 def run(config: Config, workers: int = 1) -> int:
     """Serve until SIGTERM/SIGINT; returns the process exit code."""
     configure_logging(config.server.log_level)
@@ -178,7 +173,7 @@ def run(config: Config, workers: int = 1) -> int:
         install_uvloop()
         asyncio.run(serve(config))
         return 0
-    if not _reuse_port_supported():
+    if not hasattr(socket, "SO_REUSEPORT"):
         log.error("--workers needs SO_REUSEPORT, which this platform lacks")
         return 2
     context = multiprocessing.get_context("spawn")
