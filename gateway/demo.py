@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shlex
 import shutil
 import signal
@@ -95,6 +96,11 @@ async def _main(
     except BaseException:
         await upstream.cleanup()
         raise
+    # Before the first line is printed: whoever reads it may press Ctrl-C at once.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
     base = f"http://127.0.0.1:{port}"
     fresh = mint(key, issuer=ISSUER, audience=AUDIENCE, subject="alice", ttl=600)
     long_lived = mint(key, issuer=ISSUER, audience=AUDIENCE, subject="alice", ttl=3600)
@@ -104,7 +110,13 @@ async def _main(
     _say(f"Metrics: http://127.0.0.1:{admin_port}/metrics")
     _say("")
     if walkthrough:
-        await _walkthrough(base, fresh, long_lived, idle_timeout)
+        walk = asyncio.ensure_future(_walkthrough(base, fresh, long_lived, idle_timeout))
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({walk, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        walk.cancel()  # Ctrl-C during the walkthrough ends the demo there
+        stopped.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await walk  # its errors, if any, surface here
     auth = shlex.quote(f"Authorization: Bearer {yours}")
     long_auth = shlex.quote(f"Authorization: Bearer {long_lived}")
     key_path = workdir / "dev-private.pem"
@@ -125,10 +137,6 @@ async def _main(
     _say(f"  # mint more tokens: {mint_cmd}")
     _say("")
     _say("Ctrl-C stops the demo.")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     await running.drain()
     await upstream.cleanup()

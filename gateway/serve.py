@@ -11,6 +11,8 @@ import os
 import signal
 import socket
 import sys
+import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -22,6 +24,12 @@ from gateway.config import Config, mask_url
 
 log = logging.getLogger("idlegate")
 _CLEANUP_TIMEOUT = 0.1
+# Closing upstream/store connections and the admin listener: each normally takes
+# milliseconds; a step that hangs is logged with what it was waiting for and abandoned, so
+# SIGTERM always ends the process.
+_CLOSE_TIMEOUT = 3.0
+# `--workers`: how long past shutdown_grace the parent waits before it kills a worker.
+_WORKER_EXIT_MARGIN = 10.0
 
 
 class _BadRequestLine(logging.Filter):
@@ -87,8 +95,33 @@ class Running:
         if self.gateway.in_flight:
             log.warning("shutdown_grace over: %d request(s) cut off", self.gateway.in_flight)
         await self.proxy.cleanup()  # what is left gets _CLEANUP_TIMEOUT, then is cancelled
-        await self.gateway.close()
-        await self.admin.cleanup()
+        await _bounded("closing upstream, key and store connections", self.gateway.close())
+        await _bounded("closing the admin listener", self.admin.cleanup())
+
+
+async def _bounded(step: str, awaitable: Awaitable[None]) -> None:
+    """Run one shutdown step for at most _CLOSE_TIMEOUT; if it hangs, log every task still
+    pending (with where it waits) and go on."""
+    task = asyncio.ensure_future(awaitable)
+    done, _ = await asyncio.wait({task}, timeout=_CLOSE_TIMEOUT)
+    if done:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("shutdown: %s failed", step, exc_info=task.exception())
+        return
+    log.error("shutdown: %s did not finish within %.0fs; abandoned", step, _CLOSE_TIMEOUT)
+    log_pending_tasks()
+    task.cancel()
+
+
+def log_pending_tasks() -> None:
+    for pending in asyncio.all_tasks():
+        if pending is asyncio.current_task():
+            continue
+        where = "; ".join(
+            f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}"
+            for frame in pending.get_stack(limit=8)
+        )
+        log.error("shutdown: pending task %s at %s", pending.get_name(), where or "?")
 
 
 async def start(
@@ -140,6 +173,11 @@ def tune_gc() -> None:
 async def serve(config: Config, *, reuse_port: bool = False, worker: int | None = None) -> None:
     running = await start(config, reuse_port=reuse_port)
     tune_gc()
+    # Before the startup line: a supervisor that waits for it may signal at once.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
     proxy_url, admin_url = running.addresses()
     who = f" worker {worker}" if worker is not None else ""
     log.info(
@@ -150,14 +188,24 @@ async def serve(config: Config, *, reuse_port: bool = False, worker: int | None 
         admin_url,
         mask_url(config.store.url),
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     log.info("draining: readiness off, listener closed, waiting for in-flight requests")
     await running.drain()
+    await _cancel_leftovers()
     log.info("stopped")
+
+
+async def _cancel_leftovers() -> None:
+    """asyncio.run would wait, without limit, for tasks still running after the drain; one
+    that ignored its cancellation would keep the process alive. Give them _CLOSE_TIMEOUT."""
+    leftovers = asyncio.all_tasks() - {asyncio.current_task()}
+    for task in leftovers:
+        task.cancel()
+    if leftovers:
+        _, pending = await asyncio.wait(leftovers, timeout=_CLOSE_TIMEOUT)
+        if pending:
+            log.error("shutdown: %d task(s) ignored cancellation", len(pending))
+            log_pending_tasks()
 
 
 def _worker(config: Config, index: int) -> None:
@@ -185,9 +233,12 @@ def run(config: Config, workers: int = 1) -> int:
         process.start()
 
     forwarded: set[int] = set()
+    deadline: list[float] = []  # set by the first signal: when stragglers get killed
 
     def forward(signum: int, _frame: object) -> None:
         forwarded.add(signum)
+        if not deadline:
+            deadline.append(time.monotonic() + config.server.shutdown_grace + _WORKER_EXIT_MARGIN)
         for process in processes:
             if process.pid is not None:
                 with contextlib.suppress(ProcessLookupError):
@@ -197,7 +248,12 @@ def run(config: Config, workers: int = 1) -> int:
     signal.signal(signal.SIGINT, forward)
     codes = []
     for process in processes:
-        process.join()
+        while process.exitcode is None:
+            process.join(timeout=0.5)
+            if process.exitcode is None and deadline and time.monotonic() > deadline[0]:
+                log.error("worker %s did not stop in time; killing it", process.name)
+                process.kill()
+                process.join()
         code = process.exitcode or 0
         # A worker stopped by the signal we forwarded before it could install its own handler
         # (still starting) stopped as asked.
