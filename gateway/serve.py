@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -115,13 +116,22 @@ async def _bounded(step: str, awaitable: Awaitable[None]) -> None:
 
 def log_pending_tasks() -> None:
     for pending in asyncio.all_tasks():
-        if pending is asyncio.current_task():
-            continue
-        where = "; ".join(
-            f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}"
-            for frame in pending.get_stack(limit=8)
-        )
-        log.error("shutdown: pending task %s at %s", pending.get_name(), where or "?")
+        if pending is not asyncio.current_task():
+            log.error("shutdown: pending task %s at %s", pending.get_name(), _awaiting(pending))
+
+
+def _awaiting(task: asyncio.Task[Any]) -> str:
+    """The chain of coroutines the task waits in, outermost first (get_stack() gives one)."""
+    where: list[str] = []
+    awaited: Any = task.get_coro()
+    while awaited is not None and len(where) < 20:
+        frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+        if frame is None:
+            where.append(type(awaited).__name__)
+            break
+        where.append(f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
+        awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+    return " > ".join(where) or "?"
 
 
 async def start(

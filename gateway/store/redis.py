@@ -208,7 +208,11 @@ class RedisStore:
 def _connection_options(timeout: float) -> dict[str, Any]:
     return {
         "socket_connect_timeout": timeout,
-        "socket_timeout": timeout,
+        # No socket_timeout: every call is bounded by `_call`'s asyncio.timeout instead. With
+        # one, redis-py sends through asyncio.wait_for, which on Python 3.11 swallows a
+        # cancellation that arrives as the send completes: a cancelled background task
+        # (the revocation poll at shutdown) then ran on, and the process never exited.
+        "socket_timeout": None,
         "socket_keepalive": True,
         "health_check_interval": HEALTH_CHECK_INTERVAL,
         # One immediate retry on a dropped connection (e.g. after a Redis restart): the scripts

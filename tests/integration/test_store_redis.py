@@ -4,6 +4,7 @@ then what only Redis has: TTLs, one round trip, reconnects, timeouts, shared rev
 from __future__ import annotations
 
 import asyncio
+import random
 import re
 import time
 from collections.abc import AsyncIterator
@@ -455,6 +456,31 @@ async def test_redis_call_past_timeout_fails_and_leaves_no_stale_reply(
         assert await store.last_activity("b") == iat + 7
         result = await store.check_and_touch(make_touch(iat + 9, key="b", initial=iat))
         assert result == TouchResult(last_activity=iat + 7, idle=False)
+    finally:
+        await store.close()
+
+
+async def test_redis_calls_honour_cancellation_at_any_moment(redis_server: RedisServer) -> None:
+    """A cancelled call ends: the revocation poll is cancelled at shutdown, and a call that
+    swallowed it (Python 3.11's asyncio.wait_for, used by redis-py with socket_timeout) kept
+    the worker alive for ever. Cancel at random points of many calls; each must end."""
+    store = redis_store(redis_server)
+    rng = random.Random(7)
+
+    async def poll() -> None:
+        while True:
+            await store.revocations(0)
+            await store.ping()
+
+    try:
+        for _ in range(300):
+            task = asyncio.create_task(poll())
+            await asyncio.sleep(rng.random() * 0.002)
+            task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=1.0)
+            assert done, "a cancelled store call kept running"
+            assert task.cancelled()
+        await store.ping()  # and the store is still usable
     finally:
         await store.close()
 
