@@ -52,7 +52,9 @@ class AdminAPI:
         hasher: KeyHasher,
         clock: Clock,
         config: Config,
+        before_scrape: Callable[[], None] | None = None,
     ) -> None:
+        self._before_scrape = before_scrape  # gauges the request path does not keep up to date
         self._readiness = readiness
         self._revocations = revocations
         self._store = store
@@ -70,6 +72,8 @@ class AdminAPI:
         return app
 
     async def metrics(self, request: web.Request) -> web.Response:
+        if self._before_scrape is not None:
+            self._before_scrape()
         body = generate_latest(_registry())
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

@@ -6,6 +6,9 @@ each worker writes its samples to shared files and a scrape of any worker shows 
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram
 
 from gateway import __version__
@@ -89,3 +92,54 @@ REVOCATIONS = Gauge(
     "Revocation entries currently in force at this instance.",
     multiprocess_mode="max",
 )
+
+
+class BatchedHistogram:
+    """One labelled histogram observed on the request path: observations are counted in plain
+    lists (a bisect and two additions, ~0.2 µs) and added to the Prometheus histogram by
+    `flush()`, which the gateway calls before every scrape it serves, every second (the other
+    workers' scrapes with --workers) and at shutdown. A locked Prometheus observe() cost
+    ~0.75 µs, and the request path makes four."""
+
+    __slots__ = ("_bounds", "_child", "_counts", "_sum")
+
+    def __init__(self, child: Any) -> None:
+        self._child = child
+        # The same buckets Histogram.observe picks: the first upper bound >= the value.
+        self._bounds: tuple[float, ...] = tuple(child._upper_bounds)
+        self._counts = [0] * len(self._bounds)
+        self._sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        self._counts[bisect_left(self._bounds, amount)] += 1
+        self._sum += amount
+
+    def flush(self) -> None:
+        counts, total = self._counts, self._sum
+        if not any(counts):
+            return
+        self._counts, self._sum = [0] * len(counts), 0.0
+        buckets = self._child._buckets
+        for index, count in enumerate(counts):
+            if count:
+                buckets[index].inc(count)
+        self._child._sum.inc(total)
+
+
+# By the id of the Prometheus child (children live as long as their metric: the process).
+_batched: dict[int, BatchedHistogram] = {}
+
+
+def batched(child: Any) -> BatchedHistogram:
+    """The one batching front of a labelled histogram (e.g. `STORE_DURATION.labels(op=...)`)
+    or of an unlabelled one."""
+    front = _batched.get(id(child))
+    if front is None:
+        front = _batched[id(child)] = BatchedHistogram(child)
+    return front
+
+
+def flush() -> None:
+    """Every batched observation into the Prometheus histograms."""
+    for front in _batched.values():
+        front.flush()

@@ -174,8 +174,8 @@ class Forwarder:
             raise Refusal(Reason.UPSTREAM_UNAVAILABLE) from None
         histogram = self._upstream_durations.get(match.label)
         if histogram is None:
-            histogram = self._upstream_durations[match.label] = metrics.UPSTREAM_DURATION.labels(
-                match.label
+            histogram = self._upstream_durations[match.label] = metrics.batched(
+                metrics.UPSTREAM_DURATION.labels(match.label)
             )
         histogram.observe(time.perf_counter() - started)
         try:

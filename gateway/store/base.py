@@ -18,7 +18,8 @@ class StoreUnavailable(Exception):
     """The store failed or did not answer within `store.timeout`."""
 
 
-@dataclass(frozen=True, slots=True)
+# Touch and TouchResult are made per request: not frozen, whose __init__ costs ~0.8 µs more.
+@dataclass(slots=True)
 class Touch:
     """One request's activity check, decided and recorded atomically by the store.
 
@@ -43,7 +44,7 @@ class Touch:
     remember_idle: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TouchResult:
     last_activity: float  # as it was before this request (== initial when never seen)
     idle: bool  # refused: nothing was updated

@@ -12,7 +12,7 @@ import heapq
 import math
 import time
 
-from gateway.metrics import STORE_DURATION
+from gateway.metrics import STORE_DURATION, batched
 from gateway.store.base import Revocation, RevocationKind, Touch, TouchResult
 
 # The expiry heap holds one entry per lifetime change; past this many stale entries per live
@@ -32,7 +32,7 @@ class MemoryStore:
         self._now = -math.inf
         self._revocations: dict[tuple[RevocationKind, str], Revocation] = {}
         self._version = 0
-        self._touch_duration = STORE_DURATION.labels(op="check_and_touch")
+        self._touch_duration = batched(STORE_DURATION.labels(op="check_and_touch"))
 
     def __len__(self) -> int:
         """Records held (live ones, plus any expired since the last write)."""

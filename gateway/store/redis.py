@@ -24,7 +24,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from gateway.metrics import STORE_DURATION, STORE_ERRORS
+from gateway.metrics import STORE_DURATION, STORE_ERRORS, batched
 from gateway.store.base import Revocation, RevocationKind, StoreUnavailable, Touch, TouchResult
 from gateway.store.pipeline import ConnectionLost, PipelinedConnection, ReplyError
 
@@ -69,7 +69,7 @@ class RedisStore:
         self._revocation_key = f"{key_prefix}:{{rev}}"
         self._touch_source = _script("check_and_touch.lua")
         self._check_and_touch = client.register_script(self._touch_source)
-        self._touch_duration = STORE_DURATION.labels(op="check_and_touch")
+        self._touch_duration = batched(STORE_DURATION.labels(op="check_and_touch"))
         self._revoke = client.register_script(_script("revoke.lua"))
         self._revocations = client.register_script(_script("revocations.lua"))
 
@@ -116,39 +116,51 @@ class RedisStore:
             return TouchResult(last_activity=float(reply[0]), idle=bool(reply[1]))
         # The request path: as few coroutine levels as possible between the request and the
         # pipelined reply (each one is walked again when the reply wakes the request up).
+        # Bounded by store.timeout, retry included: the connection's watchdog fails the call
+        # at `deadline`.
+        connection = self._pipelined
         started = time.perf_counter()
+        deadline = asyncio.get_running_loop().time() + self._timeout
         try:
-            reply = await self._pipelined_touch(key, args)
+            try:
+                reply = await connection.call(
+                    "EVALSHA", self._check_and_touch.sha, 1, key, *args, deadline=deadline
+                )
+            except (ReplyError, ConnectionLost) as exc:
+                reply = await self._touch_again(key, args, deadline, exc)
         except _FAILURES as exc:
             raise self._unavailable("check_and_touch", exc) from exc
         finally:
             self._touch_duration.observe(time.perf_counter() - started)
         return TouchResult(last_activity=float(reply[0]), idle=bool(reply[1]))
 
-    async def _pipelined_touch(self, key: str, args: tuple[float | int, ...]) -> Any:
-        """EVALSHA over the pipelined connection; bounded by store.timeout, retry included
-        (the connection's watchdog fails the call at `deadline`)."""
+    async def _touch_again(
+        self,
+        key: str,
+        args: tuple[float | int, ...],
+        deadline: float,
+        failure: ReplyError | ConnectionLost,
+    ) -> Any:
+        """After a failed EVALSHA. NOSCRIPT (a restarted or failed-over Redis forgot the
+        script): EVAL caches it again. A lost connection (e.g. a Redis restart): one immediate
+        retry on a fresh connection; the script is safe to repeat (max() semantics)."""
         connection = self._pipelined
         assert connection is not None
-        sha = self._check_and_touch.sha
-        deadline = asyncio.get_running_loop().time() + self._timeout
-        for attempt in (1, 2):
+        retried = False
+        while True:
+            if isinstance(failure, ReplyError):
+                if not str(failure).startswith("NOSCRIPT"):
+                    raise failure
+                command: tuple[str, str] = ("EVAL", self._touch_source)
+            elif retried:
+                raise failure
+            else:
+                retried = True
+                command = ("EVALSHA", self._check_and_touch.sha)
             try:
-                try:
-                    return await connection.call("EVALSHA", sha, 1, key, *args, deadline=deadline)
-                except ReplyError as exc:
-                    if not str(exc).startswith("NOSCRIPT"):
-                        raise
-                    # A restarted or failed-over Redis forgot the script: EVAL caches it again.
-                    return await connection.call(
-                        "EVAL", self._touch_source, 1, key, *args, deadline=deadline
-                    )
-            except ConnectionLost:
-                if attempt == 2:
-                    raise
-                # One immediate retry on a fresh connection (e.g. after a Redis restart): the
-                # script is safe to repeat (max() semantics), and it stays within the timeout.
-        raise AssertionError("unreachable")
+                return await connection.call(*command, 1, key, *args, deadline=deadline)
+            except (ReplyError, ConnectionLost) as exc:
+                failure = exc
 
     async def last_activity(self, key: str) -> float | None:
         value: bytes | str | None = await self._call(

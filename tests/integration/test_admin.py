@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from pathlib import Path
 
@@ -58,6 +59,50 @@ async def test_metrics_have_contract_names_and_bounded_route_labels(
     assert "30.0" in les
     ops = {s["op"] for s in samples["idlegate_store_duration_seconds_bucket"]}
     assert "check_and_touch" in ops
+
+
+def sample_value(text: str, name: str, **labels: str) -> float:
+    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    pattern = re.escape(name) + (r"\{" + re.escape(wanted) + r"\}" if wanted else "") + r" (\S+)"
+    match = re.search(r"^" + pattern + r"$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+async def test_a_scrape_shows_every_request_so_far_and_those_in_flight(
+    gateways: GatewayFactory, upstream: Upstream, redis_server: RedisServer
+):
+    """The request path batches its histograms and keeps in-flight as a plain counter; a
+    scrape must still see exactly what happened until then, with no lag."""
+    gw = await gateways(store_url=redis_server.url)
+
+    async def scrape() -> str:
+        async with aiohttp.ClientSession() as http, http.get(gw.admin_url + "/metrics") as r:
+            return await r.text()
+
+    before = await scrape()
+    token = gw.token()
+    for _ in range(7):
+        assert (await gw.get("/api/orders/1", token)).status == 200
+    slow = asyncio.create_task(gw.get("/api/slow?s=1.5", token))
+    for _ in range(250):  # until the upstream holds it
+        if len(upstream.received) == 8:
+            break
+        await asyncio.sleep(0.02)
+    during = await scrape()
+    await slow
+    after = await scrape()
+
+    def moved(name: str, text: str, **labels: str) -> float:
+        return sample_value(text, name, **labels) - sample_value(before, name, **labels)
+
+    count = "idlegate_request_duration_seconds_count"
+    assert moved(count, during, route="/api/") == 7
+    assert moved("idlegate_upstream_duration_seconds_count", during, route="/api/") == 7
+    assert moved("idlegate_store_duration_seconds_count", during, op="check_and_touch") == 8
+    assert moved("idlegate_token_idle_gap_seconds_count", during) == 8
+    assert sample_value(during, "idlegate_in_flight_requests") == 1
+    assert moved(count, after, route="/api/") == 8
+    assert sample_value(after, "idlegate_in_flight_requests") == 0
 
 
 async def test_health_and_readiness(
