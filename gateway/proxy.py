@@ -1,7 +1,9 @@
 """Forwarding: header hygiene, streaming both ways, upstream errors.
 
-One `ClientSession` per process holds the keep-alive pool. Bodies are streamed chunk by chunk
-(never read whole); a request body is cut off at `max_body`.
+Bodyless requests to http:// upstreams (the common case) go through the lean client in
+`gateway/upstream.py`, one keep-alive pool per upstream origin; requests with a body and https
+upstreams through one aiohttp `ClientSession`. Bodies are streamed chunk by chunk (never read
+whole); a request body is cut off at `max_body`.
 """
 
 from __future__ import annotations
@@ -13,13 +15,19 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict, MultiMapping
 from yarl import URL
 
 from gateway import metrics
 from gateway.config import Forward
 from gateway.reasons import Reason, Refusal
 from gateway.routing import Match
+from gateway.upstream import (
+    UpstreamConnectTimeout,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamTimeout,
+)
 
 # RFC 9110 §7.6.1 plus the legacy ones proxies still meet.
 HOP_BY_HOP = frozenset(
@@ -43,14 +51,14 @@ _CHUNK = 64 * 1024
 _SMALL_RESPONSE = 64 * 1024
 
 
-def _connection_named(headers: CIMultiDictProxy[str]) -> set[str]:
+def _connection_named(headers: MultiMapping[str]) -> set[str]:
     named: set[str] = set()
     for value in headers.getall("Connection", ()):
         named.update(token.strip().lower() for token in value.split(",") if token.strip())
     return named
 
 
-def _filtered(headers: CIMultiDictProxy[str], remove: frozenset[str]) -> CIMultiDict[str]:
+def _filtered(headers: MultiMapping[str], remove: frozenset[str]) -> CIMultiDict[str]:
     """A copy without the (lower-case) names in `remove` (hop-by-hop included) and those
     named in Connection."""
     if "Connection" in headers:
@@ -91,6 +99,9 @@ class Forwarder:
         )
         self._session: aiohttp.ClientSession | None = None
         self._upstream_durations: dict[str, Any] = {}
+        # Route upstream URL -> (its origin's lean pool, base path); None for https.
+        self._lean: dict[str, tuple[UpstreamPool, str] | None] = {}
+        self._pools: dict[tuple[str, int], UpstreamPool] = {}
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
@@ -105,8 +116,34 @@ class Forwarder:
         )
 
     async def close(self) -> None:
+        for pool in self._pools.values():
+            pool.close()
         if self._session is not None:
             await self._session.close()
+
+    def _lean_target(self, upstream: str) -> tuple[UpstreamPool, str] | None:
+        """The lean pool for a route's upstream URL and the URL's base path, once per URL."""
+        try:
+            return self._lean[upstream]
+        except KeyError:
+            pass
+        url = URL(upstream)
+        found: tuple[UpstreamPool, str] | None = None
+        if url.scheme == "http" and url.raw_host and url.port is not None:
+            origin = (url.raw_host, url.port)
+            pool = self._pools.get(origin)
+            if pool is None:
+                pool = self._pools[origin] = UpstreamPool(
+                    url.raw_host,
+                    url.port,
+                    url.host_port_subcomponent or url.raw_host,
+                    limit=self._config.pool_size,
+                    connect_timeout=self._config.connect_timeout,
+                    read_timeout=self._config.read_timeout,
+                )
+            found = (pool, "" if url.raw_path == "/" else url.raw_path)
+        self._lean[upstream] = found
+        return found
 
     def upstream_headers(
         self,
@@ -142,6 +179,12 @@ class Forwarder:
         if declared is not None and declared > self._config.max_body:
             raise Refusal(Reason.PAYLOAD_TOO_LARGE)
         query = request.raw_path.partition("?")[2]
+        if not request.body_exists:
+            lean = self._lean_target(match.route.upstream)
+            if lean is not None:
+                pool, base = lean
+                target = base + match.upstream_path + ("?" + query if query else "")
+                return await self._forward_lean(request, pool, target, headers, request_id, match)
         target = match.route.upstream + match.upstream_path + ("?" + query if query else "")
         limit: BodyLimit | None = None
         data: AsyncIterator[bytes] | None = None
@@ -172,12 +215,7 @@ class Forwarder:
             if isinstance(exc, asyncio.TimeoutError):
                 raise Refusal(Reason.UPSTREAM_TIMEOUT) from None
             raise Refusal(Reason.UPSTREAM_UNAVAILABLE) from None
-        histogram = self._upstream_durations.get(match.label)
-        if histogram is None:
-            histogram = self._upstream_durations[match.label] = metrics.batched(
-                metrics.UPSTREAM_DURATION.labels(match.label)
-            )
-        histogram.observe(time.perf_counter() - started)
+        self._observe_upstream(match.label, started)
         try:
             if limit is not None and limit.exceeded:
                 raise Refusal(Reason.PAYLOAD_TOO_LARGE)
@@ -186,7 +224,14 @@ class Forwarder:
             length = upstream.content_length
             bodiless = request.method == "HEAD" or upstream.status in (204, 304)
             if length is None or length > _SMALL_RESPONSE or bodiless:
-                return await self._stream(request, upstream, headers)
+                return await self._stream(
+                    request,
+                    web.StreamResponse(
+                        status=upstream.status, reason=upstream.reason, headers=headers
+                    ),
+                    upstream.content.iter_chunked(_CHUNK),
+                    (TimeoutError, aiohttp.ClientError),
+                )
             # Small bodies (the common case) are read here, without another coroutine level.
             try:
                 body = await upstream.read()
@@ -201,21 +246,67 @@ class Forwarder:
         finally:
             upstream.release()
 
+    async def _forward_lean(
+        self,
+        request: web.BaseRequest,
+        pool: UpstreamPool,
+        target: str,
+        headers: CIMultiDict[str],
+        request_id: str,
+        match: Match,
+    ) -> web.StreamResponse:
+        """`forward` for a bodyless request to an http:// upstream, over the lean client."""
+        started = time.perf_counter()
+        try:
+            upstream = await pool.request(request.method, target, headers)
+        except UpstreamTimeout:
+            raise Refusal(Reason.UPSTREAM_TIMEOUT) from None
+        except UpstreamConnectTimeout:
+            raise Refusal(Reason.UPSTREAM_UNAVAILABLE, "connecting timed out") from None
+        except UpstreamError:
+            raise Refusal(Reason.UPSTREAM_UNAVAILABLE) from None
+        self._observe_upstream(match.label, started)
+        headers = _filtered(upstream.headers, HOP_BY_HOP)
+        headers["X-Request-ID"] = request_id
+        reason = upstream.reason or None  # none sent: aiohttp writes the standard phrase
+        if upstream.body is not None:
+            headers.popall("Content-Length", None)
+            return web.Response(
+                status=upstream.status, reason=reason, headers=headers, body=upstream.body
+            )
+        chunks = upstream.chunks()
+        try:
+            return await self._stream(
+                request,
+                web.StreamResponse(status=upstream.status, reason=reason, headers=headers),
+                chunks,
+                (UpstreamError,),
+            )
+        finally:
+            await chunks.aclose()
+            upstream.close()
+
+    def _observe_upstream(self, label: str, started: float) -> None:
+        histogram = self._upstream_durations.get(label)
+        if histogram is None:
+            histogram = self._upstream_durations[label] = metrics.batched(
+                metrics.UPSTREAM_DURATION.labels(label)
+            )
+        histogram.observe(time.perf_counter() - started)
+
     async def _stream(
         self,
         request: web.BaseRequest,
-        upstream: aiohttp.ClientResponse,
-        headers: CIMultiDict[str],
+        response: web.StreamResponse,
+        chunks: AsyncIterator[bytes],
+        broken: tuple[type[Exception], ...],
     ) -> web.StreamResponse:
         """Large, unsized or bodiless responses: relayed chunk by chunk, never held whole."""
-        response = web.StreamResponse(
-            status=upstream.status, reason=upstream.reason, headers=headers
-        )
         await response.prepare(request)
         try:
-            async for chunk in upstream.content.iter_chunked(_CHUNK):
+            async for chunk in chunks:
                 await response.write(chunk)
-        except (TimeoutError, aiohttp.ClientError):
+        except broken:
             # Headers are gone already: the only honest signal left is to cut the connection.
             if request.transport is not None:
                 request.transport.close()
