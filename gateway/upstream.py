@@ -28,6 +28,7 @@ MAX_HEADERS: Final = 200
 SMALL_BODY: Final = 64 * 1024  # a sized body up to this is read whole, larger ones stream
 _HIGH_WATER: Final = 256 * 1024  # stop reading from the upstream while this much is unread
 _CHUNK: Final = 64 * 1024
+_MAX_INTERIM: Final = 8  # 1xx responses before the final one
 IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # RFC 9110 §9.3: a bodyless request with these methods still declares its (empty) body.
 _DECLARE_EMPTY_BODY: Final = frozenset({"POST", "PUT", "PATCH"})
@@ -69,6 +70,7 @@ class _Connection(asyncio.Protocol):
         "_waiter",
         "answered",
         "buffer",
+        "busy",
         "closed",
         "counted",
         "reusable",
@@ -84,6 +86,7 @@ class _Connection(asyncio.Protocol):
         self.reusable = True  # False once a response's framing rules out another request
         self.reused = False  # taken from the pool (it may have been closed meanwhile)
         self.answered = False  # bytes arrived since the current request was sent
+        self.busy = False  # a request was sent and its response is not read to its end
         self.counted = False  # holds one of the pool's `limit` slots
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
@@ -96,6 +99,11 @@ class _Connection(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
+        if not self.busy:
+            # Bytes nobody asked for, on an idle connection: whatever they are, they must never
+            # be read as the answer to the next request sent on it.
+            self.close()
+            return
         self.buffer += data
         self.answered = True
         if len(self.buffer) > _HIGH_WATER and not self._paused and self.transport is not None:
@@ -378,9 +386,10 @@ class UpstreamPool:
     async def _exchange(self, conn: _Connection, method: str, head: bytes) -> UpstreamResponse:
         assert conn.transport is not None
         conn.answered = False
+        conn.busy = True
         conn.transport.write(head)
         buffer = conn.buffer
-        while True:  # interim (1xx) responses are read and dropped
+        for _ in range(_MAX_INTERIM + 1):  # interim (1xx) responses are read and dropped
             end = buffer.find(b"\r\n\r\n")
             while end < 0:
                 if len(buffer) > MAX_HEAD:
@@ -398,6 +407,8 @@ class UpstreamPool:
                 break
             if status == 101:
                 raise UpstreamBroken("the upstream switched protocols unasked")
+        else:
+            raise UpstreamBroken("too many interim responses")
         headers = CIMultiDict(fields)
         response = UpstreamResponse(self, conn, status, reason, headers)
         reusable = minor == 1 and "close" not in _connection_tokens(headers)
@@ -491,6 +502,7 @@ class UpstreamPool:
 
     def _release(self, conn: _Connection) -> None:
         """A connection whose response was read to its end: pooled, or closed if in doubt."""
+        conn.busy = False
         if conn.closed or not conn.reusable or conn.buffer or self._closed:
             conn.close()
             return

@@ -33,11 +33,13 @@ class Scripted:
     server: asyncio.Server | None = None
     port: int = 0
     handlers: set[asyncio.Task[None]] = field(default_factory=set)
+    writers: list[asyncio.StreamWriter] = field(default_factory=list)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         self.handlers.add(task)
+        self.writers.append(writer)
         self.connections += 1
         index = 0
         try:
@@ -296,4 +298,44 @@ async def test_a_streamed_body_returns_its_connection_only_when_read_to_the_end(
     abandoned.close()
     await pool.request("GET", "/", headers())
     assert upstream.connections == 2  # an abandoned body's connection is not
+    pool.close()
+
+
+async def test_bytes_sent_on_an_idle_connection_are_never_read_as_the_next_answer(scripted):
+    async def answer_twice(head: bytes, _index: int) -> bytes | None:
+        if head.split(b" ")[1] == b"/first":
+            return OK
+        return b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfresh"
+
+    upstream = await scripted(answer_twice)
+    pool = upstream.pool()
+    assert (await pool.request("GET", "/first", headers())).body == b"ok"
+    # The smuggled answer arrives while the connection sits idle in the pool.
+    assert upstream.writers
+    upstream.writers[0].write(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nsmuggled")
+    await asyncio.sleep(0.1)
+    response = await pool.request("GET", "/second", headers())
+    assert response.body == b"fresh"
+    assert upstream.connections == 2
+    pool.close()
+
+
+async def test_endless_interim_responses_are_refused(scripted):
+    async def early_hints(_head: bytes, _index: int) -> bytes | None:
+        return b"HTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\n\r\n" * 20 + OK
+
+    upstream = await scripted(early_hints)
+    pool = upstream.pool()
+    with pytest.raises(UpstreamBroken):
+        await pool.request("GET", "/", headers())
+    pool.close()
+
+
+async def test_a_few_interim_responses_are_skipped(scripted):
+    async def early_hints(_head: bytes, _index: int) -> bytes | None:
+        return b"HTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\n\r\n" * 2 + OK
+
+    upstream = await scripted(early_hints)
+    pool = upstream.pool()
+    assert (await pool.request("GET", "/", headers())).body == b"ok"
     pool.close()
