@@ -422,12 +422,14 @@ class UpstreamPool:
             ]
             if minor == 0:
                 raise UpstreamBroken("Transfer-Encoding in an HTTP/1.0 response")
+            if "Content-Length" in headers:
+                # RFC 9112 §6.3 allows letting Transfer-Encoding win; a gateway treats the
+                # pair as what it usually is, an attempt at response splitting.
+                raise UpstreamBroken("both Transfer-Encoding and Content-Length")
             if codings[-1] == "chunked" and codings.count("chunked") == 1:
                 response._framing = "chunked"
             else:
                 response._framing = "eof"
-            # §6.3: with both, Transfer-Encoding wins and the connection must not be reused.
-            reusable = reusable and "Content-Length" not in headers
         elif "Content-Length" in headers:
             length = _content_length(headers.getall("Content-Length"))
             if length <= SMALL_BODY:
