@@ -426,10 +426,11 @@ class UpstreamPool:
                 # RFC 9112 §6.3 allows letting Transfer-Encoding win; a gateway treats the
                 # pair as what it usually is, an attempt at response splitting.
                 raise UpstreamBroken("both Transfer-Encoding and Content-Length")
-            if codings[-1] == "chunked" and codings.count("chunked") == 1:
-                response._framing = "chunked"
-            else:
-                response._framing = "eof"
+            if codings != ["chunked"]:
+                # Another coding (gzip, ...) would reach the client still applied but no
+                # longer declared (Transfer-Encoding is hop-by-hop): refused, not mangled.
+                raise UpstreamBroken(f"unsupported transfer coding {', '.join(codings)!r}")
+            response._framing = "chunked"
         elif "Content-Length" in headers:
             length = _content_length(headers.getall("Content-Length"))
             if length <= SMALL_BODY:

@@ -339,3 +339,25 @@ async def test_a_few_interim_responses_are_skipped(scripted):
     pool = upstream.pool()
     assert (await pool.request("GET", "/", headers())).body == b"ok"
     pool.close()
+
+
+@pytest.mark.parametrize(
+    ("coding", "accepted"),
+    [("chunked", True), ("Chunked", True), ("gzip", False), ("gzip, chunked", False)],
+)
+async def test_only_the_chunked_transfer_coding_is_accepted(scripted, coding: str, accepted: bool):
+    async def coded(_head: bytes, _index: int) -> bytes | None:
+        return (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: " + coding.encode() + b"\r\n\r\n"
+            b"2\r\nok\r\n0\r\n\r\n"
+        )
+
+    upstream = await scripted(coded)
+    pool = upstream.pool()
+    if accepted:
+        response = await pool.request("GET", "/", headers())
+        assert b"".join([chunk async for chunk in response.chunks()]) == b"ok"
+    else:
+        with pytest.raises(UpstreamBroken):
+            await pool.request("GET", "/", headers())
+    pool.close()
