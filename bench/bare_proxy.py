@@ -1,10 +1,14 @@
 """The reference: a bare aiohttp pass-through proxy, no auth, no store, no metrics.
 
 Same server settings as gateway/serve.py (AppRunner, backlog) and the same ClientSession /
-TCPConnector settings as gateway/proxy.py, on uvloop; small bodies are read whole and returned,
-as the gateway's `_relay` does. So gateway / bare isolates what the gateway adds.
+TCPConnector settings as gateway/proxy.py's aiohttp path, on uvloop; small bodies are read
+whole and returned, as the gateway does. That is the issue's reference ("bare").
 
-    python bench/bare_proxy.py --port 8001 --upstream http://127.0.0.1:8000
+`--client lean` forwards through the gateway's own lean client (gateway/upstream.py), as the
+gateway does for bodyless requests: gateway / bare-lean is then what authentication, the
+idle check and metrics cost on top of the same forwarding stack.
+
+    python bench/bare_proxy.py --port 8001 --upstream http://127.0.0.1:8000 [--client lean]
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import uvloop
 from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
+
+from gateway.upstream import UpstreamPool
 
 _DROP_RESPONSE = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive"})
 
@@ -57,8 +63,41 @@ class BareProxy:
             )
 
 
-async def serve(port: int, upstream: str) -> None:
-    proxy = BareProxy(upstream)
+class LeanBareProxy:
+    """The same pass-through over gateway/upstream.py's pool (bodyless requests only)."""
+
+    def __init__(self, upstream: str) -> None:
+        url = URL(upstream)
+        assert url.raw_host and url.port is not None
+        self._pool = UpstreamPool(
+            url.raw_host,
+            url.port,
+            url.host_port_subcomponent or url.raw_host,
+            limit=256,
+            connect_timeout=2.0,
+            read_timeout=30.0,
+        )
+
+    async def start(self) -> None:
+        pass
+
+    async def handle(self, request: web.Request) -> web.Response:
+        headers = CIMultiDict(request.headers)
+        headers.popall("Host", None)
+        upstream = await self._pool.request(request.method, request.raw_path, headers)
+        body = upstream.body
+        if body is None:
+            body = b"".join([chunk async for chunk in upstream.chunks()])
+        out = CIMultiDict(
+            (k, v) for k, v in upstream.headers.items() if k.lower() not in _DROP_RESPONSE
+        )
+        return web.Response(
+            status=upstream.status, reason=upstream.reason or None, headers=out, body=body
+        )
+
+
+async def serve(port: int, upstream: str, client: str) -> None:
+    proxy = LeanBareProxy(upstream) if client == "lean" else BareProxy(upstream)
     await proxy.start()
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", proxy.handle)
@@ -72,8 +111,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True)
+    parser.add_argument("--client", choices=("aiohttp", "lean"), default="aiohttp")
     args = parser.parse_args()
-    uvloop.run(serve(args.port, args.upstream))
+    uvloop.run(serve(args.port, args.upstream, args.client))
 
 
 if __name__ == "__main__":

@@ -123,13 +123,13 @@ class Bench:
         wait_port(port)
         self.upstream_url = f"http://127.0.0.1:{port}"
 
-    def start_bare(self, cpus: str | None) -> Target:
+    def start_bare(self, cpus: str | None, name: str = "bare", client: str = "aiohttp") -> Target:
         port = free_port()
         cmd = [PYTHON, str(BENCH / "bare_proxy.py"), "--port", str(port)]
-        cmd += ["--upstream", self.upstream_url]
-        proc = self.procs.start(Proc("bare", pinned(cmd, cpus), self.out / "logs" / "bare.log"))
+        cmd += ["--upstream", self.upstream_url, "--client", client]
+        proc = self.procs.start(Proc(name, pinned(cmd, cpus), self.out / "logs" / f"{name}.log"))
         wait_port(port)
-        return Target("bare", proc, f"http://127.0.0.1:{port}{PATH}")
+        return Target(name, proc, f"http://127.0.0.1:{port}{PATH}")
 
     def gateway_config(self, name: str, public_key: Path) -> tuple[Path, int, int]:
         port, admin_port = free_port(), free_port()
@@ -390,6 +390,12 @@ class Bench:
                     flush=True,
                 )
             row["ratio_rps"] = row["ratio_gateway"]
+            if "bare-lean" in row:
+                row["gateway_over_bare_lean"] = row["gateway"]["rps"] / row["bare-lean"]["rps"]
+                print(
+                    f"  round {index + 1} gateway/bare-lean = {row['gateway_over_bare_lean']:.3f}",
+                    flush=True,
+                )
             rounds.append(row)
         self.results["throughput"] = {
             "rounds": rounds,
@@ -819,6 +825,10 @@ def medians(rounds: list[dict[str, Any]], names: list[str]) -> dict[str, float]:
             out[f"ratio_{name}"] = statistics.median(r[f"ratio_{name}"] for r in rounds)
             out[f"cpu_ratio_{name}"] = statistics.median(r[f"cpu_ratio_{name}"] for r in rounds)
     out["ratio_rps"] = out["ratio_gateway"]
+    if all("gateway_over_bare_lean" in r for r in rounds):
+        out["gateway_over_bare_lean"] = statistics.median(
+            r["gateway_over_bare_lean"] for r in rounds
+        )
     return out
 
 
@@ -877,6 +887,12 @@ def parse_args() -> argparse.Namespace:
         default=[],
         metavar="NAME=DIR",
         help="also measure (throughput phase) the gateway package found in DIR/gateway",
+    )
+    parser.add_argument(
+        "--lean-reference",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure bare-lean: the bare proxy over the gateway's own lean client",
     )
     parser.add_argument(
         "--quiet-threshold",
@@ -950,6 +966,8 @@ def main() -> int:
                 bench.start_gateway(name, SUT_CPU, cwd=Path(directory))
                 for name, directory in args.variants
             ]
+            if args.lean_reference:
+                variants.insert(0, bench.start_bare(SUT_CPU, "bare-lean", client="lean"))
             if "throughput" in phases:
                 bench.phase_throughput(bare, gateway, variants)
             if "cpucost" in phases:
@@ -993,6 +1011,11 @@ def summary(results: dict[str, Any]) -> str:
                     f"  variant {name}: {rps:.0f} req/s, ratio {ratio:.3f}"
                     f" (per CPU-second {tp[f'cpu_ratio_{name}']:.3f})"
                 )
+        if "gateway_over_bare_lean" in tp:
+            lines.append(
+                f"  gateway/bare-lean {tp['gateway_over_bare_lean']:.3f}: what auth, the idle"
+                " check and metrics cost over the same forwarding client"
+            )
         lines.append(
             f"  wrk latency p50 bare {tp['bare_p50_ms']:.2f} / gateway {tp['gateway_p50_ms']:.2f}"
             f" ms, p99 bare {tp['bare_p99_ms']:.2f} / gateway {tp['gateway_p99_ms']:.2f} ms"
@@ -1015,6 +1038,9 @@ def summary(results: dict[str, Any]) -> str:
             f" {lat['added_p99_ms']:.3f} ms (target <= 1 ms); cpu bare {lat['bare_cpu']:.0%}"
             f" gateway {lat['gateway_cpu']:.0%}"
         )
+        for name in [k.removesuffix("_p99_ms") for k in lat if k.endswith("_p99_ms")]:
+            if name not in ("bare", "gateway", "added"):
+                lines.append(f"  {name}: p99 {lat[f'{name}_p99_ms']:.3f} ms")
     cost = results.get("cpucost")
     if cost:
         bare_us = cost["median_us"]["bare"]
