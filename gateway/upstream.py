@@ -18,7 +18,7 @@ import collections
 import contextlib
 import re
 import socket
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator
 from typing import Final, cast
 
 from multidict import CIMultiDict
@@ -550,6 +550,3 @@ class UpstreamPool:
         while self._idle:
             conn, _ = self._idle.popleft()
             conn.close()
-
-
-PoolFactory = Callable[[str, int, str], UpstreamPool]
