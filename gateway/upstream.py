@@ -33,10 +33,14 @@ IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE
 # RFC 9110 §9.3: a bodyless request with these methods still declares its (empty) body.
 _DECLARE_EMPTY_BODY: Final = frozenset({"POST", "PUT", "PATCH"})
 
-_STATUS_LINE = re.compile(r"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: ([\t\x20-\x7e\x80-\uffff]*))?")
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-# Bare CR or LF, NUL, other controls except HTAB: never valid in a response head.
-_BAD_HEAD = re.compile(r"\r(?!\n)|(?<!\r)\n|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# RFC 9112 §4 and §5 in one pattern: the status line, then field lines of a token, a colon and
+# visible characters, SP or HTAB (obs-text allowed); no bare CR or LF, no NUL or other control,
+# no whitespace before the colon, no obs-fold (a line starting with whitespace).
+_VCHARS = r"[\t\x20-\x7e\x80-\U0010ffff]"
+_HEAD = re.compile(
+    r"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: (" + _VCHARS + r"*))?\r\n"
+    r"((?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:" + _VCHARS + r"*\r\n)*)"
+)
 _DIGITS = re.compile(r"[0-9]{1,18}")
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,15})[ \t]*(?:;[^\r\n]*)?")
 
@@ -274,26 +278,18 @@ async def _dechunk(conn: _Connection, read_timeout: float) -> AsyncGenerator[byt
 def _parse_head(head: str) -> tuple[int, int, str, list[tuple[str, str]]]:
     """(minor version, status, reason, headers) of a response head without its final CRLF
     CRLF; `UpstreamBroken` for anything RFC 9112 does not allow (obs-fold included)."""
-    if _BAD_HEAD.search(head):
-        raise UpstreamBroken("control characters in the response head")
-    lines = head.split("\r\n")
-    status_line = _STATUS_LINE.fullmatch(lines[0])
-    if status_line is None:
-        raise UpstreamBroken("invalid status line")
-    if len(lines) > MAX_HEADERS + 1:
+    parsed = _HEAD.fullmatch(head + "\r\n")
+    if parsed is None:
+        raise UpstreamBroken("malformed response head")
+    lines = parsed.group(4).split("\r\n")
+    lines.pop()  # after the last CRLF
+    if len(lines) > MAX_HEADERS:
         raise UpstreamBroken("too many response headers")
-    fields: list[tuple[str, str]] = []
-    for line in lines[1:]:
-        name, colon, value = line.partition(":")
-        if not colon or not _TOKEN.fullmatch(name):
-            raise UpstreamBroken("invalid header line")
+    fields = []
+    for line in lines:
+        name, _, value = line.partition(":")
         fields.append((name, value.strip(" \t")))
-    return (
-        int(status_line.group(1)),
-        int(status_line.group(2)),
-        status_line.group(3) or "",
-        fields,
-    )
+    return int(parsed.group(1)), int(parsed.group(2)), parsed.group(3) or "", fields
 
 
 def _content_length(values: list[str]) -> int:
@@ -411,7 +407,9 @@ class UpstreamPool:
             raise UpstreamBroken("too many interim responses")
         headers = CIMultiDict(fields)
         response = UpstreamResponse(self, conn, status, reason, headers)
-        reusable = minor == 1 and "close" not in _connection_tokens(headers)
+        reusable = minor == 1 and (
+            "Connection" not in headers or "close" not in _connection_tokens(headers)
+        )
         if method == "HEAD" or status in (204, 304):
             pass  # no body, whatever the headers say (RFC 9112 §6.3)
         elif "Transfer-Encoding" in headers:
