@@ -271,7 +271,8 @@ class Forward(_Model):
     connect_timeout: Duration = 2.0
     read_timeout: Duration = 30.0
     max_body: Size = 10 * 1024 * 1024
-    # Keep-alive pool towards upstreams (per process).
+    # Upstream connections per process: at most this many to each upstream origin for
+    # bodyless requests (the lean client), and this many in all for requests with a body.
     pool_size: int = Field(default=256, ge=1)
 
     @field_validator("identity_headers")
