@@ -129,7 +129,8 @@ class Forwarder:
             pass
         url = URL(upstream)
         found: tuple[UpstreamPool, str] | None = None
-        if url.scheme == "http" and url.raw_host and url.port is not None:
+        # https, and credentials in the URL (aiohttp sends them as Basic auth), stay on aiohttp.
+        if url.scheme == "http" and url.raw_host and url.port is not None and url.user is None:
             origin = (url.raw_host, url.port)
             pool = self._pools.get(origin)
             if pool is None:
