@@ -275,6 +275,15 @@ class Forward(_Model):
     # bodyless requests (the lean client), and this many in all for requests with a body.
     pool_size: int = Field(default=256, ge=1)
 
+    @field_validator("connect_timeout", "read_timeout")
+    @classmethod
+    def _positive(cls, seconds: float) -> float:
+        # 0 never meant "no limit" to us: an upstream that never answers would hold the
+        # request (and a pooled connection) for ever.
+        if seconds <= 0:
+            raise ValueError("must be positive")
+        return seconds
+
     @field_validator("identity_headers")
     @classmethod
     def _header_names(cls, headers: dict[str, str]) -> dict[str, str]:

@@ -348,6 +348,11 @@ def test_a_zero_idle_timeout_is_refused():
     assert problems(policy={"idle_timeout": 0})
 
 
+@pytest.mark.parametrize("key", ["connect_timeout", "read_timeout"])
+def test_zero_upstream_timeouts_are_refused(key: str):
+    assert any(p.startswith(f"forward.{key}:") for p in problems(forward={key: 0}))
+
+
 @pytest.mark.parametrize("missing", ["exp", "iat"])
 def test_required_claims_must_keep_exp_and_iat(missing: str):
     claims = [c for c in ("exp", "iat", "jti") if c != missing]
