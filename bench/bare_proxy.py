@@ -67,12 +67,8 @@ class LeanBareProxy:
     """The same pass-through over gateway/upstream.py's pool (bodyless requests only)."""
 
     def __init__(self, upstream: str) -> None:
-        url = URL(upstream)
-        assert url.raw_host and url.port is not None
-        self._pool = UpstreamPool(
-            url.raw_host,
-            url.port,
-            url.host_port_subcomponent or url.raw_host,
+        self._pool = UpstreamPool.for_url(
+            URL(upstream),
             limit=256,
             connect_timeout=2.0,
             read_timeout=30.0,

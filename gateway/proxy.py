@@ -134,10 +134,8 @@ class Forwarder:
             origin = (url.raw_host, url.port)
             pool = self._pools.get(origin)
             if pool is None:
-                pool = self._pools[origin] = UpstreamPool(
-                    url.raw_host,
-                    url.port,
-                    url.host_port_subcomponent or url.raw_host,
+                pool = self._pools[origin] = UpstreamPool.for_url(
+                    url,
                     limit=self._config.pool_size,
                     connect_timeout=self._config.connect_timeout,
                     read_timeout=self._config.read_timeout,

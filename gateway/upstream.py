@@ -22,6 +22,7 @@ from collections.abc import AsyncGenerator
 from typing import Final, cast
 
 from multidict import CIMultiDict
+from yarl import URL
 
 MAX_HEAD: Final = 64 * 1024  # status line and header lines together
 MAX_HEADERS: Final = 200
@@ -368,6 +369,22 @@ class UpstreamPool:
             conn.close()
             raise
 
+    @classmethod
+    def for_url(
+        cls, url: URL, *, limit: int, connect_timeout: float, read_timeout: float
+    ) -> UpstreamPool:
+        """A pool for an http:// URL's origin; `Host` as aiohttp writes it (no default port,
+        IPv6 in brackets, IDNA)."""
+        assert url.raw_host is not None and url.port is not None
+        return cls(
+            url.raw_host,
+            url.port,
+            url.host_port_subcomponent or url.raw_host,
+            limit=limit,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+        )
+
     def _request_head(self, method: str, target: str, headers: CIMultiDict[str]) -> bytes:
         lines = [f"{method} {target} HTTP/1.1\r\n", self._host_line]
         for name, value in headers.items():
@@ -453,15 +470,8 @@ class UpstreamPool:
 
     async def _acquire(self, *, fresh: bool = False) -> _Connection:
         loop = asyncio.get_running_loop()
-        if not fresh:
-            now = loop.time()
-            while self._idle:
-                conn, since = self._idle.pop()
-                if not conn.closed and now - since < self._keepalive_timeout:
-                    conn.reused = True
-                    return conn
-                conn.close()
-        while self._open >= self._limit:
+        conn = None if fresh else self._take_idle()
+        while conn is None and self._open >= self._limit:
             if fresh and self._idle:
                 self._idle.popleft()[0].close()  # its slot is freed when it is gone
             waiter: asyncio.Future[None] = loop.create_future()
@@ -472,34 +482,38 @@ class UpstreamPool:
                 if waiter.done() and not waiter.cancelled():
                     self._wake_slot_waiter()  # pass the slot on
                 raise
-            if not fresh and self._idle:
-                conn, _ = self._idle.pop()
-                if not conn.closed:
-                    conn.reused = True
-                    return conn
-                conn.close()
+            conn = None if fresh else self._take_idle()
+        if conn is not None:
+            return conn
         self._open += 1
         try:
             async with asyncio.timeout(self._connect_timeout):
                 _, conn = await loop.create_connection(
                     lambda: _Connection(self), self._host, self._port
                 )
-            conn.counted = True
-        except TimeoutError:
+        except BaseException as exc:
             self._open -= 1
             self._wake_slot_waiter()
-            raise UpstreamConnectTimeout() from None
-        except OSError as exc:
-            self._open -= 1
-            self._wake_slot_waiter()
-            raise UpstreamUnreachable(str(exc)) from None
-        except BaseException:
-            self._open -= 1
-            self._wake_slot_waiter()
+            if isinstance(exc, TimeoutError):
+                raise UpstreamConnectTimeout() from None
+            if isinstance(exc, OSError):
+                raise UpstreamUnreachable(str(exc)) from None
             raise
+        conn.counted = True
         if self._sweeper is None and not self._closed:
             self._sweeper = loop.call_later(self._keepalive_timeout, self._sweep)
         return conn
+
+    def _take_idle(self) -> _Connection | None:
+        """The newest idle connection still open and within the keep-alive timeout."""
+        now = asyncio.get_running_loop().time()
+        while self._idle:
+            conn, since = self._idle.pop()
+            if not conn.closed and now - since < self._keepalive_timeout:
+                conn.reused = True
+                return conn
+            conn.close()
+        return None
 
     def _release(self, conn: _Connection) -> None:
         """A connection whose response was read to its end: pooled, or closed if in doubt."""
