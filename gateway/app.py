@@ -27,7 +27,7 @@ from gateway.accesslog import AccessLog
 from gateway.clock import Clock, SystemClock
 from gateway.config import Config
 from gateway.proxy import Forwarder
-from gateway.reasons import Reason, Refusal
+from gateway.reasons import Reason, Refusal, render_refusal
 from gateway.revocation import RevocationList
 from gateway.routing import Router
 from gateway.store import hasher_from_config, open_store
@@ -71,28 +71,6 @@ class RecentActivity:
 
     def last(self, key: str) -> float | None:
         return self._seen.get(key)
-
-
-def render_refusal(refusal: Refusal, request_id: str) -> web.Response:
-    reason = refusal.reason
-    headers = {"Cache-Control": "no-store", "X-Request-ID": request_id}
-    if reason.status in (401, 403):
-        challenge = 'Bearer realm="idlegate"'
-        if reason.oauth_error is not None:
-            description = refusal.detail.replace('"', "'")
-            challenge += f', error="{reason.oauth_error}", error_description="{description}"'
-        if refusal.scope is not None:
-            challenge += f', scope="{refusal.scope}"'
-        headers["WWW-Authenticate"] = challenge
-    if refusal.retry_after is not None:
-        headers["Retry-After"] = str(refusal.retry_after)
-    body = {
-        "error": reason.oauth_error or reason.code,
-        "reason": reason.code,
-        "message": refusal.detail,
-        "request_id": request_id,
-    }
-    return web.json_response(body, status=reason.status, headers=headers)
 
 
 class Gateway:

@@ -1,13 +1,21 @@
 """The one table of refusal reasons: stable code, HTTP status, OAuth error and message.
 
-Handlers raise `Refusal(Reason.X)`; one middleware renders it. The code is also the
+Handlers raise `Refusal(Reason.X)`; `render_refusal` turns it into the one response shape
+(JSON body, `WWW-Authenticate`), called once by the request pipeline. The code is also the
 `reason` label of `idlegate_requests_total`.
+
+A refusal's detail names the problem, never the token's own text (its alg, kid or claims):
+what the attacker sent is not echoed, and `render_refusal` still restricts what reaches the
+header to RFC 6750's charset, in case a detail ever does carry foreign text.
 """
 
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
+
+from aiohttp import web
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +117,9 @@ class Reason(enum.Enum):
 
 
 class Refusal(Exception):
-    """Raised anywhere on the request path; rendered once by the error middleware."""
+    """Raised anywhere on the request path; rendered once by `render_refusal`.
+
+    `detail` is fixed text of ours (config names and numbers may appear), never token text."""
 
     def __init__(
         self,
@@ -124,3 +134,38 @@ class Refusal(Exception):
         self.detail = detail or reason.message
         self.scope = scope
         self.retry_after = retry_after
+
+
+# RFC 6750 §3: error_description and scope use %x20-21 / %x23-5B / %x5D-7E: printable ASCII
+# without the double quote and the backslash.
+_NOT_RFC6750 = re.compile(r"[^\x20\x21\x23-\x5b\x5d-\x7e]")
+
+
+def rfc6750_text(text: str) -> str:
+    """`text` with every character outside RFC 6750's attribute charset replaced by `?`: a
+    header value built from it can hold no quote, backslash, CR/LF or non-ASCII byte."""
+    return _NOT_RFC6750.sub("?", text.replace('"', "'"))
+
+
+def render_refusal(refusal: Refusal, request_id: str) -> web.Response:
+    """The contract's refusal: JSON body, `Cache-Control: no-store`, and for 401/403 a
+    `WWW-Authenticate` challenge (no `error` attribute when the token is simply missing)."""
+    reason = refusal.reason
+    description = rfc6750_text(refusal.detail)
+    headers = {"Cache-Control": "no-store", "X-Request-ID": request_id}
+    if reason.status in (401, 403):
+        challenge = 'Bearer realm="idlegate"'
+        if reason.oauth_error is not None:
+            challenge += f', error="{reason.oauth_error}", error_description="{description}"'
+        if refusal.scope is not None:
+            challenge += f', scope="{rfc6750_text(refusal.scope)}"'
+        headers["WWW-Authenticate"] = challenge
+    if refusal.retry_after is not None:
+        headers["Retry-After"] = str(refusal.retry_after)
+    body = {
+        "error": reason.oauth_error or reason.code,
+        "reason": reason.code,
+        "message": description,
+        "request_id": request_id,
+    }
+    return web.json_response(body, status=reason.status, headers=headers)

@@ -208,7 +208,7 @@ class Verifier:
         if provider is None:
             raise Refusal(Reason.WRONG_ISSUER)
         if alg not in provider.algorithms:
-            raise Refusal(Reason.DISALLOWED_ALG, f"{alg} is not allowed for this issuer")
+            raise Refusal(Reason.DISALLOWED_ALG, "the token's alg is not allowed for this issuer")
         kid = header.get("kid")
         if kid is not None and not isinstance(kid, str):
             raise Refusal(Reason.MALFORMED_TOKEN, "the kid header is not a string")
@@ -219,7 +219,7 @@ class Verifier:
             raise Refusal(Reason.UNKNOWN_KEY)
         if alg not in key.algorithms:
             # e.g. HS256 presented with an RSA public key: key confusion (RFC 8725 §2.1).
-            raise Refusal(Reason.DISALLOWED_ALG, f"{alg} cannot be used with this key")
+            raise Refusal(Reason.DISALLOWED_ALG, "the token's alg cannot be used with its key")
         signing_input = f"{parts[0]}.{parts[1]}".encode("ascii")
         try:
             valid = _ALGORITHMS[alg].verify(signing_input, key.key, signature)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,12 +14,14 @@ import pytest
 from conftest import GatewayFactory, RedisServer
 from harness import AUDIENCE, ISSUER, GatewayUnderTest, Upstream
 from jwks_server import JwksServer, SigningKey, claims, ec_key, rsa_key
+from jwt.algorithms import get_default_algorithms
 from prometheus_client import REGISTRY
 
 from gateway.clock import ManualClock
 from gateway.store.base import Revocation
 
 IDLE = 900
+_ALGORITHMS = get_default_algorithms()
 
 
 def refused_count(reason: str, route: str = "/api/") -> float:
@@ -187,6 +190,49 @@ async def test_algorithm_outside_allow_list_is_refused(
     gw = await gateways()
     token = signing_key.sign(claims(ISSUER, AUDIENCE, now=clock.now()), alg="RS512")
     await assert_refused(gw, upstream, token, "disallowed_alg")
+
+
+def signed_raw(key: SigningKey, header: bytes, payload: bytes) -> str:
+    """A JWS over exactly these header and payload bytes (for JSON no encoder would write)."""
+    signing_input = f"{b64(header)}.{b64(payload)}"
+    signature = _ALGORITHMS[key.alg].sign(signing_input.encode(), key.private_key)
+    return f"{signing_input}.{b64(signature)}"
+
+
+@pytest.mark.parametrize(
+    "alg",
+    [
+        "RS256\r\nX-Injected: 1",
+        "RS256\nX-Injected: 1",
+        'RS256", error="none',
+        "RS\\256\\",
+        "RS256\u00e9\u202e\u2028",
+        "\x00RS256",
+    ],
+)
+async def test_token_text_never_reaches_the_challenge_or_the_message(
+    gateways: GatewayFactory,
+    upstream: Upstream,
+    signing_key: SigningKey,
+    clock: ManualClock,
+    alg: str,
+):
+    """The token's own alg is attacker text: the refusal names the problem, not those bytes, and
+    a CR/LF in it gives a clean 401 rather than a dropped connection."""
+    gw = await gateways()
+    header = json.dumps({"alg": alg, "kid": "main-1", "typ": "JWT"}).encode()
+    payload = json.dumps(claims(ISSUER, AUDIENCE, now=clock.now())).encode()
+    token = signed_raw(signing_key, header, payload)
+    body = await assert_refused(gw, upstream, token, "disallowed_alg")
+    response = await gw.get("/api/x", token)
+    challenge = response.headers["WWW-Authenticate"]
+    assert "X-Injected" not in challenge and "X-Injected" not in body["message"]
+    assert "RS\\256" not in challenge and "256\\" not in body["message"]
+    assert "X-Injected" not in response.headers
+    description = re.search(r'error_description="([^"]*)"', challenge)
+    assert description is not None
+    assert re.fullmatch(r"[\x20\x21\x23-\x5b\x5d-\x7e]*", description.group(1))
+    assert challenge.count("error=") == 1  # no second, injected attribute in any quoting
 
 
 async def test_hs256_signed_with_the_rsa_public_key_is_refused(
