@@ -1,8 +1,15 @@
 """Path normalisation and longest-prefix route matching.
 
 A path is matched and forwarded in one normalised form. Encoded separators (`%2f`, `%5c`),
-backslashes and NUL are refused outright; dot-segments (also as `%2e`) and doubled slashes are
-resolved, and refused when resolving them changes which route matches (`/public/../api/x`).
+backslashes, NUL and malformed percent-escapes are refused outright; dot-segments (also as
+`%2e`) and doubled slashes are resolved, and refused when resolving them changes which route
+matches (`/public/../api/x`).
+
+Servlet containers (Tomcat, Jetty, Spring) cut `;parameters` off every segment before they
+resolve dot-segments, so `..;x` (or `..%3bx`, `%2e%2e;`) is `..` to them: it is a dot-segment
+here too, resolved with its parameters. Parameters on other segments are forwarded verbatim
+(`jsessionid`, matrix variables), but the route must be the same with them cut off
+(`/api;x/orders` is `/api/orders` upstream), else the path is refused.
 """
 
 from __future__ import annotations
@@ -13,8 +20,13 @@ from dataclasses import dataclass
 from gateway.config import Route
 from gateway.reasons import Reason, Refusal
 
-_FORBIDDEN = re.compile(r"%2[fF]|%5[cC]|%00|\\|[\x00-\x20\x7f]")
+# A `%` not followed by two hex digits is no escape at all; upstreams that decode `%u002e`
+# (IIS) or pass it through disagree about it, so it is refused like an encoded separator.
+_FORBIDDEN = re.compile(r"%2[fF]|%5[cC]|%00|%(?![0-9A-Fa-f]{2})|\\|[\x00-\x20\x7f]")
 _ENCODED = re.compile(r"%([0-9A-Fa-f]{2})")
+# Where a segment's parameters start: `;`, or `%3B` (decoded to `;` by upstreams that decode
+# before they cut parameters). `normalise` has upper-cased every escape it kept.
+_PARAMETERS = re.compile(r";|%3B")
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 
 
@@ -31,8 +43,22 @@ class Match:
     upstream_path: str  # the normalised path, prefix stripped if configured; starts with "/"
 
 
+def _segment_name(segment: str) -> str:
+    """A segment without its `;parameters`: what a servlet container routes on."""
+    return _PARAMETERS.split(segment, 1)[0]
+
+
+def without_parameters(path: str) -> str:
+    """A normalised path as a Tomcat/Jetty/Spring upstream routes it: every segment's
+    `;parameters` cut off and the emptied segments collapsed like doubled slashes."""
+    parts = path.split("/")
+    names = [_segment_name(part) for part in parts[1:-1]]
+    return "/" + "/".join([name for name in names if name] + [_segment_name(parts[-1])])
+
+
 def normalise(raw_path: str) -> str:
-    """Resolve dot-segments and doubled slashes; refuse what cannot be made unambiguous."""
+    """Resolve dot-segments (`..;x` included) and doubled slashes; refuse what cannot be made
+    unambiguous."""
     if not raw_path.startswith("/") or _FORBIDDEN.search(raw_path):
         raise Refusal(Reason.BAD_PATH, "the path contains encoded separators or control bytes")
     if "." not in raw_path and "//" not in raw_path and "%" not in raw_path:
@@ -40,19 +66,23 @@ def normalise(raw_path: str) -> str:
     path = _ENCODED.sub(_decode_unreserved, raw_path) if "%" in raw_path else raw_path
     segments: list[str] = []
     parts = path.split("/")
+    last = len(parts) - 1
     for i, part in enumerate(parts[1:], start=1):
-        if part == ".":
+        name = _segment_name(part) if "." in part else part
+        if name == ".":
+            if i == last and segments:
+                segments.append("")  # `/a/b/.` is `/a/b/` (RFC 3986 §5.2.4)
             continue
-        if part == "..":
+        if name == "..":
             if not segments:
                 raise Refusal(Reason.BAD_PATH, "the path climbs above the root")
             segments.pop()
+            if i == last and segments:
+                segments.append("")
             continue
-        if part == "" and i != len(parts) - 1:
+        if part == "" and i != last:
             continue  # doubled slash
         segments.append(part)
-    if parts[-1] in (".", "..") and segments:
-        segments.append("")  # `/a/b/.` is `/a/b/` (RFC 3986 §5.2.4)
     return "/" + "/".join(segments)
 
 
@@ -81,6 +111,11 @@ class Router:
                 raise Refusal(
                     Reason.BAD_PATH, "the path's dot-segments or slashes change its route"
                 )
+        if ";" in path or "%3B" in path:
+            # And so must a servlet upstream, which routes the path without its parameters.
+            servlet = self.find(without_parameters(path))
+            if (found and found[0]) is not (servlet and servlet[0]):
+                raise Refusal(Reason.BAD_PATH, "the path's ;parameters change its route")
         if found is None:
             raise Refusal(Reason.NO_ROUTE)
         route, base = found

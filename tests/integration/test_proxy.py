@@ -62,21 +62,68 @@ async def test_longest_prefix_wins_and_strip_prefix(gateways: GatewayFactory, up
         "//api/x",
         "/public/..%5capi/x",
         "/public/./../api/x",
+        # `;parameters` are cut off by Tomcat/Jetty/Spring before dot-segments are resolved.
+        "/public/..;/api/x",
+        "/public/..;jsessionid=x/api/x",
+        "/public/%2e%2e;/api/x",
+        "/public/%2E.;/api/x",
+        "/public/.;x/../api/x",
+        "/public/..%3b/api/x",
+        "/public/..%3Bx=1/api/x",
+        "/api;x/orders",  # `/api/orders` to a servlet upstream
+        "/public/%u002e%u002e/api/x",  # not an escape: IIS decodes it, others pass it through
     ],
 )
 async def test_paths_that_change_the_route_are_refused(
     gateways: GatewayFactory, upstream: Upstream, path: str
 ):
     gw = await gateways()
-    # aiohttp's client would normalise the path; send it raw.
-    reader, writer = await asyncio.open_connection("127.0.0.1", gw.running.proxy.addresses[0][1])
+    raw = await _raw_get(gw.running.proxy.addresses[0][1], path)
+    assert raw.startswith(b"HTTP/1.1 400"), raw[:100]
+    assert b'"reason": "bad_path"' in raw or b'"reason":"bad_path"' in raw
+    assert upstream.received == []
+
+
+async def _raw_get(port: int, path: str) -> bytes:
+    """GET `path` written on the socket as is: aiohttp's client would normalise it."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
     await writer.drain()
     raw = await reader.read()
     writer.close()
+    return raw
+
+
+@pytest.mark.parametrize("path", ["/api;x/orders", "/api%3bx/orders", "/;x/api/orders"])
+async def test_parameters_cannot_move_a_protected_path_onto_a_public_catch_all(
+    gateways: GatewayFactory, upstream: Upstream, path: str
+):
+    gw = await gateways(
+        routes=[
+            {"prefix": "/api/", "upstream": upstream.url},
+            {"prefix": "/", "upstream": upstream.url, "auth": "none"},
+        ]
+    )
+    raw = await _raw_get(gw.running.proxy.addresses[0][1], path)
     assert raw.startswith(b"HTTP/1.1 400"), raw[:100]
-    assert b'"reason": "bad_path"' in raw or b'"reason":"bad_path"' in raw
     assert upstream.received == []
+
+
+@pytest.mark.parametrize(
+    ("path", "forwarded"),
+    [
+        ("/public/a/..;x/b", "/public/b"),
+        ("/public/a/%2e%2e;/b?q=1", "/public/b?q=1"),
+        ("/public/a;jsessionid=1/b", "/public/a;jsessionid=1/b"),
+    ],
+)
+async def test_parameters_within_one_route_reach_the_upstream_on_the_normalised_path(
+    gateways: GatewayFactory, upstream: Upstream, path: str, forwarded: str
+):
+    gw = await gateways()
+    raw = await _raw_get(gw.running.proxy.addresses[0][1], path)
+    assert raw.startswith(b"HTTP/1.1 200"), raw[:100]
+    assert upstream.received[-1].path_qs == forwarded
 
 
 async def test_dot_segments_within_one_route_are_resolved_and_forwarded_as_matched(

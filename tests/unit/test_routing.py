@@ -10,7 +10,7 @@ import pytest
 
 from gateway.config import Route
 from gateway.reasons import Reason, Refusal
-from gateway.routing import Match, Router, normalise
+from gateway.routing import Match, Router, normalise, without_parameters
 
 
 def route(prefix: str, **fields: Any) -> Route:
@@ -228,3 +228,101 @@ def test_the_upstream_gets_the_decoded_path_it_was_matched_on():
     router = Router([route("/api/"), route("/", auth="none")])
     match = router.match("/api/%6Frders/%7E1")
     assert (match.label, match.upstream_path) == ("/api/", "/api/orders/~1")
+
+
+# -- `;parameters`: what Tomcat, Jetty and Spring route on -----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "normal"),
+    [
+        ("/api/a/..;/b", "/api/b"),
+        ("/api/a/..;jsessionid=x/b", "/api/b"),
+        ("/api/a/.;x/b", "/api/a/b"),
+        ("/api/a/%2e%2e;/b", "/api/b"),
+        ("/api/a/%2E.;x/b", "/api/b"),
+        ("/api/a/..%3b/b", "/api/b"),  # an encoded `;` cuts parameters for decode-first servers
+        ("/api/a/..%3Bx=1/b", "/api/b"),
+        ("/api/a/b/..;", "/api/a/"),
+        ("/api/a/.;", "/api/a/"),
+        ("/api/a;jsessionid=1/b", "/api/a;jsessionid=1/b"),  # parameters elsewhere: verbatim
+        ("/api/a;v=1;w=2/b;x", "/api/a;v=1;w=2/b;x"),
+        ("/api/a/...;x/b", "/api/a/...;x/b"),  # three dots are a name, with or without params
+        ("/api/a/;x/b", "/api/a/;x/b"),
+    ],
+)
+def test_dot_segments_with_parameters_are_dot_segments(raw: str, normal: str):
+    assert normalise(raw) == normal
+
+
+@pytest.mark.parametrize("raw", ["/..;/x", "/api/..;/..;x/y", "/%2e%2e;/x", "/..%3b/x"])
+def test_dot_segments_with_parameters_cannot_climb_above_the_root(raw: str):
+    assert normalise_refused(raw) is Reason.BAD_PATH
+
+
+@pytest.mark.parametrize("raw", ["/api/%", "/api/%2", "/api/%zz", "/api/%u002e%u002e/x", "/a%g0"])
+def test_malformed_percent_escapes_are_refused(raw: str):
+    assert normalise_refused(raw) is Reason.BAD_PATH
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/public/..;/api/x",
+        "/public/..;jsessionid=x/api/x",
+        "/public/%2e%2e;/api/x",
+        "/public/%2E.;/api/x",
+        "/public/.%2E;x/api/x",
+        "/public/..%3b/api/x",
+        "/public/..%3Bx/api/x",
+        "/public/x/..;/..;/api/x",
+        "/public/.;x/../api/x",
+        "/api/v2/..;/x",  # from the longer prefix to the shorter one
+    ],
+)
+def test_dot_segments_with_parameters_that_change_the_route_are_refused(path: str):
+    router = Router([route("/api/"), route("/api/v2/"), route("/public/", auth="none")])
+    assert refused(router, path) is Reason.BAD_PATH
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api;x/orders",  # `/api/orders` to Tomcat: the catch-all would have let it through
+        "/api;jsessionid=1/orders",
+        "/api%3bx/orders",
+        "/;x/api/orders",  # `//api/orders`, collapsed
+        "/api;/orders",
+    ],
+)
+def test_parameters_that_change_the_route_upstreams_see_are_refused(path: str):
+    router = Router([route("/api/"), route("/", auth="none")])
+    assert refused(router, path) is Reason.BAD_PATH
+
+
+def test_parameters_on_a_prefix_segment_cannot_reach_the_longer_prefix():
+    router = Router([route("/api/"), route("/api/admin/", scopes=["admin"])])
+    assert refused(router, "/api/admin;x/users") is Reason.BAD_PATH
+
+
+@pytest.mark.parametrize(
+    ("path", "forwarded"),
+    [
+        ("/api/orders;jsessionid=1", "/api/orders;jsessionid=1"),
+        ("/api/a;v=1/orders", "/api/a;v=1/orders"),
+        ("/api/a/..;x/orders", "/api/orders"),
+        ("/public/a/..;/b", "/public/b"),
+    ],
+)
+def test_parameters_within_one_route_are_forwarded_on_the_normalised_path(
+    path: str, forwarded: str
+):
+    router = Router([route("/api/"), route("/public/", auth="none"), route("/", auth="none")])
+    assert router.match(path).upstream_path == forwarded
+
+
+def test_without_parameters_is_the_path_a_servlet_container_routes():
+    assert without_parameters("/api;x/orders;jsessionid=1") == "/api/orders"
+    assert without_parameters("/;x/api/") == "/api/"
+    assert without_parameters("/a%3Bb/c") == "/a/c"
+    assert without_parameters("/") == "/"
