@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -68,9 +69,28 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 parses as inf
+        raise ValueError("a number out of range is not JSON")
+    return value
+
+
 def _json_object(data: bytes, what: str) -> dict[str, Any]:
+    """RFC 8259 JSON only: Python's json would accept NaN, Infinity and -Infinity (and turn
+    1e400 into inf), and every comparison with NaN is false: a lifetime cap, an idle check
+    and a revocation by sub would each let such a token through."""
     try:
-        value = json.loads(data, object_pairs_hook=_no_duplicates)
+        value = json.loads(
+            data,
+            object_pairs_hook=_no_duplicates,
+            parse_constant=_no_constant,
+            parse_float=_finite_float,
+        )
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise Refusal(Reason.MALFORMED_TOKEN, f"the token's {what} is not JSON") from None
     if not isinstance(value, dict):
@@ -78,12 +98,24 @@ def _json_object(data: bytes, what: str) -> dict[str, Any]:
     return value
 
 
-def _number(claims: Mapping[str, Any], name: str) -> float | None:
+# The latest NumericDate accepted: 9999-12-31T23:59:59Z. Anything later (or before 1970) is
+# no date an issuer means, and a bound keeps every sum and comparison on it exact.
+MAX_NUMERIC_DATE = 253_402_300_799
+
+
+def _numeric_date(claims: Mapping[str, Any], name: str) -> float | None:
+    """A NumericDate claim (RFC 7519 §2) as seconds, or None when absent. Refused as
+    `malformed_token` unless a finite JSON number in [0, MAX_NUMERIC_DATE]."""
     value = claims.get(name)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise Refusal(Reason.MALFORMED_TOKEN, f"the {name} claim is not a number")
+    # Compared before float(): a 400-digit int would raise OverflowError there.
+    if not 0 <= value <= MAX_NUMERIC_DATE:  # also False for NaN, should one get this far
+        raise Refusal(
+            Reason.MALFORMED_TOKEN, f"the {name} claim is not a date between 1970 and 9999"
+        )
     return float(value)
 
 
@@ -249,7 +281,7 @@ class Verifier:
         audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
         if not any(a in provider.audiences for a in audiences if isinstance(a, str)):
             raise Refusal(Reason.WRONG_AUDIENCE)
-        iat, exp = _number(claims, "iat"), _number(claims, "exp")
+        iat, exp = _numeric_date(claims, "iat"), _numeric_date(claims, "exp")
         if iat is None or exp is None:  # required_claims always holds both; keep mypy honest
             raise Refusal(Reason.MISSING_CLAIM, "the token lacks exp or iat")
         if exp - iat > policy.max_token_lifetime:
@@ -274,8 +306,8 @@ class Verifier:
             sid=sid,
             iat=iat,
             exp=exp,
-            nbf=_number(claims, "nbf"),
-            auth_time=_number(claims, "auth_time"),
+            nbf=_numeric_date(claims, "nbf"),
+            auth_time=_numeric_date(claims, "auth_time"),
             scopes=_scopes(claims),
             kid=kid,
             key=key,

@@ -384,6 +384,48 @@ async def test_time_claims(gateways: GatewayFactory, upstream: Upstream):
     assert (await gw.get("/api/x", gw.token(iat=now + 20, exp=now + 600))).status == 200
 
 
+def with_raw_claim(payload: dict[str, Any], name: str, raw: str) -> bytes:
+    """The payload's JSON with `name` set to `raw` as written (e.g. NaN, which no encoder of
+    ours emits, but Python's json would read)."""
+    rest = {k: v for k, v in payload.items() if k != name}
+    return json.dumps(rest)[:-1].encode() + f', "{name}": {raw}}}'.encode()
+
+
+@pytest.mark.parametrize(
+    ("name", "raw"),
+    [
+        ("iat", "NaN"),
+        ("exp", "NaN"),
+        ("exp", "Infinity"),
+        ("iat", "-Infinity"),
+        ("exp", "1e400"),  # inf once parsed as a float
+        ("iat", "1" + "0" * 400),  # an int no float holds
+        ("nbf", "NaN"),
+        ("auth_time", "NaN"),
+        ("exp", "253402300800"),  # year 10000
+        ("iat", "-1"),
+    ],
+)
+async def test_non_finite_or_absurd_dates_are_malformed(
+    gateways: GatewayFactory,
+    upstream: Upstream,
+    signing_key: SigningKey,
+    clock: ManualClock,
+    store_url: str,
+    name: str,
+    raw: str,
+):
+    """Every comparison with NaN is false: such a token would pass the lifetime cap, never
+    idle out and escape a revocation by sub. Refused before any of those is asked."""
+    gw = await gateways(store_url=store_url)
+    payload = claims(ISSUER, AUDIENCE, now=clock.now(), sub="nan-user")
+    header = json.dumps({"alg": "RS256", "kid": signing_key.kid, "typ": "JWT"}).encode()
+    token = signed_raw(signing_key, header, with_raw_claim(payload, name, raw))
+    await assert_refused(gw, upstream, token, "malformed_token")
+    clock.advance(IDLE + 1)  # idle for any real date: still malformed, never accepted
+    await assert_refused(gw, upstream, token, "malformed_token")
+
+
 async def test_lifetime_over_the_cap_is_refused(gateways: GatewayFactory, upstream: Upstream):
     gw = await gateways()
     assert (await gw.get("/api/x", gw.token(ttl=900))).status == 200
