@@ -192,6 +192,8 @@ class Gateway:
                 match = self.router.match(raw_path)
                 route = match.route
                 outcome.route = match.label
+                # Refusals the head alone decides come before the store touches activity.
+                self.forwarder.check_request(request)
                 identity: Mapping[str, str] = {}
                 if route.auth == "required":
                     assert self.verifier is not None, "Gateway.start() was not awaited"

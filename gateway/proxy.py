@@ -166,6 +166,13 @@ class Forwarder:
         headers["X-Request-ID"] = request_id
         return headers
 
+    def check_request(self, request: web.BaseRequest) -> None:
+        """Refuse what the request head alone decides (a body declared over `max_body`).
+        Called before any token or store work, so such a refused request is no activity."""
+        declared = request.content_length
+        if declared is not None and declared > self._config.max_body:
+            raise Refusal(Reason.PAYLOAD_TOO_LARGE)
+
     async def forward(
         self,
         request: web.BaseRequest,
@@ -174,9 +181,7 @@ class Forwarder:
         request_id: str,
     ) -> web.StreamResponse:
         assert self._session is not None, "Forwarder.start() was not awaited"
-        declared = request.content_length
-        if declared is not None and declared > self._config.max_body:
-            raise Refusal(Reason.PAYLOAD_TOO_LARGE)
+        self.check_request(request)  # the caller has already; kept for any other caller
         query = request.raw_path.partition("?")[2]
         if not request.body_exists:
             lean = self._lean_target(match.route.upstream)

@@ -500,6 +500,24 @@ async def test_activity_extends_and_refusal_is_terminal(
     await assert_refused(gw, upstream, token, "idle_timeout")
 
 
+async def test_a_request_refused_413_is_no_activity(
+    gateways: GatewayFactory, upstream: Upstream, store_url: str, clock: ManualClock
+):
+    """The declared length is refused before the store call, so the token idles out on the
+    schedule of its last accepted request."""
+    gw = await gateways(
+        store_url=store_url, policy={"max_token_lifetime": "1h"}, forward={"max_body": "1KiB"}
+    )
+    token = gw.token(ttl=3600)
+    assert (await gw.get("/api/x", token)).status == 200
+    clock.advance(600)
+    await assert_refused(
+        gw, upstream, token, "payload_too_large", 413, method="POST", data=b"y" * 2048
+    )
+    clock.advance(IDLE - 600 + 1)  # idle_timeout + 1 s after the accepted request
+    await assert_refused(gw, upstream, token, "idle_timeout")
+
+
 async def test_route_idle_override_is_honoured(
     gateways: GatewayFactory, upstream: Upstream, clock: ManualClock
 ):
