@@ -138,7 +138,9 @@ class AdminAPI:
         revocation = Revocation(
             kind=kind,
             key=self._hasher(kind, value),
-            issued_before=now if kind == "sub" else None,
+            # A token issued up to `leeway` in the future is accepted (issuer clock ahead of
+            # ours): "every token issued up to now" must cover those too, or they escape.
+            issued_before=now + policy.leeway if kind == "sub" else None,
             until=horizon,
         )
         try:

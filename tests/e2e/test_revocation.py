@@ -99,11 +99,15 @@ async def test_revocation_reaches_every_instance_and_survives_restarts(
         print(f"jti revocation reached the other instance after {elapsed * 1000:.0f} ms")
         assert await status_of(http, a, by_jti) == (401, "revoked")
 
-        # By sub: tokens issued up to now are refused; one issued later is accepted.
+        # By sub: tokens issued up to now + leeway are refused; one issued later is accepted.
         revoked_at = time.monotonic()
         await revoke(http, a, {"sub": "bob"})
+        answered = time.time()
         await refused_as_revoked_within(http, b, old_of_sub, revoked_at)
-        newer = mint(signing_key, sub="bob", now=time.time() + 1)
+        # iat just past answered + leeway (30 s), and no longer in the future beyond leeway.
+        later = int(answered) + 1
+        await asyncio.sleep(max(0.0, later - time.time()))
+        newer = mint(signing_key, sub="bob", now=later + 30)
         assert await status_of(http, b, newer) == (200, None)
         assert await status_of(http, a, newer) == (200, None)
 

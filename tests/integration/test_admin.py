@@ -201,13 +201,17 @@ async def test_revocation_api(
     assert (await refused.json())["reason"] == "revoked"
 
 
-async def test_revoke_by_sub_covers_tokens_issued_up_to_now(
+async def test_revoke_by_sub_covers_tokens_issued_up_to_now_plus_leeway(
     gateways: GatewayFactory, upstream: Upstream, tmp_path: Path
 ):
     token_file = tmp_path / "admin.token"
     token_file.write_text("t0ken")
     gw = await gateways(admin={"token_file": str(token_file)})
     before = gw.token(sub="carol")
+    now = gw.clock.now()
+    # Issued by an IdP whose clock is 29 s ahead: accepted (leeway 30 s), so it must be covered.
+    ahead = gw.token(sub="carol", iat=now + 29, exp=now + 600)
+    assert (await gw.get("/api/x", ahead)).status == 200
     async with (
         aiohttp.ClientSession() as http,
         http.post(
@@ -218,7 +222,13 @@ async def test_revoke_by_sub_covers_tokens_issued_up_to_now(
     ):
         assert response.status == 204
     assert (await gw.get("/api/x", before)).status == 401
-    gw.clock.advance(1)  # type: ignore[attr-defined]
+    refused = await gw.get("/api/x", ahead)
+    assert (refused.status, (await refused.json())["reason"]) == (401, "revoked")
+    gw.clock.advance(31)  # type: ignore[attr-defined]
+    # A token issued after the revocation (beyond leeway) is a new login: accepted.
     after = gw.token(sub="carol")
     assert (await gw.get("/api/x", after)).status == 200
+    gw.clock.advance(629 - 31)  # type: ignore[attr-defined]
+    # `ahead` stays refused up to its exp + leeway: the revocation's horizon outlives it.
+    assert (await (await gw.get("/api/x", ahead)).json())["reason"] == "revoked"
     assert (await gw.get("/api/x", gw.token(sub="dave"))).status == 200
