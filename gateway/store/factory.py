@@ -10,7 +10,7 @@ from gateway.config import Store as StoreConfig
 from gateway.config import mask_url
 from gateway.store.base import KeyHasher, Store
 from gateway.store.memory import MemoryStore
-from gateway.store.redis import RedisStore, client_from_url, pipelined_from_url
+from gateway.store.redis import RedisStore, client_from_url, pipelined_for
 
 
 class StoreConfigError(ValueError):
@@ -32,7 +32,7 @@ def open_store(config: StoreConfig) -> Store:
         key_prefix=config.key_prefix,
         timeout=config.timeout,
         closing=closing,
-        pipelined=pipelined_from_url(config.url, timeout=config.timeout),
+        pipelined=pipelined_for(client, timeout=config.timeout),
     )
 
 

@@ -10,9 +10,12 @@ the queue and its late reply is dropped, so replies can never be handed to the w
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import ssl
+import struct
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import hiredis
@@ -24,6 +27,9 @@ def _pack(*args: Any) -> bytes:
     return packed
 
 
+_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
+
+
 class ConnectionLost(ConnectionError):
     pass
 
@@ -33,14 +39,27 @@ class ReplyError(Exception):
 
 
 class _Protocol(asyncio.Protocol):
+    """One TCP (or TLS) connection and the calls sent on it. Everything it does touches only
+    its own transport and calls: a connection the owner already replaced (the watchdog closed
+    it) can fail late without disturbing its successor."""
+
     def __init__(self, owner: PipelinedConnection) -> None:
         self._owner = owner
         self._reader = hiredis.Reader(replyError=ReplyError)
+        self.transport: asyncio.Transport | None = None
+        # Calls sent and not yet answered, oldest first, each with its deadline (loop time).
+        self.waiting: deque[tuple[asyncio.Future[Any], float]] = deque()
+        self.out: list[bytes] = []  # commands of this connection not yet written
+        self.last_reply = 0.0  # loop time
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
 
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)
-        waiting = self._owner.waiting
-        self._owner.last_reply = asyncio.get_running_loop().time()
+        waiting = self.waiting
+        self.last_reply = asyncio.get_running_loop().time()
         while (reply := self._reader.gets()) is not False:
             if not waiting:
                 break  # a reply nobody waits for: the connection is out of step
@@ -53,11 +72,35 @@ class _Protocol(asyncio.Protocol):
                 future.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._owner.lost(exc)
+        self._owner.lost(self, exc)
+
+    def flush(self) -> None:
+        out, self.out = self.out, []
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(out))
+
+    def fail(self, exc: Exception | None) -> None:
+        waiting, self.waiting = self.waiting, deque()
+        self.out.clear()
+        for future, _ in waiting:
+            if not future.done():
+                future.set_exception(ConnectionLost(str(exc or "connection closed")))
+
+    def abort(self) -> None:
+        """Close now, with a reset: close() would keep the socket until a stalled peer read
+        the unsent bytes (that is, for ever), and even abort() leaves the kernel holding them
+        behind a FIN the peer never sees; SO_LINGER 0 makes the close an RST."""
+        if self.transport is not None:
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+            self.transport.abort()
+        self.fail(None)
 
 
 class PipelinedConnection:
-    """One TCP (or TLS) connection, (re)opened on demand; `call` is safe to use concurrently."""
+    """A connection to one Redis, (re)opened on demand; `call` is safe to use concurrently."""
 
     def __init__(
         self,
@@ -68,8 +111,10 @@ class PipelinedConnection:
         username: str | None = None,
         password: str | None = None,
         tls: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
         connect_timeout: float = 1.0,
         call_timeout: float = 1.0,
+        on_connect: Callable[[PipelinedConnection], Awaitable[None]] | None = None,
     ) -> None:
         self._host = host
         self._port = port
@@ -77,18 +122,22 @@ class PipelinedConnection:
         self._username = username
         self._password = password
         self._tls = tls
+        self._server_hostname = server_hostname if server_hostname is not None else host
         self._connect_timeout = connect_timeout
-        self._transport: asyncio.Transport | None = None
+        self._on_connect = on_connect  # run on every new connection, after AUTH/SELECT
+        self._current: _Protocol | None = None
         self._connecting: asyncio.Future[None] | None = None
-        self._out: list[bytes] = []
         self._flush_scheduled = False
-        # Calls sent and not yet answered, oldest first, each with its deadline (loop time). One
-        # watchdog timer for all of them instead of a timer per call: a call fails with
+        # One watchdog timer for all calls instead of a timer per call: a call fails with
         # TimeoutError at most call_timeout / 4 after its deadline.
-        self.waiting: deque[tuple[asyncio.Future[Any], float]] = deque()
         self._call_timeout = call_timeout
         self._watchdog: asyncio.TimerHandle | None = None
-        self.last_reply = 0.0  # loop time
+
+    def _connected(self) -> _Protocol | None:
+        current = self._current
+        if current is None or current.transport is None or current.transport.is_closing():
+            return None
+        return current
 
     def call(
         self, *args: str | bytes | int | float, deadline: float | None = None
@@ -98,22 +147,23 @@ class PipelinedConnection:
         ReplyError. When connected it returns the reply's future itself (no coroutine)."""
         if deadline is None:
             deadline = asyncio.get_running_loop().time() + self._call_timeout
-        if self._transport is None or self._transport.is_closing():
+        connection = self._connected()
+        if connection is None:
             return self._connect_and_send(_pack(*args), deadline)
-        return self._send(_pack(*args), deadline)
+        return self._send(connection, _pack(*args), deadline)
 
     async def _connect_and_send(self, command: bytes, deadline: float) -> Any:
         async with asyncio.timeout_at(deadline):
-            await self._connect()
-        return await self._send(command, deadline)
+            connection = await self._connect()
+        return await self._send(connection, command, deadline)
 
-    def _send(self, command: bytes, deadline: float) -> asyncio.Future[Any]:
+    def _send(self, connection: _Protocol, command: bytes, deadline: float) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self.waiting.append((future, deadline))
+        connection.waiting.append((future, deadline))
         if self._watchdog is None:
             self._watchdog = loop.call_later(self._call_timeout / 4, self._watch)
-        self._out.append(command)
+        connection.out.append(command)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
@@ -121,25 +171,28 @@ class PipelinedConnection:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        out, self._out = self._out, []
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.write(b"".join(out))
+        if self._current is not None:
+            self._current.flush()
 
     def _watch(self) -> None:
         self._watchdog = None
+        current = self._current
+        if current is None:
+            return
         loop = asyncio.get_running_loop()
         now = loop.time()
-        for future, deadline in self.waiting:
+        for future, deadline in current.waiting:
             if deadline <= now and not future.done():
                 future.set_exception(TimeoutError())
         # Nothing heard for a whole timeout since the oldest call fell due: a half-open socket
         # would otherwise hold every later call hostage.
-        if self.waiting and now - max(self.last_reply, self.waiting[0][1]) > self._call_timeout:
-            self.close()
-        if self.waiting:
+        waiting = current.waiting
+        if waiting and now - max(current.last_reply, waiting[0][1]) > self._call_timeout:
+            self._drop(current)
+        if current.waiting:
             self._watchdog = loop.call_later(self._call_timeout / 4, self._watch)
 
-    async def _connect(self) -> None:
+    async def _connect(self) -> _Protocol:
         if self._connecting is None:
             self._connecting = asyncio.ensure_future(self._open())
         connecting = self._connecting
@@ -148,41 +201,52 @@ class PipelinedConnection:
         finally:
             if connecting.done() and self._connecting is connecting:
                 self._connecting = None
+        connection = self._connected()
+        if connection is None:
+            raise ConnectionLost("connection closed while opening")
+        return connection
 
     async def _open(self) -> None:
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(self._connect_timeout):
-            transport, _ = await loop.create_connection(
+            _, connection = await loop.create_connection(
                 lambda: _Protocol(self),
                 self._host,
                 self._port,
                 ssl=self._tls,
-                server_hostname=self._host if self._tls else None,
+                server_hostname=self._server_hostname if self._tls else None,
             )
-        self._transport = transport
-        self._out.clear()
+        if self._current is not None:
+            self._drop(self._current)
+        self._current = connection
         handshake = []
         deadline = loop.time() + self._connect_timeout
         if self._password is not None:
             credentials = (self._username, self._password) if self._username else (self._password,)
-            handshake.append(self._send(_pack("AUTH", *credentials), deadline))
+            handshake.append(self._send(connection, _pack("AUTH", *credentials), deadline))
         if self._db:
-            handshake.append(self._send(_pack("SELECT", self._db), deadline))
-        if handshake:
-            try:
+            handshake.append(self._send(connection, _pack("SELECT", self._db), deadline))
+        try:
+            if handshake:
                 await asyncio.gather(*handshake)
-            except BaseException:
-                self.close()
-                raise
+            if self._on_connect is not None:
+                async with asyncio.timeout_at(deadline):
+                    await self._on_connect(self)
+        except BaseException:
+            self._drop(connection)
+            raise
 
-    def lost(self, exc: Exception | None) -> None:
-        self._transport = None
-        waiting, self.waiting = self.waiting, deque()
-        for future, _ in waiting:
-            if not future.done():
-                future.set_exception(ConnectionLost(str(exc or "connection closed")))
+    def lost(self, connection: _Protocol, exc: Exception | None) -> None:
+        """`connection` is gone: fail its own calls; forget it only if it is still ours."""
+        connection.fail(exc)
+        if self._current is connection:
+            self._current = None
+
+    def _drop(self, connection: _Protocol) -> None:
+        connection.abort()
+        if self._current is connection:
+            self._current = None
 
     def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
-            self.lost(None)
+        if self._current is not None:
+            self._drop(self._current)

@@ -15,10 +15,11 @@ import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any, TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import Connection, SSLConnection
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
@@ -258,21 +259,37 @@ def _split_hosts(
     return username, password, hosts
 
 
-def pipelined_from_url(url: str, *, timeout: float) -> PipelinedConnection | None:
-    """The request path's pipelined connection for a standalone `redis://`/`rediss://` URL."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+def pipelined_for(
+    client: RedisClient,
+    *,
+    timeout: float,
+    on_connect: Callable[[PipelinedConnection], Awaitable[None]] | None = None,
+) -> PipelinedConnection | None:
+    """The request path's pipelined connection to the same standalone Redis as `client`, with
+    the same host, port, database, credentials and TLS settings: redis-py parsed the URL once
+    for both (a second parser of our own once sent activity to db 0 and revocations to db 3
+    for `?db=3`). None for Sentinel and Cluster, whose clients route by themselves."""
+    if not isinstance(client, Redis):
         return None
-    db = parts.path.strip("/")
+    pool = client.connection_pool
+    if not isinstance(pool, BlockingConnectionPool):
+        return None  # Sentinel's managed pool: the master's address is the pool's to find
+    kwargs = pool.connection_kwargs
+    tls: ssl.SSLContext | None = None
+    if issubclass(pool.connection_class, SSLConnection):
+        tls = SSLConnection(**kwargs).ssl_context.get()
+    elif pool.connection_class is not Connection:
+        return None  # a unix socket: redis-py alone
     return PipelinedConnection(
-        parts.hostname,
-        parts.port or 6379,
-        db=int(db) if db.isdigit() else 0,
-        username=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password is not None else None,
-        tls=ssl.create_default_context() if parts.scheme == "rediss" else None,
+        kwargs.get("host", "localhost"),  # redis-py's own defaults for what a URL leaves out
+        int(kwargs.get("port", 6379)),
+        db=int(kwargs.get("db") or 0),
+        username=kwargs.get("username"),
+        password=kwargs.get("password"),
+        tls=tls,
         connect_timeout=timeout,
         call_timeout=timeout,
+        on_connect=on_connect,
     )
 
 
@@ -296,6 +313,9 @@ def client_from_url(url: str, *, timeout: float) -> tuple[RedisClient, tuple[Red
         db = parts.path.strip("/")
         if db and not db.isdigit():
             raise ValueError(f"the path must be a database number, not {db!r}")
+        query_db = parse_qs(parts.query).get("db", [])
+        if len(set(query_db + ([db] if db else []))) > 1:
+            raise ValueError("the URL names two different databases (path and ?db=)")
         pool = BlockingConnectionPool.from_url(
             url, max_connections=MAX_CONNECTIONS, timeout=timeout, **options
         )
