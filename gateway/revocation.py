@@ -70,16 +70,19 @@ class RevocationList:
         self._task = asyncio.create_task(self._poll(), name="revocation-poll")
 
     async def _poll(self) -> None:
+        failing = False  # an unexpected error is logged once, not every poll_interval
         while True:
             await asyncio.sleep(self._poll_interval)
             try:
                 await self.refresh()
             except StoreUnavailable:
-                log.warning(
-                    "revocation list refresh failed; keeping %d entries", len(self._entries)
-                )
+                pass  # the store logs its outage (one line as it starts, one as it ends)
             except Exception:
-                log.exception("revocation list refresh failed")
+                if not failing:
+                    log.exception("revocation list refresh failed; keeping the entries held")
+                failing = True
+            else:
+                failing = False
 
     async def close(self) -> None:
         if self._task is not None:

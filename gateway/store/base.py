@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
+import time
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -16,6 +18,41 @@ RevocationKind = Literal["jti", "sid", "sub"]
 
 class StoreUnavailable(Exception):
     """The store failed or did not answer within `store.timeout`."""
+
+
+class OutageLog:
+    """An outage of the store is one log line when it starts and one when it ends (how long it
+    lasted, how many calls failed), however many calls fail in between: the revocation poll
+    alone fails four times a second, every request once."""
+
+    def __init__(self, logger: logging.Logger, name: str) -> None:
+        self._log = logger
+        self._name = name
+        self.since: float | None = None  # monotonic time of the first failure; None: healthy
+        self.failed_calls = 0
+
+    def failure(self, reason: str) -> None:
+        if self.since is None:
+            self.since = time.monotonic()
+            self.failed_calls = 0
+            self._log.error(
+                "%s unavailable: %s (further failures are counted, not logged, until it answers)",
+                self._name,
+                reason,
+            )
+        self.failed_calls += 1
+
+    def success(self) -> None:
+        """Call after a successful call when `since` is set (an attribute test on the hot path)."""
+        if self.since is None:
+            return
+        self._log.warning(
+            "%s available again after %.1f s; %d calls failed",
+            self._name,
+            time.monotonic() - self.since,
+            self.failed_calls,
+        )
+        self.since = None
 
 
 # Touch and TouchResult are made per request: not frozen, whose __init__ costs ~0.8 µs more.

@@ -9,6 +9,7 @@ after Redis restarts or fails over; a call cut short by the timeout drops its co
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import ssl
 import time
@@ -26,9 +27,17 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from gateway.metrics import STORE_DURATION, STORE_ERRORS, batched
-from gateway.store.base import Revocation, RevocationKind, StoreUnavailable, Touch, TouchResult
+from gateway.store.base import (
+    OutageLog,
+    Revocation,
+    RevocationKind,
+    StoreUnavailable,
+    Touch,
+    TouchResult,
+)
 from gateway.store.pipeline import ConnectionLost, PipelinedConnection, ReplyError
 
+log = logging.getLogger("idlegate.store")
 RedisClient = Redis | RedisCluster
 _FAILURES = (RedisError, TimeoutError, OSError, ReplyError)
 T = TypeVar("T")
@@ -67,6 +76,7 @@ class RedisStore:
         self._prefix = key_prefix
         self._timeout = timeout
         self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
+        self.outage = OutageLog(log, "store (redis)")
         self._revocation_key = f"{key_prefix}:{{rev}}"
         self._touch_source = _script("check_and_touch.lua")
         self._check_and_touch = client.register_script(self._touch_source)
@@ -87,17 +97,21 @@ class RedisStore:
             reason = f"timed out after {self._timeout:g}s"
         else:
             reason = f"{type(exc).__name__}: {exc}"
+        self.outage.failure(f"{op}: {reason}")
         return StoreUnavailable(f"redis {op}: {reason}")
 
     async def _call(self, op: str, call: Callable[[], Awaitable[T]]) -> T:
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self._timeout), self._slots:
-                return await call()
+                result = await call()
         except _FAILURES as exc:
             raise self._unavailable(op, exc) from exc
         finally:
             STORE_DURATION.labels(op=op).observe(time.perf_counter() - started)
+        if self.outage.since is not None:
+            self.outage.success()
+        return result
 
     async def check_and_touch(self, touch: Touch) -> TouchResult:
         key = self.activity_key(touch.key)
@@ -133,6 +147,8 @@ class RedisStore:
             raise self._unavailable("check_and_touch", exc) from exc
         finally:
             self._touch_duration.observe(time.perf_counter() - started)
+        if self.outage.since is not None:
+            self.outage.success()
         return TouchResult(last_activity=float(reply[0]), idle=bool(reply[1]))
 
     async def _touch_again(

@@ -4,6 +4,7 @@ then what only Redis has: TTLs, one round trip, reconnects, timeouts, shared rev
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import re
 import time
@@ -14,8 +15,9 @@ import pytest
 from prometheus_client import REGISTRY
 
 from gateway import metrics
-from gateway.clock import ManualClock
+from gateway.clock import ManualClock, SystemClock
 from gateway.config import Store as StoreConfig
+from gateway.revocation import RevocationList
 from gateway.store import (
     Revocation,
     Store,
@@ -501,3 +503,35 @@ async def test_redis_store_metrics_count_calls(
     metrics.flush()  # the request path's histograms are batched until a scrape
     after = metric("idlegate_store_duration_seconds_count", "check_and_touch")
     assert after == before + 1
+
+
+async def test_a_redis_outage_is_one_line_when_it_starts_and_one_when_it_ends(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The revocation poll (every 50 ms here) and requests keep failing while Redis is down:
+    the log gets one line when the outage starts and one when it ends, with its duration and
+    how many calls failed, not a warning per failed call."""
+    store = redis_store(redis_server, timeout=0.2)
+    revocations = RevocationList(store, SystemClock(), poll_interval=0.05)
+    caplog.set_level(logging.INFO)
+    try:
+        await revocations.start()
+        redis_server.stop()
+        for _ in range(5):
+            with pytest.raises(StoreUnavailable):
+                await store.ping()
+        await asyncio.sleep(0.6)
+        redis_server.start()
+        await asyncio.sleep(0.3)  # the poll succeeds again
+        await store.ping()
+    finally:
+        await revocations.close()
+        await store.close()
+    lines = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.levelname for r in lines] == ["ERROR", "WARNING"], [r.getMessage() for r in lines]
+    started, ended = (r.getMessage() for r in lines)
+    assert "unavailable" in started
+    match = re.search(r"available again after ([\d.]+) s; (\d+) calls failed", ended)
+    assert match is not None, ended
+    assert 0.6 <= float(match.group(1)) < 2.0
+    assert int(match.group(2)) >= 5 + 5  # the pings, and the poll's ~10 attempts
