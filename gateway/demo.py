@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shlex
 import shutil
 import signal
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -20,6 +22,8 @@ from gateway.serve import configure_logging, install_uvloop, start
 
 ISSUER = "https://demo.idlegate.local/"
 AUDIENCE = "demo-api"
+# Below this, a token could idle out before its first request (its iat is whole seconds).
+MIN_IDLE_TIMEOUT = 2.0
 
 
 async def _echo(request: web.Request) -> web.Response:
@@ -38,7 +42,25 @@ def _say(text: str = "") -> None:
     print(text, flush=True)
 
 
-async def _walkthrough(base: str, fresh: str, long_lived: str, idle_timeout: float) -> None:
+def _seconds(value: float) -> str:
+    return f"{value:g}s"
+
+
+def _self_command() -> list[str]:
+    """How to run idlegate again the way this process was started: the console script's own
+    path when it was run as one (a venv's bin/ need not be on PATH), else `python -m gateway`."""
+    script = Path(sys.argv[0])
+    if script.name == "idlegate":
+        on_path = shutil.which("idlegate")
+        if on_path is not None and Path(on_path).resolve() == script.resolve():
+            return ["idlegate"]
+        return [os.path.abspath(script)]
+    return [sys.executable, "-m", "gateway"]
+
+
+async def _walkthrough(base: str, key: Any, idle_timeout: float) -> None:
+    """Three requests whose printed outcome is what the gateway really answered. Each token is
+    minted just before its first use: a token's never-used idle time counts from its `iat`."""
     async with aiohttp.ClientSession() as http:
 
         async def call(token: str, label: str) -> None:
@@ -50,23 +72,23 @@ async def _walkthrough(base: str, fresh: str, long_lived: str, idle_timeout: flo
                 _say(f"  {label:<34} -> {r.status} {what}")
 
         _say("Walkthrough (the gateway checks these requests live):")
+        fresh = mint(key, issuer=ISSUER, audience=AUDIENCE, subject="alice", ttl=600)
         await call(fresh, "fresh token")
+        long_lived = mint(key, issuer=ISSUER, audience=AUDIENCE, subject="alice", ttl=3600)
         await call(long_lived, "token issued for 1h (cap 15m)")
-        _say(f"  ... leaving the fresh token alone for {idle_timeout + 1:.0f}s ...")
-        await asyncio.sleep(idle_timeout + 1)
+        # Measured from the fresh token's last accepted request, with a margin for the
+        # request's own time: strictly more than idle_timeout has passed when it is sent again.
+        pause = idle_timeout + 1
+        _say(f"  ... leaving the fresh token alone for {_seconds(pause)} ...")
+        await asyncio.sleep(pause)
         await call(fresh, "same token after idling")
         _say("")
 
 
-async def _main(
-    port: int, admin_port: int, upstream_port: int, idle_timeout: float, walkthrough: bool
-) -> int:
-    workdir = Path(tempfile.mkdtemp(prefix="idlegate-demo-"))
-    key = generate_rsa()
-    (workdir / "dev-private.pem").write_bytes(private_pem(key))
-    (workdir / "dev-public.pem").write_bytes(public_pem(key))
-
-    config = config_module.from_data(  # ConfigError: reported by run_demo
+def _demo_config(
+    port: int, admin_port: int, upstream_port: int, idle_timeout: float, public_key: Path
+) -> config_module.Config:
+    return config_module.from_data(  # ConfigError: reported by run_demo
         {
             "listen": {"host": "127.0.0.1", "port": port},
             "admin": {"host": "127.0.0.1", "port": admin_port},
@@ -79,74 +101,115 @@ async def _main(
                     "issuer": ISSUER,
                     "audiences": [AUDIENCE],
                     "algorithms": ["RS256"],
-                    "public_key_file": str(workdir / "dev-public.pem"),
+                    "public_key_file": str(public_key),
                 }
             ],
             "routes": [{"prefix": "/", "upstream": f"http://127.0.0.1:{upstream_port}"}],
         },
         environ={},
     )
-    upstream = web.AppRunner(web.Application())
-    upstream.app.router.add_route("*", "/{tail:.*}", _echo)
-    await upstream.setup()
-    await web.TCPSite(upstream, "127.0.0.1", upstream_port).start()
 
-    try:
-        running = await start(config)
-    except BaseException:
-        await upstream.cleanup()
-        raise
-    # Before the first line is printed: whoever reads it may press Ctrl-C at once.
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    base = f"http://127.0.0.1:{port}"
-    fresh = mint(key, issuer=ISSUER, audience=AUDIENCE, subject="alice", ttl=600)
-    long_lived = mint(key, issuer=ISSUER, audience=AUDIENCE, subject="alice", ttl=3600)
+
+def _try_it_yourself(base: str, key: Any, key_path: Path, idle_timeout: float) -> None:
+    """The user's token is minted here, when it is printed: minted earlier, it would have
+    spent the walkthrough's pause idling and be refused on arrival."""
     yours = mint(key, issuer=ISSUER, audience=AUDIENCE, subject="you", ttl=600)
-    _say(f"idlegate demo: gateway on {base}, echo upstream behind it, memory store,")
-    _say(f"idle timeout {idle_timeout:.0f}s, lifetime cap 15m.")
-    _say(f"Metrics: http://127.0.0.1:{admin_port}/metrics")
-    _say("")
-    if walkthrough:
-        walk = asyncio.ensure_future(_walkthrough(base, fresh, long_lived, idle_timeout))
-        stopped = asyncio.ensure_future(stop.wait())
-        await asyncio.wait({walk, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        walk.cancel()  # Ctrl-C during the walkthrough ends the demo there
-        stopped.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await walk  # its errors, if any, surface here
+    long_lived = mint(key, issuer=ISSUER, audience=AUDIENCE, subject="you", ttl=3600)
     auth = shlex.quote(f"Authorization: Bearer {yours}")
     long_auth = shlex.quote(f"Authorization: Bearer {long_lived}")
-    key_path = workdir / "dev-private.pem"
-    mint_cmd = f"idlegate token --key {key_path} --iss {ISSUER} --aud {AUDIENCE} --ttl 10m"
-    _say(
-        "Try it yourself. A token for you (valid 10 min, dies after "
-        f"{idle_timeout:.0f}s without use):"
-    )
+    mint_args = ["token", "--key", str(key_path), "--iss", ISSUER, "--aud", AUDIENCE]
+    mint_cmd = shlex.join([*_self_command(), *mint_args, "--sub", "you", "--ttl", "10m"])
+    idle = _seconds(idle_timeout)
+    _say(f"Try it yourself. A token for you, minted now (valid 10 min, dies after {idle} unused):")
     _say(yours)
     _say("")
     _say("  # accepted: the upstream echoes what it received")
     _say(f"  curl -s -H {auth} {base}/api/hello")
     _say("  # refused: issued for longer than the cap -> lifetime_too_long")
     _say(f"  curl -s -H {long_auth} {base}/api/hello")
-    _say(f"  # leave it alone for {idle_timeout:.0f}s, run the first line again -> idle_timeout")
+    _say(f"  # leave it alone for over {idle}, run the first line again -> idle_timeout")
     _say("  # session status (does not count as activity)")
     _say(f"  curl -s -H {auth} {base}/.idlegate/session")
-    _say(f"  # mint more tokens: {mint_cmd}")
+    _say(f"  # more than {idle} went by before you got here? a fresh token, used the same way:")
+    _say(f"  TOKEN=$({mint_cmd})")
+    _say(f'  curl -s -H "Authorization: Bearer $TOKEN" {base}/api/hello')
     _say("")
     _say("Ctrl-C stops the demo.")
-    await stop.wait()
-    await running.drain()
-    await upstream.cleanup()
-    shutil.rmtree(workdir, ignore_errors=True)  # the dev private key goes with it
+
+
+async def _main(
+    port: int, admin_port: int, upstream_port: int, idle_timeout: float, walkthrough: bool
+) -> int:
+    # The dev private key lives here; whatever happens from now on (a port in use, a bad
+    # value, Ctrl-C at any moment), it goes with the directory.
+    workdir = Path(tempfile.mkdtemp(prefix="idlegate-demo-"))
+    try:
+        return await _run(workdir, port, admin_port, upstream_port, idle_timeout, walkthrough)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def _run(
+    workdir: Path,
+    port: int,
+    admin_port: int,
+    upstream_port: int,
+    idle_timeout: float,
+    walkthrough: bool,
+) -> int:
+    key = generate_rsa()
+    key_path = workdir / "dev-private.pem"
+    key_path.write_bytes(private_pem(key))
+    (workdir / "dev-public.pem").write_bytes(public_pem(key))
+    config = _demo_config(port, admin_port, upstream_port, idle_timeout, workdir / "dev-public.pem")
+
+    upstream = web.AppRunner(web.Application())
+    upstream.app.router.add_route("*", "/{tail:.*}", _echo)
+    await upstream.setup()
+    try:
+        await web.TCPSite(upstream, "127.0.0.1", upstream_port).start()
+        running = await start(config)
+        try:
+            # Before the first line is printed: whoever reads it may press Ctrl-C at once.
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, stop.set)
+            base = f"http://127.0.0.1:{port}"
+            _say(f"idlegate demo: gateway on {base}, echo upstream behind it, memory store,")
+            _say(f"idle timeout {_seconds(idle_timeout)}, lifetime cap 15m.")
+            _say(f"Metrics: http://127.0.0.1:{admin_port}/metrics")
+            _say("")
+            if walkthrough:
+                walk = asyncio.ensure_future(_walkthrough(base, key, idle_timeout))
+                stopped = asyncio.ensure_future(stop.wait())
+                await asyncio.wait({walk, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                walk.cancel()  # Ctrl-C during the walkthrough ends the demo there
+                stopped.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await walk  # its errors, if any, surface here
+            if not stop.is_set():
+                _try_it_yourself(base, key, key_path, idle_timeout)
+                await stop.wait()
+        finally:
+            await running.drain()
+    finally:
+        await upstream.cleanup()
     return 0
 
 
 def run_demo(
     *, port: int, admin_port: int, upstream_port: int, idle_timeout: float, walkthrough: bool
 ) -> int:
+    if idle_timeout < MIN_IDLE_TIMEOUT:
+        # A token's never-used idle time counts from its iat, in whole seconds: with less,
+        # a token could be refused idle_timeout on its first request.
+        print(
+            f"idlegate: --idle-timeout: the demo needs at least {_seconds(MIN_IDLE_TIMEOUT)}"
+            f" (got {_seconds(idle_timeout)}): token iat is in whole seconds",
+            file=sys.stderr,
+        )
+        return 2
     configure_logging("warning")
     install_uvloop()
     try:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -16,6 +18,28 @@ from harness import GatewayUnderTest, Upstream, base_config, start_gateway
 from jwks_server import SigningKey, rsa_key
 
 from gateway.clock import Clock, ManualClock
+
+
+@pytest.fixture(scope="session", autouse=True)
+def temp_dir_left_clean(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every temporary file of the run (this process's and those of the processes it starts)
+    goes to one directory, which must hold no key file and no demo directory at the end: a
+    key left in /tmp by every test run piles up, readable by anyone on the machine."""
+    scratch = tmp_path_factory.mktemp("tmpdir")
+    saved_env, saved_tempdir = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"] = tempfile.tempdir = str(scratch)
+    yield scratch
+    tempfile.tempdir = saved_tempdir
+    if saved_env is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = saved_env
+    left = sorted(
+        str(path.relative_to(scratch))
+        for path in scratch.rglob("*")
+        if path.suffix in (".pem", ".key") or path.name.startswith("idlegate-demo-")
+    )
+    assert left == [], f"tests left key files or demo directories in the temp dir: {left}"
 
 
 def free_port() -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -167,8 +168,8 @@ def test_serve_on_a_busy_port_is_one_line(tmp_path: Path):
 
 @pytest.mark.parametrize(
     "args",
-    [["--idle-timeout", "0"], ["--port", "70000"]],
-    ids=["idle-timeout 0", "port 70000"],
+    [["--idle-timeout", "0"], ["--idle-timeout", "1s"], ["--port", "70000"]],
+    ids=["idle-timeout 0", "idle-timeout 1s", "port 70000"],
 )
 def test_demo_with_unusable_values_fails_without_traceback(args: list[str]):
     ports = ["--port", str(free_port()), "--admin-port", str(free_port())]
@@ -222,6 +223,10 @@ def test_token_prints_a_jwt_with_the_requested_claims():
 # -- demo --------------------------------------------------------------------------------------
 
 
+WALKTHROUGH_LINE = re.compile(r"^(?P<label>\S.*?)\s+-> (?P<status>\d{3}) (?P<what>.+)$")
+DEMO_LAST_LINE = "Ctrl-C stops the demo."
+
+
 @dataclass
 class Demo:
     process: asyncio.subprocess.Process
@@ -229,14 +234,34 @@ class Demo:
     token: str
     printed: list[str]
 
+    def walkthrough(self) -> dict[str, tuple[int, str]]:
+        """label -> (status, reason or 'forwarded ...'), as the walkthrough printed them."""
+        found = {}
+        for line in self.printed:
+            if match := WALKTHROUGH_LINE.match(line.strip()):
+                found[match["label"]] = (int(match["status"]), match["what"])
+        return found
+
+    def commands(self) -> dict[str, str]:
+        """Each printed shell line under the comment that says what it shows."""
+        found: dict[str, str] = {}
+        comment = ""
+        for line in (line.strip() for line in self.printed):
+            if line.startswith("# "):
+                comment = line[2:]
+            elif line.startswith(("curl ", "TOKEN=")):
+                found.setdefault(comment, "")
+                found[comment] += line + "\n"
+        return found
+
 
 @contextlib.asynccontextmanager
-async def demo_running(**env: str) -> AsyncIterator[Demo]:
-    """`idlegate demo --no-walkthrough` on free ports, once it printed its token; killed on exit
-    unless the test stopped it."""
+async def demo_running(*, walkthrough: bool = False, **env: str) -> AsyncIterator[Demo]:
+    """`idlegate demo --idle-timeout 2s` on free ports, once it printed everything up to its
+    last line; killed on exit unless the test stopped it."""
     port = free_port()
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "demo", "--no-walkthrough",
+        sys.executable, "-m", "gateway", "demo", *([] if walkthrough else ["--no-walkthrough"]),
         "--port", str(port),
         "--admin-port", str(free_port()),
         "--upstream-port", str(free_port()),
@@ -249,13 +274,14 @@ async def demo_running(**env: str) -> AsyncIterator[Demo]:
         assert process.stdout is not None
         printed: list[str] = []
         deadline = time.monotonic() + 10
-        while not printed or not JWT_LINE.match(printed[-1]):
+        while not printed or printed[-1] != DEMO_LAST_LINE:
             remaining = deadline - time.monotonic()
-            assert remaining > 0, f"no token line within 10 s: {printed}"
+            assert remaining > 0, f"not all printed within 10 s: {printed}"
             raw = await asyncio.wait_for(process.stdout.readline(), remaining)
             assert raw, f"the demo exited: {printed}"
             printed.append(raw.decode().strip())
-        yield Demo(process=process, port=port, token=printed[-1], printed=printed)
+        (token,) = [line for line in printed if JWT_LINE.match(line)]
+        yield Demo(process=process, port=port, token=token, printed=printed)
     finally:
         if process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
@@ -263,9 +289,9 @@ async def demo_running(**env: str) -> AsyncIterator[Demo]:
             await process.wait()
 
 
-async def interrupt(demo: Demo) -> str:
-    """SIGINT, as Ctrl-C would; all the demo printed once it exited 0."""
-    demo.process.send_signal(signal.SIGINT)
+async def interrupt(demo: Demo, signum: int = signal.SIGINT) -> str:
+    """SIGINT, as Ctrl-C would (or `signum`); all the demo printed once it exited 0."""
+    demo.process.send_signal(signum)
     stdout, stderr = await asyncio.wait_for(demo.process.communicate(), 10)
     assert demo.process.returncode == 0, stderr
     assert b"Traceback" not in stderr
@@ -284,6 +310,72 @@ async def test_demo_token_is_accepted_then_refused_after_idling():
                 assert response.status == 401
                 assert (await response.json())["reason"] == "idle_timeout"
         await interrupt(demo)
+
+
+async def curl(http: aiohttp.ClientSession, line: str) -> tuple[int, dict[str, object]]:
+    """What the printed `curl -s -H HEADER URL` line gets (the same request, through aiohttp)."""
+    argv = shlex.split(line)
+    assert argv[:3] == ["curl", "-s", "-H"] and len(argv) == 5, argv
+    name, _, value = argv[3].partition(": ")
+    async with http.get(argv[4], headers={name: value}) as response:
+        return response.status, await response.json()
+
+
+async def test_demo_walkthrough_prints_what_the_gateway_answers_and_its_token_works():
+    """The walkthrough as a newcomer runs it: each labelled outcome is true, and the token and
+    curl lines printed after its idle pause really do what their comments say."""
+    async with demo_running(walkthrough=True) as demo:
+        assert demo.walkthrough() == {
+            "fresh token": (200, "forwarded to the upstream"),
+            "token issued for 1h (cap 15m)": (401, "lifetime_too_long"),
+            "same token after idling": (401, "idle_timeout"),
+        }
+        lines = demo.commands()
+        accepted = lines["accepted: the upstream echoes what it received"]
+        assert demo.token in accepted  # the token printed alone is the one of the curl line
+        async with aiohttp.ClientSession() as http:
+            status, body = await curl(http, accepted)
+            assert status == 200, body
+            assert body["upstream"] == "echo"
+            assert body["received"]["X-Auth-Subject"] == "you"  # type: ignore[index]
+            status, body = await curl(
+                http, lines["refused: issued for longer than the cap -> lifetime_too_long"]
+            )
+            assert (status, body["reason"]) == (401, "lifetime_too_long")
+            status, body = await curl(http, lines["session status (does not count as activity)"])
+            assert status == 200 and 0 < body["idle_remaining_seconds"] <= 2  # type: ignore[operator]
+
+            # The fresh-token recipe: its mint command runs as printed (idlegate need not be
+            # on PATH), and the token it prints is accepted.
+            (fresh,) = [text for comment, text in lines.items() if "fresh token" in comment]
+            assignment, use = fresh.splitlines()
+            command = re.fullmatch(r"TOKEN=\$\((.+)\)", assignment)
+            assert command is not None, assignment
+            minting = await asyncio.create_subprocess_exec(
+                *shlex.split(command[1]), stdout=asyncio.subprocess.PIPE, env=clean_environ()
+            )
+            minted, _ = await asyncio.wait_for(minting.communicate(), 10)
+            assert minting.returncode == 0
+            status, body = await curl(http, use.replace("$TOKEN", minted.decode().strip()))
+            assert status == 200, body
+        await interrupt(demo, signal.SIGTERM)
+
+
+@pytest.mark.parametrize("busy", ["--port", "--admin-port", "--upstream-port"])
+def test_demo_that_cannot_listen_fails_in_one_line_and_leaves_no_key(tmp_path: Path, busy: str):
+    """A port in use ends the demo with one line; the dev private key it had written goes."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    ports = {flag: str(free_port()) for flag in ("--port", "--admin-port", "--upstream-port")}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        ports[busy] = str(taken.getsockname()[1])
+        args = [item for pair in ports.items() for item in pair]
+        result = run_cli("demo", "--no-walkthrough", *args, TMPDIR=str(scratch))
+    lines = assert_clean_failure(result, code=1)
+    assert len(lines) == 1 and "listen" in lines[0], lines
+    assert list(scratch.iterdir()) == []
 
 
 async def test_demo_leaves_no_key_behind(tmp_path: Path):

@@ -8,6 +8,7 @@ import base64
 import json
 import re
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -236,7 +237,11 @@ async def test_token_text_never_reaches_the_challenge_or_the_message(
 
 
 async def test_hs256_signed_with_the_rsa_public_key_is_refused(
-    gateways: GatewayFactory, upstream: Upstream, signing_key: SigningKey, clock: ManualClock
+    gateways: GatewayFactory,
+    upstream: Upstream,
+    signing_key: SigningKey,
+    clock: ManualClock,
+    key_file: Path,
 ):
     gw = await gateways(
         providers=[
@@ -245,7 +250,7 @@ async def test_hs256_signed_with_the_rsa_public_key_is_refused(
                 "issuer": ISSUER,
                 "audiences": [AUDIENCE],
                 "algorithms": ["RS256"],
-                "public_key_file": str(gw_key_path(signing_key)),
+                "public_key_file": str(key_file),
             }
         ]
     )
@@ -259,14 +264,6 @@ async def test_hs256_signed_with_the_rsa_public_key_is_refused(
     mac = hmac.new(signing_key.public_pem(), f"{header}.{body}".encode(), hashlib.sha256)
     forged = f"{header}.{body}.{b64(mac.digest())}"
     await assert_refused(gw, upstream, forged, "disallowed_alg")
-
-
-def gw_key_path(key: SigningKey) -> str:
-    import tempfile
-
-    with tempfile.NamedTemporaryFile("wb", suffix=".pem", delete=False) as handle:
-        handle.write(key.public_pem())
-    return handle.name
 
 
 async def test_tampered_payload_is_bad_signature(gateways: GatewayFactory, upstream: Upstream):
@@ -344,7 +341,9 @@ async def test_audience_any_of(gateways: GatewayFactory, upstream: Upstream):
     await assert_refused(gw, upstream, gw.token(aud=["a", "b"]), "wrong_audience")
 
 
-async def test_required_typ(gateways: GatewayFactory, upstream: Upstream, signing_key: SigningKey):
+async def test_required_typ(
+    gateways: GatewayFactory, upstream: Upstream, signing_key: SigningKey, key_file: Path
+):
     gw = await gateways(
         providers=[
             {
@@ -352,7 +351,7 @@ async def test_required_typ(gateways: GatewayFactory, upstream: Upstream, signin
                 "issuer": ISSUER,
                 "audiences": [AUDIENCE],
                 "algorithms": ["RS256"],
-                "public_key_file": gw_key_path(signing_key),
+                "public_key_file": str(key_file),
                 "require_typ": "at+jwt",
             }
         ]
