@@ -5,6 +5,7 @@ Defaults live here and nowhere else. Durations are seconds as floats; sizes are 
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -18,6 +19,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainSerializer,
     ValidationError,
     field_validator,
     model_validator,
@@ -84,8 +86,26 @@ def parse_size(value: object) -> int:
     return size
 
 
+def parse_network(value: object) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """`10.0.0.0/8`, `::1/128` or a bare address (one host). Host bits set are refused: a typo
+    there would trust a different range than the one written."""
+    if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("expected a CIDR such as 10.0.0.0/8 or an address")
+    try:
+        return ipaddress.ip_network(value.strip(), strict=True)
+    except ValueError as exc:
+        raise ValueError(f"not a CIDR: {exc}") from None
+
+
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 Size = Annotated[int, BeforeValidator(parse_size)]
+Network = Annotated[
+    ipaddress.IPv4Network | ipaddress.IPv6Network,
+    BeforeValidator(parse_network),
+    PlainSerializer(str, return_type=str),
+]
 
 
 class _Model(BaseModel):
@@ -267,6 +287,9 @@ class Forward(_Model):
             "X-Auth-Token-Id": "jti",
         }
     )
+    # Peers whose X-Forwarded-For is extended and whose X-Real-IP, Forwarded and
+    # X-Forwarded-Proto/-Host pass; from any other peer they are replaced (docs/forwarding.md).
+    trusted_proxies: list[Network] = Field(default_factory=list)
     strip_authorization: bool = False
     connect_timeout: Duration = 2.0
     read_timeout: Duration = 30.0

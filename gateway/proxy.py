@@ -9,6 +9,7 @@ whole); a request body is cut off at `max_body`.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -44,9 +45,35 @@ HOP_BY_HOP = frozenset(
     }
 )
 # Set by the gateway itself, never taken from the client.
-_REQUEST_OWN = frozenset(
-    {"host", "x-forwarded-proto", "x-forwarded-host", "x-request-id", "expect"}
+_REQUEST_OWN = frozenset({"host", "x-request-id", "expect"})
+# What a proxy in front says about the client and its request: taken from `trusted_proxies`
+# only, and from anyone else dropped (the first five are then set by us). Frameworks act on
+# them: Spring and Werkzeug rebuild URLs from X-Forwarded-Prefix/-Port, Symfony and IIS route
+# on X-Original-URL / X-Rewrite-URL, apps log and rate-limit on the client-IP ones.
+_CLIENT_CLAIMS = frozenset(
+    {
+        "x-forwarded-for",
+        "x-real-ip",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "forwarded",
+        "x-forwarded-port",
+        "x-forwarded-prefix",
+        "x-forwarded-ssl",
+        "x-forwarded-scheme",
+        "x-forwarded-server",
+        "x-original-forwarded-for",
+        "x-client-ip",
+        "true-client-ip",
+        "x-cluster-client-ip",
+        "cf-connecting-ip",
+        "fastly-client-ip",
+        "x-original-url",
+        "x-original-uri",
+        "x-rewrite-url",
+    }
 )
+_TRUST_CACHE = 4096  # distinct peer addresses remembered (a gateway meets few proxies)
 _CHUNK = 64 * 1024
 _SMALL_RESPONSE = 64 * 1024
 
@@ -67,6 +94,22 @@ def _filtered(headers: MultiMapping[str], remove: frozenset[str]) -> CIMultiDict
     for name in remove:
         if name in out:
             del out[name]
+    return out
+
+
+def _request_filtered(
+    headers: MultiMapping[str], remove: frozenset[str], twins: frozenset[str]
+) -> CIMultiDict[str]:
+    """`_filtered` for request headers, in one pass: also without the names that are in
+    `twins` once `_` is read as `-` (what nginx, WSGI and CGI upstreams do)."""
+    if "Connection" in headers:
+        remove = remove | _connection_named(headers)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower in remove or ("_" in lower and lower.replace("_", "-") in twins):
+            continue
+        out.add(name, value)
     return out
 
 
@@ -94,6 +137,16 @@ class Forwarder:
         # Identity header names are dropped from every incoming request (client-sent copies).
         self._drop = HOP_BY_HOP | _REQUEST_OWN | {n.lower() for n in config.identity_headers}
         self._drop_with_auth = self._drop | {"authorization"}
+        # From a peer not in trusted_proxies, by `strip_authorization`.
+        self._drop_untrusted = {
+            False: self._drop | _CLIENT_CLAIMS,
+            True: self._drop_with_auth | _CLIENT_CLAIMS,
+        }
+        # nginx, WSGI and CGI upstreams read `X_Auth_Subject` as `X-Auth-Subject`: an incoming
+        # name that is one of ours once `_` is `-` is dropped like the name itself.
+        self._underscore_twins = self._drop_with_auth | _CLIENT_CLAIMS
+        self._trusted = tuple(config.trusted_proxies)
+        self._trusted_peers: dict[str, bool] = {}
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=config.connect_timeout, sock_read=config.read_timeout
         )
@@ -152,19 +205,50 @@ class Forwarder:
         *,
         strip_authorization: bool,
     ) -> CIMultiDict[str]:
-        headers = _filtered(
-            request.headers, self._drop_with_auth if strip_authorization else self._drop
-        )
+        """What goes upstream: the client's headers without hop-by-hop ones, identity copies
+        (and their `_` twins), or, unless the peer is a trusted proxy, its claims about the
+        client; then the identity headers and X-Forwarded-*, X-Real-IP, X-Request-ID."""
+        peer = request.remote or ""
+        trusted = bool(self._trusted) and self._is_trusted(peer)
+        if trusted:
+            drop = self._drop_with_auth if strip_authorization else self._drop
+        else:
+            drop = self._drop_untrusted[strip_authorization]
+        headers = _request_filtered(request.headers, drop, self._underscore_twins)
         # Added after hop-by-hop removal, so `Connection: X-Auth-Subject` cannot strip them.
         headers.update(identity)
-        peer = request.remote or ""
-        previous = request.headers.get("X-Forwarded-For")
-        headers["X-Forwarded-For"] = f"{previous}, {peer}" if previous else peer
-        headers["X-Forwarded-Proto"] = request.scheme
-        if request.host:
+        if trusted:
+            # Its view of the client passes; we add its hop to the chain.
+            chain = ", ".join(request.headers.getall("X-Forwarded-For", ()))
+            headers["X-Forwarded-For"] = f"{chain}, {peer}" if chain else peer
+        else:
+            headers["X-Forwarded-For"] = peer
+        if peer and "X-Real-IP" not in headers:
+            headers["X-Real-IP"] = peer
+        if "X-Forwarded-Proto" not in headers:
+            headers["X-Forwarded-Proto"] = request.scheme
+        if request.host and "X-Forwarded-Host" not in headers:
             headers["X-Forwarded-Host"] = request.host
         headers["X-Request-ID"] = request_id
         return headers
+
+    def _is_trusted(self, peer: str) -> bool:
+        """Whether the peer address is in `trusted_proxies` (IPv4-mapped IPv6 as IPv4)."""
+        known = self._trusted_peers.get(peer)
+        if known is not None:
+            return known
+        try:
+            address = ipaddress.ip_address(peer)
+        except ValueError:
+            trusted = False  # no address (a Unix socket) is no proxy we trust
+        else:
+            if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+                address = address.ipv4_mapped
+            trusted = any(address in network for network in self._trusted)
+        if len(self._trusted_peers) >= _TRUST_CACHE:
+            self._trusted_peers.clear()
+        self._trusted_peers[peer] = trusted
+        return trusted
 
     def check_request(self, request: web.BaseRequest) -> None:
         """Refuse what the request head alone decides (a body declared over `max_body`).

@@ -9,6 +9,7 @@ import socket
 import pytest
 from conftest import GatewayFactory, free_port
 from harness import Upstream
+from multidict import CIMultiDict
 
 
 def _error_body_ok(body: dict[str, object], reason: str) -> None:
@@ -185,11 +186,101 @@ async def test_forwarded_headers_and_request_id(gateways: GatewayFactory, upstre
         },
     )
     seen = upstream.received[-1].headers
-    assert seen["X-Forwarded-For"] == "203.0.113.9, 127.0.0.1"
+    assert seen["X-Forwarded-For"] == "127.0.0.1"  # no trusted proxy: replaced, not extended
     assert seen["X-Forwarded-Proto"] == "http"
     assert seen["X-Forwarded-Host"] != "evil.example"
     assert seen["X-Request-ID"] == "abc-123_.x"
     assert response.headers["X-Request-ID"] == "abc-123_.x"
+
+
+# What a client may claim about itself and its request; only a trusted proxy is believed.
+_CLAIMS = [
+    ("X-Forwarded-For", "203.0.113.9"),
+    ("X-Forwarded-For", "198.51.100.4"),
+    ("X-Real-IP", "203.0.113.9"),
+    ("Forwarded", "for=203.0.113.9;proto=https"),
+    ("X-Forwarded-Proto", "https"),
+    ("X-Forwarded-Host", "shop.example"),
+    ("X-Forwarded-Port", "443"),
+    ("X-Forwarded-Prefix", "/admin"),
+    ("X-Original-URL", "/admin/users"),
+    ("True-Client-IP", "203.0.113.9"),
+]
+
+
+@pytest.mark.parametrize("trusted", [[], ["10.0.0.0/8", "::1/128"]])
+async def test_client_ip_headers_from_an_untrusted_peer_are_replaced(
+    gateways: GatewayFactory, upstream: Upstream, trusted: list[str]
+):
+    gw = await gateways(forward={"trusted_proxies": trusted})
+    # Not gw.get: its dict() would fold the two X-Forwarded-For into one.
+    async with gw.http.get(gw.url + "/public/x", headers=CIMultiDict(_CLAIMS)) as response:
+        assert response.status == 200
+    seen = upstream.received[-1].header_list
+    assert [v for k, v in seen if k.lower() == "x-forwarded-for"] == ["127.0.0.1"]
+    assert [v for k, v in seen if k.lower() == "x-real-ip"] == ["127.0.0.1"]
+    assert [v for k, v in seen if k.lower() == "x-forwarded-proto"] == ["http"]
+    assert [v for k, v in seen if k.lower() == "x-forwarded-host"] == [gw.url.split("//")[1]]
+    dropped = {"forwarded", "x-forwarded-port", "x-forwarded-prefix", "x-original-url"}
+    assert not {k.lower() for k, _ in seen} & (dropped | {"true-client-ip"})
+
+
+async def test_client_ip_headers_from_a_trusted_proxy_are_extended_and_pass(
+    gateways: GatewayFactory, upstream: Upstream
+):
+    gw = await gateways(forward={"trusted_proxies": ["127.0.0.0/8"]})
+    # Not gw.get: its dict() would fold the two X-Forwarded-For into one.
+    async with gw.http.get(gw.url + "/public/x", headers=CIMultiDict(_CLAIMS)) as response:
+        assert response.status == 200
+    seen = upstream.received[-1].header_list
+    assert [v for k, v in seen if k.lower() == "x-forwarded-for"] == [
+        "203.0.113.9, 198.51.100.4, 127.0.0.1"
+    ]
+    for name, value in _CLAIMS[2:]:
+        assert [v for k, v in seen if k.lower() == name.lower()] == [value], name
+
+
+async def test_a_trusted_proxy_that_sends_none_gets_ours(
+    gateways: GatewayFactory, upstream: Upstream
+):
+    gw = await gateways(forward={"trusted_proxies": ["127.0.0.1"]})
+    assert (await gw.get("/public/x")).status == 200
+    seen = upstream.received[-1].headers
+    assert seen["X-Forwarded-For"] == "127.0.0.1"
+    assert seen["X-Real-IP"] == "127.0.0.1"
+    assert seen["X-Forwarded-Proto"] == "http"
+    assert "Forwarded" not in seen
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "X_Auth_Subject",
+        "x_auth_subject",
+        "X-Auth_Subject",
+        "X_AUTH-SUBJECT",
+        "X_Auth_Scope",
+        "X_Auth_Token_Id",
+        "X_Forwarded_For",
+        "X_Real_IP",
+        "X_Forwarded_Host",
+        "X_Original_URL",
+    ],
+)
+async def test_underscore_twins_of_our_headers_are_dropped(
+    gateways: GatewayFactory, upstream: Upstream, name: str
+):
+    """nginx (underscores_in_headers on), WSGI and CGI upstreams read `X_Auth_Subject` as
+    `X-Auth-Subject`: a client's copy would pose as the gateway's identity header."""
+    gw = await gateways()
+    token = gw.token(sub="alice", jti="j-1")
+    headers = {name: "root", "X_Custom_Thing": "kept"}
+    assert (await gw.get("/api/x", token, headers=headers)).status == 200
+    seen = upstream.received[-1].header_list
+    assert [k for k, _ in seen if k == name] == []
+    assert "root" not in [v for _, v in seen]
+    assert ("X_Custom_Thing", "kept") in seen  # not one of ours: passes
+    assert [v for k, v in seen if k.lower() == "x-auth-subject"] == ["alice"]
 
 
 @pytest.mark.parametrize("sent", ["bad id with spaces", "x" * 129, "a\tb", "ü"])

@@ -525,3 +525,41 @@ def test_a_preset_chosen_in_the_shipped_example_takes_effect(name: str):
     loaded = load(repo / "config" / name, environ={"IDLEGATE_POLICY__PRESET": "nist-aal2"})
     assert loaded.policy.idle_timeout == PRESETS["nist-aal2"]["idle_timeout"]
     assert loaded.policy.max_session_age == PRESETS["nist-aal2"]["max_session_age"]
+
+
+# -- forward.trusted_proxies -----------------------------------------------------------------
+
+
+def test_trusted_proxies_default_to_none_and_parse_as_networks():
+    assert config().forward.trusted_proxies == []
+    parsed = config(forward={"trusted_proxies": ["10.0.0.0/8", "::1/128", "192.0.2.7"]})
+    assert [str(n) for n in parsed.forward.trusted_proxies] == [
+        "10.0.0.0/8",
+        "::1/128",
+        "192.0.2.7/32",
+    ]
+    assert parsed.masked()["forward"]["trusted_proxies"] == [
+        "10.0.0.0/8",
+        "::1/128",
+        "192.0.2.7/32",
+    ]
+
+
+def test_trusted_proxies_from_the_environment():
+    parsed = config({"IDLEGATE_FORWARD__TRUSTED_PROXIES": "[10.1.0.0/16, 'fd00::/8']"})
+    assert [str(n) for n in parsed.forward.trusted_proxies] == ["10.1.0.0/16", "fd00::/8"]
+
+
+@pytest.mark.parametrize(
+    ("entry", "why"),
+    [
+        ("10.0.0.1/8", "has host bits set"),
+        ("garbage", "does not appear to be an IPv4 or IPv6 network"),
+        ("10.0.0.0/33", "does not appear to be an IPv4 or IPv6 network"),
+        (8, "expected a CIDR"),
+    ],
+)
+def test_a_bad_trusted_proxy_is_a_problem_at_its_index(entry: object, why: str):
+    found = problems(forward={"trusted_proxies": ["127.0.0.0/8", entry]})
+    assert len(found) == 1
+    assert found[0].startswith("forward.trusted_proxies.1: ") and why in found[0], found
