@@ -22,6 +22,8 @@ from gateway.store.base import KeyHasher, Revocation, RevocationKind, Store, Sto
 log = logging.getLogger("idlegate.admin")
 
 Readiness = Callable[[], Awaitable[tuple[bool, str]]]
+# Optional members of a revocation naming whose id it is (a token is its issuer and its id).
+_SCOPING = ("issuer", "provider")
 
 
 def _registry() -> CollectorRegistry:
@@ -114,6 +116,30 @@ class AdminAPI:
             content_type="application/json",
         )
 
+    def _issuers(self, issuer: object, provider: object, *, ambiguous_ok: bool) -> list[str]:
+        """The issuers an admin request is about: the one named, the named provider's, or
+        (neither given) every provider's, which only `ambiguous_ok` callers accept when
+        several are configured: a token view must name one token."""
+        providers = self._config.providers
+        if issuer is not None and provider is not None:
+            raise self._bad_request('give "issuer" or "provider", not both')
+        if issuer is not None:
+            if not any(issuer == p.issuer for p in providers):
+                raise self._bad_request("issuer is not the issuer of a configured provider")
+            return [str(issuer)]
+        if provider is not None:
+            named = [p.issuer for p in providers if p.name == provider]
+            if not named:
+                raise self._bad_request("provider is not the name of a configured provider")
+            return named
+        everyone = [p.issuer for p in providers]
+        if len(everyone) > 1 and not ambiguous_ok:
+            raise self._bad_request(
+                "several providers are configured and a jti is only unique per issuer: "
+                "add ?issuer=<iss> or ?provider=<name>"
+            )
+        return everyone
+
     async def revoke(self, request: web.Request) -> web.Response:
         self._authorize(request)
         try:
@@ -122,12 +148,19 @@ class AdminAPI:
             raise self._bad_request("the body must be JSON") from None
         kinds: tuple[RevocationKind, ...] = ("jti", "sid", "sub")
         given = [k for k in kinds if isinstance(body, dict) and k in body]
-        if len(given) != 1 or len(body) != 1:
-            raise self._bad_request('send exactly one of {"jti"}, {"sid"} or {"sub"}')
+        scoping = [k for k in _SCOPING if isinstance(body, dict) and k in body]
+        if len(given) != 1 or len(body) != 1 + len(scoping):
+            raise self._bad_request(
+                'send exactly one of {"jti"}, {"sid"} or {"sub"}, '
+                'optionally with "issuer" or "provider"'
+            )
         kind = given[0]
         value = body[kind]
         if not isinstance(value, str) or not value or len(value) > 1024:
             raise self._bad_request(f"{kind} must be a non-empty string")
+        # Neither issuer nor provider named: the id is revoked at every trusted issuer (the
+        # safe reading of an ambiguous revocation).
+        issuers = self._issuers(body.get("issuer"), body.get("provider"), ambiguous_ok=True)
         now = self._clock.now()
         policy = self._config.policy
         # No token covered can outlive this: exp <= iat + max_token_lifetime, iat <= now + leeway,
@@ -135,28 +168,34 @@ class AdminAPI:
         horizon = now + policy.max_token_lifetime + 2 * policy.leeway
         if kind == "sid":
             horizon = max(horizon, now + policy.session_retention)
-        revocation = Revocation(
-            kind=kind,
-            key=self._hasher(kind, value),
-            # A token issued up to `leeway` in the future is accepted (issuer clock ahead of
-            # ours): "every token issued up to now" must cover those too, or they escape.
-            issued_before=now + policy.leeway if kind == "sub" else None,
-            until=horizon,
-        )
+        revocations = [
+            Revocation(
+                kind=kind,
+                key=self._hasher.of_token(kind, issuer, value),
+                # A token issued up to `leeway` in the future is accepted (issuer clock ahead
+                # of ours): "every token issued up to now" must cover those too, or they escape.
+                issued_before=now + policy.leeway if kind == "sub" else None,
+                until=horizon,
+            )
+            for issuer in issuers
+        ]
         try:
-            await self._revocations.revoke(revocation)
+            for revocation in revocations:
+                await self._revocations.revoke(revocation)
         except StoreUnavailable:
             raise web.HTTPServiceUnavailable(
                 text=json.dumps({"error": "store_unavailable"}), content_type="application/json"
             ) from None
         metrics.ADMIN_REQUESTS.labels("ok").inc()
-        log.warning("revoked %s (until %.0f)", kind, horizon)
+        log.warning("revoked %s at %d issuer(s) (until %.0f)", kind, len(issuers), horizon)
         return web.Response(status=204)
 
     async def token(self, request: web.Request) -> web.Response:
         self._authorize(request)
         jti = request.match_info["jti"]
-        key = self._hasher("jti", jti)
+        query = request.query
+        (issuer,) = self._issuers(query.get("issuer"), query.get("provider"), ambiguous_ok=False)
+        key = self._hasher.of_token("jti", issuer, jti)
         policy = self._config.policy
         try:
             last = await self._store.last_activity(key) if policy.track_by == "jti" else None
@@ -169,6 +208,7 @@ class AdminAPI:
         return web.json_response(
             {
                 "jti": jti,
+                "issuer": issuer,
                 "tracked_by": policy.track_by,
                 "last_activity": last,
                 "idle_remaining_seconds": (

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -130,3 +131,8 @@ class KeyHasher:
     def __call__(self, kind: str, value: str) -> str:
         digest = hmac.new(self._secret, f"{kind}\0{value}".encode(), hashlib.sha256)
         return digest.hexdigest()[:32]
+
+    def of_token(self, kind: str, issuer: str, value: str) -> str:
+        """The key of a token's id: a token is its issuer and its id together, so two issuers'
+        equal jti (sid, sub) are two keys. JSON-encoded: no issuer/value split is ambiguous."""
+        return self(kind, json.dumps([issuer, value]))

@@ -34,6 +34,7 @@ class VerifiedToken:
     """What the rest of the gateway may rely on about a token whose signature checked out."""
 
     provider: str
+    issuer: str  # the token's iss, exactly: with the ids below it identifies the token
     jti: str | None
     sub: str | None
     sid: str | None
@@ -44,7 +45,7 @@ class VerifiedToken:
     scopes: frozenset[str]
     kid: str | None
     key: VerificationKey
-    # Keyed hashes of the ids: what the store and the revocation list are keyed by.
+    # Keyed hashes of (issuer, id): what the store and the revocation list are keyed by.
     track_key: str
     jti_key: str | None
     sid_key: str | None
@@ -259,11 +260,12 @@ class Verifier:
             valid = False
         if not valid:
             raise Refusal(Reason.BAD_SIGNATURE)
-        return self._check_claims(provider, header, claims, kid, key)
+        return self._check_claims(provider, iss, header, claims, kid, key)
 
     def _check_claims(
         self,
         provider: Provider,
+        issuer: str,
         header: Mapping[str, Any],
         claims: Mapping[str, Any],
         kid: str | None,
@@ -293,14 +295,15 @@ class Verifier:
         jti = _string(claims, "jti")
         sub = _string(claims, "sub")
         sid = _string(claims, policy.session_claim)
-        hashed = self._hasher
-        jti_key = hashed("jti", jti) if jti else None
-        sid_key = hashed("sid", sid) if sid else None
+        hashed = self._hasher.of_token
+        jti_key = hashed("jti", issuer, jti) if jti else None
+        sid_key = hashed("sid", issuer, sid) if sid else None
         track_key = sid_key if policy.track_by == "sid" else jti_key
         if track_key is None:
             raise Refusal(Reason.MISSING_CLAIM, f"the token lacks the {policy.track_by} claim")
         return VerifiedToken(
             provider=provider.name,
+            issuer=issuer,
             jti=jti,
             sub=sub,
             sid=sid,
@@ -314,7 +317,7 @@ class Verifier:
             track_key=track_key,
             jti_key=jti_key,
             sid_key=sid_key,
-            sub_key=hashed("sub", sub) if sub else None,
+            sub_key=hashed("sub", issuer, sub) if sub else None,
             identity=identity_headers(claims, self._identity_claims),
         )
 

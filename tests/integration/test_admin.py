@@ -7,9 +7,10 @@ import re
 from pathlib import Path
 
 import aiohttp
+import pytest
 from conftest import GatewayFactory, RedisServer
 from harness import AUDIENCE, ISSUER, Upstream
-from jwks_server import JwksServer, rsa_key
+from jwks_server import JwksServer, claims, rsa_key
 
 CONTRACT_METRICS = {
     "idlegate_requests_total": {"route", "decision", "reason"},
@@ -232,3 +233,92 @@ async def test_revoke_by_sub_covers_tokens_issued_up_to_now_plus_leeway(
     # `ahead` stays refused up to its exp + leeway: the revocation's horizon outlives it.
     assert (await (await gw.get("/api/x", ahead)).json())["reason"] == "revoked"
     assert (await gw.get("/api/x", gw.token(sub="dave"))).status == 200
+
+
+OTHER_ISSUER = "https://other-issuer.test/"
+
+
+@pytest.fixture(params=["memory", "redis"])
+def any_store(request: pytest.FixtureRequest) -> str:
+    if request.param == "memory":
+        return "memory://"
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return server.url
+
+
+async def test_two_issuers_equal_jti_are_two_tokens(
+    gateways: GatewayFactory, upstream: Upstream, key_file: Path, tmp_path: Path, any_store: str
+):
+    """A token is its issuer and its id together: one issuer's token cannot keep the other's
+    alive, and a revocation naming an issuer (or provider) hits only that issuer's token."""
+    token_file = tmp_path / "admin.token"
+    token_file.write_text("t0ken")
+    main = {
+        "name": "main",
+        "issuer": ISSUER,
+        "audiences": [AUDIENCE],
+        "public_key_file": str(key_file),
+    }
+    other = {**main, "name": "other", "issuer": OTHER_ISSUER}
+    gw = await gateways(
+        store_url=any_store,
+        admin={"token_file": str(token_file)},
+        providers=[main, other],
+        policy={"idle_timeout": "5m"},
+    )
+    now = gw.clock.now()
+
+    def token_of(issuer: str, jti: str, sub: str = "alice") -> str:
+        return gw.key.sign(claims(issuer, AUDIENCE, ttl=600, now=now, jti=jti, sub=sub))
+
+    ours, theirs = token_of(ISSUER, "same"), token_of(OTHER_ISSUER, "same")
+    assert (await gw.get("/api/x", ours)).status == 200
+    gw.clock.advance(200)  # type: ignore[attr-defined]
+    assert (await gw.get("/api/x", ours)).status == 200
+    gw.clock.advance(200)  # theirs never used: idle since its iat, 400 s > 5 min
+    refused = await gw.get("/api/x", theirs)
+    assert (await refused.json())["reason"] == "idle_timeout"
+    assert (await gw.get("/api/x", ours)).status == 200
+
+    headers = {"Authorization": "Bearer t0ken"}
+    now = gw.clock.now()
+    a, b = token_of(ISSUER, "r"), token_of(OTHER_ISSUER, "r")
+    a_sub, b_sub = token_of(ISSUER, "s1", sub="bob"), token_of(OTHER_ISSUER, "s2", sub="bob")
+    for token in (a, b, a_sub, b_sub):
+        assert (await gw.get("/api/x", token)).status == 200
+    async with aiohttp.ClientSession() as http:
+
+        async def revoke(body: dict[str, str], status: int = 204) -> None:
+            async with http.post(
+                gw.admin_url + "/admin/revoke", json=body, headers=headers
+            ) as response:
+                assert response.status == status, await response.text()
+
+        async def view(query: str) -> tuple[int, dict[str, object]]:
+            async with http.get(
+                gw.admin_url + "/admin/tokens/r" + query, headers=headers
+            ) as response:
+                return response.status, await response.json()
+
+        await revoke({"jti": "r", "provider": "main"})
+        assert (await gw.get("/api/x", a)).status == 401
+        assert (await gw.get("/api/x", b)).status == 200
+        status, ambiguous = await view("")
+        assert status == 400 and "issuer" in str(ambiguous["message"])
+        assert (await view("?provider=main"))[1]["revoked"] is True
+        status, theirs_view = await view(f"?issuer={OTHER_ISSUER}")
+        assert (status, theirs_view["revoked"], theirs_view["issuer"]) == (200, False, OTHER_ISSUER)
+        assert theirs_view["last_activity"] == gw.clock.now()
+        for bad in (
+            {"jti": "r", "issuer": "https://nobody/"},
+            {"jti": "r", "provider": "nobody"},
+            {"jti": "r", "issuer": ISSUER, "provider": "main"},
+            {"jti": "r", "extra": "x"},
+        ):
+            await revoke(bad, 400)
+        # Neither named: the safe reading, every trusted issuer's token of that id.
+        await revoke({"jti": "r"})
+        assert (await gw.get("/api/x", b)).status == 401
+        await revoke({"sub": "bob", "issuer": OTHER_ISSUER})
+        assert (await gw.get("/api/x", a_sub)).status == 200
+        assert (await gw.get("/api/x", b_sub)).status == 401

@@ -456,7 +456,7 @@ async def test_revoked_token_is_refused(
     assert (await gw.get("/api/x", token)).status == 200
     now = gw.clock.now()
     await gw.gateway.revocations.revoke(
-        Revocation("jti", gw.gateway.hasher("jti", "to-revoke"), None, now + 1000)
+        Revocation("jti", gw.gateway.hasher.of_token("jti", ISSUER, "to-revoke"), None, now + 1000)
     )
     await assert_refused(gw, upstream, token, "revoked")
     assert (await gw.get("/api/x", gw.token())).status == 200
@@ -489,7 +489,7 @@ async def test_activity_extends_and_refusal_is_terminal(
     for _ in range(3):
         clock.advance(600)
         assert (await gw.get("/api/x", token)).status == 200
-    key = gw.gateway.hasher("jti", "busy")
+    key = gw.gateway.hasher.of_token("jti", ISSUER, "busy")
     last = await gw.gateway.store.last_activity(key)
     assert last == clock.now()
     clock.advance(IDLE + 1)
@@ -649,7 +649,7 @@ async def test_clock_skew_cannot_move_last_activity_back(
     token = slow.token(jti="skewed")
     assert (await fast.get("/api/x", token)).status == 200
     assert (await slow.get("/api/x", token)).status == 200
-    key = slow.gateway.hasher("jti", "skewed")
+    key = slow.gateway.hasher.of_token("jti", ISSUER, "skewed")
     assert await slow.gateway.store.last_activity(key) == ahead.now()
 
 

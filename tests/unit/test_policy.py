@@ -34,6 +34,7 @@ def token(
     assert track_key is not None
     return VerifiedToken(
         provider="main",
+        issuer="https://issuer.test/",
         jti=jti,
         sub="alice",
         sid=sid,
