@@ -30,7 +30,7 @@ from gateway.proxy import Forwarder
 from gateway.reasons import Reason, Refusal, render_refusal
 from gateway.revocation import RevocationList
 from gateway.routing import Router
-from gateway.store import hasher_from_config, open_store
+from gateway.store import StoreConfigError, hasher_from_config, open_store
 from gateway.store.base import Store, StoreUnavailable, TouchResult
 from gateway.tokens import policy
 from gateway.tokens.extract import bearer_token
@@ -124,10 +124,22 @@ class Gateway:
             await ring.start()
         self.verifier = Verifier(self.config, self.rings, self.hasher, self.clock)
         await self.forwarder.start()
+        await self._refuse_an_evicting_store()
         await self.revocations.start()
         self._publisher = asyncio.create_task(
             self._publish_metrics_every_second(), name="metrics-publisher"
         )
+
+    async def _refuse_an_evicting_store(self) -> None:
+        """An evicting Redis silently drops revocations and activity records: refused at
+        start. A store that does not answer yet is no reason not to start (readiness says
+        so, and the check runs again on every probe and reconnect)."""
+        try:
+            problem = await self.store.eviction_problem()
+        except StoreUnavailable:
+            return
+        if problem is not None:
+            raise StoreConfigError(f"store.url: {problem}")
 
     def publish_metrics(self) -> None:
         """What the request path keeps outside Prometheus (its locked updates cost ~0.75 µs
@@ -165,8 +177,12 @@ class Gateway:
             return False, "no usable keys for provider(s): " + ", ".join(missing)
         try:
             await self.store.ping()
+            # The policy may have been changed since start (CONFIG SET, a failover).
+            eviction = await self.store.eviction_problem()
         except StoreUnavailable:
             return False, "the store does not answer"
+        if eviction is not None:
+            return False, eviction
         return True, "ready"
 
     # -- the request path ------------------------------------------------------------------

@@ -55,6 +55,7 @@ class RedisServer:
     port: int
     workdir: Path
     process: subprocess.Popen[bytes] | None = None
+    extra_args: tuple[str, ...] = ()  # further redis-server options, e.g. rename-command
 
     @property
     def url(self) -> str:
@@ -73,6 +74,7 @@ class RedisServer:
                 "--appendonly", "no",
                 "--dir", str(self.workdir),
                 "--loglevel", "warning",
+                *self.extra_args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

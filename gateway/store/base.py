@@ -119,6 +119,12 @@ class Store(Protocol):
         """Raise StoreUnavailable unless the store answers."""
         ...
 
+    async def eviction_problem(self) -> str | None:
+        """Why the store may drop what it holds before its time (Redis: a maxmemory-policy
+        other than noeviction), as one line; None when it keeps everything. Raises
+        StoreUnavailable when the store does not answer."""
+        ...
+
     async def close(self) -> None: ...
 
 

@@ -128,5 +128,8 @@ class MemoryStore:
     async def ping(self) -> None:
         STORE_DURATION.labels(op="ping").observe(0.0)
 
+    async def eviction_problem(self) -> str | None:
+        return None  # bounded by lifetimes alone (see _sweep), never by memory pressure
+
     async def close(self) -> None:
         return None

@@ -124,7 +124,7 @@ class PipelinedConnection:
         self._tls = tls
         self._server_hostname = server_hostname if server_hostname is not None else host
         self._connect_timeout = connect_timeout
-        self._on_connect = on_connect  # run on every new connection, after AUTH/SELECT
+        self.on_connect = on_connect  # run on every new connection, after AUTH/SELECT
         self._current: _Protocol | None = None
         self._connecting: asyncio.Future[None] | None = None
         self._flush_scheduled = False
@@ -229,9 +229,9 @@ class PipelinedConnection:
         try:
             if handshake:
                 await asyncio.gather(*handshake)
-            if self._on_connect is not None:
+            if self.on_connect is not None:
                 async with asyncio.timeout_at(deadline):
-                    await self._on_connect(self)
+                    await self.on_connect(self)
         except BaseException:
             self._drop(connection)
             raise

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
 import ssl
 import time
@@ -24,7 +25,7 @@ from redis.asyncio.connection import Connection, SSLConnection
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from gateway.metrics import STORE_DURATION, STORE_ERRORS, batched
 from gateway.store.base import (
@@ -83,6 +84,10 @@ class RedisStore:
         self._touch_duration = batched(STORE_DURATION.labels(op="check_and_touch"))
         self._revoke = client.register_script(_script("revoke.lua"))
         self._revocations = client.register_script(_script("revocations.lua"))
+        self._eviction: str | None = None  # the last eviction problem found (logged once)
+        self._eviction_checked = False
+        if pipelined is not None:
+            pipelined.on_connect = self._check_new_connection
 
     @property
     def client(self) -> RedisClient:
@@ -226,12 +231,91 @@ class RedisStore:
     async def ping(self) -> None:
         await self._call("ping", self._client.ping)
 
+    async def eviction_problem(self) -> str | None:
+        """Checked at start (an evicting Redis is refused), by every readiness probe, and on
+        every new pipelined connection (a restart or failover may bring another config)."""
+        policies = await self._call("eviction_policy", self._read_policies)
+        return self._note_policies(policies)
+
+    async def _read_policies(self) -> dict[str, str | None]:
+        """maxmemory-policy by node (every primary of a Cluster); None where unreadable."""
+        client = self._client
+        if isinstance(client, RedisCluster):
+            return {
+                node.name: await _policy_of(
+                    lambda *args, node=node: client.execute_command(*args, target_nodes=node)
+                )
+                for node in client.get_primaries()
+            }
+        return {"": await _policy_of(client.execute_command)}
+
+    async def _check_new_connection(self, connection: PipelinedConnection) -> None:
+        self._note_policies({"": await _policy_of(connection.call)})
+
+    def _note_policies(self, policies: dict[str, str | None]) -> str | None:
+        problems = []
+        for node, policy in sorted(policies.items()):
+            where = f" on {node}" if node else ""
+            if policy is None:
+                problems.append(
+                    f"cannot read the Redis maxmemory-policy{where} (CONFIG GET and INFO memory "
+                    "both refused): idlegate needs noeviction and cannot verify it"
+                )
+            elif policy != "noeviction":
+                problems.append(
+                    f"the Redis maxmemory-policy{where} is {policy}: it may evict revocations and "
+                    "activity records under memory pressure (revoked tokens would be accepted "
+                    "again); set maxmemory-policy noeviction"
+                )
+        problem = "; ".join(problems) or None
+        # The first check's caller reports it (start refuses, readiness answers 503 with it);
+        # a change found later, e.g. by a reconnect, is logged once.
+        if self._eviction_checked and problem != self._eviction:
+            if problem is not None:
+                log.error("store: %s", problem)
+            else:
+                log.warning("store: the Redis maxmemory-policy is noeviction again")
+        self._eviction, self._eviction_checked = problem, True
+        return problem
+
     async def close(self) -> None:
         if self._pipelined is not None:
             self._pipelined.close()
         await self._client.aclose()
         for client in self._closing:
             await client.aclose()
+
+
+async def _policy_of(call: Callable[..., Awaitable[Any]]) -> str | None:
+    """maxmemory-policy through `call` (redis-py's execute_command or a pipelined call):
+    CONFIG GET, or INFO memory where CONFIG is renamed or disabled (managed Redis services);
+    None when neither answers it."""
+    try:
+        reply = await call("CONFIG", "GET", "maxmemory-policy")
+    except (ResponseError, ReplyError):
+        pass
+    else:
+        # [name, value] raw; {name: value} parsed by redis-py; a Cluster's keyed by node too.
+        while isinstance(reply, dict) and len(reply) == 1:
+            reply = next(iter(reply.values()))
+        if isinstance(reply, list) and len(reply) == 2:
+            reply = reply[1]
+        if isinstance(reply, bytes | str):
+            return reply.decode() if isinstance(reply, bytes) else reply
+    try:
+        info = await call("INFO", "memory")
+    except (ResponseError, ReplyError):
+        return None
+    if isinstance(info, dict):  # parsed by redis-py (a Cluster's keyed by node)
+        while "maxmemory_policy" not in info and len(info) == 1:
+            info = next(iter(info.values()))
+            if not isinstance(info, dict):
+                return None
+        found = info.get("maxmemory_policy")
+        return None if found is None else str(found)
+    text = info.decode() if isinstance(info, bytes) else str(info)
+    match = re.search(r"^maxmemory_policy:(\S+)", text, re.MULTILINE)
+    return match.group(1) if match else None
 
 
 def _connection_options(timeout: float) -> dict[str, Any]:
