@@ -233,3 +233,18 @@ def test_the_pipelined_connection_takes_the_tls_settings_of_the_url(
     assert connection._tls is not None
     assert connection._tls.verify_mode == verify_mode
     assert (connection._host, connection._port, connection._db) == ("redis.example", 6380, 2)
+
+
+def test_the_pipelined_connection_works_under_uvloop(redis_server: RedisServer):
+    """`serve` runs on uvloop, whose transports are not asyncio.Transport subclasses."""
+    import uvloop
+
+    async def calls() -> list[object]:
+        connection = PipelinedConnection("127.0.0.1", redis_server.port, db=2)
+        try:
+            return [await connection.call("SET", "u", "1"), await connection.call("GET", "u")]
+        finally:
+            connection.close()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        assert runner.run(calls()) == [b"OK", b"1"]
