@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
+import re
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -76,6 +78,54 @@ _CLIENT_CLAIMS = frozenset(
 _TRUST_CACHE = 4096  # distinct peer addresses remembered (a gateway meets few proxies)
 _CHUNK = 64 * 1024
 _SMALL_RESPONSE = 64 * 1024
+
+log = logging.getLogger("idlegate.upstream")
+_FAILURE_LOG_EVERY = 10.0  # seconds between two lines for one route, upstream and reason
+# Exceptions whose text names the connection, never the request (aiohttp's ClientResponseError
+# and InvalidURL carry the URL, whose query may hold an access_token): others go by class.
+_TELLING = (UpstreamError, OSError, TimeoutError, aiohttp.ClientConnectionError)
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def describe_failure(exc: BaseException) -> str:
+    """`Class: message` of an upstream error, safe to log: no request text, one short line."""
+    name = type(exc).__name__
+    text = str(exc) if isinstance(exc, _TELLING) else ""
+    text = _UNPRINTABLE.sub(" ", text).strip()[:200]
+    return f"{name}: {text}" if text else name
+
+
+class UpstreamFailureLog:
+    """One WARNING per route, upstream origin and reason per `every` seconds, with how many
+    like it were suppressed since: a dead upstream under load must not flood the log, nor stay
+    silent (502 and 504 are otherwise only counted)."""
+
+    def __init__(
+        self, every: float = _FAILURE_LOG_EVERY, now: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._every = every
+        self._now = now
+        # (route, origin, reason) -> (when last logged, suppressed since). Bounded by the config:
+        # routes times their upstreams times the two reasons.
+        self._last: dict[tuple[str, str, str], tuple[float, int]] = {}
+
+    def failed(self, route: str, origin: str, reason: Reason, error: str) -> None:
+        key = (route, origin, reason.code)
+        now = self._now()
+        entry = self._last.get(key)
+        if entry is not None and now - entry[0] < self._every:
+            self._last[key] = (entry[0], entry[1] + 1)
+            return
+        suppressed = entry[1] if entry is not None else 0
+        self._last[key] = (now, 0)
+        log.warning(
+            "upstream failed: route=%s upstream=%s reason=%s error=%s%s",
+            route,
+            origin,
+            reason.code,
+            error,
+            f" (and {suppressed} more like it since the last line)" if suppressed else "",
+        )
 
 
 def _connection_named(headers: MultiMapping[str]) -> set[str]:
@@ -155,6 +205,8 @@ class Forwarder:
         # Route upstream URL -> (its origin's lean pool, base path); None for https.
         self._lean: dict[str, tuple[UpstreamPool, str] | None] = {}
         self._pools: dict[tuple[str, int], UpstreamPool] = {}
+        self.failures = UpstreamFailureLog()
+        self._origins: dict[str, str] = {}  # route upstream URL -> its origin, for the log
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
@@ -295,14 +347,16 @@ class Forwarder:
             )
         except aiohttp.ServerTimeoutError as exc:
             if isinstance(exc, aiohttp.ConnectionTimeoutError):
-                raise Refusal(Reason.UPSTREAM_UNAVAILABLE, "connecting timed out") from None
-            raise Refusal(Reason.UPSTREAM_TIMEOUT) from None
+                raise self._failed(
+                    match, Reason.UPSTREAM_UNAVAILABLE, exc, "connecting timed out"
+                ) from None
+            raise self._failed(match, Reason.UPSTREAM_TIMEOUT, exc) from None
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             if limit is not None and limit.exceeded:
                 raise Refusal(Reason.PAYLOAD_TOO_LARGE) from None
             if isinstance(exc, asyncio.TimeoutError):
-                raise Refusal(Reason.UPSTREAM_TIMEOUT) from None
-            raise Refusal(Reason.UPSTREAM_UNAVAILABLE) from None
+                raise self._failed(match, Reason.UPSTREAM_TIMEOUT, exc) from None
+            raise self._failed(match, Reason.UPSTREAM_UNAVAILABLE, exc) from None
         self._observe_upstream(match.label, started)
         try:
             if limit is not None and limit.exceeded:
@@ -323,9 +377,9 @@ class Forwarder:
             # Small bodies (the common case) are read here, without another coroutine level.
             try:
                 body = await upstream.read()
-            except (TimeoutError, aiohttp.ClientError):
-                raise Refusal(
-                    Reason.UPSTREAM_UNAVAILABLE, "the upstream response broke off"
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                raise self._failed(
+                    match, Reason.UPSTREAM_UNAVAILABLE, exc, "the upstream response broke off"
                 ) from None
             headers.popall("Content-Length", None)
             return web.Response(
@@ -347,12 +401,14 @@ class Forwarder:
         started = time.perf_counter()
         try:
             upstream = await pool.request(request.method, target, headers)
-        except UpstreamTimeout:
-            raise Refusal(Reason.UPSTREAM_TIMEOUT) from None
-        except UpstreamConnectTimeout:
-            raise Refusal(Reason.UPSTREAM_UNAVAILABLE, "connecting timed out") from None
-        except UpstreamError:
-            raise Refusal(Reason.UPSTREAM_UNAVAILABLE) from None
+        except UpstreamTimeout as exc:
+            raise self._failed(match, Reason.UPSTREAM_TIMEOUT, exc) from None
+        except UpstreamConnectTimeout as exc:
+            raise self._failed(
+                match, Reason.UPSTREAM_UNAVAILABLE, exc, "connecting timed out"
+            ) from None
+        except UpstreamError as exc:
+            raise self._failed(match, Reason.UPSTREAM_UNAVAILABLE, exc) from None
         self._observe_upstream(match.label, started)
         headers = _filtered(upstream.headers, HOP_BY_HOP)
         headers["X-Request-ID"] = request_id
@@ -373,6 +429,26 @@ class Forwarder:
         finally:
             await chunks.aclose()
             upstream.close()
+
+    def _failed(
+        self, match: Match, reason: Reason, exc: BaseException, detail: str | None = None
+    ) -> Refusal:
+        """The refusal for an upstream error, logged (rate-limited) with its route and the
+        upstream's origin: never the request's path, query or headers."""
+        upstream = match.route.upstream
+        origin = self._origins.get(upstream)
+        if origin is None:
+            # No credentials or path of the configured URL in the log.
+            origin = self._origins[upstream] = str(URL(upstream).origin())
+        error = describe_failure(exc)
+        if reason is Reason.UPSTREAM_TIMEOUT:
+            error += f", read_timeout {self._config.read_timeout:g}s"
+        elif detail == "connecting timed out":
+            error += f", connect_timeout {self._config.connect_timeout:g}s"
+        self.failures.failed(
+            match.label, origin, reason, f"{detail} ({error})" if detail else error
+        )
+        return Refusal(reason, detail)
 
     def _observe_upstream(self, label: str, started: float) -> None:
         histogram = self._upstream_durations.get(label)

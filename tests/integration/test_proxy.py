@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import socket
 
 import pytest
@@ -331,6 +332,72 @@ async def test_slow_upstream_is_504(gateways: GatewayFactory, upstream: Upstream
     response = await gw.get("/public/slow?s=1")
     assert response.status == 504
     _error_body_ok(await response.json(), "upstream_timeout")
+
+
+def _upstream_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "idlegate.upstream"]
+
+
+@pytest.mark.parametrize(
+    ("body", "credentials"),
+    [(None, ""), (b"x" * 10, ""), (None, "user:pw-secret@")],
+    ids=["lean", "aiohttp", "aiohttp-credentials"],
+)
+async def test_a_refused_connection_is_logged_with_route_upstream_and_error(
+    gateways: GatewayFactory,
+    caplog: pytest.LogCaptureFixture,
+    body: bytes | None,
+    credentials: str,
+):
+    caplog.set_level(logging.WARNING, logger="idlegate.upstream")
+    origin = f"http://127.0.0.1:{free_port()}"
+    closed = origin.replace("://", "://" + credentials) + "/base"
+    # aiohttp refuses a client Authorization next to URL credentials: that route is public.
+    auth = "none" if credentials else "required"
+    gw = await gateways(routes=[{"prefix": "/api/", "upstream": closed, "auth": auth}])
+    token = gw.token(sub="alice")
+    response = await gw.get(
+        "/api/x?q=query-secret",
+        None if credentials else token,
+        method="POST" if body else "GET",
+        data=body,
+        headers={"X-Client-Note": "header-secret"},
+    )
+    assert response.status == 502
+    (record,) = _upstream_lines(caplog)
+    assert record.levelno == logging.WARNING
+    text = record.getMessage()
+    assert f"route=/api/ upstream={origin} reason=upstream_unavailable error=" in text
+    assert "Connect call failed" in text.partition("error=")[2]  # the error's class and text
+    for secret in (token, "query-secret", "header-secret", "pw-secret", "/api/x", "/base"):
+        assert secret not in caplog.text
+
+
+@pytest.mark.parametrize("body", [None, b"x" * 10], ids=["lean", "aiohttp"])
+async def test_an_upstream_timeout_is_logged(
+    gateways: GatewayFactory,
+    upstream: Upstream,
+    caplog: pytest.LogCaptureFixture,
+    body: bytes | None,
+):
+    caplog.set_level(logging.WARNING, logger="idlegate.upstream")
+    gw = await gateways(forward={"read_timeout": "300ms"})
+    response = await gw.get("/public/slow?s=1", method="POST" if body else "GET", data=body)
+    assert response.status == 504
+    (record,) = _upstream_lines(caplog)
+    text = record.getMessage()
+    assert f"route=/public/ upstream={upstream.url} reason=upstream_timeout" in text
+
+
+async def test_100_upstream_failures_make_one_line(
+    gateways: GatewayFactory, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.WARNING, logger="idlegate.upstream")
+    closed = f"http://127.0.0.1:{free_port()}"
+    gw = await gateways(routes=[{"prefix": "/", "upstream": closed, "auth": "none"}])
+    statuses = [(await gw.get(f"/x/{i}")).status for i in range(100)]
+    assert statuses == [502] * 100
+    assert len(_upstream_lines(caplog)) == 1  # within one 10 s window
 
 
 async def test_50_mib_upload_and_download_stream_intact(
