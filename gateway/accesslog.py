@@ -31,6 +31,7 @@ class AccessLog:
         sub: str | None,
         upstream_ms: float | None,
         total_ms: float,
+        mode: str = "proxy",
     ) -> None:
         if not self.enabled:
             return
@@ -47,6 +48,7 @@ class AccessLog:
                 "sub": sub,
                 "upstream_ms": None if upstream_ms is None else round(upstream_ms, 3),
                 "total_ms": round(total_ms, 3),
+                "mode": mode,  # the front door: proxy | forward_auth
             },
             separators=(",", ":"),
         )

@@ -2,7 +2,10 @@
 
 The request's way through `Gateway.handle`: route -> bearer token -> signature and claims ->
 scopes -> revocation -> session age -> one store round trip (idle check + touch) -> upstream.
-Every step raises `Refusal`; `handle` renders it once and counts it.
+Every step raises `Refusal`; `handle` renders it once and counts it. `Gateway.decide` is the
+part between the route and the upstream; forward-auth (`handle_forward_auth`) runs the same
+route matching and `decide` on the request an edge proxy asks about, and answers instead of
+forwarding.
 """
 
 from __future__ import annotations
@@ -17,15 +20,18 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDictProxy
 
 from gateway import admin, metrics
 from gateway.accesslog import AccessLog
 from gateway.clock import Clock, SystemClock
-from gateway.config import Config
+from gateway.config import Config, Route
+from gateway.forward_auth import AUTH_PATH, TrustedPeers, original_request
 from gateway.proxy import Forwarder
 from gateway.reasons import Reason, Refusal, render_refusal
 from gateway.revocation import RevocationList
@@ -42,6 +48,7 @@ log = logging.getLogger("idlegate")
 SESSION_PATH = "/.idlegate/session"
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _NO_ROUTE_LABEL = "none"
+_NO_IDENTITY: Mapping[str, str] = MappingProxyType({})
 
 
 @dataclass(slots=True)
@@ -109,6 +116,11 @@ class Gateway:
         self._id_prefix = uuid.uuid4().hex[:16]
         self._id_counter = itertools.count()
         self._durations: dict[str, Any] = {}
+        self._forward_auth_requests: dict[tuple[str, str, str], Any] = {}
+        forward_auth = config.forward_auth
+        self._forward_auth_on_proxy_port = forward_auth.enabled
+        self._envoy_path_prefix = forward_auth.envoy_path_prefix
+        self._trusted_proxies = TrustedPeers(forward_auth)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -188,19 +200,18 @@ class Gateway:
     # -- the request path ------------------------------------------------------------------
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        raw_path = request.raw_path.partition("?")[0]
+        if self._forward_auth_on_proxy_port and self._is_forward_auth_path(raw_path):
+            return await self.handle_forward_auth(request)
         started = time.perf_counter()
-        sent_id = request.headers.get("X-Request-ID")
-        if sent_id and _SANE_REQUEST_ID.fullmatch(sent_id):
-            request_id = sent_id
-        else:
-            request_id = f"{self._id_prefix}{next(self._id_counter):08x}"
+        request_id = self._request_id(request)
         outcome = _Outcome()
         self.in_flight += 1
         try:
             # Routing, the decision and forwarding are written out here rather than in helper
             # coroutines: every coroutine level is walked again each time the request is woken
             # up (by the store's reply, the upstream's headers, its body; bench/RESULTS.md).
-            raw_path = request.raw_path.partition("?")[0]
+            # The decision is the one exception: `decide` is shared with forward-auth.
             if raw_path == SESSION_PATH:
                 outcome.route = SESSION_PATH
                 response: web.StreamResponse = await self._session_status(request, outcome)
@@ -210,25 +221,7 @@ class Gateway:
                 outcome.route = match.label
                 # Refusals the head alone decides come before the store touches activity.
                 self.forwarder.check_request(request)
-                identity: Mapping[str, str] = {}
-                if route.auth == "required":
-                    assert self.verifier is not None, "Gateway.start() was not awaited"
-                    presented = bearer_token(request.headers, request.query_string)
-                    token = self.verifier.cached(presented) or await self.verifier.verify(presented)
-                    outcome.token = token  # logged (jti, sub) whatever is decided next
-                    self._admit(token)
-                    policy.check_scopes(route.scopes, token.scopes)
-                    idle_timeout = policy.idle_timeout_for(self._policy, route)
-                    extend = route.activity == "extend"
-                    now = self.clock.now()
-                    touch = policy.touch_for(token, self._policy, idle_timeout, now, extend=extend)
-                    try:
-                        result = await self.store.check_and_touch(touch)
-                    except StoreUnavailable:
-                        self._store_fallback(token, idle_timeout, now, outcome)
-                    else:
-                        self._record_activity(token, result, now, extend=extend)
-                    identity = token.identity
+                identity = await self.decide(route, request.query_string, request.headers, outcome)
                 headers = self.forwarder.upstream_headers(
                     request,
                     request_id,
@@ -252,13 +245,117 @@ class Gateway:
             self.in_flight -= 1
             if not self.in_flight and self.draining:
                 self.quiet.set()
+        self._finish(request.method, request_id, outcome, response, started, "proxy")
+        return response
+
+    async def decide(
+        self,
+        route: Route,
+        query_string: str,
+        headers: CIMultiDictProxy[str],
+        outcome: _Outcome,
+    ) -> Mapping[str, str]:
+        """The decision on a request already routed, the same for both front doors (proxy
+        port and forward-auth): bearer token -> signature and claims -> revocation, session
+        age -> scopes -> one store round trip (idle check and touch, or the on_error
+        fallback). Returns the identity headers to pass on; raises Refusal. The token, once
+        verified, is in `outcome.token` (for the log) whatever is decided after."""
+        if route.auth != "required":
+            return _NO_IDENTITY
+        assert self.verifier is not None, "Gateway.start() was not awaited"
+        presented = bearer_token(headers, query_string)
+        token = self.verifier.cached(presented) or await self.verifier.verify(presented)
+        outcome.token = token
+        self._admit(token)
+        policy.check_scopes(route.scopes, token.scopes)
+        idle_timeout = policy.idle_timeout_for(self._policy, route)
+        extend = route.activity == "extend"
+        now = self.clock.now()
+        touch = policy.touch_for(token, self._policy, idle_timeout, now, extend=extend)
+        try:
+            result = await self.store.check_and_touch(touch)
+        except StoreUnavailable:
+            self._store_fallback(token, idle_timeout, now, outcome)
+        else:
+            self._record_activity(token, result, now, extend=extend)
+        return token.identity
+
+    async def handle_forward_auth(self, request: web.BaseRequest) -> web.StreamResponse:
+        """An edge proxy asks whether to forward a request: 200 with the identity headers (for
+        it to copy upstream) if the proxy port would forward it, else the same refusal."""
+        started = time.perf_counter()
+        request_id = self._request_id(request)
+        outcome = _Outcome()
+        method = request.method
+        self.in_flight += 1
+        try:
+            if request.remote not in self._trusted_proxies:
+                raise Refusal(
+                    Reason.UNTRUSTED_PROXY,
+                    "this peer is not in forward_auth.trusted_proxies",
+                )
+            raw_path, _, query = request.raw_path.partition("?")
+            original = original_request(
+                request.method, raw_path, query, request.headers, self._envoy_path_prefix
+            )
+            method = original.method
+            match = self.router.match(original.path)
+            outcome.route = match.label
+            identity = await self.decide(match.route, original.query, request.headers, outcome)
+            response: web.StreamResponse = web.Response(
+                headers={**identity, "X-Request-ID": request_id}
+            )
+        except Refusal as refusal:
+            outcome.decision, outcome.reason = refusal.reason.decision, refusal.reason.code
+            response = render_refusal(refusal, request_id)
+        except Exception:
+            log.exception("forward-auth request %s failed", request_id)
+            outcome.decision, outcome.reason = "error", Reason.INTERNAL_ERROR.code
+            response = render_refusal(Refusal(Reason.INTERNAL_ERROR), request_id)
+        finally:
+            self.in_flight -= 1
+            if not self.in_flight and self.draining:
+                self.quiet.set()
+        self._finish(method, request_id, outcome, response, started, "forward_auth")
+        return response
+
+    def _is_forward_auth_path(self, raw_path: str) -> bool:
+        prefix = self._envoy_path_prefix
+        return raw_path == AUTH_PATH or (
+            prefix is not None and (raw_path == prefix or raw_path.startswith(prefix + "/"))
+        )
+
+    def _request_id(self, request: web.BaseRequest) -> str:
+        sent_id = request.headers.get("X-Request-ID")
+        if sent_id and _SANE_REQUEST_ID.fullmatch(sent_id):
+            return sent_id
+        return f"{self._id_prefix}{next(self._id_counter):08x}"
+
+    def _finish(
+        self,
+        method: str,
+        request_id: str,
+        outcome: _Outcome,
+        response: web.StreamResponse,
+        started: float,
+        mode: str,
+    ) -> None:
+        """Count the request (and, for forward-auth, in its own counter) and log it."""
         elapsed = time.perf_counter() - started
         self._count(outcome, elapsed)
+        if mode == "forward_auth":
+            key = (outcome.route, outcome.decision, outcome.reason)
+            counter = self._forward_auth_requests.get(key)
+            if counter is None:
+                counter = self._forward_auth_requests[key] = metrics.FORWARD_AUTH_REQUESTS.labels(
+                    *key
+                )
+            counter.inc()
         if self.access_log.enabled:
             logged = outcome.token
             self.access_log.write(
                 request_id=request_id,
-                method=request.method,
+                method=method,
                 route=outcome.route,
                 status=response.status,
                 decision=outcome.decision,
@@ -267,8 +364,8 @@ class Gateway:
                 sub=logged.sub if logged else None,
                 upstream_ms=outcome.upstream_ms,
                 total_ms=elapsed * 1000,
+                mode=mode,
             )
-        return response
 
     def _count(self, outcome: _Outcome, elapsed: float) -> None:
         key = (outcome.route, outcome.decision, outcome.reason)
@@ -359,6 +456,12 @@ def build_proxy_server(gateway: Gateway, **handler_options: Any) -> web.Server:
     """The proxy port: aiohttp's low-level server calling `Gateway.handle` directly (no router,
     middleware or signals on the request path: the gateway routes itself)."""
     return web.Server(gateway.handle, **handler_options)
+
+
+def build_forward_auth_server(gateway: Gateway, **handler_options: Any) -> web.Server:
+    """forward_auth.listen: every request on it is a forward-auth request, whatever its path
+    (Traefik's `address`, Envoy's `path_prefix` and nginx's `auth_request` all pick their own)."""
+    return web.Server(gateway.handle_forward_auth, **handler_options)
 
 
 def build_admin_app(gateway: Gateway) -> web.Application:

@@ -316,6 +316,37 @@ class Forward(_Model):
         return headers
 
 
+class ForwardAuth(_Model):
+    """The same decisions for an edge proxy that asks before it forwards (nginx auth_request,
+    Traefik ForwardAuth, Caddy forward_auth, Envoy ext_authz over HTTP)."""
+
+    enabled: bool = False
+    # A dedicated port answering only forward-auth requests (any path); the endpoint is also
+    # /.idlegate/auth on the proxy port.
+    listen: Listen | None = None
+    # Peers allowed to say which request to decide (X-Original-*, X-Forwarded-Uri/-Method, the
+    # Envoy path): anyone else could have a protected request decided as a public one.
+    trusted_proxies: list[str] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    # Envoy ext_authz (HTTP service) sends the original path after its path_prefix.
+    envoy_path_prefix: str | None = Field(default=None, pattern=r"^/[^?#\s]*[^/?#\s]$")
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, networks: list[str]) -> list[str]:
+        bad = []
+        for network in networks:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                bad.append(f"{network!r} is not an IP network (CIDR)")
+        if bad:
+            raise ValueError("\n".join(bad))
+        return networks
+
+    def networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(n, strict=False) for n in self.trusted_proxies]
+
+
 class Config(_Model):
     listen: Listen = Field(default_factory=Listen)
     admin: Admin = Field(default_factory=Admin)
@@ -325,6 +356,7 @@ class Config(_Model):
     providers: list[Provider] = Field(min_length=1)
     routes: list[Route] = Field(min_length=1)
     forward: Forward = Field(default_factory=Forward)
+    forward_auth: ForwardAuth = Field(default_factory=ForwardAuth)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
@@ -343,9 +375,21 @@ class Config(_Model):
                     f"routes.{i}.idle_timeout: may only be shorter than policy.idle_timeout "
                     f"(route {route.prefix})"
                 )
+        problems.extend(self._forward_auth_problems())
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    def _forward_auth_problems(self) -> list[str]:
+        own = self.forward_auth.listen
+        if own is None or own.port == 0:
+            return []
+        taken = {"listen.port": self.listen.port, "admin.port": self.admin.port}
+        return [
+            f"forward_auth.listen.port: {own.port} is also {name}; each listener needs its own port"
+            for name, port in taken.items()
+            if port == own.port
+        ]
 
     def masked(self) -> dict[str, Any]:
         """The effective config as plain data with secrets replaced, for printing."""

@@ -26,6 +26,12 @@ REQUESTS = Counter(
     "Requests by route prefix, decision (allowed|rejected|error) and reason code.",
     ["route", "decision", "reason"],
 )
+FORWARD_AUTH_REQUESTS = Counter(
+    "idlegate_forward_auth_requests_total",
+    "Forward-auth decisions (also counted in idlegate_requests_total), by route prefix, "
+    "decision and reason code: the front door that decided.",
+    ["route", "decision", "reason"],
+)
 REQUEST_DURATION = Histogram(
     "idlegate_request_duration_seconds",
     "Whole request time at the gateway, by route prefix.",

@@ -80,6 +80,17 @@ class Reason(enum.Enum):
     )
     NO_ROUTE = _Outcome("no_route", 404, None, "no route matches this path")
     BAD_PATH = _Outcome("bad_path", 400, "invalid_request", "the request path is not acceptable")
+    # Forward-auth (gateway/forward_auth.py): a peer not in forward_auth.trusted_proxies, and an
+    # auth request that does not say, unambiguously, which request to decide.
+    UNTRUSTED_PROXY = _Outcome(
+        "untrusted_proxy", 403, None, "only a trusted proxy may ask for forward-auth decisions"
+    )
+    NO_ORIGINAL_REQUEST = _Outcome(
+        "no_original_request",
+        400,
+        "invalid_request",
+        "the forward-auth request does not say which request to decide",
+    )
     PAYLOAD_TOO_LARGE = _Outcome("payload_too_large", 413, None, "the request body is too large")
     STORE_UNAVAILABLE = _Outcome(
         "store_unavailable", 503, None, "the session store is unavailable, retry shortly"

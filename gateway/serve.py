@@ -20,7 +20,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway import __version__
-from gateway.app import Gateway, build_admin_app, build_proxy_server
+from gateway.app import Gateway, build_admin_app, build_forward_auth_server, build_proxy_server
 from gateway.config import Config, mask_url
 
 log = logging.getLogger("idlegate")
@@ -73,6 +73,8 @@ class Running:
     gateway: Gateway
     proxy: web.BaseRunner
     admin: web.AppRunner
+    # forward_auth.listen's own port, when configured: drained with the proxy port.
+    forward_auth: web.BaseRunner | None = None
 
     def addresses(self) -> tuple[str, str]:
         def first(runner: web.BaseRunner) -> str:
@@ -81,21 +83,31 @@ class Running:
 
         return first(self.proxy), first(self.admin)
 
+    def forward_auth_address(self) -> str | None:
+        """http://host:port of forward_auth.listen, when configured."""
+        if self.forward_auth is None:
+            return None
+        host, port = self.forward_auth.addresses[0][:2]
+        return f"http://{host}:{port}"
+
     async def drain(self) -> None:
         """Readiness off at once, stop accepting, let in-flight requests finish (up to
         `shutdown_grace`, in total), then close upstream and store connections."""
         self.gateway.draining = True
-        for site in list(self.proxy.sites):
-            await site.stop()  # no new connections
-        if self.proxy.server is not None:
-            self.proxy.server.pre_shutdown()  # idle keep-alives close; busy ones after their reply
+        request_runners = [self.proxy] + ([self.forward_auth] if self.forward_auth else [])
+        for runner in request_runners:
+            for site in list(runner.sites):
+                await site.stop()  # no new connections
+            if runner.server is not None:
+                runner.server.pre_shutdown()  # idle keep-alives close; busy ones after their reply
         if self.gateway.in_flight:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.gateway.config.server.shutdown_grace):
                     await self.gateway.quiet.wait()
         if self.gateway.in_flight:
             log.warning("shutdown_grace over: %d request(s) cut off", self.gateway.in_flight)
-        await self.proxy.cleanup()  # what is left gets _CLEANUP_TIMEOUT, then is cancelled
+        for runner in request_runners:
+            await runner.cleanup()  # what is left gets _CLEANUP_TIMEOUT, then is cancelled
         await _bounded("closing upstream, key and store connections", self.gateway.close())
         await _bounded("closing the admin listener", self.admin.cleanup())
 
@@ -155,10 +167,22 @@ async def start(
         shutdown_timeout=_CLEANUP_TIMEOUT,  # the drain itself waits up to shutdown_grace
     )
     admin = web.AppRunner(build_admin_app(gateway), access_log=None, shutdown_timeout=2)
-    running = Running(gateway, proxy, admin)
+    own_port = config.forward_auth.listen if config.forward_auth.enabled else None
+    forward_auth = None
+    if own_port is not None:
+        forward_auth = web.ServerRunner(
+            build_forward_auth_server(gateway, access_log=None, max_field_size=32 * 1024),
+            shutdown_timeout=_CLEANUP_TIMEOUT,
+        )
+    running = Running(gateway, proxy, admin, forward_auth)
     try:
         await proxy.setup()
         await admin.setup()
+        if forward_auth is not None and own_port is not None:
+            await forward_auth.setup()
+            await web.TCPSite(
+                forward_auth, own_port.host, own_port.port, reuse_port=reuse_port, backlog=1024
+            ).start()
         await web.TCPSite(
             proxy, config.listen.host, config.listen.port, reuse_port=reuse_port, backlog=1024
         ).start()
@@ -189,6 +213,8 @@ async def serve(config: Config, *, reuse_port: bool = False, worker: int | None 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     proxy_url, admin_url = running.addresses()
+    if (forward_auth_url := running.forward_auth_address()) is not None:
+        log.info("forward-auth decisions on %s", forward_auth_url)
     who = f" worker {worker}" if worker is not None else ""
     log.info(
         "idlegate %s%s listening on %s (proxy) and %s (admin: metrics, health); store %s",

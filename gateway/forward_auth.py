@@ -1,0 +1,128 @@
+"""Forward-auth: which request an edge proxy asks about, and whether it may ask.
+
+An edge proxy (nginx `auth_request`, ingress-nginx `auth-url`, Traefik `ForwardAuth`, Caddy
+`forward_auth`, Envoy `ext_authz` over HTTP) sends the client's headers to the auth endpoint and
+says what the original request was: in `X-Original-URI`/`X-Original-URL` + `X-Original-Method`
+(nginx), `X-Forwarded-Uri` + `X-Forwarded-Method` (Traefik, Caddy), or as the path after a
+prefix (Envoy). The gateway then decides that request exactly as the proxy port would
+(`Gateway.decide`). Only trusted peers may say so: anyone else could have a protected request
+decided as a public one.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from multidict import CIMultiDictProxy
+
+from gateway.config import ForwardAuth
+from gateway.reasons import Reason, Refusal
+
+AUTH_PATH = "/.idlegate/auth"
+
+# Header names that carry the original request's URI or method, in the order they are named
+# in errors. Every one present must agree: a client may add any of them, and an edge proxy
+# overwrites only the ones it sets (nginx sets X-Original-URI, Caddy X-Forwarded-Uri).
+_URI_HEADERS = ("X-Original-URI", "X-Original-URL", "X-Forwarded-Uri")
+_METHOD_HEADERS = ("X-Original-Method", "X-Forwarded-Method")
+_METHOD = re.compile(r"[A-Z][A-Z0-9_-]{0,31}")
+_PEER_CACHE_SIZE = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class OriginalRequest:
+    """The request the edge proxy is about to forward: method, raw path, raw query."""
+
+    method: str
+    path: str
+    query: str
+
+
+class TrustedPeers:
+    """`forward_auth.trusted_proxies` as networks; answers are cached per peer address (an
+    edge proxy's few addresses ask again and again)."""
+
+    def __init__(self, config: ForwardAuth) -> None:
+        self._networks = config.networks()
+        self._known: dict[str, bool] = {}
+
+    def __contains__(self, peer: str | None) -> bool:
+        if not peer:
+            return False  # a Unix socket or an unknown peer: nothing to vouch for it
+        known = self._known.get(peer)
+        if known is None:
+            known = self._check(peer)
+            if len(self._known) >= _PEER_CACHE_SIZE:
+                self._known.clear()
+            self._known[peer] = known
+        return known
+
+    def _check(self, peer: str) -> bool:
+        try:
+            address = ipaddress.ip_address(peer.partition("%")[0])  # drop an IPv6 zone
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped  # a dual-stack listener sees ::ffff:127.0.0.1
+        return any(address in network for network in self._networks)
+
+
+def _split(value: str, header: str) -> tuple[str, str]:
+    """(raw path, raw query) of a request-target (`/a?b`) or an absolute URL (X-Original-URL)."""
+    if value.startswith("/"):
+        path, _, query = value.partition("?")
+        return path, query.partition("#")[0]
+    if value.startswith(("http://", "https://")):
+        parts = urlsplit(value)
+        return parts.path or "/", parts.query
+    raise Refusal(Reason.NO_ORIGINAL_REQUEST, f"{header} is neither a path nor an http(s) URL")
+
+
+def _one(headers: CIMultiDictProxy[str], name: str) -> str | None:
+    values = headers.getall(name, ())
+    if len(values) > 1:
+        raise Refusal(Reason.NO_ORIGINAL_REQUEST, f"{name} was sent more than once")
+    return values[0] if values else None
+
+
+def original_request(
+    method: str,
+    raw_path: str,
+    query: str,
+    headers: CIMultiDictProxy[str],
+    envoy_path_prefix: str | None,
+) -> OriginalRequest:
+    """The original request of a forward-auth request (method, path and query of the auth
+    request itself, and its headers). Refused when no source says which request it is, or
+    when two sources disagree."""
+    targets: list[tuple[str, tuple[str, str]]] = []
+    if envoy_path_prefix is not None and (
+        raw_path == envoy_path_prefix or raw_path.startswith(envoy_path_prefix + "/")
+    ):
+        targets.append(("the path", (raw_path[len(envoy_path_prefix) :] or "/", query)))
+    for name in _URI_HEADERS:
+        value = _one(headers, name)
+        if value is not None:
+            targets.append((name, _split(value, name)))
+    if not targets:
+        raise Refusal(
+            Reason.NO_ORIGINAL_REQUEST,
+            "the forward-auth request says no original URI "
+            "(X-Original-URI, X-Original-URL or X-Forwarded-Uri)",
+        )
+    first_name, target = targets[0]
+    for name, other in targets[1:]:
+        if other != target:
+            raise Refusal(
+                Reason.NO_ORIGINAL_REQUEST, f"{first_name} and {name} name different requests"
+            )
+    methods = {name: value for name in _METHOD_HEADERS if (value := _one(headers, name))}
+    if len(set(methods.values())) > 1:
+        raise Refusal(Reason.NO_ORIGINAL_REQUEST, "the original method headers disagree")
+    original_method = next(iter(methods.values()), method).upper()
+    if not _METHOD.fullmatch(original_method):
+        raise Refusal(Reason.NO_ORIGINAL_REQUEST, "the original method is not an HTTP method")
+    return OriginalRequest(method=original_method, path=target[0], query=target[1])
