@@ -46,6 +46,7 @@ from gateway.tokens.verify import VerifiedToken, Verifier
 log = logging.getLogger("idlegate")
 
 SESSION_PATH = "/.idlegate/session"
+REASON_HEADER = "X-Idlegate-Reason"  # on forward-auth refusals
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _NO_ROUTE_LABEL = "none"
 _NO_IDENTITY: Mapping[str, str] = MappingProxyType({})
@@ -308,10 +309,13 @@ class Gateway:
         except Refusal as refusal:
             outcome.decision, outcome.reason = refusal.reason.decision, refusal.reason.code
             response = render_refusal(refusal, request_id)
+            # nginx's auth_request drops the body: the reason code, for its error_page recipe.
+            response.headers[REASON_HEADER] = refusal.reason.code
         except Exception:
             log.exception("forward-auth request %s failed", request_id)
             outcome.decision, outcome.reason = "error", Reason.INTERNAL_ERROR.code
             response = render_refusal(Refusal(Reason.INTERNAL_ERROR), request_id)
+            response.headers[REASON_HEADER] = Reason.INTERNAL_ERROR.code
         finally:
             self.in_flight -= 1
             if not self.in_flight and self.draining:

