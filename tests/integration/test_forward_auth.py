@@ -12,7 +12,7 @@ from typing import Any
 
 import aiohttp
 from conftest import GatewayFactory, RedisServer, free_port
-from harness import GatewayUnderTest, Upstream, base_config
+from harness import ISSUER, GatewayUnderTest, Upstream, base_config
 from jwks_server import SigningKey
 from prometheus_client import REGISTRY
 
@@ -258,7 +258,12 @@ async def test_scopes_revocation_and_store_outage_as_on_the_proxy_port(
     assert 'scope="orders:write"' in response.headers["WWW-Authenticate"]
     assert (await ask(gw, "/api/x", token)).status == 200
     await gw.gateway.revocations.revoke(
-        Revocation("jti", gw.gateway.hasher("jti", "fa-revoked"), None, gw.clock.now() + 1000)
+        Revocation(
+            "jti",
+            gw.gateway.hasher.of_token("jti", ISSUER, "fa-revoked"),
+            None,
+            gw.clock.now() + 1000,
+        )
     )
     await assert_refusal(await ask(gw, "/api/x", token), 401, "revoked")
     other = gw.token()
