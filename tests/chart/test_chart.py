@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +191,8 @@ def test_chart_schema_config_keys_match_the_gateway_config_model(chart: helm.Cha
         keys = set()
         for key, sub in node.get("properties", {}).items():
             keys.add(prefix + key)
+            # `null` or an object (forward_auth.listen): the object's keys.
+            sub = next((s for s in sub.get("anyOf", []) if s.get("type") == "object"), sub)
             if sub.get("type") == "object" and "properties" in sub:
                 keys |= schema_keys(sub, f"{prefix}{key}.")
             elif sub.get("type") == "array" and "properties" in sub.get("items", {}):
@@ -202,10 +205,12 @@ def test_chart_schema_config_keys_match_the_gateway_config_model(chart: helm.Cha
             keys.add(prefix + name)
             annotation = field.annotation
             inner = getattr(annotation, "__args__", (None,))[0]
+            # list[Model] is `name[].key`; Model | None (forward_auth.listen) is `name.key`.
+            marker = "[]." if typing.get_origin(annotation) is list else "."
             if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
                 keys |= model_keys(annotation, f"{prefix}{name}.")
             elif isinstance(inner, type) and hasattr(inner, "model_fields"):
-                keys |= model_keys(inner, f"{prefix}{name}[].")
+                keys |= model_keys(inner, f"{prefix}{name}{marker}")
         return keys
 
     assert schema_keys(config_schema, "") == model_keys(Config, "")

@@ -28,6 +28,7 @@ KEYS = {
     "sub",
     "upstream_ms",
     "total_ms",
+    "mode",  # the front door: proxy | forward_auth
 }
 
 
