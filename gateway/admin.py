@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import hashlib
 import hmac
 import json
 import logging
@@ -20,6 +22,10 @@ from gateway.revocation import RevocationList
 from gateway.store.base import KeyHasher, Revocation, RevocationKind, Store, StoreUnavailable
 
 log = logging.getLogger("idlegate.admin")
+# Who revoked what, from where, and who tried without the admin token. Kept at INFO whatever
+# server.log_level says (serve.configure_logging).
+audit = logging.getLogger("idlegate.audit")
+_UNAUTHORIZED_LOG_INTERVAL = 10.0
 
 Readiness = Callable[[], Awaitable[tuple[bool, str]]]
 # Optional members of a revocation naming whose id it is (a token is its issuer and its id).
@@ -35,13 +41,92 @@ def _registry() -> CollectorRegistry:
     return REGISTRY
 
 
-def _read_token(path: Path) -> bytes | None:
+class AdminTokenError(Exception):
+    """`admin.token_file` is set but yields no usable token. A start-up error: serving on would
+    refuse every admin call, i.e. silently disable revocation. The message starts with the
+    field path (`admin.token_file: ...`), as the CLI prints it."""
+
+
+def load_admin_token(path: Path) -> bytes:
+    """The admin bearer token in `path` (surrounding whitespace removed), or AdminTokenError.
+    Offline and side-effect free: `check-config` and `serve` both call it."""
     try:
         token = path.read_bytes().strip()
-    except OSError:
-        log.error("admin.token_file %s cannot be read: admin API refuses every request", path)
-        return None
-    return token or None
+    except OSError as exc:
+        raise AdminTokenError(
+            f"admin.token_file: cannot read {path}: {exc.strerror or exc}"
+        ) from None
+    if not token:
+        raise AdminTokenError(f"admin.token_file: {path} is empty")
+    if any(byte < 0x21 or byte == 0x7F for byte in token):
+        # A bearer credential is one header token (RFC 6750 b64token): no client could send it.
+        raise AdminTokenError(f"admin.token_file: {path} holds spaces or control characters")
+    return token
+
+
+def _digest(token: bytes) -> bytes:
+    return hashlib.sha256(token).digest()
+
+
+class AdminToken:
+    """The token in `admin.token_file`: read at start (unusable -> AdminTokenError), then again
+    whenever the file changes (inode, size or mtime: a rotated Kubernetes Secret swaps a
+    symlink), so rotation needs no restart. A rotation to an unusable file keeps the last good
+    token and logs why, once per change."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._stamp = self._stat()
+        self._digest = _digest(load_admin_token(path))
+
+    def _stat(self) -> tuple[int, int, int, int] | None:
+        try:
+            st = os.stat(self._path)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def matches(self, presented: bytes) -> bool:
+        """Constant time in the presented bytes (both sides hashed: no length leaks either)."""
+        stamp = self._stat()
+        if stamp != self._stamp:
+            self._stamp = stamp
+            try:
+                self._digest = _digest(load_admin_token(self._path))
+            except AdminTokenError as exc:
+                log.error("%s; the previous admin token stays in use", exc)
+            else:
+                log.info("admin.token_file %s changed: the new admin token is in use", self._path)
+        return hmac.compare_digest(_digest(presented), self._digest)
+
+
+class _Throttled:
+    """At most one log line per `interval` (by the injected clock); the next line says how
+    many were left out. Unauthorized admin calls are logged, but a scanner cannot flood the log."""
+
+    def __init__(self, logger: logging.Logger, clock: Clock, interval: float) -> None:
+        self._log = logger
+        self._clock = clock
+        self._interval = interval
+        self._next = float("-inf")
+        self._suppressed = 0
+
+    def warning(self, message: str, *args: object) -> None:
+        now = self._clock.now()
+        if now < self._next:
+            self._suppressed += 1
+            return
+        self._next = now + self._interval
+        if self._suppressed:
+            message += " (%d more since the last such line)"
+            args = (*args, self._suppressed)
+            self._suppressed = 0
+        self._log.warning(message, *args)
+
+
+def _iso(timestamp: float) -> str:
+    moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class AdminAPI:
@@ -54,8 +139,11 @@ class AdminAPI:
         hasher: KeyHasher,
         clock: Clock,
         config: Config,
+        token: AdminToken | None = None,
         before_scrape: Callable[[], None] | None = None,
     ) -> None:
+        self._token = token  # None: no admin.token_file, the admin API does not exist (404)
+        self._unauthorized = _Throttled(audit, clock, _UNAUTHORIZED_LOG_INTERVAL)
         self._before_scrape = before_scrape  # gauges the request path does not keep up to date
         self._readiness = readiness
         self._revocations = revocations
@@ -90,24 +178,40 @@ class AdminAPI:
         )
 
     def _authorize(self, request: web.Request) -> None:
-        """404 when no token file is configured; 401 unless the bearer matches in constant time."""
-        token_file = self._config.admin.token_file
-        if token_file is None:
+        """404 when no token file is configured; 401 unless exactly one `Authorization: Bearer`
+        header carries the admin token (compared as the bytes sent, in constant time)."""
+        if self._token is None:
             metrics.ADMIN_REQUESTS.labels("disabled").inc()
             raise web.HTTPNotFound()
-        expected = _read_token(token_file)
-        scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
-        if (
-            expected is None
-            or scheme.lower() != "bearer"
-            or not hmac.compare_digest(presented.strip().encode(), expected)
-        ):
-            metrics.ADMIN_REQUESTS.labels("unauthorized").inc()
-            raise web.HTTPUnauthorized(
-                text=json.dumps({"error": "unauthorized"}),
-                content_type="application/json",
-                headers={"WWW-Authenticate": 'Bearer realm="idlegate-admin"'},
-            )
+        fields = request.headers.getall("Authorization", [])
+        scheme, _, presented = fields[0].partition(" ") if len(fields) == 1 else ("", "", "")
+        # aiohttp decodes header bytes as UTF-8 with surrogateescape: this gives back exactly
+        # the bytes on the wire, whatever they are (0xff included), never an encoding error.
+        sent = presented.strip(" \t").encode("utf-8", "surrogateescape")
+        if scheme.lower() == "bearer" and sent and self._token.matches(sent):
+            return
+        metrics.ADMIN_REQUESTS.labels("unauthorized").inc()
+        why = (
+            "no Authorization header"
+            if not fields
+            else "several Authorization headers"
+            if len(fields) > 1
+            else "not a bearer token"
+            if scheme.lower() != "bearer"
+            else "wrong admin token"
+        )
+        self._unauthorized.warning(
+            "admin: unauthorized %s %s from %s: %s",
+            request.method,
+            json.dumps(request.path),
+            request.remote,
+            why,
+        )
+        raise web.HTTPUnauthorized(
+            text=json.dumps({"error": "unauthorized"}),
+            content_type="application/json",
+            headers={"WWW-Authenticate": 'Bearer realm="idlegate-admin"'},
+        )
 
     def _bad_request(self, message: str) -> web.HTTPBadRequest:
         metrics.ADMIN_REQUESTS.labels("bad_request").inc()
@@ -187,7 +291,17 @@ class AdminAPI:
                 text=json.dumps({"error": "store_unavailable"}), content_type="application/json"
             ) from None
         metrics.ADMIN_REQUESTS.labels("ok").inc()
-        log.warning("revoked %s at %d issuer(s) (until %.0f)", kind, len(issuers), horizon)
+        # The value of a jti/sid/sub is no credential (JSON-quoted: no line breaks or other
+        # control characters of the caller's reach the log); never the admin token.
+        audit.info(
+            "admin: revoked %s=%s of issuer(s) %s from %s at %s (refused until %s)",
+            kind,
+            json.dumps(value),
+            json.dumps(issuers),
+            request.remote,
+            _iso(now),
+            _iso(horizon),
+        )
         return web.Response(status=204)
 
     async def token(self, request: web.Request) -> web.Response:

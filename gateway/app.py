@@ -94,6 +94,9 @@ class Gateway:
     ) -> None:
         self.config = config
         self.clock = clock or SystemClock()
+        # First, before any connection: an unusable admin.token_file is a start-up error.
+        token_file = config.admin.token_file
+        self.admin_token = admin.AdminToken(token_file) if token_file is not None else None
         self._environ = environ
         self.router = Router(config.routes)
         self.forwarder = Forwarder(config.forward)
@@ -476,5 +479,6 @@ def build_admin_app(gateway: Gateway) -> web.Application:
         hasher=gateway.hasher,
         clock=gateway.clock,
         config=gateway.config,
+        token=gateway.admin_token,
         before_scrape=gateway.publish_metrics,
     ).app()

@@ -125,13 +125,14 @@ def _serve(args: argparse.Namespace) -> int:
         if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             metrics_dir = tempfile.mkdtemp(prefix="idlegate-metrics-")
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    from gateway.admin import AdminTokenError
     from gateway.serve import run  # after the metrics mode is chosen
     from gateway.store import StoreConfigError
     from gateway.tokens.keys import KeySourceError
 
     try:
         return run(config, args.workers)
-    except (KeySourceError, StoreConfigError) as exc:
+    except (AdminTokenError, KeySourceError, StoreConfigError) as exc:
         print(f"idlegate: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

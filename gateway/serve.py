@@ -20,6 +20,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway import __version__
+from gateway.admin import AdminTokenError, load_admin_token
 from gateway.app import Gateway, build_admin_app, build_forward_auth_server, build_proxy_server
 from gateway.config import Config, mask_url
 
@@ -55,6 +56,9 @@ def configure_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # Audit lines (revocations, unauthorized admin calls) are kept whatever the level: a child
+    # logger's own level decides, the root handler has none.
+    logging.getLogger("idlegate.audit").setLevel(logging.INFO)
     logging.getLogger("aiohttp.server").addFilter(_BadRequestLine())
 
 
@@ -212,6 +216,7 @@ async def serve(config: Config, *, reuse_port: bool = False, worker: int | None 
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _sighup_ignored)
     proxy_url, admin_url = running.addresses()
     if (forward_auth_url := running.forward_auth_address()) is not None:
         log.info("forward-auth decisions on %s", forward_auth_url)
@@ -244,15 +249,37 @@ async def _cancel_leftovers() -> None:
             log_pending_tasks()
 
 
+def _sighup_ignored(*_: object) -> None:
+    """SIGHUP never kills the gateway (its default action would: exit 129, no drain). Nothing
+    is reloaded from the config file; admin.token_file is re-read whenever it changes."""
+    log.warning(
+        "SIGHUP ignored: configuration reload is not supported, the running configuration "
+        "stays; restart to apply changes (a rolling restart in Kubernetes)"
+    )
+
+
 def _worker(config: Config, index: int) -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until serve() installs the logging handler
     configure_logging(config.server.log_level)
     install_uvloop()
-    asyncio.run(serve(config, reuse_port=True, worker=index))
+    from gateway.store import StoreConfigError  # as in the CLI: one line, no traceback
+    from gateway.tokens.keys import KeySourceError
+
+    try:
+        asyncio.run(serve(config, reuse_port=True, worker=index))
+    except (AdminTokenError, KeySourceError, StoreConfigError) as exc:
+        print(f"idlegate: worker {index}: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 def run(config: Config, workers: int = 1) -> int:
-    """Serve until SIGTERM/SIGINT; returns the process exit code."""
+    """Serve until SIGTERM/SIGINT; returns the process exit code. SIGHUP is logged and ignored."""
+    # Ignored from the first moment (start-up may take seconds: keys, store); spawned workers
+    # inherit the disposition through exec, so no window kills them either.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     configure_logging(config.server.log_level)
+    if config.admin.token_file is not None:
+        load_admin_token(config.admin.token_file)  # once here, not once per worker
     if workers <= 1:
         install_uvloop()
         asyncio.run(serve(config))
@@ -282,6 +309,7 @@ def run(config: Config, workers: int = 1) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, _sighup_ignored)  # not forwarded: workers keep serving
     codes = []
     for process in processes:
         while process.exitcode is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from pathlib import Path
 
@@ -322,3 +323,123 @@ async def test_two_issuers_equal_jti_are_two_tokens(
         await revoke({"sub": "bob", "issuer": OTHER_ISSUER})
         assert (await gw.get("/api/x", a_sub)).status == 200
         assert (await gw.get("/api/x", b_sub)).status == 401
+
+
+async def _raw_admin_request(url: str, head: bytes, body: bytes = b"") -> bytes:
+    """One request written byte for byte on a socket, the whole response read back."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(head + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+
+
+async def test_a_non_utf8_admin_bearer_is_401_not_500(
+    gateways: GatewayFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """Raw bytes (0xff, a lone UTF-8 continuation byte) in the bearer: refused like any wrong
+    token, no traceback; the admin token itself still works when sent as raw bytes."""
+    token_file = tmp_path / "admin.token"
+    token_file.write_bytes(b"t0ken-\xc3\xa9\n")  # non-ASCII bytes are a valid file, too
+    gw = await gateways(admin={"token_file": str(token_file)})
+    for bearer in (b"\xff\xfe", b"t0ken-\xff", b"\x80", b"t0ken-\xc3"):
+        response = await _raw_admin_request(
+            gw.admin_url,
+            b"POST /admin/revoke HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer "
+            + bearer
+            + b"\r\nContent-Type: application/json\r\n",
+            b'{"jti": "j-1"}',
+        )
+        assert response.startswith(b"HTTP/1.1 401 "), response[:200]
+        assert b'Bearer realm="idlegate-admin"' in response
+    response = await _raw_admin_request(
+        gw.admin_url,
+        b"POST /admin/revoke HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer t0ken-\xc3\xa9\r\n"
+        b"Content-Type: application/json\r\n",
+        b'{"jti": "j-1"}',
+    )
+    assert response.startswith(b"HTTP/1.1 204 "), response[:200]
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+
+
+async def test_two_authorization_headers_are_refused(gateways: GatewayFactory, tmp_path: Path):
+    token_file = tmp_path / "admin.token"
+    token_file.write_text("t0ken")
+    gw = await gateways(admin={"token_file": str(token_file)})
+    response = await _raw_admin_request(
+        gw.admin_url,
+        b"GET /admin/tokens/x HTTP/1.1\r\nHost: admin\r\n"
+        b"Authorization: Bearer t0ken\r\nAuthorization: Bearer t0ken\r\n",
+    )
+    assert response.startswith(b"HTTP/1.1 401 "), response[:200]
+
+
+async def test_revocations_and_unauthorized_calls_are_audit_logged(
+    gateways: GatewayFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """One `idlegate.audit` line per revocation: kind, value, peer, ISO-8601 UTC time; never the
+    admin token. Unauthorized calls are logged too, at most one line per 10 s with a count."""
+    token_file = tmp_path / "admin.token"
+    token_file.write_text("s3cret-admin-token")
+    gw = await gateways(admin={"token_file": str(token_file)})
+    caplog.set_level(logging.INFO, logger="idlegate.audit")
+    good = {"Authorization": "Bearer s3cret-admin-token"}
+    async with aiohttp.ClientSession() as http:
+        for body in ({"jti": "j-9"}, {"sub": "mallory\r\nforged line"}, {"sid": "s-1"}):
+            async with http.post(gw.admin_url + "/admin/revoke", json=body, headers=good) as r:
+                assert r.status == 204
+        for _ in range(3):
+            async with http.post(
+                gw.admin_url + "/admin/revoke",
+                json={"jti": "j-9"},
+                headers={"Authorization": "Bearer guess"},
+            ) as r:
+                assert r.status == 401
+        gw.clock.advance(11)  # type: ignore[attr-defined]
+        async with http.get(gw.admin_url + "/admin/tokens/x") as r:
+            assert r.status == 401
+    lines = [r.getMessage() for r in caplog.records if r.name == "idlegate.audit"]
+    at = "2027-01-15T08:00:00.000Z"  # the injected clock: 1_800_000_000
+    of = f'of issuer(s) ["{ISSUER}"] from 127.0.0.1 at {at}'
+    short = "(refused until 2027-01-15T08:16:00.000Z)"  # max_token_lifetime + 2 * leeway
+    assert lines == [
+        f'admin: revoked jti="j-9" {of} {short}',
+        f'admin: revoked sub="mallory\\r\\nforged line" {of} {short}',
+        f'admin: revoked sid="s-1" {of} (refused until 2027-01-16T08:00:00.000Z)',
+        'admin: unauthorized POST "/admin/revoke" from 127.0.0.1: wrong admin token',
+        'admin: unauthorized GET "/admin/tokens/x" from 127.0.0.1: no Authorization header'
+        " (2 more since the last such line)",
+    ]
+    assert all("s3cret" not in r.getMessage() for r in caplog.records)
+
+
+async def test_a_rotated_admin_token_file_takes_effect_and_a_broken_one_keeps_the_last(
+    gateways: GatewayFactory, tmp_path: Path
+):
+    token_file = tmp_path / "admin.token"
+    token_file.write_text("first-token")
+    gw = await gateways(admin={"token_file": str(token_file)})
+
+    async def status(token: str) -> int:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(
+                gw.admin_url + "/admin/tokens/x", headers={"Authorization": f"Bearer {token}"}
+            ) as response,
+        ):
+            return response.status
+
+    assert await status("first-token") == 200
+    rotated = tmp_path / "rotated"
+    rotated.write_text("second-token\n")
+    rotated.replace(token_file)  # as a Secret volume update does: a new file, atomically
+    assert await status("second-token") == 200
+    assert await status("first-token") == 401
+    token_file.write_text("")  # a bad rotation: fail closed to the last good token
+    assert await status("second-token") == 200
+    token_file.unlink()
+    assert await status("second-token") == 200
+    assert await status("") == 401
