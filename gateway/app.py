@@ -224,6 +224,8 @@ class Gateway:
                 route = match.route
                 outcome.route = match.label
                 # Refusals the head alone decides come before the store touches activity.
+                if route.upstream is None:
+                    raise Refusal(Reason.NO_ROUTE, "this route is decided for forward-auth only")
                 self.forwarder.check_request(request)
                 identity = await self.decide(route, request.query_string, request.headers, outcome)
                 headers = self.forwarder.upstream_headers(

@@ -264,7 +264,9 @@ class Provider(_Model):
 
 class Route(_Model):
     prefix: str = Field(pattern=r"^/")
-    upstream: str
+    # None: the route is only decided (forward-auth), never forwarded; the proxy port answers
+    # it no_route. Allowed only with forward_auth.enabled.
+    upstream: str | None = None
     strip_prefix: bool = False
     scopes: list[str] = Field(default_factory=list)
     idle_timeout: Duration | None = None
@@ -273,7 +275,9 @@ class Route(_Model):
 
     @field_validator("upstream")
     @classmethod
-    def _http_upstream(cls, upstream: str) -> str:
+    def _http_upstream(cls, upstream: str | None) -> str | None:
+        if upstream is None:
+            return None
         if not re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?", upstream):
             raise ValueError("must be an http:// or https:// URL with a host")
         return upstream.rstrip("/")
@@ -370,6 +374,11 @@ class Config(_Model):
                 if value in values[:i]:
                     problems.append(f"{field}.{i}.{what}: {value!r} is used twice; must be unique")
         for i, route in enumerate(self.routes):
+            if route.upstream is None and not self.forward_auth.enabled:
+                problems.append(
+                    f"routes.{i}.upstream: required unless forward_auth.enabled (a route "
+                    f"without an upstream is only decided for an edge proxy; route {route.prefix})"
+                )
             if route.idle_timeout is not None and route.idle_timeout > self.policy.idle_timeout:
                 problems.append(
                     f"routes.{i}.idle_timeout: may only be shorter than policy.idle_timeout "

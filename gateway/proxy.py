@@ -319,13 +319,15 @@ class Forwarder:
         assert self._session is not None, "Forwarder.start() was not awaited"
         self.check_request(request)  # the caller has already; kept for any other caller
         query = request.raw_path.partition("?")[2]
+        base_url = match.route.upstream
+        assert base_url is not None, "Gateway.handle refuses routes without an upstream"
         if not request.body_exists:
-            lean = self._lean_target(match.route.upstream)
+            lean = self._lean_target(base_url)
             if lean is not None:
                 pool, base = lean
                 target = base + match.upstream_path + ("?" + query if query else "")
                 return await self._forward_lean(request, pool, target, headers, request_id, match)
-        target = match.route.upstream + match.upstream_path + ("?" + query if query else "")
+        target = base_url + match.upstream_path + ("?" + query if query else "")
         limit: BodyLimit | None = None
         data: AsyncIterator[bytes] | None = None
         if request.body_exists:
@@ -435,7 +437,7 @@ class Forwarder:
     ) -> Refusal:
         """The refusal for an upstream error, logged (rate-limited) with its route and the
         upstream's origin: never the request's path, query or headers."""
-        upstream = match.route.upstream
+        upstream = match.route.upstream or ""
         origin = self._origins.get(upstream)
         if origin is None:
             # No credentials or path of the configured URL in the log.

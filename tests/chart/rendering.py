@@ -71,6 +71,21 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "replicaCount": 3,
         "podDisruptionBudget": {"enabled": True, "minAvailable": 2, "maxUnavailable": None},
     },
+    "forward-auth": {
+        "mode": "forward-auth",
+        "redis": {"enabled": True},
+        "replicaCount": 2,
+        "networkPolicy": {
+            "enabled": True,
+            "proxyFrom": [
+                {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress"}}}
+            ],
+        },
+        "config": {
+            "routes": [{"prefix": "/"}, {"prefix": "/health/", "auth": "none"}],
+            "forward_auth": {"trusted_proxies": ["10.244.0.0/16"]},
+        },
+    },
     "load-balancer": {
         "service": {"type": "LoadBalancer", "annotations": {"example.com/lb": "internal"}},
         "metrics": {"podAnnotations": True},

@@ -511,3 +511,46 @@ def test_notes_tell_how_to_reach_the_proxy_and_the_metrics(chart: helm.Chart) ->
     assert "/metrics" in notes
     assert f"{FULLNAME}-metrics" in notes
     assert "memory://" in notes
+
+
+# ---- forward-auth mode ---------------------------------------------------------------------
+
+
+def test_forward_auth_mode_enables_the_endpoint_and_needs_no_upstream(render: Render) -> None:
+    config = gateway_config(render(SCENARIOS["forward-auth"]))
+    assert config["forward_auth"]["enabled"] is True
+    assert config["forward_auth"]["trusted_proxies"] == ["10.244.0.0/16"]
+    assert config["routes"] == [{"prefix": "/"}, {"prefix": "/health/", "auth": "none"}]
+    assert gateway_config(render())["forward_auth"]["enabled"] is False
+
+
+def test_proxy_mode_still_requires_each_routes_upstream(chart: helm.Chart) -> None:
+    assert "upstream" in refusal(chart, {"config": {"routes": [{"prefix": "/"}]}})
+    assert "/mode" in refusal(chart, {"mode": "sidecar"})
+
+
+@pytest.mark.parametrize(
+    ("values", "reason"),
+    [
+        ({"mode": "forward-auth"}, "trusted_proxies"),
+        ({"mode": "forward-auth", "config": {"forward_auth": {"trusted_proxies": ["::1/128"]}}},
+         "trusted_proxies"),
+        ({"config": {"forward_auth": {"listen": {"port": 9091}}}}, "proxy port"),
+    ],
+)  # fmt: skip
+def test_forward_auth_values_that_would_not_work_are_refused(
+    chart: helm.Chart, values: dict[str, Any], reason: str
+) -> None:
+    assert reason in refusal(chart, values)
+
+
+def test_notes_show_the_auth_url_and_ingress_annotations(chart: helm.Chart) -> None:
+    rendered = chart.render(SCENARIOS["forward-auth"], name=RELEASE, namespace=NAMESPACE)
+    notes = next(text for path, text in rendered.items() if path.endswith("NOTES.txt"))
+    url = f"http://{FULLNAME}.{NAMESPACE}.svc.cluster.local:8080/.idlegate/auth"
+    assert f'nginx.ingress.kubernetes.io/auth-url: "{url}"' in notes
+    assert (
+        'nginx.ingress.kubernetes.io/auth-response-headers: "X-Auth-Scope,X-Auth-Subject,'
+        'X-Auth-Token-Id"' in notes
+    )
+    assert "10.244.0.0/16" in notes

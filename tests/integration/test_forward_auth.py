@@ -297,3 +297,19 @@ async def test_access_log_says_which_front_door_decided(
     ]
     assert token not in stream.getvalue()
     assert lines[0]["jti"] == "log-1"
+
+
+async def test_a_route_without_upstream_is_decided_but_never_forwarded(
+    gateways: GatewayFactory, upstream: Upstream
+):
+    """Forward-auth-only deployments name no upstream; their proxy port refuses such a route
+    before any token or store work (no activity)."""
+    gw = await gateways(forward_auth=ENABLED, routes=[{"prefix": "/"}])
+    token = gw.token(jti="no-upstream")
+    await assert_refusal(await gw.get("/orders", token), 404, "no_route")
+    key = gw.gateway.hasher.of_token("jti", ISSUER, "no-upstream")
+    assert await gw.gateway.store.last_activity(key) is None
+    response = await ask(gw, "/orders", token)
+    assert response.status == 200
+    assert await gw.gateway.store.last_activity(key) == gw.clock.now()
+    assert upstream.received == []

@@ -158,3 +158,13 @@ def test_envoy_path_and_a_header_must_agree():
         original_request(
             "GET", "/ext-authz/api/x", "", headers(("X-Forwarded-Uri", "/public/")), "/ext-authz"
         )
+
+
+def test_a_route_without_upstream_needs_forward_auth():
+    routes = [{"prefix": "/"}, {"prefix": "/api/", "upstream": "http://orders:8000"}]
+    assert problems(routes=routes) == [
+        "routes.0.upstream: required unless forward_auth.enabled (a route without an upstream "
+        "is only decided for an edge proxy; route /)"
+    ]
+    data = {**copy.deepcopy(MINIMAL), "routes": routes, "forward_auth": {"enabled": True}}
+    assert from_data(data, environ={}).routes[0].upstream is None

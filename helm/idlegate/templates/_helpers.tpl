@@ -169,6 +169,11 @@ trial Redis, the admin token file, the hash key env name). Never holds a secret 
 {{- $_ := set $store "hash_key_env" .Values.secrets.storeHashKey.env }}
 {{- end }}
 {{- $_ := set $cfg "store" $store }}
+{{- if eq .Values.mode "forward-auth" }}
+{{- $forwardAuth := deepCopy (default (dict) $cfg.forward_auth) }}
+{{- $_ := set $forwardAuth "enabled" true }}
+{{- $_ := set $cfg "forward_auth" $forwardAuth }}
+{{- end }}
 {{- if .Values.secrets.adminToken.existingSecret }}
 {{- $admin := deepCopy (default (dict) $cfg.admin) }}
 {{- $_ := set $admin "token_file" (include "idlegate.adminTokenFile" .) }}
@@ -240,6 +245,16 @@ from the Deployment template.
 {{- end }}
 {{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.service.enabled) }}
 {{- fail "metrics.serviceMonitor.enabled needs metrics.service.enabled (the ServiceMonitor scrapes that Service)." }}
+{{- end }}
+{{- $forwardAuth := default (dict) .Values.config.forward_auth }}
+{{- if get $forwardAuth "listen" }}
+{{- fail "config.forward_auth.listen: the chart answers forward-auth on the proxy port (Service port http, path /.idlegate/auth); leave listen unset." }}
+{{- end }}
+{{- if eq .Values.mode "forward-auth" }}
+{{- $trusted := default (list) (get $forwardAuth "trusted_proxies") }}
+{{- if not (without $trusted "127.0.0.0/8" "::1/128") }}
+{{- fail "mode forward-auth needs config.forward_auth.trusted_proxies: the CIDRs your ingress controller's pods connect from (e.g. the pod CIDR); with loopback only, every decision is refused untrusted_proxy." }}
+{{- end }}
 {{- end }}
 {{- $_ := include "idlegate.terminationGracePeriodSeconds" . }}
 {{- end }}
