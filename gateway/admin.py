@@ -18,8 +18,11 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from gateway import metrics
 from gateway.clock import Clock
 from gateway.config import Config
+from gateway.reasons import Refusal
 from gateway.revocation import RevocationList
 from gateway.store.base import KeyHasher, Revocation, RevocationKind, Store, StoreUnavailable
+from gateway.tokens.extract import MAX_TOKEN_BYTES
+from gateway.tokens.verify import unverified_id
 
 log = logging.getLogger("idlegate.admin")
 # Who revoked what, from where, and who tried without the admin token. Kept at INFO whatever
@@ -228,15 +231,15 @@ class AdminAPI:
         if issuer is not None and provider is not None:
             raise self._bad_request('give "issuer" or "provider", not both')
         if issuer is not None:
-            if not any(issuer == p.issuer for p in providers):
+            if not any(issuer in p.issuers for p in providers):
                 raise self._bad_request("issuer is not the issuer of a configured provider")
             return [str(issuer)]
         if provider is not None:
-            named = [p.issuer for p in providers if p.name == provider]
+            named = [i for p in providers if p.name == provider for i in p.issuers]
             if not named:
                 raise self._bad_request("provider is not the name of a configured provider")
             return named
-        everyone = [p.issuer for p in providers]
+        everyone = [i for p in providers for i in p.issuers]
         if len(everyone) > 1 and not ambiguous_ok:
             raise self._bad_request(
                 "several providers are configured and a jti is only unique per issuer: "
@@ -244,19 +247,17 @@ class AdminAPI:
             )
         return everyone
 
-    async def revoke(self, request: web.Request) -> web.Response:
-        self._authorize(request)
-        try:
-            body = await request.json()
-        except ValueError:
-            raise self._bad_request("the body must be JSON") from None
+    def _named_id(self, body: object) -> tuple[RevocationKind, str, list[str]]:
+        """{"jti"|"sid"|"sub": id} with an optional "issuer" or "provider"."""
         kinds: tuple[RevocationKind, ...] = ("jti", "sid", "sub")
-        given = [k for k in kinds if isinstance(body, dict) and k in body]
-        scoping = [k for k in _SCOPING if isinstance(body, dict) and k in body]
+        if not isinstance(body, dict):
+            raise self._bad_request("the body must be a JSON object")
+        given = [k for k in kinds if k in body]
+        scoping = [k for k in _SCOPING if k in body]
         if len(given) != 1 or len(body) != 1 + len(scoping):
             raise self._bad_request(
-                'send exactly one of {"jti"}, {"sid"} or {"sub"}, '
-                'optionally with "issuer" or "provider"'
+                'send exactly one of {"jti"}, {"sid"}, {"sub"} (optionally with "issuer" or '
+                '"provider") or {"token"}'
             )
         kind = given[0]
         value = body[kind]
@@ -265,6 +266,31 @@ class AdminAPI:
         # Neither issuer nor provider named: the id is revoked at every trusted issuer (the
         # safe reading of an ambiguous revocation).
         issuers = self._issuers(body.get("issuer"), body.get("provider"), ambiguous_ok=True)
+        return kind, value, issuers
+
+    def _token_itself(self, token: object) -> tuple[RevocationKind, str, list[str]]:
+        """{"token": "<the JWT>"}: its issuer and id as the verifier finds them (policy.token_id,
+        so also a token with no jti, by its digest). The token is never logged or echoed."""
+        if not isinstance(token, str) or not 0 < len(token) <= MAX_TOKEN_BYTES:
+            raise self._bad_request("token must be a JWT of at most 16 KiB")
+        try:
+            issuer, token_id = unverified_id(token, self._config.policy.token_id, self._hasher)
+        except Refusal:
+            raise self._bad_request("token is not a JWT with iss and an id claim") from None
+        if not any(issuer in p.issuers for p in self._config.providers):
+            raise self._bad_request("token's issuer is not the issuer of a configured provider")
+        return "jti", token_id, [issuer]
+
+    async def revoke(self, request: web.Request) -> web.Response:
+        self._authorize(request)
+        try:
+            body = await request.json()
+        except ValueError:
+            raise self._bad_request("the body must be JSON") from None
+        if isinstance(body, dict) and set(body) == {"token"}:
+            kind, value, issuers = self._token_itself(body["token"])
+        else:
+            kind, value, issuers = self._named_id(body)
         now = self._clock.now()
         policy = self._config.policy
         # No token covered can outlive this: exp <= iat + max_token_lifetime, iat <= now + leeway,

@@ -274,6 +274,7 @@ class Gateway:
         outcome.token = token
         self._admit(token)
         policy.check_scopes(route.scopes, token.scopes)
+        policy.check_roles(route.roles, token.roles)
         idle_timeout = policy.idle_timeout_for(self._policy, route)
         extend = route.activity == "extend"
         now = self.clock.now()

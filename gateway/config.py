@@ -170,7 +170,10 @@ class Policy(_Model):
     idle_timeout: Duration = 900.0
     max_token_lifetime: Duration = 900.0
     leeway: Duration = 30.0
-    required_claims: list[str] = Field(default_factory=lambda: ["exp", "iat", "jti"])
+    required_claims: list[str] = Field(default_factory=lambda: ["exp", "iat"])
+    # The claims that identify a token, tried in order; `digest` (always present) is a keyed
+    # hash of the token's signature, for IdPs that mint no jti (Auth0, authentik).
+    token_id: list[str] = Field(default_factory=lambda: ["jti", "uti", "digest"])
     track_by: Literal["jti", "sid"] = "jti"
     session_claim: str = "sid"
     session_retention: Duration = 86400.0
@@ -194,9 +197,21 @@ class Policy(_Model):
         for claim in ("exp", "iat"):
             if claim not in self.required_claims:
                 problems.append(f"required_claims: must include {claim} (the lifetime cap)")
-        tracked = "jti" if self.track_by == "jti" else self.session_claim
-        if tracked not in self.required_claims:
-            problems.append(f"required_claims: must include {tracked} (track_by {self.track_by})")
+        if self.track_by == "sid" and self.session_claim not in self.required_claims:
+            problems.append(
+                f"required_claims: must include {self.session_claim} (track_by sid: activity "
+                "is per session, a token without one could not be tracked)"
+            )
+        if self.track_by == "jti" and not self.token_id:
+            problems.append(
+                "token_id: is empty, so no token could be identified with track_by jti; "
+                "list claims such as [jti, uti, digest]"
+            )
+        for i, name in enumerate(self.token_id):
+            if name in self.token_id[:i]:
+                problems.append(f"token_id: {name!r} is listed twice")
+        if "digest" in self.token_id and self.token_id[-1] != "digest":
+            problems.append("token_id: digest is always present, so it must come last")
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -208,9 +223,17 @@ _ALGORITHMS = {
 }  # fmt: skip
 
 
+AudienceClaim = Literal["aud", "azp"]
+
+
+def _aud_only() -> list[AudienceClaim]:
+    return ["aud"]
+
+
 class Provider(_Model):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    issuer: str = Field(min_length=1)
+    # Exact match on the token's iss; a list for IdPs with one issuer per tenant (Entra ID).
+    issuer: str | list[str]
     audiences: list[str] = Field(min_length=1)
     algorithms: list[str] = Field(default_factory=lambda: ["RS256", "ES256"], min_length=1)
     jwks_uri: str | None = None
@@ -218,7 +241,13 @@ class Provider(_Model):
     jwks_file: Path | None = None
     public_key_file: Path | None = None
     hmac_secret_env: str | None = None
-    require_typ: str | None = None
+    require_typ: str | None = None  # the JOSE header's typ, never a claim named typ
+    # Dotted path to the token's roles (a list, or a space-separated string), for routes[].roles:
+    # e.g. roles (Entra), realm_access.roles or resource_access.<client>.roles (Keycloak).
+    roles_claim: str | None = Field(default=None, pattern=r"^[^.\s]+(\.[^.\s]+)*$")
+    # The claims whose values may match `audiences`: [aud, azp] for Keycloak clients without
+    # an audience mapper (aud: account, the client in azp).
+    audience_claims: list[AudienceClaim] = Field(default_factory=_aud_only, min_length=1)
     # Remote key refresh bounds; Cache-Control max-age is honoured between them.
     jwks_min_refresh: Duration = 60.0
     jwks_max_refresh: Duration = 3600.0
@@ -232,6 +261,19 @@ class Provider(_Model):
             if alg not in _ALGORITHMS:
                 raise ValueError(f"unknown algorithm {alg!r}")
         return algorithms
+
+    @field_validator("issuer")
+    @classmethod
+    def _issuers_given(cls, issuer: str | list[str]) -> str | list[str]:
+        for one in [issuer] if isinstance(issuer, str) else issuer or [""]:
+            if not one:
+                raise ValueError("must be a non-empty string or a non-empty list of them")
+        return issuer
+
+    @property
+    def issuers(self) -> list[str]:
+        """Every issuer string this provider's tokens may carry in iss."""
+        return [self.issuer] if isinstance(self.issuer, str) else list(self.issuer)
 
     @field_validator("jwks_uri")
     @classmethod
@@ -269,6 +311,7 @@ class Route(_Model):
     upstream: str | None = None
     strip_prefix: bool = False
     scopes: list[str] = Field(default_factory=list)
+    roles: list[str] = Field(default_factory=list)  # all required in the provider's roles_claim
     idle_timeout: Duration | None = None
     auth: Literal["required", "none"] = "required"
     activity: Literal["extend", "passive"] = "extend"
@@ -367,12 +410,35 @@ class Config(_Model):
         problems = []
         for field, values, what in (
             ("providers", [p.name for p in self.providers], "name"),
-            ("providers", [p.issuer for p in self.providers], "issuer"),
             ("routes", [r.prefix for r in self.routes], "prefix"),
         ):
             for i, value in enumerate(values):
                 if value in values[:i]:
                     problems.append(f"{field}.{i}.{what}: {value!r} is used twice; must be unique")
+        seen_issuers: set[str] = set()
+        for i, provider in enumerate(self.providers):
+            for issuer in provider.issuers:
+                if issuer in seen_issuers:
+                    problems.append(
+                        f"providers.{i}.issuer: {issuer!r} is used twice; must be unique"
+                    )
+                seen_issuers.add(issuer)
+            if provider.discovery and any("{" in issuer for issuer in provider.issuers):
+                problems.append(
+                    f"providers.{i}.issuer: discovery needs each tenant's own issuer, not a "
+                    "template such as {tenantid}: list the tenants you trust"
+                )
+        with_roles = [p.name for p in self.providers if p.roles_claim is not None]
+        for i, route in enumerate(self.routes):
+            if route.roles and not with_roles:
+                problems.append(
+                    f"routes.{i}.roles: no provider sets roles_claim, so every token would be "
+                    f"refused on {route.prefix}"
+                )
+            if (route.roles or route.scopes) and route.auth == "none":
+                problems.append(
+                    f"routes.{i}: scopes/roles need auth: required (route {route.prefix} is public)"
+                )
         for i, route in enumerate(self.routes):
             if route.upstream is None and not self.forward_auth.enabled:
                 problems.append(

@@ -78,6 +78,12 @@ class Reason(enum.Enum):
         "insufficient_scope",
         "the token lacks a scope this route requires",
     )
+    INSUFFICIENT_ROLE = _Outcome(
+        "insufficient_role",
+        403,
+        "insufficient_scope",
+        "the token lacks a role this route requires",
+    )
     NO_ROUTE = _Outcome("no_route", 404, None, "no route matches this path")
     BAD_PATH = _Outcome("bad_path", 400, "invalid_request", "the request path is not acceptable")
     # Forward-auth (gateway/forward_auth.py): a peer not in forward_auth.trusted_proxies, and an

@@ -237,6 +237,17 @@ def freshness(cache_control: str | None, age: str | None = None) -> float | None
     return max(lifetime, 0.0)
 
 
+def _issuer_matches(named: object, issuer: str) -> bool:
+    """A discovery document's issuer against the configured one: equal, or Entra's
+    `{tenantid}` template with one path segment standing for it."""
+    if not isinstance(named, str):
+        return False
+    if "{tenantid}" not in named:
+        return named == issuer
+    pattern = re.escape(named).replace(re.escape("{tenantid}"), "[^/{}]+")
+    return re.fullmatch(pattern, issuer) is not None
+
+
 def refresh_delay(fresh_for: float | None, minimum: float, maximum: float) -> float:
     """When to refetch: a little before the key set goes stale, within [minimum, maximum]."""
     lifetime = DEFAULT_REFRESH if fresh_for is None else fresh_for
@@ -288,7 +299,10 @@ class KeyRing:
         self._by_kid: dict[str, VerificationKey] = {}
         self._single: VerificationKey | None = None
         self._count = 0
-        self._jwks_uri: str | None = provider.jwks_uri
+        # The key set URLs: jwks_uri, or one per listed issuer found by discovery.
+        self._jwks_uris: list[str] | None = (
+            [provider.jwks_uri] if provider.jwks_uri is not None else None
+        )
         self._inflight: asyncio.Task[_Outcome] | None = None
         self._runner: asyncio.Task[None] | None = None
         self._last_miss_refetch: float | None = None
@@ -456,20 +470,17 @@ class KeyRing:
         name = self.provider.name
         try:
             async with asyncio.timeout(self.fetch_timeout):
-                jwks_uri = self._jwks_uri or await self._discover()
-                self._jwks_uri = jwks_uri
+                if self._jwks_uris is None:
+                    found = [await self._discover(issuer) for issuer in self.provider.issuers]
+                    self._jwks_uris = list(dict.fromkeys(found))  # tenants often share one
+                jwks_uris = self._jwks_uris
                 try:
-                    document, fresh_for = await self._get_json(jwks_uri, "JWKS")
-                    keys = keys_from_jwks(document, self.provider.algorithms, provider=name)
-                    if not keys:
-                        raise _FetchError(
-                            f"JWKS at {jwks_uri} has no usable key for algorithms "
-                            f"{self.provider.algorithms}"
-                        )
+                    keys, fresh_for = await self._fetch_key_sets(jwks_uris)
                 except (_FetchError, UnusableKeyError, aiohttp.ClientError, OSError):
                     if self.provider.discovery:
-                        self._jwks_uri = None  # discover again next time: jwks_uri may have moved
+                        self._jwks_uris = None  # discover again next time: jwks_uri may move
                     raise
+                jwks_uri = ", ".join(jwks_uris)
         except (_FetchError, UnusableKeyError) as exc:
             problem = str(exc)
         except TimeoutError:  # before OSError, its base class
@@ -489,14 +500,42 @@ class KeyRing:
         )
         return _Outcome(ok=False)
 
-    async def _discover(self) -> str:
-        """OIDC Discovery 1.0 §4: the issuer's configuration names the JWKS; issuer must match."""
-        issuer = self.provider.issuer
+    async def _fetch_key_sets(
+        self, jwks_uris: list[str]
+    ) -> tuple[list[VerificationKey], float | None]:
+        """Every key set's keys (a kid seen twice is one key); fresh for the shortest max-age.
+        One unusable key set fails the refresh: the provider's keys are all or nothing."""
+        named: dict[str, VerificationKey] = {}
+        unnamed: list[VerificationKey] = []
+        fresh: list[float] = []
+        for jwks_uri in jwks_uris:
+            document, fresh_for = await self._get_json(jwks_uri, "JWKS")
+            found = keys_from_jwks(document, self.provider.algorithms, provider=self.provider.name)
+            if not found:
+                raise _FetchError(
+                    f"JWKS at {jwks_uri} has no usable key for algorithms "
+                    f"{self.provider.algorithms}"
+                )
+            for key in found:
+                if key.kid is None:
+                    unnamed.append(key)
+                else:
+                    named.setdefault(key.kid, key)
+            if fresh_for is not None:
+                fresh.append(fresh_for)
+        return [*named.values(), *unnamed], min(fresh) if fresh else None
+
+    async def _discover(self, issuer: str) -> str:
+        """OIDC Discovery 1.0 §4: the issuer's configuration names the JWKS; issuer must match.
+
+        Entra ID's documents may name a tenant-templated issuer
+        (`https://login.microsoftonline.com/{tenantid}/v2.0`): accepted when the configured
+        issuer is that template with one tenant filled in."""
         url = issuer.rstrip("/") + "/.well-known/openid-configuration"
         document, _ = await self._get_json(url, "discovery document")
         if not isinstance(document, Mapping):
             raise _FetchError(f"discovery document at {url} is not a JSON object")
-        if document.get("issuer") != issuer:
+        if not _issuer_matches(document.get("issuer"), issuer):
             # §4.3: a mismatch means the document is not this issuer's (or is forged).
             raise _FetchError(
                 f"discovery document at {url} names issuer {document.get('issuer')!r}, "

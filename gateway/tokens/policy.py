@@ -61,3 +61,13 @@ def check_scopes(required: Iterable[str], granted: frozenset[str]) -> None:
             f"this route requires the scope(s): {' '.join(missing)}",
             scope=" ".join(required),
         )
+
+
+def check_roles(required: Iterable[str], granted: frozenset[str]) -> None:
+    """Every role the route lists must be in the token's roles (the provider's roles_claim).
+    403 `insufficient_role`, whose OAuth error is RFC 6750's insufficient_scope."""
+    missing = [role for role in required if role not in granted]
+    if missing:
+        raise Refusal(
+            Reason.INSUFFICIENT_ROLE, f"this route requires the role(s): {' '.join(missing)}"
+        )

@@ -35,7 +35,10 @@ class VerifiedToken:
 
     provider: str
     issuer: str  # the token's iss, exactly: with the ids below it identifies the token
+    # The token's id as `policy.token_id` found it: the jti or uti value, or `digest:<hash>`
+    # (a keyed hash of the signature) for a token with neither. What the access log shows.
     jti: str | None
+    token_id_claim: str | None  # which of policy.token_id gave `jti` (None: none did)
     sub: str | None
     sid: str | None
     iat: float
@@ -43,6 +46,7 @@ class VerifiedToken:
     nbf: float | None
     auth_time: float | None
     scopes: frozenset[str]
+    roles: frozenset[str]  # from the provider's roles_claim (empty without one)
     kid: str | None
     key: VerificationKey
     # Keyed hashes of (issuer, id): what the store and the revocation list are keyed by.
@@ -129,30 +133,53 @@ def _string(claims: Mapping[str, Any], name: str) -> str | None:
     return value
 
 
+def claim_at(claims: Mapping[str, Any], path: str) -> Any:
+    """The claim named `path`, or else the value at its dotted path (`realm_access.roles`).
+    The exact name wins: Auth0's namespaced claims (`https://example.com/roles`) hold dots."""
+    if path in claims:
+        return claims[path]
+    value: Any = claims
+    for part in path.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def _words(value: object) -> set[str]:
+    """A space-separated string or a list of strings as a set; anything else is empty."""
+    if isinstance(value, str):
+        return set(value.split())
+    if isinstance(value, list):
+        return {item for item in value if isinstance(item, str)}
+    return set()
+
+
+# Where IdPs put granted scopes: scope (RFC 8693 §4.2, RFC 9068; Auth0, Keycloak, Okta as a
+# string), scp (Entra ID as a string, Okta as a list), permissions (Auth0 RBAC, a list).
+_SCOPE_CLAIMS = ("scope", "scp", "permissions")
+
+
 def _scopes(claims: Mapping[str, Any]) -> frozenset[str]:
-    scope = claims.get("scope")
-    scp = claims.get("scp")
     found: set[str] = set()
-    if isinstance(scope, str):
-        found.update(scope.split())
-    if isinstance(scp, str):
-        found.update(scp.split())
-    elif isinstance(scp, list):
-        found.update(s for s in scp if isinstance(s, str))
+    for name in _SCOPE_CLAIMS:
+        found |= _words(claims.get(name))
     return frozenset(found)
 
 
 def identity_headers(claims: Mapping[str, Any], wanted: Mapping[str, str]) -> dict[str, str]:
-    """Header -> claim value as text; lists space-joined. A claim holding a control character
-    is left out: a claim can never smuggle a header line."""
+    """Header -> claim value (a name or dotted path) as text; lists space-joined. A claim
+    holding a control character is left out: a claim can never smuggle a header line."""
     headers: dict[str, str] = {}
     for header, claim in wanted.items():
-        value = claims.get(claim)
+        value = claim_at(claims, claim)
         if claim == "scope" and value is None:
             value = claims.get("scp")
         if value is None or isinstance(value, dict):
             continue
         if isinstance(value, list):
+            if any(isinstance(item, dict | list) for item in value):
+                continue
             text = " ".join(str(v) for v in value)
         elif isinstance(value, bool):
             text = "true" if value else "false"
@@ -161,6 +188,40 @@ def identity_headers(claims: Mapping[str, Any], wanted: Mapping[str, str]) -> di
         if not _CONTROL.search(text):
             headers[header] = text
     return headers
+
+
+def digest_id(hasher: KeyHasher, signature: str) -> str:
+    """The `digest` token id: a keyed hash of the token's signature (its base64url text), which
+    no other token shares. Keyed, so the id neither reveals nor lets anyone rebuild the token."""
+    return "digest:" + hasher("digest", signature)
+
+
+def token_id(
+    claims: Mapping[str, Any], signature: str, names: list[str], hasher: KeyHasher
+) -> tuple[str | None, str | None]:
+    """(claim name, id) for the first of `names` the token carries (policy.token_id)."""
+    for name in names:
+        if name == "digest":
+            return name, digest_id(hasher, signature)
+        value = _string(claims, name)
+        if value:
+            return name, value
+    return None, None
+
+
+def unverified_id(token: str, names: list[str], hasher: KeyHasher) -> tuple[str, str]:
+    """(iss, token id) of a token as the verifier would find them, without checking its
+    signature: for the admin API's revocation by the token itself (an authorised operator
+    revoking can only refuse more). Raises Refusal when the token cannot be read."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise Refusal(Reason.MALFORMED_TOKEN, "the token is not a JWS compact JWT")
+    claims = _json_object(_b64decode(parts[1]), "payload")
+    issuer = claims.get("iss")
+    _, found = token_id(claims, parts[2], names, hasher)
+    if not isinstance(issuer, str) or found is None:
+        raise Refusal(Reason.MISSING_CLAIM, "the token lacks iss or an id claim")
+    return issuer, found
 
 
 def _typ_matches(typ: object, required: str) -> bool:
@@ -185,7 +246,7 @@ class Verifier:
         # ~1.5 KiB an entry: bounded to a few tens of MiB whatever the traffic.
         cache_size: int = 20_000,
     ) -> None:
-        self._providers = {p.issuer: p for p in config.providers}
+        self._providers = {issuer: p for p in config.providers for issuer in p.issuers}
         self._rings = rings
         self._policy = config.policy
         self._identity_claims = config.forward.identity_headers
@@ -260,7 +321,7 @@ class Verifier:
             valid = False
         if not valid:
             raise Refusal(Reason.BAD_SIGNATURE)
-        return self._check_claims(provider, iss, header, claims, kid, key)
+        return self._check_claims(provider, iss, header, claims, parts[2], kid, key)
 
     def _check_claims(
         self,
@@ -268,6 +329,7 @@ class Verifier:
         issuer: str,
         header: Mapping[str, Any],
         claims: Mapping[str, Any],
+        signature: str,
         kid: str | None,
         key: VerificationKey,
     ) -> VerifiedToken:
@@ -279,8 +341,12 @@ class Verifier:
         for name in policy.required_claims:
             if claims.get(name) in (None, ""):
                 raise Refusal(Reason.MISSING_CLAIM, f"the token lacks the {name} claim")
-        aud = claims.get("aud")
-        audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
+        audiences: list[object] = []
+        for name in provider.audience_claims:  # azp too, where the provider allows it
+            value = claims.get(name)
+            audiences += (
+                [value] if isinstance(value, str) else value if isinstance(value, list) else []
+            )
         if not any(a in provider.audiences for a in audiences if isinstance(a, str)):
             raise Refusal(Reason.WRONG_AUDIENCE)
         iat, exp = _numeric_date(claims, "iat"), _numeric_date(claims, "exp")
@@ -292,7 +358,7 @@ class Verifier:
                 f"the token was issued for {exp - iat:.0f}s; at most "
                 f"{policy.max_token_lifetime:.0f}s is allowed",
             )
-        jti = _string(claims, "jti")
+        id_claim, jti = token_id(claims, signature, policy.token_id, self._hasher)
         sub = _string(claims, "sub")
         sid = _string(claims, policy.session_claim)
         hashed = self._hasher.of_token
@@ -300,11 +366,20 @@ class Verifier:
         sid_key = hashed("sid", issuer, sid) if sid else None
         track_key = sid_key if policy.track_by == "sid" else jti_key
         if track_key is None:
-            raise Refusal(Reason.MISSING_CLAIM, f"the token lacks the {policy.track_by} claim")
+            wanted = (
+                policy.session_claim if policy.track_by == "sid" else " or ".join(policy.token_id)
+            )
+            raise Refusal(Reason.MISSING_CLAIM, f"the token lacks an id claim ({wanted})")
+        roles = (
+            frozenset(_words(claim_at(claims, provider.roles_claim)))
+            if provider.roles_claim is not None
+            else frozenset()
+        )
         return VerifiedToken(
             provider=provider.name,
             issuer=issuer,
             jti=jti,
+            token_id_claim=id_claim,
             sub=sub,
             sid=sid,
             iat=iat,
@@ -312,6 +387,7 @@ class Verifier:
             nbf=_numeric_date(claims, "nbf"),
             auth_time=_numeric_date(claims, "auth_time"),
             scopes=_scopes(claims),
+            roles=roles,
             kid=kid,
             key=key,
             track_key=track_key,

@@ -443,3 +443,34 @@ async def test_a_rotated_admin_token_file_takes_effect_and_a_broken_one_keeps_th
     token_file.unlink()
     assert await status("second-token") == 200
     assert await status("") == 401
+
+
+async def test_revoke_by_the_token_itself_covers_tokens_without_jti(
+    gateways: GatewayFactory, upstream: Upstream, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """A token with no jti (Auth0, authentik) is identified by its digest: the operator revokes
+    it by handing over the token, which is never logged; an Entra token by its uti."""
+    token_file = tmp_path / "admin.token"
+    token_file.write_text("t0ken")
+    gw = await gateways(admin={"token_file": str(token_file)})
+    headers = {"Authorization": "Bearer t0ken"}
+    leaked, sibling = gw.token(jti=None), gw.token(jti=None, nonce="n2")
+    entra = gw.token(jti=None, uti="AbCdEf-uti")
+    for token in (leaked, sibling, entra):
+        assert (await gw.get("/api/x", token)).status == 200
+    async with aiohttp.ClientSession() as http:
+        for body in ({"token": leaked}, {"jti": "AbCdEf-uti"}):
+            async with http.post(
+                gw.admin_url + "/admin/revoke", json=body, headers=headers
+            ) as response:
+                assert response.status == 204
+        for bad in ({"token": "not-a-jwt"}, {"token": 5}, {"token": leaked, "jti": "x"}):
+            async with http.post(
+                gw.admin_url + "/admin/revoke", json=bad, headers=headers
+            ) as response:
+                assert response.status == 400
+                assert leaked not in await response.text()
+    assert (await (await gw.get("/api/x", leaked)).json())["reason"] == "revoked"
+    assert (await (await gw.get("/api/x", entra)).json())["reason"] == "revoked"
+    assert (await gw.get("/api/x", sibling)).status == 200
+    assert leaked not in caplog.text and leaked.split(".")[2] not in caplog.text

@@ -366,10 +366,40 @@ async def test_required_typ(
     assert (await gw.get("/api/x", accepted)).status == 200
 
 
-@pytest.mark.parametrize("claim", ["jti", "exp", "iat"])
+@pytest.mark.parametrize("claim", ["exp", "iat"])
 async def test_required_claims(gateways: GatewayFactory, upstream: Upstream, claim: str):
     gw = await gateways()
     await assert_refused(gw, upstream, gw.token(**{claim: None}), "missing_claim")
+
+
+async def test_jti_is_required_only_when_configured(gateways: GatewayFactory, upstream: Upstream):
+    default = await gateways()
+    assert (await default.get("/api/x", default.token(jti=None))).status == 200
+    strict = await gateways(policy={"required_claims": ["exp", "iat", "jti"]})
+    await assert_refused(strict, upstream, strict.token(jti=None), "missing_claim")
+    no_digest = await gateways(policy={"token_id": ["jti", "uti"]})
+    await assert_refused(no_digest, upstream, no_digest.token(jti=None), "missing_claim")
+    assert (await no_digest.get("/api/x", no_digest.token(jti=None, uti="u-1"))).status == 200
+
+
+async def test_token_ids_are_tried_in_order_and_digest_tells_tokens_apart(
+    gateways: GatewayFactory, upstream: Upstream, clock: ManualClock, store_url: str
+):
+    """uti (Entra) stands in for jti; with neither, each token's own signature digest is its
+    id: two such tokens of one subject keep separate idle clocks."""
+    gw = await gateways(store_url=store_url, policy={"idle_timeout": "5m"})
+    by_uti = gw.token(jti=None, uti="entra-uti-1")
+    first, second = gw.token(jti=None, sid=None), gw.token(jti=None, sid=None, nonce="2")
+    for token in (by_uti, first, second):
+        assert (await gw.get("/api/x", token)).status == 200
+    clock.advance(200)
+    assert (await gw.get("/api/x", first)).status == 200
+    clock.advance(200)  # second unused for 400 s, first for 200 s
+    assert (await gw.get("/api/x", first)).status == 200
+    await assert_refused(gw, upstream, second, "idle_timeout")
+    await assert_refused(gw, upstream, by_uti, "idle_timeout")
+    key = gw.gateway.hasher.of_token("jti", ISSUER, "entra-uti-1")
+    assert await gw.gateway.store.last_activity(key) == clock.now() - 400
 
 
 async def test_time_claims(gateways: GatewayFactory, upstream: Upstream):

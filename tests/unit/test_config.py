@@ -563,3 +563,76 @@ def test_a_bad_trusted_proxy_is_a_problem_at_its_index(entry: object, why: str):
     found = problems(forward={"trusted_proxies": ["127.0.0.0/8", entry]})
     assert len(found) == 1
     assert found[0].startswith("forward.trusted_proxies.1: ") and why in found[0], found
+
+
+# -- real identity providers' shapes (issue 14) --------------------------------------------
+
+
+def test_token_ids_default_to_jti_uti_digest_and_jti_is_not_required():
+    loaded = config()
+    assert loaded.policy.token_id == ["jti", "uti", "digest"]
+    assert loaded.policy.required_claims == ["exp", "iat"]
+    assert loaded.providers[0].audience_claims == ["aud"]
+    assert loaded.providers[0].roles_claim is None
+    assert loaded.routes[0].roles == []
+
+
+@pytest.mark.parametrize(
+    ("policy", "expected"),
+    [
+        ({"token_id": []}, "policy.token_id: is empty, so no token could be identified"),
+        ({"token_id": ["digest", "jti"]}, "policy.token_id: digest is always present"),
+        ({"token_id": ["jti", "jti"]}, "policy.token_id: 'jti' is listed twice"),
+        ({"track_by": "sid"}, "policy.required_claims: must include sid"),
+    ],
+)
+def test_token_id_settings_that_cannot_work_are_explained(policy: dict[str, Any], expected: str):
+    assert any(p.startswith(expected) for p in problems(policy=policy)), problems(policy=policy)
+
+
+def test_tracking_by_sid_needs_no_token_id():
+    assert config(
+        policy={"track_by": "sid", "token_id": [], "required_claims": ["exp", "iat", "sid"]}
+    )
+
+
+def test_roles_on_a_route_need_a_provider_with_roles_claim():
+    routes = [{"prefix": "/api/", "upstream": "http://a", "roles": ["admin"]}]
+    found = problems(routes=routes)
+    assert any(p.startswith("routes.0.roles: no provider sets roles_claim") for p in found)
+    with_claim = [provider(public_key_file="/k", roles_claim="realm_access.roles")]
+    assert config(routes=routes, providers=with_claim).routes[0].roles == ["admin"]
+
+
+def test_scopes_or_roles_on_a_public_route_are_refused():
+    routes = [{"prefix": "/p/", "upstream": "http://a", "auth": "none", "scopes": ["x"]}]
+    assert any(
+        p.startswith("routes.0: scopes/roles need auth: required") for p in problems(routes=routes)
+    )
+
+
+def test_issuer_may_be_a_list_each_unique_across_providers():
+    tenants = [
+        "https://login.microsoftonline.com/t1/v2.0",
+        "https://login.microsoftonline.com/t2/v2.0",
+    ]
+    loaded = config(providers=[provider(issuer=tenants, public_key_file="/k")])
+    assert loaded.providers[0].issuers == tenants
+    clash = [
+        provider(name="a", issuer=tenants, public_key_file="/k"),
+        provider(name="b", issuer=tenants[1], public_key_file="/k"),
+    ]
+    assert any(
+        p.startswith("providers.1.issuer: ") and "twice" in p for p in problems(providers=clash)
+    )
+    assert problems(providers=[provider(issuer=[], public_key_file="/k")])
+    template = "https://login.microsoftonline.com/{tenantid}/v2.0"
+    found = problems(providers=[provider(issuer=[template], discovery=True)])
+    assert any(p.startswith("providers.0.issuer: discovery needs each tenant") for p in found)
+
+
+@pytest.mark.parametrize(
+    "fields", [{"audience_claims": ["sub"]}, {"audience_claims": []}, {"roles_claim": "a..b"}]
+)
+def test_bad_audience_claims_or_roles_claim_are_refused(fields: dict[str, Any]):
+    assert problems(providers=[provider(public_key_file="/k", **fields)])
