@@ -160,7 +160,7 @@ def _words(value: object) -> set[str]:
 _SCOPE_CLAIMS = ("scope", "scp", "permissions")
 
 
-def _scopes(claims: Mapping[str, Any]) -> frozenset[str]:
+def granted_scopes(claims: Mapping[str, Any]) -> frozenset[str]:
     found: set[str] = set()
     for name in _SCOPE_CLAIMS:
         found |= _words(claims.get(name))
@@ -386,7 +386,7 @@ class Verifier:
             exp=exp,
             nbf=_numeric_date(claims, "nbf"),
             auth_time=_numeric_date(claims, "auth_time"),
-            scopes=_scopes(claims),
+            scopes=granted_scopes(claims),
             roles=roles,
             kid=kid,
             key=key,

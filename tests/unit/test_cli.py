@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jwt
 import pytest
@@ -298,3 +299,48 @@ def test_token_with_an_unsupported_curve_is_one_line(
     assert main(["token", "--key", str(path)]) == 2
     (line,) = error_lines(capsys)
     assert "unsupported" in line
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (
+            {"policy": {"track_by": "jti", "token_id": []}},
+            ["policy.token_id: is empty, so no token could be identified"],
+        ),
+        (
+            {
+                "providers": [
+                    {
+                        "name": "entra",
+                        "issuer": ["https://login.microsoftonline.com/{tenantid}/v2.0"],
+                        "audiences": ["a"],
+                        "discovery": True,
+                    }
+                ],
+                "routes": [{"prefix": "/api/", "upstream": "http://x", "roles": ["admin"]}],
+            },
+            [
+                "providers.0.issuer: discovery needs each tenant's own issuer",
+                "routes.0.roles: no provider sets roles_claim",
+            ],
+        ),
+    ],
+)
+def test_check_config_explains_identity_settings_that_cannot_work(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, data: dict[str, Any], expected: list[str]
+):
+    """Issue 14: an empty token_id with track_by jti, roles nobody provides, a tenant template
+    with discovery: each one line that says why, exit 2."""
+    base: dict[str, Any] = {
+        "providers": [
+            {"name": "p", "issuer": "https://i/", "audiences": ["a"], "jwks_uri": "https://i/k"}
+        ],
+        "routes": [{"prefix": "/api/", "upstream": "http://x"}],
+    }
+    path = tmp_path / "idp.yaml"
+    path.write_text(yaml.safe_dump({**base, **data}))
+    assert exit_code(["check-config", "-c", str(path)]) == 2
+    lines = [line.removeprefix("idlegate: ") for line in error_lines(capsys)]
+    for start in expected:
+        assert any(line.startswith(start) for line in lines), lines

@@ -12,7 +12,7 @@ from gateway.clock import ManualClock
 from gateway.reasons import Reason, Refusal
 from gateway.store.base import KeyHasher
 from gateway.tokens.keys import KeyRing
-from gateway.tokens.verify import Verifier
+from gateway.tokens.verify import Verifier, claim_at, granted_scopes, identity_headers, token_id
 
 ISSUER = "https://issuer.test/"
 
@@ -60,3 +60,68 @@ async def test_a_cached_token_is_refused_and_forgotten_once_expired(
         await verifier.verify(token)
     assert refused.value.reason is Reason.EXPIRED
     assert token not in verifier._cache
+
+
+# -- claim shapes of real IdPs (pure helpers) ---------------------------------------------
+
+
+def test_claim_at_prefers_the_exact_name_then_walks_the_dotted_path():
+    claims = {
+        "https://orders.example.com/roles": ["admin"],
+        "realm_access": {"roles": ["a", "b"]},
+        "resource_access": {"orders-api": {"roles": ["c"]}},
+    }
+    assert claim_at(claims, "https://orders.example.com/roles") == ["admin"]
+    assert claim_at(claims, "realm_access.roles") == ["a", "b"]
+    assert claim_at(claims, "resource_access.orders-api.roles") == ["c"]
+    assert claim_at(claims, "realm_access.missing") is None
+    assert claim_at(claims, "realm_access.roles.0") is None  # no indexing into lists
+
+
+@pytest.mark.parametrize(
+    ("claims", "scopes"),
+    [
+        ({"scp": "Orders.Read Orders.Write"}, {"Orders.Read", "Orders.Write"}),  # Entra
+        ({"scp": ["openid", "orders.read"]}, {"openid", "orders.read"}),  # Okta
+        (
+            {"scope": "read:orders", "permissions": ["write:orders"]},
+            {"read:orders", "write:orders"},
+        ),
+        ({"scope": ["a", 5, None]}, {"a"}),  # only strings count
+        ({"scope": {"a": 1}, "permissions": "x y"}, {"x", "y"}),
+    ],
+)
+def test_scopes_come_from_scope_scp_and_permissions_in_either_shape(
+    claims: dict[str, object], scopes: set[str]
+):
+    assert granted_scopes(claims) == frozenset(scopes)
+
+
+def test_identity_headers_follow_dotted_paths_and_skip_what_is_no_text():
+    claims = {
+        "sub": "alice",
+        "realm_access": {"roles": ["a", "b"]},
+        "tid": "tenant-1",
+        "groups": [{"id": 1}],
+        "evil": "x\r\nX-Injected: 1",
+    }
+    wanted = {
+        "X-Roles": "realm_access.roles",
+        "X-Tenant": "tid",
+        "X-Groups": "groups",
+        "X-Evil": "evil",
+        "X-Absent": "realm_access.nothing",
+    }
+    assert identity_headers(claims, wanted) == {"X-Roles": "a b", "X-Tenant": "tenant-1"}
+
+
+def test_token_id_tries_claims_in_order_and_digest_is_keyed_per_signature():
+    hasher = KeyHasher(b"k")
+    names = ["jti", "uti", "digest"]
+    assert token_id({"jti": "j", "uti": "u"}, "sig", names, hasher) == ("jti", "j")
+    assert token_id({"uti": "u"}, "sig", names, hasher) == ("uti", "u")
+    name, one = token_id({}, "sig-1", names, hasher)
+    assert name == "digest" and one is not None and one.startswith("digest:")
+    assert token_id({}, "sig-2", names, hasher)[1] != one
+    assert token_id({}, "sig-1", names, KeyHasher(b"other"))[1] != one
+    assert token_id({}, "sig-1", ["jti", "uti"], hasher) == (None, None)
