@@ -238,14 +238,14 @@ class AdminAPI:
             named = [i for p in providers if p.name == provider for i in p.issuers]
             if not named:
                 raise self._bad_request("provider is not the name of a configured provider")
-            return named
-        everyone = [i for p in providers for i in p.issuers]
-        if len(everyone) > 1 and not ambiguous_ok:
+        else:
+            named = [i for p in providers for i in p.issuers]
+        if len(named) > 1 and not ambiguous_ok:
             raise self._bad_request(
-                "several providers are configured and a jti is only unique per issuer: "
-                "add ?issuer=<iss> or ?provider=<name>"
+                "several issuers are configured and a jti is only unique per issuer: "
+                "add ?issuer=<iss>" + ("" if provider is not None else " or ?provider=<name>")
             )
-        return everyone
+        return named
 
     def _named_id(self, body: object) -> tuple[RevocationKind, str, list[str]]:
         """{"jti"|"sid"|"sub": id} with an optional "issuer" or "provider"."""

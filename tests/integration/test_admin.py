@@ -474,3 +474,44 @@ async def test_revoke_by_the_token_itself_covers_tokens_without_jti(
     assert (await (await gw.get("/api/x", entra)).json())["reason"] == "revoked"
     assert (await gw.get("/api/x", sibling)).status == 200
     assert leaked not in caplog.text and leaked.split(".")[2] not in caplog.text
+
+
+async def test_a_provider_with_several_issuers_is_one_revocation_and_an_ambiguous_lookup(
+    gateways: GatewayFactory, upstream: Upstream, key_file: Path, tmp_path: Path
+):
+    """Entra multi-tenant: revoking by provider covers every listed tenant; looking a token
+    up by provider alone cannot name one token, so it is a 400 (not a 500)."""
+    token_file = tmp_path / "admin.token"
+    token_file.write_text("t0ken")
+    tenants = ["https://login.test/t1/v2.0", "https://login.test/t2/v2.0"]
+    provider = {
+        "name": "entra",
+        "issuer": tenants,
+        "audiences": [AUDIENCE],
+        "public_key_file": str(key_file),
+    }
+    gw = await gateways(admin={"token_file": str(token_file)}, providers=[provider])
+    now = gw.clock.now()
+    tokens = [gw.key.sign(claims(t, AUDIENCE, now=now, jti=None, uti="u-1")) for t in tenants]
+    for token in tokens:
+        assert (await gw.get("/api/x", token)).status == 200
+    headers = {"Authorization": "Bearer t0ken"}
+    async with aiohttp.ClientSession() as http:
+        async with http.get(
+            gw.admin_url + "/admin/tokens/u-1?provider=entra", headers=headers
+        ) as response:
+            assert response.status == 400
+            assert "issuer" in (await response.json())["message"]
+        async with http.get(
+            gw.admin_url + "/admin/tokens/u-1", params={"issuer": tenants[1]}, headers=headers
+        ) as response:
+            assert response.status == 200
+            assert (await response.json())["last_activity"] == now
+        async with http.post(
+            gw.admin_url + "/admin/revoke",
+            json={"jti": "u-1", "provider": "entra"},
+            headers=headers,
+        ) as response:
+            assert response.status == 204
+    for token in tokens:
+        assert (await (await gw.get("/api/x", token)).json())["reason"] == "revoked"
