@@ -98,6 +98,14 @@ REVOCATIONS = Gauge(
     "Revocation entries currently in force at this instance.",
     multiprocess_mode="max",
 )
+REVOCATIONS_RESTORED = Counter(
+    "idlegate_revocations_restored_total",
+    "Revocations this instance wrote back to a store that had lost them (alert on any).",
+)
+REVOCATIONS_UNREPLICATED = Counter(
+    "idlegate_revocations_unreplicated_total",
+    "Revocations answered 204 though no Redis replica acknowledged them within store.timeout.",
+)
 
 
 class BatchedHistogram:

@@ -96,6 +96,20 @@ class Revocation:
     issued_before: float | None
     until: float  # wall-clock time after which no token it covers can still be valid
 
+    def widened(self, other: Revocation) -> Revocation:
+        """Both entries of one id as one: revocations only widen. "Every token" (None) wins
+        over a cut-off, else the later cut-off; the later `until`."""
+        if self.issued_before is None or other.issued_before is None:
+            issued_before = None
+        else:
+            issued_before = max(self.issued_before, other.issued_before)
+        return Revocation(
+            kind=self.kind,
+            key=self.key,
+            issued_before=issued_before,
+            until=max(self.until, other.until),
+        )
+
 
 class Store(Protocol):
     async def check_and_touch(self, touch: Touch) -> TouchResult:
@@ -107,8 +121,10 @@ class Store(Protocol):
         """The recorded last activity, or None when the store holds none."""
         ...
 
-    async def revoke(self, revocation: Revocation, now: float) -> None:
-        """Add (or widen) a revocation; entries whose `until` passed are dropped."""
+    async def revoke(self, revocation: Revocation, now: float) -> int | None:
+        """Add (or widen) a revocation; entries whose `until` passed are dropped. Where the
+        store has replicas, waits (bounded by `store.timeout`) for one to acknowledge and
+        returns how many did; None where there is nothing to wait for."""
         ...
 
     async def revocations(self, since: int) -> tuple[int, list[Revocation] | None]:

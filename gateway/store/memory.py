@@ -94,26 +94,17 @@ class MemoryStore:
             record = self._live(key, self._now)
             return None if record is None else record[0]
 
-    async def revoke(self, revocation: Revocation, now: float) -> None:
+    async def revoke(self, revocation: Revocation, now: float) -> int | None:
         with STORE_DURATION.labels(op="revoke").time():
             self._revoke(revocation, now)
+        return None  # no replicas
 
     def _revoke(self, revocation: Revocation, now: float) -> None:
         self._now = max(self._now, now)
         index = (revocation.kind, revocation.key)
         old = self._revocations.get(index)
         if old is not None:
-            # Widen, never narrow: "every token" (None) wins, else the later cut-off.
-            if old.issued_before is None or revocation.issued_before is None:
-                issued_before = None
-            else:
-                issued_before = max(old.issued_before, revocation.issued_before)
-            revocation = Revocation(
-                kind=revocation.kind,
-                key=revocation.key,
-                issued_before=issued_before,
-                until=max(old.until, revocation.until),
-            )
+            revocation = old.widened(revocation)
         self._revocations[index] = revocation
         for stale in [i for i, entry in self._revocations.items() if entry.until < now]:
             del self._revocations[stale]

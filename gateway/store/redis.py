@@ -105,10 +105,10 @@ class RedisStore:
         self.outage.failure(f"{op}: {reason}")
         return StoreUnavailable(f"redis {op}: {reason}")
 
-    async def _call(self, op: str, call: Callable[[], Awaitable[T]]) -> T:
+    async def _call(self, op: str, call: Callable[[], Awaitable[T]], *, round_trips: int = 1) -> T:
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(self._timeout), self._slots:
+            async with asyncio.timeout(self._timeout * round_trips), self._slots:
                 result = await call()
         except _FAILURES as exc:
             raise self._unavailable(op, exc) from exc
@@ -190,7 +190,7 @@ class RedisStore:
         )
         return None if value is None else float(value)
 
-    async def revoke(self, revocation: Revocation, now: float) -> None:
+    async def revoke(self, revocation: Revocation, now: float) -> int | None:
         issued_before = "" if revocation.issued_before is None else repr(revocation.issued_before)
         args = (
             f"{revocation.kind}:{revocation.key}",
@@ -200,7 +200,28 @@ class RedisStore:
             secrets.randbits(48),
         )
         keys = [self._revocation_key]
-        await self._call("revoke", lambda: self._revoke(keys=keys, args=args))
+        client = self._client
+        if not isinstance(client, Redis):
+            # Cluster: WAIT must follow the write on the same node connection, which redis-py's
+            # cluster client does not promise; the instances' write-back covers a lost write.
+            await self._call("revoke", lambda: self._revoke(keys=keys, args=args))
+            return None
+
+        async def write_and_wait() -> int | None:
+            info = await client.info("replication")
+            if int(info.get("connected_slaves", 0)) == 0:
+                await self._revoke(keys=keys, args=args)
+                return None
+            # The write and WAIT on one connection (a pipeline): WAIT counts the replicas that
+            # acknowledged this connection's writes.
+            pipe = client.pipeline(transaction=False)
+            await self._revoke(keys=keys, args=args, client=pipe)
+            pipe.execute_command("WAIT", 1, max(1, int(self._timeout * 1000)))
+            replies = await pipe.execute()
+            return int(replies[-1])
+
+        # INFO, the script, then WAIT for up to store.timeout.
+        return await self._call("revoke", write_and_wait, round_trips=3)
 
     async def revocations(self, since: int) -> tuple[int, list[Revocation] | None]:
         """Entries whose `until` passed may still be listed until the next revoke prunes them;
