@@ -1,10 +1,10 @@
 """The reference: a bare aiohttp pass-through proxy, no auth, no store, no metrics.
 
 Same server settings as gateway/serve.py (AppRunner, backlog) and the same ClientSession /
-TCPConnector settings as gateway/proxy.py's aiohttp path, on uvloop; small bodies are read
+TCPConnector settings as gateway/forward/aiohttp_transport.py, on uvloop; small bodies are read
 whole and returned, as the gateway does. That is the issue's reference ("bare").
 
-`--client lean` forwards through the gateway's own lean client (gateway/upstream.py), as the
+`--client lean` forwards through the gateway's own lean client (gateway/forward/http1.py), as the
 gateway does for bodyless requests: gateway / bare-lean is then what authentication, the
 idle check and metrics cost on top of the same forwarding stack.
 
@@ -22,7 +22,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from gateway.upstream import UpstreamPool
+from gateway.forward.http1 import UpstreamPool
 
 _DROP_RESPONSE = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive"})
 
@@ -64,7 +64,7 @@ class BareProxy:
 
 
 class LeanBareProxy:
-    """The same pass-through over gateway/upstream.py's pool (bodyless requests only)."""
+    """The same pass-through over gateway/forward/http1.py's pool (bodyless requests only)."""
 
     def __init__(self, upstream: str) -> None:
         self._pool = UpstreamPool.for_url(

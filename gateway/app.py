@@ -31,8 +31,8 @@ from gateway import admin, metrics
 from gateway.accesslog import AccessLog
 from gateway.clock import Clock, SystemClock
 from gateway.config import Config, Route
+from gateway.forward.proxy import Forwarder
 from gateway.forward_auth import AUTH_PATH, TrustedPeers, original_request
-from gateway.proxy import Forwarder
 from gateway.reasons import Reason, Refusal, render_refusal
 from gateway.revocation import RevocationList
 from gateway.routing import Router

@@ -340,12 +340,14 @@ class Forward(_Model):
     strip_authorization: bool = False
     connect_timeout: Duration = 2.0
     read_timeout: Duration = 30.0
+    # An idle upstream connection is closed after this (both upstream clients).
+    keepalive_timeout: Duration = 30.0
     max_body: Size = 10 * 1024 * 1024
     # Upstream connections per process: at most this many to each upstream origin for
     # bodyless requests (the lean client), and this many in all for requests with a body.
     pool_size: int = Field(default=256, ge=1)
 
-    @field_validator("connect_timeout", "read_timeout")
+    @field_validator("connect_timeout", "read_timeout", "keepalive_timeout")
     @classmethod
     def _positive(cls, seconds: float) -> float:
         # 0 never meant "no limit" to us: an upstream that never answers would hold the

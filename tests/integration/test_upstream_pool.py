@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 import pytest
 from multidict import CIMultiDict
 
-from gateway.upstream import (
+from gateway.forward.http1 import UpstreamPool
+from gateway.forward.transport import (
     UpstreamBroken,
     UpstreamConnectTimeout,
-    UpstreamPool,
     UpstreamTimeout,
     UpstreamUnreachable,
 )

@@ -348,7 +348,7 @@ def test_a_zero_idle_timeout_is_refused():
     assert problems(policy={"idle_timeout": 0})
 
 
-@pytest.mark.parametrize("key", ["connect_timeout", "read_timeout"])
+@pytest.mark.parametrize("key", ["connect_timeout", "read_timeout", "keepalive_timeout"])
 def test_zero_upstream_timeouts_are_refused(key: str):
     assert any(p.startswith(f"forward.{key}:") for p in problems(forward={key: 0}))
 

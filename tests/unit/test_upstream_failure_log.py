@@ -10,9 +10,13 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from gateway.proxy import UpstreamFailureLog, describe_failure
+from gateway.forward.transport import (
+    UpstreamBroken,
+    UpstreamFailureLog,
+    UpstreamTimeout,
+    describe_failure,
+)
 from gateway.reasons import Reason
-from gateway.upstream import UpstreamBroken, UpstreamTimeout
 
 
 class Ticks:

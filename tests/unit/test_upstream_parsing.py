@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.upstream import UpstreamBroken, _content_length, _parse_head
+from gateway.forward.http1 import _content_length, _parse_head
+from gateway.forward.transport import UpstreamBroken
 
 
 def test_a_plain_head_is_parsed():

@@ -4,7 +4,7 @@ aiohttp's `ClientSession` costs more CPU per request than the rest of the gatewa
 (bench/RESULTS.md); most of it is generality a proxy does not need (cookies, redirects,
 auth, tracing, URL building). This client only sends a request head without a body and reads
 one response, over a keep-alive pool of plain TCP connections per upstream origin. Requests
-with a body, and https upstreams, still go through aiohttp (`gateway/proxy.py`).
+with a body, and https upstreams, go through aiohttp (`forward/aiohttp_transport.py`).
 
 Responses are parsed strictly (RFC 9112): anything malformed or ambiguous is an
 `UpstreamBroken` (a 502 for the client), and a connection whose framing is in any doubt is
@@ -18,17 +18,24 @@ import collections
 import contextlib
 import re
 import socket
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterable
 from typing import Final, cast
 
 from multidict import CIMultiDict
 from yarl import URL
 
+from gateway.forward.transport import (
+    CHUNK,
+    SMALL_BODY,
+    UpstreamBroken,
+    UpstreamConnectTimeout,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+
 MAX_HEAD: Final = 64 * 1024  # status line and header lines together
 MAX_HEADERS: Final = 200
-SMALL_BODY: Final = 64 * 1024  # a sized body up to this is read whole, larger ones stream
 _HIGH_WATER: Final = 256 * 1024  # stop reading from the upstream while this much is unread
-_CHUNK: Final = 64 * 1024
 _MAX_INTERIM: Final = 8  # 1xx responses before the final one
 IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # RFC 9110 §9.3: a bodyless request with these methods still declares its (empty) body.
@@ -44,26 +51,6 @@ _HEAD = re.compile(
 )
 _DIGITS = re.compile(r"[0-9]{1,18}")
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,15})[ \t]*(?:;[^\r\n]*)?")
-
-
-class UpstreamError(Exception):
-    """The upstream could not be reached or did not answer properly."""
-
-
-class UpstreamUnreachable(UpstreamError):
-    """Connecting failed (refused, unresolvable, reset)."""
-
-
-class UpstreamConnectTimeout(UpstreamError):
-    """Connecting took longer than `connect_timeout`."""
-
-
-class UpstreamTimeout(UpstreamError):
-    """The upstream went quiet for longer than `read_timeout`."""
-
-
-class UpstreamBroken(UpstreamError):
-    """The response is malformed, or the connection ended before it was complete."""
 
 
 class _Connection(asyncio.Protocol):
@@ -199,7 +186,7 @@ class UpstreamResponse:
                             raise UpstreamBroken("the response body broke off")
                         await conn.wait(pool.read_timeout)
                         continue
-                    piece = bytes(conn.buffer[: min(self._left, _CHUNK)])
+                    piece = bytes(conn.buffer[: min(self._left, CHUNK)])
                     del conn.buffer[: len(piece)]
                     self._left -= len(piece)
                     yield piece
@@ -209,7 +196,7 @@ class UpstreamResponse:
             elif self._framing == "eof":
                 while True:
                     if conn.buffer:
-                        piece = bytes(conn.buffer[:_CHUNK])
+                        piece = bytes(conn.buffer[:CHUNK])
                         del conn.buffer[: len(piece)]
                         yield piece
                     elif conn.closed:
@@ -250,7 +237,7 @@ async def _dechunk(conn: _Connection, read_timeout: float) -> AsyncGenerator[byt
             if not buffer:
                 await conn.wait(read_timeout)
                 continue
-            piece = bytes(buffer[: min(size, _CHUNK)])
+            piece = bytes(buffer[: min(size, CHUNK)])
             del buffer[: len(piece)]
             size -= len(piece)
             yield piece
@@ -343,13 +330,19 @@ class UpstreamPool:
         self._closed = False
 
     async def request(
-        self, method: str, target: str, headers: CIMultiDict[str]
+        self,
+        method: str,
+        target: str,
+        headers: CIMultiDict[str],
+        body: AsyncIterable[bytes] | None = None,
     ) -> UpstreamResponse:
         """Send a bodyless request and read the response head (and a small body whole).
 
         A request on a reused connection that the upstream had already closed is sent again
         once on a fresh connection, for idempotent methods only (RFC 9110 §9.2.2).
         """
+        if body is not None:
+            raise ValueError("the lean pool sends bodyless requests only")
         head = self._request_head(method, target, headers)
         conn = await self._acquire()
         try:
@@ -371,7 +364,13 @@ class UpstreamPool:
 
     @classmethod
     def for_url(
-        cls, url: URL, *, limit: int, connect_timeout: float, read_timeout: float
+        cls,
+        url: URL,
+        *,
+        limit: int,
+        connect_timeout: float,
+        read_timeout: float,
+        keepalive_timeout: float = 30.0,
     ) -> UpstreamPool:
         """A pool for an http:// URL's origin; `Host` as aiohttp writes it (no default port,
         IPv6 in brackets, IDNA)."""
@@ -383,6 +382,7 @@ class UpstreamPool:
             limit=limit,
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
+            keepalive_timeout=keepalive_timeout,
         )
 
     def _request_head(self, method: str, target: str, headers: CIMultiDict[str]) -> bytes:

@@ -1,0 +1,178 @@
+"""Header hygiene, both ways, in one place: hop-by-hop and Connection-named fields, the
+gateway's own fields (identity, X-Request-ID) and their `_` twins, and what a client may
+claim about itself (X-Forwarded-*, X-Real-IP, ...) depending on whether its peer is a
+trusted proxy."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+
+from aiohttp import web
+from multidict import CIMultiDict, MultiMapping
+
+from gateway.config import Forward
+
+# RFC 9110 §7.6.1 plus the legacy ones proxies still meet.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-authenticate",
+        "proxy-authorization",
+    }
+)
+# Set by the gateway itself, never taken from the client.
+_REQUEST_OWN = frozenset({"host", "x-request-id", "expect"})
+# What a proxy in front says about the client and its request: taken from `trusted_proxies`
+# only, and from anyone else dropped (the first five are then set by us). Frameworks act on
+# them: Spring and Werkzeug rebuild URLs from X-Forwarded-Prefix/-Port, Symfony and IIS route
+# on X-Original-URL / X-Rewrite-URL, apps log and rate-limit on the client-IP ones.
+_CLIENT_CLAIMS = frozenset(
+    {
+        "x-forwarded-for",
+        "x-real-ip",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "forwarded",
+        "x-forwarded-port",
+        "x-forwarded-prefix",
+        "x-forwarded-ssl",
+        "x-forwarded-scheme",
+        "x-forwarded-server",
+        "x-original-forwarded-for",
+        "x-client-ip",
+        "true-client-ip",
+        "x-cluster-client-ip",
+        "cf-connecting-ip",
+        "fastly-client-ip",
+        "x-original-url",
+        "x-original-uri",
+        "x-rewrite-url",
+    }
+)
+_TRUST_CACHE = 4096  # distinct peer addresses remembered (a gateway meets few proxies)
+
+
+def connection_tokens(headers: MultiMapping[str]) -> set[str]:
+    """The lower-case names listed in Connection (RFC 9110 §7.6.1), empty items skipped."""
+    named: set[str] = set()
+    for value in headers.getall("Connection", ()):
+        for token in value.split(","):
+            token = token.strip(" \t")
+            if token:
+                named.add(token.lower())
+    return named
+
+
+def filtered(headers: MultiMapping[str], remove: frozenset[str] = HOP_BY_HOP) -> CIMultiDict[str]:
+    """A copy without the (lower-case) names in `remove` (hop-by-hop ones by default) and
+    those named in Connection."""
+    if "Connection" in headers:
+        remove = remove | connection_tokens(headers)
+    out = CIMultiDict(headers)  # one copy in C, then only the names present are removed
+    for name in remove:
+        if name in out:
+            del out[name]
+    return out
+
+
+def _request_filtered(
+    headers: MultiMapping[str], remove: frozenset[str], twins: frozenset[str]
+) -> CIMultiDict[str]:
+    """`filtered` for request headers, in one pass: also without the names that are in
+    `twins` once `_` is read as `-` (what nginx, WSGI and CGI upstreams do)."""
+    if "Connection" in headers:
+        remove = remove | connection_tokens(headers)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower in remove or ("_" in lower and lower.replace("_", "-") in twins):
+            continue
+        out.add(name, value)
+    return out
+
+
+class RequestHeaders:
+    """Builds what goes upstream from a client's request (see `for_request`)."""
+
+    def __init__(self, config: Forward) -> None:
+        # Identity header names are dropped from every incoming request (client-sent copies).
+        self._drop = HOP_BY_HOP | _REQUEST_OWN | {n.lower() for n in config.identity_headers}
+        self._drop_with_auth = self._drop | {"authorization"}
+        # From a peer not in trusted_proxies, by `strip_authorization`.
+        self._drop_untrusted = {
+            False: self._drop | _CLIENT_CLAIMS,
+            True: self._drop_with_auth | _CLIENT_CLAIMS,
+        }
+        # nginx, WSGI and CGI upstreams read `X_Auth_Subject` as `X-Auth-Subject`: an incoming
+        # name that is one of ours once `_` is `-` is dropped like the name itself.
+        self._underscore_twins = self._drop_with_auth | _CLIENT_CLAIMS
+        self._trusted = tuple(config.trusted_proxies)
+        self._trusted_peers: dict[str, bool] = {}
+
+    def for_request(
+        self,
+        request: web.BaseRequest,
+        request_id: str,
+        identity: Mapping[str, str],
+        *,
+        strip_authorization: bool,
+    ) -> CIMultiDict[str]:
+        """What goes upstream: the client's headers without hop-by-hop ones, identity copies
+        (and their `_` twins), or, unless the peer is a trusted proxy, its claims about the
+        client; then the identity headers and X-Forwarded-*, X-Real-IP, X-Request-ID."""
+        peer = request.remote or ""
+        trusted = bool(self._trusted) and self.is_trusted(peer)
+        if trusted:
+            drop = self._drop_with_auth if strip_authorization else self._drop
+        else:
+            drop = self._drop_untrusted[strip_authorization]
+        headers = _request_filtered(request.headers, drop, self._underscore_twins)
+        # Added after hop-by-hop removal, so `Connection: X-Auth-Subject` cannot strip them.
+        headers.update(identity)
+        if trusted:
+            # Its view of the client passes; we add its hop to the chain.
+            chain = ", ".join(request.headers.getall("X-Forwarded-For", ()))
+            headers["X-Forwarded-For"] = f"{chain}, {peer}" if chain else peer
+        else:
+            headers["X-Forwarded-For"] = peer
+        if peer and "X-Real-IP" not in headers:
+            headers["X-Real-IP"] = peer
+        if "X-Forwarded-Proto" not in headers:
+            headers["X-Forwarded-Proto"] = request.scheme
+        if request.host and "X-Forwarded-Host" not in headers:
+            headers["X-Forwarded-Host"] = request.host
+        headers["X-Request-ID"] = request_id
+        return headers
+
+    def is_trusted(self, peer: str) -> bool:
+        """Whether the peer address is in `trusted_proxies` (IPv4-mapped IPv6 as IPv4)."""
+        known = self._trusted_peers.get(peer)
+        if known is not None:
+            return known
+        try:
+            address = ipaddress.ip_address(peer)
+        except ValueError:
+            trusted = False  # no address (a Unix socket) is no proxy we trust
+        else:
+            if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+                address = address.ipv4_mapped
+            trusted = any(address in network for network in self._trusted)
+        if len(self._trusted_peers) >= _TRUST_CACHE:
+            self._trusted_peers.clear()
+        self._trusted_peers[peer] = trusted
+        return trusted
+
+
+def response_headers(headers: MultiMapping[str], request_id: str) -> CIMultiDict[str]:
+    """What goes to the client from an upstream response's headers: without hop-by-hop
+    ones, with our X-Request-ID instead of any the upstream sent."""
+    out = filtered(headers)
+    out["X-Request-ID"] = request_id
+    return out

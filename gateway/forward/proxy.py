@@ -1,0 +1,228 @@
+"""Forwarding: one relay over two transports, streaming both ways.
+
+Bodyless requests to http:// upstreams (the common case) go through the lean keep-alive pool
+(`forward/http1.py`), one per upstream origin; requests with a body, https upstreams and URLs
+with credentials through aiohttp (`forward/aiohttp_transport.py`). Whichever answered, the
+response is relayed the same way: a small body in one piece, anything else chunk by chunk
+(never read whole). A request body is cut off at `max_body`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from gateway import metrics
+from gateway.config import Forward
+from gateway.forward.aiohttp_transport import AiohttpTransport
+from gateway.forward.headers import RequestHeaders, response_headers
+from gateway.forward.http1 import UpstreamPool
+from gateway.forward.transport import (
+    CHUNK,
+    Transport,
+    UpstreamError,
+    UpstreamFailureLog,
+    UpstreamResponse,
+)
+from gateway.reasons import Reason, Refusal
+
+if TYPE_CHECKING:
+    from gateway.routing import Match
+
+
+class BodyLimit:
+    """Streams a request body and stops it once it grows past `max_body`."""
+
+    def __init__(self, request: web.BaseRequest, max_body: int) -> None:
+        self._content = request.content
+        self._max_body = max_body
+        self.exceeded = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        total = 0
+        async for chunk in self._content.iter_chunked(CHUNK):
+            total += len(chunk)
+            if total > self._max_body:
+                self.exceeded = True
+                raise Refusal(Reason.PAYLOAD_TOO_LARGE)
+            yield chunk
+
+
+@dataclass(frozen=True, slots=True)
+class _Upstream:
+    """Where a route's upstream URL is sent: by which transport, and what the target starts
+    with, for bodyless requests and for requests with a body; its origin for the log."""
+
+    bodyless: Transport
+    bodyless_base: str
+    with_body: Transport
+    with_body_base: str
+    origin: str  # scheme://host:port, no credentials or path
+    # The URL's credentials are the upstream's authorization: a client's Authorization
+    # cannot go along with them (aiohttp refuses both, and they would contradict).
+    drops_authorization: bool
+
+
+class Forwarder:
+    def __init__(self, config: Forward) -> None:
+        self._config = config
+        self._aiohttp = AiohttpTransport(config)
+        self._pools: dict[tuple[str, int], UpstreamPool] = {}
+        self._upstreams: dict[str, _Upstream] = {}  # route upstream URL -> how it is reached
+        self._upstream_durations: dict[str, Any] = {}
+        self.failures = UpstreamFailureLog()
+        self.upstream_headers: Callable[..., CIMultiDict[str]] = RequestHeaders(config).for_request
+
+    async def start(self) -> None:
+        await self._aiohttp.start()
+
+    async def close(self) -> None:
+        for pool in self._pools.values():
+            pool.close()
+        await self._aiohttp.close()
+
+    def _upstream(self, upstream: str) -> _Upstream:
+        """How a route's upstream URL is reached, worked out once per URL."""
+        found = self._upstreams.get(upstream)
+        if found is not None:
+            return found
+        url = URL(upstream)
+        bodyless: Transport = self._aiohttp
+        bodyless_base = upstream
+        # https, and credentials in the URL (aiohttp sends them as Basic auth), stay on aiohttp.
+        if url.scheme == "http" and url.raw_host and url.port is not None and url.user is None:
+            key = (url.raw_host, url.port)
+            pool = self._pools.get(key)
+            if pool is None:
+                pool = self._pools[key] = UpstreamPool.for_url(
+                    url,
+                    limit=self._config.pool_size,
+                    connect_timeout=self._config.connect_timeout,
+                    read_timeout=self._config.read_timeout,
+                    keepalive_timeout=self._config.keepalive_timeout,
+                )
+            bodyless, bodyless_base = pool, ("" if url.raw_path == "/" else url.raw_path)
+        found = self._upstreams[upstream] = _Upstream(
+            bodyless=bodyless,
+            bodyless_base=bodyless_base,
+            with_body=self._aiohttp,
+            with_body_base=upstream,
+            origin=str(url.origin()),
+            drops_authorization=url.user is not None,
+        )
+        return found
+
+    def check_request(self, request: web.BaseRequest) -> None:
+        """Refuse what the request head alone decides (a body declared over `max_body`).
+        Called before any token or store work, so such a refused request is no activity."""
+        declared = request.content_length
+        if declared is not None and declared > self._config.max_body:
+            raise Refusal(Reason.PAYLOAD_TOO_LARGE)
+
+    async def forward(
+        self,
+        request: web.BaseRequest,
+        match: Match,
+        headers: CIMultiDict[str],
+        request_id: str,
+    ) -> web.StreamResponse:
+        self.check_request(request)  # the caller has already; kept for any other caller
+        base_url = match.route.upstream
+        assert base_url is not None, "Gateway.handle refuses routes without an upstream"
+        upstream = self._upstream(base_url)
+        query = request.raw_path.partition("?")[2]
+        target = match.upstream_path + ("?" + query if query else "")
+        if upstream.drops_authorization:
+            headers.popall("Authorization", None)
+        limit: BodyLimit | None = None
+        if request.body_exists:
+            transport, target = upstream.with_body, upstream.with_body_base + target
+            limit = BodyLimit(request, self._config.max_body)
+            if request.headers.get("Expect", "").lower() == "100-continue":
+                # Only now, with the request routed, authorised and within max_body, does the
+                # client get to send its body (RFC 9110 §10.1.1).
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        else:
+            transport, target = upstream.bodyless, upstream.bodyless_base + target
+        started = time.perf_counter()
+        try:
+            response = await transport.request(
+                request.method, target, headers, None if limit is None else limit.chunks()
+            )
+        except UpstreamError as exc:
+            if limit is not None and limit.exceeded:
+                raise Refusal(Reason.PAYLOAD_TOO_LARGE) from None
+            raise self._failed(match, upstream, exc) from None
+        self._observe_upstream(match.label, started)
+        if limit is not None and limit.exceeded:
+            response.close()
+            raise Refusal(Reason.PAYLOAD_TOO_LARGE)
+        out = response_headers(response.headers, request_id)
+        reason = response.reason or None  # none sent: aiohttp writes the standard phrase
+        if response.body is not None:
+            # Small bodies (the common case) are relayed here, without another coroutine level.
+            out.popall("Content-Length", None)
+            return web.Response(
+                status=response.status, reason=reason, headers=out, body=response.body
+            )
+        return await self._stream(
+            request,
+            web.StreamResponse(status=response.status, reason=reason, headers=out),
+            response,
+            match,
+            upstream,
+        )
+
+    def _failed(
+        self, match: Match, upstream: _Upstream, exc: UpstreamError, context: str | None = None
+    ) -> Refusal:
+        return self.failures.refusal(
+            match.label,
+            upstream.origin,
+            exc,
+            connect_timeout=self._config.connect_timeout,
+            read_timeout=self._config.read_timeout,
+            context=context,
+        )
+
+    def _observe_upstream(self, label: str, started: float) -> None:
+        histogram = self._upstream_durations.get(label)
+        if histogram is None:
+            histogram = self._upstream_durations[label] = metrics.batched(
+                metrics.UPSTREAM_DURATION.labels(label)
+            )
+        histogram.observe(time.perf_counter() - started)
+
+    async def _stream(
+        self,
+        request: web.BaseRequest,
+        out: web.StreamResponse,
+        response: UpstreamResponse,
+        match: Match,
+        upstream: _Upstream,
+    ) -> web.StreamResponse:
+        """Large, unsized or bodiless responses: relayed chunk by chunk, never held whole."""
+        chunks = response.chunks()
+        try:
+            await out.prepare(request)
+            try:
+                async for chunk in chunks:
+                    await out.write(chunk)
+            except UpstreamError as exc:
+                # Headers are gone already: the only honest signal left is to cut the
+                # connection; the log says why.
+                self._failed(match, upstream, exc, "the response broke off after its head")
+                if request.transport is not None:
+                    request.transport.close()
+                return out
+            await out.write_eof()
+            return out
+        finally:
+            await chunks.aclose()
+            response.close()

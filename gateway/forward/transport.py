@@ -1,0 +1,157 @@
+"""The one interface both upstream clients offer, their one family of errors, and the one
+place those errors become reason codes and log lines.
+
+In the spirit of httpx's `AsyncBaseTransport.handle_async_request`: a request (method,
+target, headers, body stream) in, a response (status, reason, headers, body whole or as a
+stream, close) out. `forward/proxy.py` relays any `UpstreamResponse` the same way, whichever
+transport produced it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import AsyncGenerator, AsyncIterable, Callable
+from typing import ClassVar, Final, Protocol
+
+from multidict import CIMultiDict
+
+from gateway.reasons import Reason, Refusal
+
+SMALL_BODY: Final = 64 * 1024  # a sized response body up to this is read whole, larger ones stream
+CHUNK: Final = 64 * 1024  # the most read or relayed at once
+
+
+class UpstreamError(Exception):
+    """The upstream could not be reached or did not answer properly."""
+
+    reason: ClassVar[Reason] = Reason.UPSTREAM_UNAVAILABLE
+    detail: ClassVar[str | None] = None  # what the client is told, if more than the reason
+
+
+class UpstreamUnreachable(UpstreamError):
+    """Connecting failed (refused, unresolvable, reset)."""
+
+
+class UpstreamConnectTimeout(UpstreamError):
+    """Connecting took longer than `connect_timeout`."""
+
+    detail = "connecting timed out"
+
+
+class UpstreamPoolTimeout(UpstreamConnectTimeout):
+    """No pooled connection came free within `connect_timeout` (every one stayed busy)."""
+
+    detail = "no upstream connection came free in time"
+
+
+class UpstreamTimeout(UpstreamError):
+    """The upstream went quiet for longer than `read_timeout`."""
+
+    reason = Reason.UPSTREAM_TIMEOUT
+
+
+class UpstreamBroken(UpstreamError):
+    """The response is malformed, or the connection ended before it was complete."""
+
+
+class UpstreamResponse(Protocol):
+    """Status and headers of a response; `body` when it was small enough to be read whole
+    (and for no bodiless one), else `chunks()` yields it. `close()` gives the connection up
+    (back to its pool if the body was read to its end, else closed)."""
+
+    status: int
+    reason: str
+    headers: CIMultiDict[str]
+    body: bytes | None
+
+    def chunks(self) -> AsyncGenerator[bytes, None]: ...
+
+    def close(self) -> None: ...
+
+
+class Transport(Protocol):
+    """Sends one request and reads the response head (and a small body whole). Every failure
+    is an `UpstreamError`; `target` is what the transport was built to understand (an
+    origin-form path for one origin's pool, an absolute URL for a general client)."""
+
+    async def request(
+        self,
+        method: str,
+        target: str,
+        headers: CIMultiDict[str],
+        body: AsyncIterable[bytes] | None = None,
+    ) -> UpstreamResponse: ...
+
+
+log = logging.getLogger("idlegate.upstream")
+_FAILURE_LOG_EVERY = 10.0  # seconds between two lines for one route, upstream and reason
+# Exceptions whose text names the connection, never the request (aiohttp's ClientResponseError
+# and InvalidURL carry the URL, whose query may hold an access_token): others go by class.
+_TELLING = (UpstreamError, OSError, TimeoutError)
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def describe_failure(exc: BaseException) -> str:
+    """`Class: message` of an upstream error, safe to log: no request text, one short line."""
+    name = type(exc).__name__
+    text = str(exc) if isinstance(exc, _TELLING) else ""
+    text = _UNPRINTABLE.sub(" ", text).strip()[:200]
+    return f"{name}: {text}" if text else name
+
+
+class UpstreamFailureLog:
+    """One WARNING per route, upstream origin and reason per `every` seconds, with how many
+    like it were suppressed since: a dead upstream under load must not flood the log, nor stay
+    silent (502 and 504 are otherwise only counted)."""
+
+    def __init__(
+        self, every: float = _FAILURE_LOG_EVERY, now: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._every = every
+        self._now = now
+        # (route, origin, reason) -> (when last logged, suppressed since). Bounded by the config:
+        # routes times their upstreams times the two reasons.
+        self._last: dict[tuple[str, str, str], tuple[float, int]] = {}
+
+    def failed(self, route: str, origin: str, reason: Reason, error: str) -> None:
+        key = (route, origin, reason.code)
+        now = self._now()
+        entry = self._last.get(key)
+        if entry is not None and now - entry[0] < self._every:
+            self._last[key] = (entry[0], entry[1] + 1)
+            return
+        suppressed = entry[1] if entry is not None else 0
+        self._last[key] = (now, 0)
+        log.warning(
+            "upstream failed: route=%s upstream=%s reason=%s error=%s%s",
+            route,
+            origin,
+            reason.code,
+            error,
+            f" (and {suppressed} more like it since the last line)" if suppressed else "",
+        )
+
+    def refusal(
+        self,
+        route: str,
+        origin: str,
+        exc: UpstreamError,
+        *,
+        connect_timeout: float,
+        read_timeout: float,
+        context: str | None = None,
+    ) -> Refusal:
+        """The refusal for an upstream error (its class decides the reason code), logged
+        rate-limited with the route and the upstream's origin: never the request's path,
+        query or headers. `context` says where it happened when the client cannot be told."""
+        error = describe_failure(exc)
+        if isinstance(exc, UpstreamTimeout):
+            error += f", read_timeout {read_timeout:g}s"
+        elif isinstance(exc, UpstreamConnectTimeout):
+            error += f", connect_timeout {connect_timeout:g}s"
+        detail = exc.detail
+        said = context or detail
+        self.failed(route, origin, exc.reason, f"{said} ({error})" if said else error)
+        return Refusal(exc.reason, detail)
