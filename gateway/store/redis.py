@@ -49,6 +49,9 @@ T = TypeVar("T")
 MAX_CONNECTIONS = 64
 # A connection idle this long is PINGed before reuse, so a half-dead one is replaced first.
 HEALTH_CHECK_INTERVAL = 30.0
+# How long a revocation waits for one replica's acknowledgement (admin path only, never the
+# request path): long enough for a loaded replica's REPLCONF ACK, short enough for an operator.
+REPLICA_WAIT = 1.0
 _KINDS: tuple[RevocationKind, ...] = ("jti", "sid", "sub")
 
 
@@ -105,10 +108,17 @@ class RedisStore:
         self.outage.failure(f"{op}: {reason}")
         return StoreUnavailable(f"redis {op}: {reason}")
 
-    async def _call(self, op: str, call: Callable[[], Awaitable[T]], *, round_trips: int = 1) -> T:
+    async def _call(
+        self,
+        op: str,
+        call: Callable[[], Awaitable[T]],
+        *,
+        round_trips: int = 1,
+        extra: float = 0.0,
+    ) -> T:
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(self._timeout * round_trips), self._slots:
+            async with asyncio.timeout(self._timeout * round_trips + extra), self._slots:
                 result = await call()
         except _FAILURES as exc:
             raise self._unavailable(op, exc) from exc
@@ -216,12 +226,12 @@ class RedisStore:
             # acknowledged this connection's writes.
             pipe = client.pipeline(transaction=False)
             await self._revoke(keys=keys, args=args, client=pipe)
-            pipe.execute_command("WAIT", 1, max(1, int(self._timeout * 1000)))
+            pipe.execute_command("WAIT", 1, int(REPLICA_WAIT * 1000))
             replies = await pipe.execute()
             return int(replies[-1])
 
-        # INFO, the script, then WAIT for up to store.timeout.
-        return await self._call("revoke", write_and_wait, round_trips=3)
+        # INFO and the script within store.timeout each, then WAIT for up to REPLICA_WAIT.
+        return await self._call("revoke", write_and_wait, round_trips=2, extra=REPLICA_WAIT)
 
     async def revocations(self, since: int) -> tuple[int, list[Revocation] | None]:
         """Entries whose `until` passed may still be listed until the next revoke prunes them;

@@ -198,7 +198,7 @@ async def test_a_replica_that_does_not_acknowledge_still_gets_204_logged_and_cou
     os.kill(replica.process.pid, signal.SIGSTOP)  # connected, never acknowledging
     started = time.monotonic()
     assert await revoke(gw, jti="j-unacked") == 204
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - started < 2.5  # REPLICA_WAIT (1 s) and the rest
     assert metric("idlegate_revocations_unreplicated_total") == before + 1
     assert any("no replica acknowledged" in r.getMessage() for r in caplog.records)
 
