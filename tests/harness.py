@@ -16,8 +16,9 @@ from jwks_server import SigningKey, claims
 
 from gateway import config as config_module
 from gateway.app import Gateway
-from gateway.clock import Clock
+from gateway.clock import Clock, ManualClock
 from gateway.serve import Running, start
+from gateway.store.redis import RedisStore
 
 ISSUER = "https://issuer.test/"
 AUDIENCE = "orders-api"
@@ -195,6 +196,11 @@ async def start_gateway(
 ) -> GatewayUnderTest:
     config = config_module.from_data(data, environ={} if environ is None else environ)
     gateway = Gateway(config, clock=clock, environ=environ or {})
+    if isinstance(clock, ManualClock) and isinstance(gateway.store, RedisStore):
+        # Simulated time: Redis decides idleness with the gateway's (fake) now instead of its
+        # own TIME, so tests can move minutes in no time. Tests of the store's own clock use
+        # real clocks (tests/integration/test_store_clock.py).
+        gateway.store.caller_time = True
     running = await start(config, gateway=gateway)
     http = aiohttp.ClientSession(auto_decompress=False)
     return GatewayUnderTest(running=running, key=key, clock=clock, http=http)

@@ -63,7 +63,9 @@ class Touch:
 
     `key` is the hashed tracking id (jti, or sid with `track_by: sid`). `initial` is the last
     activity when the store holds none (the token's `iat`). The request is idle iff
-    `now - last_activity > idle_timeout` (see `tokens.policy.is_idle`).
+    `now - last_activity > idle_timeout` (see `tokens.policy.is_idle`), where `now` is the
+    store's clock: Redis decides with its own TIME (one clock for every replica) and ignores
+    `now` here; the memory store, one process's, uses it (the gateway's injected clock).
     """
 
     key: str

@@ -2,18 +2,33 @@
 -- Mirrors tokens.policy.is_idle: idle iff now - last_activity > idle_timeout.
 --
 -- KEYS[1]  the activity record (a string holding last_activity, seconds as a float literal)
--- ARGV     initial, now, idle_timeout, extend (0|1), expires_at, linger, remember_idle (0|1)
+-- ARGV     initial, now ('' = Redis's own clock), idle_timeout, extend (0|1), expires_at, linger,
+--          remember_idle (0|1)
 -- Returns  {last_activity as it was (the stored literal, or ARGV[1]), idle (0|1)}
 --
--- Times are the caller's clock, never Redis's: lifetimes are set with relative PX/PEXPIRE so a
--- gateway with a different (or fake) clock still gets the intended lifetime. Values are written
--- back as the caller's own literals, so no precision is lost in Lua's number formatting.
+-- `now` is Redis's clock (TIME), not the caller's: every replica's decision is taken on one
+-- clock, so a replica whose clock lags cannot accept a token that already idled out, nor move
+-- its last activity forward and revive it. (A caller's `now` is accepted for tests and
+-- simulations with a fake clock only.) Lifetimes are relative PX/PEXPIRE from that same now.
+-- Values are written back as literals, so no precision is lost in Lua's number formatting.
+--
+-- TIME before a write needs effects replication: the default from Redis 5, the only mode from
+-- 7; redis.replicate_commands() asks for it on 3.2-4.x (a no-op where it is the default).
+
+if redis.replicate_commands then
+  redis.replicate_commands()
+end
 
 local key = KEYS[1]
 local stored = redis.call('GET', key)
 local last_literal = stored or ARGV[1]
 local last = tonumber(last_literal)
-local now = tonumber(ARGV[2])
+local now_literal = ARGV[2]
+if now_literal == '' then
+  local time = redis.call('TIME')  -- {seconds, microseconds}
+  now_literal = time[1] .. '.' .. string.format('%06d', tonumber(time[2]))
+end
+local now = tonumber(now_literal)
 local idle_timeout = tonumber(ARGV[3])
 local linger = tonumber(ARGV[6])
 
@@ -41,7 +56,7 @@ end
 local new_literal = last_literal
 local new_last = last
 if now > last then
-  new_literal = ARGV[2]
+  new_literal = now_literal
   new_last = now
 end
 local keep_until = math.max(tonumber(ARGV[5]), new_last + idle_timeout) + linger

@@ -73,6 +73,10 @@ class RedisStore:
         pipelined: PipelinedConnection | None = None,
     ) -> None:
         self._client = client
+        # Idle decisions take `now` from Redis's clock (check_and_touch.lua), never from
+        # Touch.now: one clock for every replica. Tests and simulations that drive time with
+        # a ManualClock set this to decide with Touch.now instead; open_store never does.
+        self.caller_time = False
         # Standalone Redis: the request path's one call goes over a pipelined connection (a
         # fraction of redis-py's per-call CPU); everything else, and Sentinel/Cluster, via redis-py.
         self._pipelined = pipelined
@@ -132,7 +136,7 @@ class RedisStore:
         key = self.activity_key(touch.key)
         args = (
             touch.initial,
-            touch.now,
+            touch.now if self.caller_time else "",
             touch.idle_timeout,
             int(touch.extend),
             touch.expires_at,
@@ -169,7 +173,7 @@ class RedisStore:
     async def _touch_again(
         self,
         key: str,
-        args: tuple[float | int, ...],
+        args: tuple[float | int | str, ...],
         deadline: float,
         failure: ReplyError | ConnectionLost,
     ) -> Any:

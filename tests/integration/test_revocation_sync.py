@@ -176,7 +176,12 @@ def metric(name: str) -> float:
 async def test_revoke_waits_for_a_replica_before_204(
     gateways: GatewayFactory, redis_server: RedisServer, replica: RedisServer, admin_file: Path
 ) -> None:
-    gw = await gateways(store_url=redis_server.url, admin={"token_file": str(admin_file)})
+    # A whole second for the replica to acknowledge: this machine's cores are shared.
+    gw = await gateways(
+        store_url=redis_server.url,
+        admin={"token_file": str(admin_file)},
+        store={"timeout": "1s"},
+    )
     redis_server.command("CONFIG", "RESETSTAT")
     assert await revoke(gw, jti="j-replicated") == 204
     assert b"cmdstat_wait:calls=1" in redis_server.command("INFO", "commandstats")

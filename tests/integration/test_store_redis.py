@@ -60,9 +60,15 @@ def make_touch(
     )
 
 
-def redis_store(server: RedisServer, timeout: float = 1.0) -> RedisStore:
+def redis_store(
+    server: RedisServer, timeout: float = 1.0, *, caller_time: bool = True
+) -> RedisStore:
+    """The store contract is pinned with exact, simulated times (the ManualClock's): Redis
+    decides with the Touch's now here. Its own clock (production) is tested in
+    test_store_clock.py."""
     store = open_store(StoreConfig(url=server.url, key_prefix=PREFIX, timeout=timeout))
     assert isinstance(store, RedisStore)
+    store.caller_time = caller_time
     return store
 
 
