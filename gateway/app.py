@@ -31,6 +31,7 @@ from gateway import admin, metrics
 from gateway.accesslog import AccessLog
 from gateway.clock import Clock, SystemClock
 from gateway.config import Config, Route
+from gateway.connections import GuardedServer
 from gateway.forward.proxy import Forwarder
 from gateway.forward_auth import AUTH_PATH, TrustedPeers, original_request
 from gateway.reasons import Reason, Refusal, render_refusal
@@ -462,16 +463,26 @@ class Gateway:
         return web.json_response(body, headers={"Cache-Control": "no-store"})
 
 
+def _client_limits(config: Config) -> dict[str, float]:
+    return {
+        "header_timeout": config.server.header_timeout,
+        "keepalive_timeout": config.server.keepalive_timeout,
+    }
+
+
 def build_proxy_server(gateway: Gateway, **handler_options: Any) -> web.Server:
     """The proxy port: aiohttp's low-level server calling `Gateway.handle` directly (no router,
-    middleware or signals on the request path: the gateway routes itself)."""
-    return web.Server(gateway.handle, **handler_options)
+    middleware or signals on the request path: the gateway routes itself), with the slow-client
+    limits of `server.*`."""
+    return GuardedServer(gateway.handle, **_client_limits(gateway.config), **handler_options)
 
 
 def build_forward_auth_server(gateway: Gateway, **handler_options: Any) -> web.Server:
     """forward_auth.listen: every request on it is a forward-auth request, whatever its path
     (Traefik's `address`, Envoy's `path_prefix` and nginx's `auth_request` all pick their own)."""
-    return web.Server(gateway.handle_forward_auth, **handler_options)
+    return GuardedServer(
+        gateway.handle_forward_auth, **_client_limits(gateway.config), **handler_options
+    )
 
 
 def build_admin_app(gateway: Gateway) -> web.Application:

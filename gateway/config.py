@@ -124,11 +124,27 @@ class Admin(_Model):
 
 
 class Server(_Model):
-    """Process-level behaviour (beyond the contract's keys)."""
+    """Process-level behaviour, and the limits that keep slow or idle clients from holding
+    connections (docs/deployment.md, "Slow clients")."""
 
     shutdown_grace: Duration = 20.0
+    # The whole request head (request line and headers) must arrive within this, counted from
+    # the connection's start or the first byte of a keep-alive connection's next request.
+    header_timeout: Duration = 10.0
+    # An idle client connection (no request in progress) is closed after this.
+    keepalive_timeout: Duration = 75.0
+    # Per process, over the proxy (and forward-auth) listeners: at the cap the gateway stops
+    # accepting and further clients wait in the listen backlog until a connection closes.
+    max_connections: int = Field(default=10000, ge=1)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = True
+
+    @field_validator("header_timeout", "keepalive_timeout")
+    @classmethod
+    def _positive(cls, seconds: float) -> float:
+        if seconds <= 0:  # 0 would not mean "no limit": that is the hole these keys close
+            raise ValueError("must be positive")
+        return seconds
 
 
 class Store(_Model):

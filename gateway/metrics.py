@@ -106,6 +106,23 @@ REVOCATIONS_UNREPLICATED = Counter(
     "idlegate_revocations_unreplicated_total",
     "Revocations answered 204 though no Redis replica acknowledged them within store.timeout.",
 )
+CLIENT_CONNECTIONS = Gauge(
+    "idlegate_client_connections",
+    "Client connections open on the proxy (and forward-auth) listeners; at most "
+    "server.max_connections per process.",
+    multiprocess_mode="livesum",
+)
+CONNECTION_LIMIT_REACHED = Counter(
+    "idlegate_connection_limit_reached_total",
+    "Times server.max_connections was reached: accepting paused, new clients waited in the "
+    "listen backlog.",
+)
+CLIENT_TIMEOUTS = Counter(
+    "idlegate_client_timeouts_total",
+    "Client connections the gateway closed for slowness: header_timeout (request head not "
+    "complete in time).",
+    ["timeout"],
+)
 
 
 class BatchedHistogram:

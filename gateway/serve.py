@@ -23,6 +23,7 @@ from gateway import __version__
 from gateway.admin import AdminTokenError, load_admin_token
 from gateway.app import Gateway, build_admin_app, build_forward_auth_server, build_proxy_server
 from gateway.config import Config, mask_url
+from gateway.connections import CappedSite, ConnectionLimit
 
 log = logging.getLogger("idlegate")
 _CLEANUP_TIMEOUT = 0.1
@@ -170,7 +171,14 @@ async def start(
         ),
         shutdown_timeout=_CLEANUP_TIMEOUT,  # the drain itself waits up to shutdown_grace
     )
-    admin = web.AppRunner(build_admin_app(gateway), access_log=None, shutdown_timeout=2)
+    admin = web.AppRunner(
+        build_admin_app(gateway),
+        access_log=None,
+        shutdown_timeout=2,
+        keepalive_timeout=config.server.keepalive_timeout,
+    )
+    # One cap for the process's client connections, over the proxy and forward-auth ports.
+    limit = ConnectionLimit(config.server.max_connections)
     own_port = config.forward_auth.listen if config.forward_auth.enabled else None
     forward_auth = None
     if own_port is not None:
@@ -184,11 +192,11 @@ async def start(
         await admin.setup()
         if forward_auth is not None and own_port is not None:
             await forward_auth.setup()
-            await web.TCPSite(
-                forward_auth, own_port.host, own_port.port, reuse_port=reuse_port, backlog=1024
+            await CappedSite(
+                forward_auth, own_port.host, own_port.port, limit=limit, reuse_port=reuse_port
             ).start()
-        await web.TCPSite(
-            proxy, config.listen.host, config.listen.port, reuse_port=reuse_port, backlog=1024
+        await CappedSite(
+            proxy, config.listen.host, config.listen.port, limit=limit, reuse_port=reuse_port
         ).start()
         await web.TCPSite(
             admin, config.admin.host, config.admin.port, reuse_port=reuse_port

@@ -636,3 +636,21 @@ def test_issuer_may_be_a_list_each_unique_across_providers():
 )
 def test_bad_audience_claims_or_roles_claim_are_refused(fields: dict[str, Any]):
     assert problems(providers=[provider(public_key_file="/k", **fields)])
+
+
+def test_slow_client_limits_default_to_the_contract_values():
+    server = config().server
+    assert (server.header_timeout, server.keepalive_timeout, server.max_connections) == (
+        10.0,
+        75.0,
+        10000,
+    )
+
+
+def test_slow_client_limits_must_be_positive():
+    found = problems(server={"header_timeout": 0, "keepalive_timeout": "0s", "max_connections": 0})
+    assert {p.split(":")[0] for p in found} == {
+        "server.header_timeout",
+        "server.keepalive_timeout",
+        "server.max_connections",
+    }

@@ -1,0 +1,171 @@
+"""Slow and idle clients on a real socket: server.header_timeout bounds the time to send a
+request head (however the bytes are dripped), server.keepalive_timeout closes idle
+connections, server.max_connections keeps further clients in the listen backlog. Neither
+timeout cuts a slow request body or a long upstream response."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from conftest import GatewayFactory
+from harness import GatewayUnderTest, Upstream
+from prometheus_client import REGISTRY
+
+HEAD = b"GET /public/x HTTP/1.1\r\nHost: gateway\r\nX-Filler: " + b"a" * 40 + b"\r\n\r\n"
+
+
+async def _connect(gw: GatewayUnderTest) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", gw.running.proxy.addresses[0][1])
+
+
+async def _drip(writer: asyncio.StreamWriter, data: bytes, every: float) -> None:
+    """One byte at a time; stops quietly once the gateway closed the connection."""
+    for i in range(len(data)):
+        if writer.is_closing():
+            return
+        writer.write(data[i : i + 1])
+        try:
+            await writer.drain()
+        except ConnectionError:
+            return
+        await asyncio.sleep(every)
+
+
+async def _closed_after(reader: asyncio.StreamReader, limit: float) -> tuple[float, bytes]:
+    """Seconds until the gateway closed the connection, and what it sent before (fails if it
+    stays open for `limit`)."""
+    started = time.monotonic()
+    received = b""
+    async with asyncio.timeout(limit):
+        while chunk := await reader.read(65536):
+            received += chunk
+    return time.monotonic() - started, received
+
+
+def _response_count(received: bytes) -> int:
+    return received.count(b"HTTP/1.1 ")
+
+
+async def test_a_slowloris_head_is_cut_at_header_timeout(
+    gateways: GatewayFactory, upstream: Upstream
+):
+    """Bytes every 0.1 s never reset the deadline: 1 s after connecting, 408 and close."""
+    gw = await gateways(server={"header_timeout": "1s", "keepalive_timeout": "60s"})
+    reader, writer = await _connect(gw)
+    drip = asyncio.create_task(_drip(writer, HEAD, every=0.1))  # 6.5 s for the whole head
+    took, received = await _closed_after(reader, limit=2.5)
+    drip.cancel()
+    writer.close()
+    assert 0.9 <= took <= 2.0, took
+    assert received.startswith(b"HTTP/1.1 408 "), received
+    assert upstream.received == []
+    assert REGISTRY.get_sample_value(
+        "idlegate_client_timeouts_total", {"timeout": "header_timeout"}
+    )
+
+
+async def test_a_connection_that_sends_nothing_is_closed_at_header_timeout(
+    gateways: GatewayFactory,
+):
+    gw = await gateways(server={"header_timeout": "1s", "keepalive_timeout": "60s"})
+    reader, writer = await _connect(gw)
+    took, received = await _closed_after(reader, limit=2.5)
+    writer.close()
+    assert 0.9 <= took <= 2.0, took
+    assert received == b""  # no 408 to a client that asked nothing
+
+
+async def test_the_next_head_on_a_kept_alive_connection_has_its_own_deadline(
+    gateways: GatewayFactory, upstream: Upstream
+):
+    """Between requests keepalive_timeout applies; from the next request's first byte, the
+    head must be complete within header_timeout."""
+    gw = await gateways(server={"header_timeout": "1s", "keepalive_timeout": "2500ms"})
+    reader, writer = await _connect(gw)
+    writer.write(HEAD)
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    await reader.readexactly(length)
+    await asyncio.sleep(0.5)  # idle, well within keepalive_timeout
+    drip = asyncio.create_task(_drip(writer, HEAD, every=0.1))
+    took, received = await _closed_after(reader, limit=2.5)
+    drip.cancel()
+    writer.close()
+    assert 0.9 <= took <= 2.0, took  # header_timeout from the first byte, not keep-alive's
+    assert received.startswith(b"HTTP/1.1 408 "), received
+    assert len(upstream.received) == 1
+
+
+async def test_an_idle_kept_alive_connection_is_closed_at_keepalive_timeout(
+    gateways: GatewayFactory, upstream: Upstream
+):
+    gw = await gateways(server={"header_timeout": "10s", "keepalive_timeout": "1s"})
+    reader, writer = await _connect(gw)
+    writer.write(HEAD)
+    took, received = await _closed_after(reader, limit=2.5)
+    writer.close()
+    assert _response_count(received) == 1 and received.startswith(b"HTTP/1.1 200 ")
+    assert 0.9 <= took <= 2.0, took
+
+
+async def test_a_slow_request_body_is_not_cut_by_header_timeout(
+    gateways: GatewayFactory, upstream: Upstream
+):
+    """The head arrives at once; the body drips for twice header_timeout and gets through."""
+    gw = await gateways(server={"header_timeout": "1s", "keepalive_timeout": "60s"})
+    body = b"0123456789"
+    reader, writer = await _connect(gw)
+    writer.write(
+        b"POST /public/upload HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    )
+    await _drip(writer, body, every=0.22)  # 2.2 s
+    async with asyncio.timeout(3):
+        received = await reader.read()
+    writer.close()
+    assert received.startswith(b"HTTP/1.1 200 "), received
+    assert [r.body_length for r in upstream.received] == [len(body)]
+
+
+async def test_a_long_upstream_response_is_not_cut_by_header_timeout(
+    gateways: GatewayFactory, upstream: Upstream
+):
+    gw = await gateways(server={"header_timeout": "1s", "keepalive_timeout": "1s"})
+    reader, writer = await _connect(gw)
+    writer.write(b"GET /public/slow?s=1.8 HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n")
+    async with asyncio.timeout(3):
+        received = await reader.read()
+    writer.close()
+    assert received.startswith(b"HTTP/1.1 200 "), received
+
+
+async def test_beyond_max_connections_a_client_waits_until_one_closes(
+    gateways: GatewayFactory, upstream: Upstream
+):
+    """At the cap the gateway stops accepting: the third client's connect completes in the
+    kernel's backlog, but it is served only once one of the two open connections closes."""
+    gw = await gateways(server={"max_connections": 2, "keepalive_timeout": "60s"})
+    reached = REGISTRY.get_sample_value("idlegate_connection_limit_reached_total") or 0.0
+    open_ones = []
+    for _ in range(2):
+        reader, writer = await _connect(gw)
+        writer.write(HEAD)
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200 ")
+        open_ones.append((reader, writer))
+    reader, writer = await _connect(gw)  # in the backlog
+    writer.write(HEAD)
+    waiting = asyncio.create_task(reader.readuntil(b"\r\n\r\n"))
+    await asyncio.sleep(0.6)
+    assert not waiting.done(), "the connection over the cap was served"
+    assert len(upstream.received) == 2
+    open_ones[0][1].close()
+    async with asyncio.timeout(1):
+        assert (await waiting).startswith(b"HTTP/1.1 200 ")
+    assert len(upstream.received) == 3
+    # Reached with the second connection, and again when the waiting one took the free place.
+    assert REGISTRY.get_sample_value("idlegate_connection_limit_reached_total") == reached + 2
+    writer.close()
+    for _, other in open_ones[1:]:
+        other.close()
