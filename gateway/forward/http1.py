@@ -6,9 +6,10 @@ auth, tracing, URL building). This client only sends a request head without a bo
 one response, over a keep-alive pool of plain TCP connections per upstream origin. Requests
 with a body, and https upstreams, go through aiohttp (`forward/aiohttp_transport.py`).
 
-Responses are parsed strictly (RFC 9112): anything malformed or ambiguous is an
-`UpstreamBroken` (a 502 for the client), and a connection whose framing is in any doubt is
-never reused, so a bad upstream cannot make one response bleed into another.
+Responses are parsed by llhttp (`httptools`, uvicorn's parser), incrementally as bytes arrive,
+plus the gateway's own refusals where llhttp is lenient (`ResponseReader`): anything malformed
+or ambiguous is an `UpstreamBroken` (a 502 for the client), and a connection whose framing is
+in any doubt is never reused, so a bad upstream cannot make one response bleed into another.
 """
 
 from __future__ import annotations
@@ -16,70 +17,299 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import enum
 import re
 import socket
 from collections.abc import AsyncGenerator, AsyncIterable
 from typing import Final, cast
 
+import httptools
 from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.forward.transport import (
-    CHUNK,
     SMALL_BODY,
+    RequestHeadInvalid,
     UpstreamBroken,
     UpstreamConnectTimeout,
+    UpstreamPoolTimeout,
     UpstreamTimeout,
     UpstreamUnreachable,
 )
 
-MAX_HEAD: Final = 64 * 1024  # status line and header lines together
+MAX_HEAD: Final = 64 * 1024  # status line and header lines together (and the trailers apart)
 MAX_HEADERS: Final = 200
 _HIGH_WATER: Final = 256 * 1024  # stop reading from the upstream while this much is unread
 _MAX_INTERIM: Final = 8  # 1xx responses before the final one
+_MAX_LENGTH_DIGITS: Final = 18  # a Content-Length that fits in a signed 64-bit integer
 IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # RFC 9110 §9.3: a bodyless request with these methods still declares its (empty) body.
 _DECLARE_EMPTY_BODY: Final = frozenset({"POST", "PUT", "PATCH"})
+# A reason phrase is HTAB, SP, VCHAR and obs-text (RFC 9112 §4); llhttp lets controls through.
+_BAD_REASON = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
-# RFC 9112 §4 and §5 in one pattern: the status line, then field lines of a token, a colon and
-# visible characters, SP or HTAB (obs-text allowed); no bare CR or LF, no NUL or other control,
-# no whitespace before the colon, no obs-fold (a line starting with whitespace).
-_VCHARS = r"[\t\x20-\x7e\x80-\U0010ffff]"
-_HEAD = re.compile(
-    r"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: (" + _VCHARS + r"*))?\r\n"
-    r"((?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:" + _VCHARS + r"*\r\n)*)"
-)
-_DIGITS = re.compile(r"[0-9]{1,18}")
-_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,15})[ \t]*(?:;[^\r\n]*)?")
+
+class _Stop(Exception):
+    """Raised from a parser callback to stop llhttp where the gateway knows better."""
+
+
+class ResponseReader:
+    """One connection's responses, parsed as the bytes arrive (push parsing, no re-scan).
+
+    llhttp checks the syntax (status line, field lines, Content-Length, chunked framing, no
+    obs-fold, no bare CR or LF, no Content-Length with Transfer-Encoding). On top, the gateway
+    refuses what llhttp accepts but a proxy should not pass on: versions other than 1.0 and
+    1.1, status below 100, 101 unasked, more than 8 interim responses, controls in the reason,
+    transfer codings other than `chunked` (or any in HTTP/1.0), Content-Length over 18
+    digits, and more than `MAX_HEADERS` fields or `MAX_HEAD` bytes of head or of trailers.
+    """
+
+    __slots__ = (
+        "_fed",
+        "_head_bytes",
+        "_head_request",
+        "_interim",
+        "_interim_pending",
+        "_parser",
+        "_reason",
+        "_record",
+        "_trailer_bytes",
+        "body",
+        "buffered",
+        "codings",
+        "done",
+        "error",
+        "fields",
+        "framing",
+        "head_done",
+        "keep_alive",
+        "length",
+        "reusable",
+        "status",
+    )
+
+    def __init__(self) -> None:
+        self._parser = httptools.HttpResponseParser(self)
+        self.body: collections.deque[bytes] = collections.deque()
+        self.reusable = True  # False once anything rules out another request on the connection
+        self.begin(head_request=False)
+
+    def begin(self, *, head_request: bool) -> None:
+        """Expect the response to a new request (`head_request`: to a HEAD, so bodiless)."""
+        self._head_request = head_request
+        self._record: bytearray | None = bytearray() if head_request else None
+        self._interim = 0
+        self._interim_pending = False
+        self._fed = 0  # bytes fed before the final head was complete
+        self._trailer_bytes = 0
+        self._new_head()
+        self.head_done = False  # the final (non-1xx) head is complete
+        self.done = False  # the whole response is
+        self.framing = "none"  # none | length | chunked | eof
+        self.body.clear()
+        self.buffered = 0
+        self.error: UpstreamBroken | None = None
+
+    def _new_head(self) -> None:
+        self.status = 0
+        self._reason = b""
+        self.fields: list[tuple[str, str]] = []
+        self._head_bytes = 0
+        self.length: int | None = None
+        self.codings: list[str] = []
+        self.keep_alive = True
+
+    @property
+    def reason(self) -> str:
+        return self._reason.decode("utf-8", "surrogateescape")
+
+    def feed(self, data: bytes) -> None:
+        """Parse what arrived; a refusal is kept in `error` (the connection is then done for)."""
+        if self.error is not None:
+            return
+        if not self.head_done:
+            self._fed += len(data)
+            if self._record is not None:
+                self._record += data
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(UpstreamBroken("the upstream switched protocols unasked"))
+        except httptools.HttpParserError as exc:
+            cause = exc.__context__
+            if isinstance(cause, UpstreamBroken):
+                self._fail(cause)
+            elif isinstance(cause, _Stop) and self._record is not None and self.done:
+                self._head_answered()
+            elif self.done:
+                self.reusable = False  # bytes after the response: never read as the next one
+            else:
+                self._fail(UpstreamBroken(f"malformed response: {exc}"))
+            return
+        if not self.head_done and self._fed > MAX_HEAD * (self._interim + 1):
+            # A head still incomplete (a field without end): llhttp would keep collecting it.
+            self._fail(UpstreamBroken("the response head is too large"))
+
+    def end_of_stream(self) -> None:
+        """The upstream closed its side: the end of a close-delimited body, else a break."""
+        self.reusable = False
+        if self.done or self.error is not None:
+            return
+        if self.head_done and self.framing == "eof":
+            self.done = True
+        elif self.head_done:
+            self._fail(UpstreamBroken("the response body broke off"))
+        else:
+            self._fail(UpstreamBroken("the upstream closed the connection"))
+
+    def take_body(self) -> bytes:
+        body = b"".join(self.body)
+        self.body.clear()
+        self.buffered = 0
+        return body
+
+    def _fail(self, error: UpstreamBroken) -> None:
+        self.error = error
+        self.reusable = False
+
+    def _head_answered(self) -> None:
+        """A HEAD's answer ended with its head (llhttp cannot be told so and was stopped):
+        reusable only if nothing followed that head; the stopped parser is replaced."""
+        record = self._record
+        assert record is not None
+        end = 0
+        for _ in range(self._interim + 1):  # field values hold no CR LF: the first blank line
+            end = record.find(b"\r\n\r\n", end) + 4  # after each head ends it
+        if end < 4 or end < len(record):
+            self.reusable = False
+        self._record = None
+        self._parser = httptools.HttpResponseParser(self)
+
+    # -- llhttp callbacks ------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.done:
+            raise _Stop  # a second response where one was asked for
+
+    def on_status(self, status: bytes) -> None:
+        self._reason += status  # llhttp may hand it over in pieces
+        self._head_bytes += len(status)
+        if self._head_bytes > MAX_HEAD:
+            raise UpstreamBroken("the response head is too large")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        size = len(name) + len(value) + 4
+        if self.head_done:  # a trailer field: not relayed (nor are aiohttp's), only bounded
+            self._trailer_bytes += size
+            if self._trailer_bytes > MAX_HEAD:
+                raise UpstreamBroken("the trailer section is too large")
+            return
+        self._head_bytes += size
+        if self._head_bytes > MAX_HEAD:
+            raise UpstreamBroken("the response head is too large")
+        if len(self.fields) >= MAX_HEADERS:
+            raise UpstreamBroken("too many response headers")
+        value = value.rstrip(b" \t")  # llhttp strips leading whitespace only
+        lower = name.lower()
+        if lower == b"content-length":
+            if len(value) > _MAX_LENGTH_DIGITS:
+                raise UpstreamBroken("invalid Content-Length")
+            self.length = int(value)  # digits only: llhttp checked
+        elif lower == b"transfer-encoding":
+            self.codings += [c.strip(" \t").lower() for c in value.decode("latin-1").split(",")]
+        elif lower == b"connection" and b"close" in (
+            t.strip(b" \t").lower() for t in value.split(b",")
+        ):
+            self.keep_alive = False
+        self.fields.append(
+            (name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
+        )  # field names are tokens (ASCII): llhttp checked
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        status = parser.get_status_code()
+        version = parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            raise UpstreamBroken(f"unsupported HTTP version {version}")
+        if status < 100:
+            raise UpstreamBroken("invalid status code")
+        if _BAD_REASON.search(self._reason):
+            raise UpstreamBroken("a control character in the reason phrase")
+        if status == 101:
+            raise UpstreamBroken("the upstream switched protocols unasked")
+        if status < 200:  # interim: read and dropped, its fields are not the final response's
+            self._interim += 1
+            if self._interim > _MAX_INTERIM:
+                raise UpstreamBroken("too many interim responses")
+            self._interim_pending = True
+            self._new_head()
+            return
+        self.status = status
+        if version == "1.0":
+            self.keep_alive = False
+        if self._head_request or status in (204, 304):
+            pass  # no body, whatever the headers say (RFC 9112 §6.3)
+        elif self.codings:
+            if version == "1.0":
+                raise UpstreamBroken("Transfer-Encoding in an HTTP/1.0 response")
+            if self.codings != ["chunked"]:
+                # Another coding (gzip, ...) would reach the client still applied but no
+                # longer declared (Transfer-Encoding is hop-by-hop): refused, not mangled.
+                # llhttp would read `gzip` to EOF and `gzip, chunked` de-chunked.
+                raise UpstreamBroken(f"unsupported transfer coding {', '.join(self.codings)!r}")
+            self.framing = "chunked"
+        elif self.length is not None:
+            self.framing = "length"
+        else:
+            self.framing = "eof"
+            self.keep_alive = False
+        if not self.keep_alive:
+            self.reusable = False
+        self.head_done = True
+        if self._head_request:
+            self.done = True
+            raise _Stop  # llhttp would wait for the body the headers announce
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+        self.buffered += len(body)
+
+    def on_message_complete(self) -> None:
+        if self._interim_pending:
+            self._interim_pending = False
+            return
+        self.done = True
+
+
+class _State(enum.Enum):
+    CONNECTING = "connecting"  # not yet counted as the pool's; its slot is the connect's
+    IDLE = "idle"  # in the pool (or being handed to a waiter), no request on it
+    ACTIVE = "active"  # a request was sent and its response is not read to its end
+    CLOSED = "closed"  # gone; its slot was given back when it got here
 
 
 class _Connection(asyncio.Protocol):
-    """One keep-alive connection; the request task reads its buffer (pull parsing)."""
+    """One keep-alive connection: bytes are parsed as they arrive, the request task waits
+    for what it needs (the head, the small body, the next piece of a streamed one)."""
 
     __slots__ = (
         "_paused",
         "_pool",
         "_waiter",
         "answered",
-        "buffer",
-        "busy",
-        "closed",
-        "counted",
-        "reusable",
+        "reader",
         "reused",
+        "state",
         "transport",
     )
 
     def __init__(self, pool: UpstreamPool) -> None:
         self._pool = pool
         self.transport: asyncio.Transport | None = None
-        self.buffer = bytearray()
-        self.closed = False  # EOF or connection lost: no more bytes will come
-        self.reusable = True  # False once a response's framing rules out another request
+        self.state = _State.CONNECTING
+        self.reader = ResponseReader()
         self.reused = False  # taken from the pool (it may have been closed meanwhile)
         self.answered = False  # bytes arrived since the current request was sent
-        self.busy = False  # a request was sent and its response is not read to its end
-        self.counted = False  # holds one of the pool's `limit` slots
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
 
@@ -90,28 +320,37 @@ class _Connection(asyncio.Protocol):
             with contextlib.suppress(OSError):  # uvloop does it too; asyncio may not
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
+    def send(self, head: bytes, *, head_request: bool) -> None:
+        if self.state is _State.CLOSED or self.transport is None:
+            raise UpstreamBroken("the upstream closed the connection")
+        self.state = _State.ACTIVE
+        self.answered = False
+        self.reader.begin(head_request=head_request)
+        self.transport.write(head)
+
     def data_received(self, data: bytes) -> None:
-        if not self.busy:
+        if self.state is not _State.ACTIVE:
             # Bytes nobody asked for, on an idle connection: whatever they are, they must never
             # be read as the answer to the next request sent on it.
             self.close()
             return
-        self.buffer += data
         self.answered = True
-        if len(self.buffer) > _HIGH_WATER and not self._paused and self.transport is not None:
+        reader = self.reader
+        reader.feed(data)
+        if reader.buffered > _HIGH_WATER and not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
         self._wake()
 
     def eof_received(self) -> bool:
-        self.closed = True
+        self.reader.end_of_stream()
         self._wake()
         return False  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
+        self.reader.end_of_stream()
         self._wake()
-        self._pool._lost(self)
+        self.close()
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -121,11 +360,14 @@ class _Connection(asyncio.Protocol):
                 waiter.set_result(None)
 
     async def wait(self, read_timeout: float) -> None:
-        """Until more bytes arrive or the connection ends; `UpstreamTimeout` after
-        `read_timeout` seconds of silence."""
-        if self.closed:
+        """Until more of the response arrives or it fails (`UpstreamBroken`);
+        `UpstreamTimeout` after `read_timeout` seconds of silence."""
+        reader = self.reader
+        if reader.error is not None:
+            raise reader.error
+        if self.state is _State.CLOSED:
             raise UpstreamBroken("the upstream closed the connection")
-        if self._paused and len(self.buffer) < _HIGH_WATER and self.transport is not None:
+        if self._paused and reader.buffered < _HIGH_WATER and self.transport is not None:
             self._paused = False
             self.transport.resume_reading()
         loop = asyncio.get_running_loop()
@@ -136,11 +378,19 @@ class _Connection(asyncio.Protocol):
         finally:
             timer.cancel()
             self._waiter = None
+        if reader.error is not None:
+            raise reader.error
 
     def close(self) -> None:
-        self.closed = True
+        """Close it, never to be reused; its pool slot is free from now."""
+        if self.state is _State.CLOSED:
+            return
+        counted = self.state is not _State.CONNECTING
+        self.state = _State.CLOSED
         if self.transport is not None:
             self.transport.close()
+        if counted:
+            self._pool._forget(self)
 
 
 def _expire(waiter: asyncio.Future[None]) -> None:
@@ -152,24 +402,16 @@ class UpstreamResponse:
     """Status and headers of a response; `body` when it was small enough to be read whole,
     else `chunks()` yields it (and must be drained or `close()`d)."""
 
-    __slots__ = ("_conn", "_framing", "_left", "_pool", "body", "headers", "reason", "status")
+    __slots__ = ("_conn", "_pool", "body", "headers", "reason", "status")
 
-    def __init__(
-        self,
-        pool: UpstreamPool,
-        conn: _Connection,
-        status: int,
-        reason: str,
-        headers: CIMultiDict[str],
-    ) -> None:
+    def __init__(self, pool: UpstreamPool, conn: _Connection) -> None:
+        reader = conn.reader
         self._pool = pool
         self._conn: _Connection | None = conn
-        self.status = status
-        self.reason = reason
-        self.headers = headers
+        self.status = reader.status
+        self.reason = reader.reason
+        self.headers = CIMultiDict(reader.fields)
         self.body: bytes | None = None
-        self._framing = "none"  # none | length | chunked | eof
-        self._left = 0
 
     async def chunks(self) -> AsyncGenerator[bytes, None]:
         """The body as it arrives (de-chunked); the connection goes back to the pool once
@@ -177,37 +419,23 @@ class UpstreamResponse:
         conn = self._conn
         if conn is None:
             return
-        pool = self._pool
+        reader = conn.reader
+        pending = reader.body
         try:
-            if self._framing == "length":
-                while self._left:
-                    if not conn.buffer:
-                        if conn.closed:
-                            raise UpstreamBroken("the response body broke off")
-                        await conn.wait(pool.read_timeout)
-                        continue
-                    piece = bytes(conn.buffer[: min(self._left, CHUNK)])
-                    del conn.buffer[: len(piece)]
-                    self._left -= len(piece)
+            while True:
+                if pending:
+                    piece = pending.popleft()
+                    reader.buffered -= len(piece)
                     yield piece
-            elif self._framing == "chunked":
-                async for piece in _dechunk(conn, pool.read_timeout):
-                    yield piece
-            elif self._framing == "eof":
-                while True:
-                    if conn.buffer:
-                        piece = bytes(conn.buffer[:CHUNK])
-                        del conn.buffer[: len(piece)]
-                        yield piece
-                    elif conn.closed:
-                        break
-                    else:
-                        await conn.wait(pool.read_timeout)
+                elif reader.done:
+                    break
+                else:
+                    await conn.wait(self._pool.read_timeout)
         except BaseException:
             self.close()
             raise
         self._conn = None
-        pool._release(conn)
+        self._pool._release(conn)
 
     def close(self) -> None:
         """Abandon the response: its connection is closed, never reused."""
@@ -216,93 +444,12 @@ class UpstreamResponse:
             self._conn = None
 
 
-async def _dechunk(conn: _Connection, read_timeout: float) -> AsyncGenerator[bytes, None]:
-    """RFC 9112 §7.1 chunked transfer coding; extensions ignored, trailers discarded."""
-    buffer = conn.buffer
-    while True:
-        end = buffer.find(b"\r\n")
-        while end < 0:
-            if len(buffer) > 4096:
-                raise UpstreamBroken("a chunk size line is too long")
-            await conn.wait(read_timeout)
-            end = buffer.find(b"\r\n")
-        match = _CHUNK_SIZE.fullmatch(buffer, 0, end)
-        if match is None:
-            raise UpstreamBroken("invalid chunk size")
-        size = int(match.group(1), 16)
-        del buffer[: end + 2]
-        if size == 0:
-            break
-        while size:
-            if not buffer:
-                await conn.wait(read_timeout)
-                continue
-            piece = bytes(buffer[: min(size, CHUNK)])
-            del buffer[: len(piece)]
-            size -= len(piece)
-            yield piece
-        while len(buffer) < 2:
-            await conn.wait(read_timeout)
-        if buffer[:2] != b"\r\n":
-            raise UpstreamBroken("a chunk is longer than its size")
-        del buffer[:2]
-    # Trailer section: header lines up to an empty line; not relayed (nor are aiohttp's).
-    trailer_bytes = 0
-    while True:
-        end = buffer.find(b"\r\n")
-        while end < 0:
-            if len(buffer) + trailer_bytes > MAX_HEAD:
-                raise UpstreamBroken("the trailer section is too large")
-            await conn.wait(read_timeout)
-            end = buffer.find(b"\r\n")
-        trailer_bytes += end + 2
-        if trailer_bytes > MAX_HEAD:
-            raise UpstreamBroken("the trailer section is too large")
-        del buffer[: end + 2]
-        if end == 0:
-            return
-
-
-def _parse_head(head: str) -> tuple[int, int, str, list[tuple[str, str]]]:
-    """(minor version, status, reason, headers) of a response head without its final CRLF
-    CRLF; `UpstreamBroken` for anything RFC 9112 does not allow (obs-fold included)."""
-    parsed = _HEAD.fullmatch(head + "\r\n")
-    if parsed is None:
-        raise UpstreamBroken("malformed response head")
-    lines = parsed.group(4).split("\r\n")
-    lines.pop()  # after the last CRLF
-    if len(lines) > MAX_HEADERS:
-        raise UpstreamBroken("too many response headers")
-    fields = []
-    for line in lines:
-        name, _, value = line.partition(":")
-        fields.append((name, value.strip(" \t")))
-    return int(parsed.group(1)), int(parsed.group(2)), parsed.group(3) or "", fields
-
-
-def _content_length(values: list[str]) -> int:
-    """RFC 9110 §8.6: repeated or comma-listed values must all be the same number."""
-    found = {part.strip(" \t") for value in values for part in value.split(",")}
-    if len(found) != 1:
-        raise UpstreamBroken("conflicting Content-Length values")
-    (text,) = found
-    if not _DIGITS.fullmatch(text):
-        raise UpstreamBroken("invalid Content-Length")
-    return int(text)
-
-
-def _connection_tokens(headers: CIMultiDict[str]) -> set[str]:
-    return {
-        token.strip(" \t").lower()
-        for value in headers.getall("Connection", ())
-        for token in value.split(",")
-    }
-
-
 class UpstreamPool:
     """Keep-alive connections to one upstream origin (`host`, `port`), at most `limit` open.
 
     Idle connections are reused newest first and closed after `keepalive_timeout` seconds.
+    Callers that find none free wait in line: a connection (or a free slot) goes to the one
+    that has waited longest, and none waits longer than `connect_timeout` for it.
     """
 
     def __init__(
@@ -324,8 +471,9 @@ class UpstreamPool:
         self.read_timeout = read_timeout
         self._keepalive_timeout = keepalive_timeout
         self._idle: collections.deque[tuple[_Connection, float]] = collections.deque()
-        self._open = 0  # connections open or being opened
-        self._slot_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._open = 0  # connections open or being opened (the slots taken)
+        # Oldest first; each gets a connection, or None: a slot of its own to connect with.
+        self._waiters: collections.deque[asyncio.Future[_Connection | None]] = collections.deque()
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
 
@@ -389,7 +537,7 @@ class UpstreamPool:
         lines = [f"{method} {target} HTTP/1.1\r\n", self._host_line]
         for name, value in headers.items():
             if "\r" in value or "\n" in value:
-                raise ValueError(f"newline in the value of request header {name}")
+                raise RequestHeadInvalid(f"newline in the value of request header {name}")
             lines.append(f"{name}: {value}\r\n")
         if method in _DECLARE_EMPTY_BODY and "Content-Length" not in headers:
             lines.append("Content-Length: 0\r\n")
@@ -397,148 +545,123 @@ class UpstreamPool:
         return "".join(lines).encode("utf-8", "surrogateescape")
 
     async def _exchange(self, conn: _Connection, method: str, head: bytes) -> UpstreamResponse:
-        assert conn.transport is not None
-        conn.answered = False
-        conn.busy = True
-        conn.transport.write(head)
-        buffer = conn.buffer
-        for _ in range(_MAX_INTERIM + 1):  # interim (1xx) responses are read and dropped
-            end = buffer.find(b"\r\n\r\n")
-            while end < 0:
-                if len(buffer) > MAX_HEAD:
-                    raise UpstreamBroken("the response head is too large")
-                if conn.closed:
-                    raise UpstreamBroken("the upstream closed the connection")
+        conn.send(head, head_request=method == "HEAD")
+        reader = conn.reader
+        while not reader.head_done:
+            await conn.wait(self.read_timeout)
+        response = UpstreamResponse(self, conn)
+        framing = reader.framing
+        if framing == "length" and reader.length is not None and reader.length <= SMALL_BODY:
+            while not reader.done:
                 await conn.wait(self.read_timeout)
-                end = buffer.find(b"\r\n\r\n")
-            if end > MAX_HEAD:
-                raise UpstreamBroken("the response head is too large")
-            text = buffer[:end].decode("utf-8", "surrogateescape")
-            del buffer[: end + 4]
-            minor, status, reason, fields = _parse_head(text)
-            if status >= 200:
-                break
-            if status == 101:
-                raise UpstreamBroken("the upstream switched protocols unasked")
-        else:
-            raise UpstreamBroken("too many interim responses")
-        headers = CIMultiDict(fields)
-        response = UpstreamResponse(self, conn, status, reason, headers)
-        reusable = minor == 1 and (
-            "Connection" not in headers or "close" not in _connection_tokens(headers)
-        )
-        if method == "HEAD" or status in (204, 304):
-            pass  # no body, whatever the headers say (RFC 9112 §6.3)
-        elif "Transfer-Encoding" in headers:
-            codings = [
-                c.strip(" \t").lower()
-                for v in headers.getall("Transfer-Encoding")
-                for c in v.split(",")
-            ]
-            if minor == 0:
-                raise UpstreamBroken("Transfer-Encoding in an HTTP/1.0 response")
-            if "Content-Length" in headers:
-                # RFC 9112 §6.3 allows letting Transfer-Encoding win; a gateway treats the
-                # pair as what it usually is, an attempt at response splitting.
-                raise UpstreamBroken("both Transfer-Encoding and Content-Length")
-            if codings != ["chunked"]:
-                # Another coding (gzip, ...) would reach the client still applied but no
-                # longer declared (Transfer-Encoding is hop-by-hop): refused, not mangled.
-                raise UpstreamBroken(f"unsupported transfer coding {', '.join(codings)!r}")
-            response._framing = "chunked"
-        elif "Content-Length" in headers:
-            length = _content_length(headers.getall("Content-Length"))
-            if length <= SMALL_BODY:
-                while len(buffer) < length:
-                    if conn.closed:
-                        raise UpstreamBroken("the response body broke off")
-                    await conn.wait(self.read_timeout)
-                response.body = bytes(buffer[:length])
-                del buffer[:length]
-            else:
-                response._framing = "length"
-                response._left = length
-        else:
-            response._framing = "eof"
-            reusable = False
-        if not reusable:
-            conn.reusable = False  # closed once the body is read, never pooled
-        if response._framing == "none":  # bodiless, or the body is read whole already
-            response._conn = None
-            self._release(conn)
+            response.body = reader.take_body()
+        elif framing != "none":
+            return response  # streamed: the connection is the response's until it is read
+        response._conn = None  # bodiless, or the body is read whole already
+        self._release(conn)
         return response
 
     async def _acquire(self, *, fresh: bool = False) -> _Connection:
+        if not fresh:
+            conn = self._take_idle()  # an idle one means nobody is waiting
+            if conn is not None:
+                return conn
+        elif self._open >= self._limit and self._idle:
+            self._idle.popleft()[0].close()  # its slot goes to the longest waiter, or to us
+        if self._open < self._limit and not self._waiters:
+            self._open += 1
+            return await self._connect()
         loop = asyncio.get_running_loop()
-        conn = None if fresh else self._take_idle()
-        while conn is None and self._open >= self._limit:
-            if fresh and self._idle:
-                self._idle.popleft()[0].close()  # its slot is freed when it is gone
-            waiter: asyncio.Future[None] = loop.create_future()
-            self._slot_waiters.append(waiter)
-            try:
-                await waiter
-            except BaseException:
-                if waiter.done() and not waiter.cancelled():
-                    self._wake_slot_waiter()  # pass the slot on
-                raise
-            conn = None if fresh else self._take_idle()
-        if conn is not None:
-            return conn
-        self._open += 1
+        waiter: asyncio.Future[_Connection | None] = loop.create_future()
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                granted = await waiter
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled():
+                self._pass_on(waiter.result())  # granted as we gave up: the next in line's
+            else:
+                waiter.cancel()
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            if isinstance(exc, TimeoutError):
+                raise UpstreamPoolTimeout(
+                    f"all {self._limit} connections stayed busy for {self._connect_timeout:g}s"
+                ) from None
+            raise
+        if granted is not None:
+            return granted
+        return await self._connect()  # the slot is ours (counted when granted)
+
+    async def _connect(self) -> _Connection:
+        """A new connection on a slot already counted in `_open`."""
+        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._connect_timeout):
                 _, conn = await loop.create_connection(
                     lambda: _Connection(self), self._host, self._port
                 )
         except BaseException as exc:
-            self._open -= 1
-            self._wake_slot_waiter()
+            self._slot_freed()
             if isinstance(exc, TimeoutError):
                 raise UpstreamConnectTimeout() from None
             if isinstance(exc, OSError):
                 raise UpstreamUnreachable(str(exc)) from None
             raise
-        conn.counted = True
+        conn.state = _State.ACTIVE  # counted from now: closing it frees the slot
         if self._sweeper is None and not self._closed:
             self._sweeper = loop.call_later(self._keepalive_timeout, self._sweep)
         return conn
 
     def _take_idle(self) -> _Connection | None:
         """The newest idle connection still open and within the keep-alive timeout."""
+        if not self._idle:
+            return None
         now = asyncio.get_running_loop().time()
         while self._idle:
             conn, since = self._idle.pop()
-            if not conn.closed and now - since < self._keepalive_timeout:
+            if conn.state is _State.IDLE and now - since < self._keepalive_timeout:
                 conn.reused = True
                 return conn
             conn.close()
         return None
 
     def _release(self, conn: _Connection) -> None:
-        """A connection whose response was read to its end: pooled, or closed if in doubt."""
-        conn.busy = False
-        if conn.closed or not conn.reusable or conn.buffer or self._closed:
+        """A connection whose response was read to its end: to the longest waiter, pooled,
+        or closed if in doubt."""
+        if conn.state is _State.CLOSED or not conn.reader.reusable or self._closed:
             conn.close()
             return
+        conn.state = _State.IDLE
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                conn.reused = True
+                waiter.set_result(conn)
+                return
         self._idle.append((conn, asyncio.get_running_loop().time()))
-        self._wake_slot_waiter()
 
-    def _lost(self, conn: _Connection) -> None:
-        if not conn.counted:
-            return  # its connect was abandoned; the slot was given back there
-        conn.counted = False
-        self._open -= 1
+    def _pass_on(self, granted: _Connection | None) -> None:
+        """What a waiter was granted but no longer wants."""
+        if granted is None:
+            self._slot_freed()
+        else:
+            self._release(granted)
+
+    def _forget(self, conn: _Connection) -> None:
+        """`conn` was closed: out of the idle list, and its slot to the longest waiter."""
         for i, (idle, _) in enumerate(self._idle):
             if idle is conn:
                 del self._idle[i]
                 break
-        self._wake_slot_waiter()
+        self._slot_freed()
 
-    def _wake_slot_waiter(self) -> None:
-        while self._slot_waiters:
-            waiter = self._slot_waiters.popleft()
+    def _slot_freed(self) -> None:
+        self._open -= 1
+        while self._waiters:
+            waiter = self._waiters.popleft()
             if not waiter.done():
+                self._open += 1  # taken for it now, so no later caller can take it first
                 waiter.set_result(None)
                 return
 

@@ -56,6 +56,11 @@ class UpstreamBroken(UpstreamError):
     """The response is malformed, or the connection ended before it was complete."""
 
 
+class RequestHeadInvalid(UpstreamError, ValueError):
+    """A request head that cannot be sent as it is (a newline in a header value): never
+    sent, so nothing the upstream could misread."""
+
+
 class UpstreamResponse(Protocol):
     """Status and headers of a response; `body` when it was small enough to be read whole
     (and for no bodiless one), else `chunks()` yields it. `close()` gives the connection up

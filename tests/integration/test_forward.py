@@ -119,3 +119,23 @@ async def test_a_response_breaking_off_after_its_head_went_out_is_logged(
     assert f"route=/raw/ upstream={origin} reason={reason} " in line
     assert "the response broke off after its head" in line
     assert "query-secret" not in caplog.text and "/raw/cut" not in caplog.text
+
+
+async def test_no_free_upstream_connection_within_connect_timeout_is_502_and_logged(
+    gateways: GatewayFactory, upstream: Upstream, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.WARNING, logger="idlegate.upstream")
+    gw = await gateways(forward={"pool_size": 1, "connect_timeout": "200ms"})
+    holding = asyncio.ensure_future(gw.get("/public/slow?s=1"))
+    await asyncio.sleep(0.1)
+    started = asyncio.get_running_loop().time()
+    response = await gw.get("/public/queued")
+    assert response.status == 502
+    body = await response.json()
+    assert body["reason"] == "upstream_unavailable"
+    assert body["message"] == "no upstream connection came free in time"
+    assert asyncio.get_running_loop().time() - started < 0.8
+    assert (await holding).status == 200
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "idlegate.upstream"]
+    assert "route=/public/" in line and "UpstreamPoolTimeout" in line
+    assert "connect_timeout 0.2s" in line
