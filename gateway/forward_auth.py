@@ -32,7 +32,8 @@ _METHOD = re.compile(r"[A-Z][A-Z0-9_-]{0,31}")
 _PEER_CACHE_SIZE = 4096
 
 
-@dataclass(frozen=True, slots=True)
+# Made per request: not frozen, whose __init__ costs more (as store.base.Touch).
+@dataclass(slots=True)
 class OriginalRequest:
     """The request the edge proxy is about to forward: method, raw path, raw query."""
 
