@@ -172,10 +172,56 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rounds.append(row)
         bench.results["rounds"] = rounds
         bench.results["median"] = summary(rounds, [t.name for t in targets])
+        if args.rate > 0:
+            bench.results["cpucost"] = cpucost(bench, targets[1:], tokens, args)
     finally:
         bench.procs.stop_all()
         (out / "results.json").write_text(json.dumps(bench.results, indent=2, default=str))
     return bench.results
+
+
+def cpucost(
+    bench: ForwardAuthBench, targets: list[Target], tokens: Path, args: argparse.Namespace
+) -> dict[str, Any]:
+    """idlegate CPU µs per request at one fixed open-loop rate, the same for both modes: under
+    wrk's closed loop each mode runs at its own rate, and a busier event loop batches more
+    work per wake-up, which flatters the faster mode per CPU-second."""
+    rows = []
+    for index in range(args.rounds):
+        shift = index % len(targets)
+        row = {}
+        for target in targets[shift:] + targets[:shift]:
+            result = bench.openloop(
+                target, tokens, args.rate, args.duration, f"cpu-r{index + 1}-{target.name}"
+            )
+            row[target.name] = result
+            print(
+                f"  cpucost round {index + 1} {target.name:12s} "
+                f"{result['achieved_rate']:.0f} req/s  {result['cpu_us_per_request']:.0f} µs/req"
+                f"  p50 {result['p50_ms']:.2f} ms  p99 {result['p99_ms']:.2f} ms"
+                f"  other {result['foreign_cpu_util']:.0%}",
+                flush=True,
+            )
+        row["proxy_over_fauth_cpu_us"] = (
+            row["nginx-proxy"]["cpu_us_per_request"] / row["nginx-fauth"]["cpu_us_per_request"]
+        )
+        rows.append(row)
+    median = {
+        name: {
+            key: statistics.median(row[name][key] for row in rows)
+            for key in ("cpu_us_per_request", "achieved_rate", "p50_ms", "p99_ms")
+        }
+        for name in ("nginx-proxy", "nginx-fauth")
+    }
+    median["proxy_over_fauth_cpu_us"] = statistics.median(
+        row["proxy_over_fauth_cpu_us"] for row in rows
+    )
+    print(
+        f"  cpucost: proxy / forward-auth idlegate CPU per request = "
+        f"{median['proxy_over_fauth_cpu_us']:.2f}",
+        flush=True,
+    )
+    return {"rate": args.rate, "rounds": rows, "median": median}
 
 
 def summary(rounds: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
@@ -207,6 +253,12 @@ def main() -> int:
     parser.add_argument("--quiet-wait", type=float, default=20.0)
     parser.add_argument("--max-foreign", type=float, default=0.10)
     parser.add_argument("--retries", type=int, default=1)
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=1500.0,
+        help="open-loop req/s of the CPU-per-request phase, both modes (0: skip it)",
+    )
     args = parser.parse_args()
     for tool in ("wrk", "redis-server"):
         if shutil.which(tool) is None:
@@ -214,7 +266,7 @@ def main() -> int:
             return 2
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     results = run(args)
-    print(json.dumps(results["median"], indent=2))
+    print(json.dumps({k: results.get(k) for k in ("median", "cpucost")}, indent=2, default=str))
     return 0
 
 
