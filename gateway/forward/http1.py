@@ -61,32 +61,9 @@ class ResponseReader:
     refuses what llhttp accepts but a proxy should not pass on: versions other than 1.0 and
     1.1, status below 100, 101 unasked, more than 8 interim responses, controls in the reason,
     transfer codings other than `chunked` (or any in HTTP/1.0), Content-Length over 18
-    digits, and more than `MAX_HEADERS` fields or `MAX_HEAD` bytes of head or of trailers.
+    digits, more than `MAX_HEADERS` fields, and more than `MAX_HEAD` bytes of a head, of
+    trailers or of framing between two chunks (llhttp's binding collects a field whole).
     """
-
-    __slots__ = (
-        "_fed",
-        "_head_bytes",
-        "_head_request",
-        "_interim",
-        "_interim_pending",
-        "_parser",
-        "_reason",
-        "_record",
-        "_trailer_bytes",
-        "body",
-        "buffered",
-        "codings",
-        "done",
-        "error",
-        "fields",
-        "framing",
-        "head_done",
-        "keep_alive",
-        "length",
-        "reusable",
-        "status",
-    )
 
     def __init__(self) -> None:
         self._parser = httptools.HttpResponseParser(self)
@@ -100,7 +77,7 @@ class ResponseReader:
         self._record: bytearray | None = bytearray() if head_request else None
         self._interim = 0
         self._interim_pending = False
-        self._fed = 0  # bytes fed before the final head was complete
+        self._loose = 0  # bytes fed since the last head or chunk boundary, body not counted
         self._trailer_bytes = 0
         self._new_head()
         self.head_done = False  # the final (non-1xx) head is complete
@@ -127,10 +104,9 @@ class ResponseReader:
         """Parse what arrived; a refusal is kept in `error` (the connection is then done for)."""
         if self.error is not None:
             return
-        if not self.head_done:
-            self._fed += len(data)
-            if self._record is not None:
-                self._record += data
+        self._loose += len(data)
+        if self._record is not None:
+            self._record += data
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -146,9 +122,8 @@ class ResponseReader:
             else:
                 self._fail(UpstreamBroken(f"malformed response: {exc}"))
             return
-        if not self.head_done and self._fed > MAX_HEAD * (self._interim + 1):
-            # A head still incomplete (a field without end): llhttp would keep collecting it.
-            self._fail(UpstreamBroken("the response head is too large"))
+        if self._loose > MAX_HEAD:  # a field without end, which httptools would keep collecting
+            self._fail(UpstreamBroken("the response head or a chunk's framing is too large"))
 
     def end_of_stream(self) -> None:
         """The upstream closed its side: the end of a close-delimited body, else a break."""
@@ -243,6 +218,7 @@ class ResponseReader:
                 raise UpstreamBroken("too many interim responses")
             self._interim_pending = True
             self._new_head()
+            self._loose = 0
             return
         self.status = status
         if version == "1.0":
@@ -266,6 +242,7 @@ class ResponseReader:
         if not self.keep_alive:
             self.reusable = False
         self.head_done = True
+        self._loose = 0
         if self._head_request:
             self.done = True
             raise _Stop  # llhttp would wait for the body the headers announce
@@ -273,6 +250,12 @@ class ResponseReader:
     def on_body(self, body: bytes) -> None:
         self.body.append(body)
         self.buffered += len(body)
+        self._loose -= len(body)
+
+    def on_chunk_header(self) -> None:
+        self._loose = 0
+
+    on_chunk_complete = on_chunk_header
 
     def on_message_complete(self) -> None:
         if self._interim_pending:
@@ -291,17 +274,6 @@ class _State(enum.Enum):
 class _Connection(asyncio.Protocol):
     """One keep-alive connection: bytes are parsed as they arrive, the request task waits
     for what it needs (the head, the small body, the next piece of a streamed one)."""
-
-    __slots__ = (
-        "_paused",
-        "_pool",
-        "_waiter",
-        "answered",
-        "reader",
-        "reused",
-        "state",
-        "transport",
-    )
 
     def __init__(self, pool: UpstreamPool) -> None:
         self._pool = pool

@@ -274,3 +274,21 @@ def test_the_end_of_stream_ends_a_close_delimited_body_and_breaks_any_other():
         reader = read(partial)
         reader.end_of_stream()
         assert isinstance(reader.error, UpstreamBroken) and not reader.done
+
+
+@pytest.mark.parametrize(
+    "opening", [b"0\r\nX-Endless: ", b"2;ext="], ids=["trailer-field", "chunk-extension"]
+)
+def test_chunk_framing_that_never_ends_is_refused_once_past_64_kib(opening: bytes):
+    # httptools collects a field whole before handing it over: without a bound, an endless
+    # trailer field would grow in memory for as long as the upstream keeps sending.
+    reader = read(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n" + opening)
+    for _ in range(MAX_HEAD // 1024 + 1):
+        reader.feed(b"x" * 1024)
+    assert isinstance(reader.error, UpstreamBroken)
+
+
+def test_many_small_chunks_are_no_framing_excess():
+    chunks = b"1\r\nx\r\n" * 100_000  # 500 KB of framing for 100 KB of body
+    reader = read(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n")
+    assert reader.error is None and reader.done and reader.take_body() == b"x" * 100_000
