@@ -7,6 +7,7 @@ import contextlib
 import json
 import sys
 import time
+from collections.abc import Mapping
 from typing import TextIO
 
 
@@ -32,26 +33,28 @@ class AccessLog:
         upstream_ms: float | None,
         total_ms: float,
         mode: str = "proxy",
+        extra: Mapping[str, object] | None = None,
     ) -> None:
+        """`extra`: more fields for this line (a WebSocket's close: duration, messages, reason)."""
         if not self.enabled:
             return
-        line = json.dumps(
-            {
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z",
-                "request_id": request_id,
-                "method": method,
-                "route": route,
-                "status": status,
-                "decision": decision,
-                "reason": reason,
-                "jti": jti,
-                "sub": sub,
-                "upstream_ms": None if upstream_ms is None else round(upstream_ms, 3),
-                "total_ms": round(total_ms, 3),
-                "mode": mode,  # the front door: proxy | forward_auth
-            },
-            separators=(",", ":"),
-        )
+        record: dict[str, object] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z",
+            "request_id": request_id,
+            "method": method,
+            "route": route,
+            "status": status,
+            "decision": decision,
+            "reason": reason,
+            "jti": jti,
+            "sub": sub,
+            "upstream_ms": None if upstream_ms is None else round(upstream_ms, 3),
+            "total_ms": round(total_ms, 3),
+            "mode": mode,  # the front door: proxy | forward_auth
+        }
+        if extra:
+            record.update(extra)
+        line = json.dumps(record, separators=(",", ":"))
         self._stream.write(line + "\n")
         if not self._flush_scheduled:
             self._flush_scheduled = True

@@ -25,18 +25,20 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway import admin, metrics
 from gateway.accesslog import AccessLog
 from gateway.clock import Clock, SystemClock
 from gateway.config import Config, Route
 from gateway.connections import GuardedServer
+from gateway.forward.deadlines import LOG_FIELDS, Deadlines
 from gateway.forward.proxy import Forwarder
+from gateway.forward.websocket import HANDSHAKE_SECONDS, WebSockets, wants_websocket
 from gateway.forward_auth import AUTH_PATH, TrustedPeers, original_request
 from gateway.reasons import Reason, Refusal, render_refusal
 from gateway.revocation import RevocationList
-from gateway.routing import Router
+from gateway.routing import Match, Router
 from gateway.store import StoreConfigError, hasher_from_config, open_store
 from gateway.store.base import Store, StoreUnavailable, TouchResult
 from gateway.tokens import policy
@@ -104,6 +106,8 @@ class Gateway:
         self.hasher = hasher_from_config(config.store, environ)
         self.store: Store = open_store(config.store)
         self.revocations = RevocationList(self.store, self.clock, config.store.revocation_poll)
+        self.deadlines = Deadlines(self.clock, self.revocations, config.policy)
+        self.websockets = WebSockets(config, self.store, self.clock, self.deadlines)
         self._key_http: aiohttp.ClientSession | None = None
         self.rings: dict[str, KeyRing] = {}
         self.verifier: Verifier | None = None
@@ -143,6 +147,8 @@ class Gateway:
         await self.forwarder.start()
         await self._refuse_an_evicting_store()
         await self.revocations.start()
+        self.deadlines.start()
+        await self.websockets.start()
         self._publisher = asyncio.create_task(
             self._publish_metrics_every_second(), name="metrics-publisher"
         )
@@ -177,6 +183,8 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._publisher
             self.publish_metrics()  # the last batch, before the process goes
+        await self.websockets.close()
+        await self.deadlines.close()
         await self.revocations.close()
         for ring in self.rings.values():
             await ring.close()
@@ -227,6 +235,9 @@ class Gateway:
                 # Refusals the head alone decides come before the store touches activity.
                 if route.upstream is None:
                     raise Refusal(Reason.NO_ROUTE, "this route is decided for forward-auth only")
+                upgrade = "Upgrade" in request.headers and wants_websocket(request.headers)
+                if upgrade and not route.websocket:
+                    raise Refusal(Reason.WEBSOCKET_NOT_ENABLED)
                 self.forwarder.check_request(request)
                 identity = await self.decide(route, request.query_string, request.headers, outcome)
                 headers = self.forwarder.upstream_headers(
@@ -238,7 +249,17 @@ class Gateway:
                 )
                 upstream_started = time.perf_counter()
                 try:
-                    response = await self.forwarder.forward(request, match, headers, request_id)
+                    if upgrade:
+                        response = await self._websocket(request, match, headers, outcome.token)
+                    elif route.stream_deadline and outcome.token is not None:
+                        response = await self.deadlines.stream(
+                            request,
+                            outcome.token,
+                            match.label,
+                            self.forwarder.forward(request, match, headers, request_id),
+                        )
+                    else:
+                        response = await self.forwarder.forward(request, match, headers, request_id)
                 finally:
                     outcome.upstream_ms = (time.perf_counter() - upstream_started) * 1000
         except Refusal as refusal:
@@ -353,6 +374,8 @@ class Gateway:
     ) -> None:
         """Count the request (and, for forward-auth, in its own counter) and log it."""
         elapsed = time.perf_counter() - started
+        if response.status == 101:  # a relayed WebSocket, now closed: its handshake's time
+            elapsed = response.get(HANDSHAKE_SECONDS, elapsed)
         self._count(outcome, elapsed)
         if mode == "forward_auth":
             key = (outcome.route, outcome.decision, outcome.reason)
@@ -376,7 +399,29 @@ class Gateway:
                 upstream_ms=outcome.upstream_ms,
                 total_ms=elapsed * 1000,
                 mode=mode,
+                extra=response.get(LOG_FIELDS),
             )
+
+    async def _websocket(
+        self,
+        request: web.BaseRequest,
+        match: Match,
+        headers: CIMultiDict[str],
+        token: VerifiedToken | None,
+    ) -> web.StreamResponse:
+        """An authorised handshake on a `websocket: true` route: relayed until it closes."""
+        route = match.route
+        assert route.upstream is not None, "handle refuses routes without an upstream"
+        query = request.raw_path.partition("?")[2]
+        return await self.websockets.relay(
+            request,
+            route.upstream + match.upstream_path + ("?" + query if query else ""),
+            headers,
+            match.label,
+            token,
+            policy.idle_timeout_for(self._policy, route),
+            extend=route.activity == "extend",
+        )
 
     def _count(self, outcome: _Outcome, elapsed: float) -> None:
         key = (outcome.route, outcome.decision, outcome.reason)

@@ -331,6 +331,12 @@ class Route(_Model):
     idle_timeout: Duration | None = None
     auth: Literal["required", "none"] = "required"
     activity: Literal["extend", "passive"] = "extend"
+    # True: `Upgrade: websocket` is relayed (docs/websockets.md); the socket is closed at the
+    # token's deadlines. False: such an upgrade is refused 400 websocket_not_enabled.
+    websocket: bool = False
+    # True: long responses (SSE, long polls, downloads) are cut at the token's exp, its
+    # max_session_age or its revocation.
+    stream_deadline: bool = False
 
     @field_validator("upstream")
     @classmethod
@@ -362,8 +368,15 @@ class Forward(_Model):
     # Upstream connections per process: at most this many to each upstream origin for
     # bodyless requests (the lean client), and this many in all for requests with a body.
     pool_size: int = Field(default=256, ge=1)
+    # WebSocket routes: the largest message relayed either way (larger: close 1009).
+    websocket_max_message: Size = 1024 * 1024
+    # WebSocket client messages are written to the store as activity at most once per token
+    # per this interval: the store's last_activity lags the last message by at most this much.
+    websocket_activity_interval: Duration = 10.0
 
-    @field_validator("connect_timeout", "read_timeout", "keepalive_timeout")
+    @field_validator(
+        "connect_timeout", "read_timeout", "keepalive_timeout", "websocket_activity_interval"
+    )
     @classmethod
     def _positive(cls, seconds: float) -> float:
         # 0 never meant "no limit" to us: an upstream that never answers would hold the
@@ -467,6 +480,11 @@ class Config(_Model):
                 problems.append(
                     f"routes.{i}.idle_timeout: may only be shorter than policy.idle_timeout "
                     f"(route {route.prefix})"
+                )
+            if route.stream_deadline and route.auth == "none":
+                problems.append(
+                    f"routes.{i}.stream_deadline: needs auth: required (a public route has no "
+                    f"token whose deadlines could cut it; route {route.prefix})"
                 )
         problems.extend(self._forward_auth_problems())
         if problems:

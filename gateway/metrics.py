@@ -123,6 +123,23 @@ CLIENT_TIMEOUTS = Counter(
     "complete in time).",
     ["timeout"],
 )
+WEBSOCKETS_OPEN = Gauge(
+    "idlegate_websockets_open",
+    "WebSockets relayed right now (also counted in idlegate_in_flight_requests).",
+    multiprocess_mode="livesum",
+)
+WEBSOCKET_CLOSES = Counter(
+    "idlegate_websocket_closes_total",
+    "Relayed WebSockets closed, by route prefix and reason (a reason code such as expired, "
+    "idle_timeout, revoked, session_too_old, store_unavailable; or client_closed, "
+    "upstream_closed, message_too_big, drain).",
+    ["route", "reason"],
+)
+STREAM_CUTS = Counter(
+    "idlegate_stream_cuts_total",
+    "Responses on stream_deadline routes cut at a token deadline, by route prefix and reason.",
+    ["route", "reason"],
+)
 
 
 class BatchedHistogram:

@@ -97,6 +97,12 @@ class Reason(enum.Enum):
         "invalid_request",
         "the forward-auth request does not say which request to decide",
     )
+    WEBSOCKET_NOT_ENABLED = _Outcome(
+        "websocket_not_enabled",
+        400,
+        "invalid_request",
+        "this route does not accept WebSocket upgrades",
+    )
     PAYLOAD_TOO_LARGE = _Outcome("payload_too_large", 413, None, "the request body is too large")
     STORE_UNAVAILABLE = _Outcome(
         "store_unavailable", 503, None, "the session store is unavailable, retry shortly"

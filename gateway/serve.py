@@ -99,6 +99,7 @@ class Running:
         """Readiness off at once, stop accepting, let in-flight requests finish (up to
         `shutdown_grace`, in total), then close upstream and store connections."""
         self.gateway.draining = True
+        self.gateway.websockets.start_drain(self.gateway.config.server.shutdown_grace)
         request_runners = [self.proxy] + ([self.forward_auth] if self.forward_auth else [])
         for runner in request_runners:
             for site in list(runner.sites):

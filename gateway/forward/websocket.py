@@ -1,0 +1,543 @@
+"""WebSockets through the gateway, closed when the token that opened them may no longer be used.
+
+The handshake is decided like any request (route, token, scopes, revocation, session age, one
+store round trip that counts as activity) by `Gateway.handle`, which then hands it here. The
+relay opens the upstream socket first (aiohttp client, ws:// or wss:// after the route's
+http:// or https://), offering the client's subprotocols, and answers the client with the one
+the upstream chose; the identity, X-Forwarded-* and X-Request-ID headers go upstream on the
+handshake as on any request. Then messages are relayed both ways as they come: text stays text,
+binary stays binary, pings and pongs are passed through (the gateway answers none itself, so
+liveness is end to end), close codes and reasons are passed through both ways. A message over
+`forward.websocket_max_message` closes its sender's side with 1009.
+
+While the socket is open, the gateway closes it (1008, the reason code as close reason) at the
+first of: the token's exp, its max_session_age, its revocation (`deadlines.py`), or its idle
+timeout without client messages. Client text/binary messages are activity (pings and pongs are
+not): written to the shared store at most once per token per
+`forward.websocket_activity_interval` (the store's last activity lags by at most that much);
+when the store says the token is idle (activity at other replicas counts), the socket closes.
+If the store fails during those writes or checks, `store.on_error` applies: deny closes with
+1011 store_unavailable (a retryable server condition, not a policy refusal); allow keeps the
+socket open; grace keeps it open while the socket itself saw a client message within the idle
+timeout. At drain the sockets get 1001 one second before shutdown_grace ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from typing import Any
+
+import aiohttp
+from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp.http_websocket import WebSocketError
+from multidict import CIMultiDict, MultiMapping
+from yarl import URL
+
+from gateway import metrics
+from gateway.clock import Clock
+from gateway.config import Config
+from gateway.forward.deadlines import LOG_FIELDS, Deadlines, Watched
+from gateway.reasons import Reason, Refusal
+from gateway.store.base import Store, StoreUnavailable, TouchResult
+from gateway.tokens import policy
+from gateway.tokens.verify import VerifiedToken
+
+log = logging.getLogger("idlegate.websocket")
+
+# How long each side gets to answer the gateway's close frame before its connection is cut.
+CLOSE_HANDSHAKE = 1.0
+# Set on the client's WebSocketResponse: the handshake's own duration, for the request metrics.
+HANDSHAKE_SECONDS = web.ResponseKey("idlegate.handshake_seconds", float)
+# Close codes that may not be sent in a close frame (RFC 6455 §7.4.1).
+_UNSENDABLE = frozenset({1004, 1005, 1006, 1015})
+_HANDSHAKE_HEADERS = (
+    "Sec-WebSocket-Key",
+    "Sec-WebSocket-Version",
+    "Sec-WebSocket-Extensions",
+    "Sec-WebSocket-Protocol",
+    "Sec-WebSocket-Accept",
+)
+
+
+def _has_token(headers: MultiMapping[str], name: str, token: str) -> bool:
+    return any(
+        part.strip().lower() == token
+        for value in headers.getall(name, ())
+        for part in value.split(",")
+    )
+
+
+def wants_websocket(headers: MultiMapping[str]) -> bool:
+    """Does the request ask to upgrade to WebSocket: `websocket` in Upgrade, and `upgrade` in
+    Connection (RFC 6455 §4.2.1; without it Upgrade is an inert hop-by-hop header, removed)?"""
+    return _has_token(headers, "Upgrade", "websocket") and _has_token(
+        headers, "Connection", "upgrade"
+    )
+
+
+def _sendable(code: Any, fallback: int = WSCloseCode.OK) -> int:
+    if isinstance(code, int) and 1000 <= code <= 4999 and code not in _UNSENDABLE:
+        return code
+    return fallback
+
+
+def _offered_protocols(headers: MultiMapping[str]) -> list[str]:
+    return [
+        part.strip()
+        for value in headers.getall("Sec-WebSocket-Protocol", ())
+        for part in value.split(",")
+        if part.strip()
+    ]
+
+
+class _End(Exception):
+    """How a relay ended: the metric reason, and the close frame each side gets."""
+
+    def __init__(
+        self,
+        reason: str,
+        client: tuple[int, str] | None,
+        upstream: tuple[int, str] | None,
+    ) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.client = client  # (code, reason) to send the client; None: it closed already
+        self.upstream = upstream
+
+
+class _Socket:
+    """One relayed WebSocket: both ends, counters, and its activity/idle bookkeeping."""
+
+    def __init__(
+        self,
+        client: web.WebSocketResponse,
+        upstream: aiohttp.ClientWebSocketResponse,
+        token: VerifiedToken | None,
+        idle_timeout: float,
+        extend: bool,
+        now: float,
+    ) -> None:
+        self.client = client
+        self.upstream = upstream
+        self.token = token
+        self.idle_timeout = idle_timeout
+        self.extend = extend
+        self.wake = asyncio.Event()
+        self.watched: Watched | None = None
+        self.messages_in = 0  # client -> upstream
+        self.messages_out = 0  # upstream -> client
+        self.end: _End | None = None  # set by a deadline, the store or the drain
+        # Latest client message not written to the store yet (its time), if any.
+        self.pending: float | None = None
+        # The handshake was this socket's activity when it counted as one (extend).
+        self.last_local = now if extend else -math.inf
+        # Latest last_activity known to be in the store (a passive handshake knows none: the
+        # first idle check then asks the store at once).
+        self.known_last = now if extend else -math.inf
+
+    def stop(self, end: _End) -> None:
+        if self.end is None:
+            self.end = end
+        self.wake.set()
+
+    def wake_at(self, when: float) -> None:
+        watched = self.watched
+        if watched is not None and (watched.wake_at is None or when < watched.wake_at):
+            watched.wake_at = when
+
+
+class WebSockets:
+    """The process's WebSocket relays (one upstream ClientSession for all of them)."""
+
+    def __init__(self, config: Config, store: Store, clock: Clock, deadlines: Deadlines) -> None:
+        self._config = config
+        self._policy = config.policy
+        self._on_error = config.store.on_error
+        self._store = store
+        self._clock = clock
+        self._deadlines = deadlines
+        self._max_message = config.forward.websocket_max_message
+        self._interval = config.forward.websocket_activity_interval
+        self._session: aiohttp.ClientSession | None = None
+        self._open: set[_Socket] = set()
+        # Coalescing per token (track key), across this process's sockets of that token: when
+        # its activity was last written, and how many open sockets share the entry.
+        self._written: dict[str, float] = {}
+        self._users: dict[str, int] = {}
+        self._drain: asyncio.Task[None] | None = None
+        self._closes: dict[tuple[str, str], Any] = {}
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    async def start(self) -> None:
+        forward = self._config.forward
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(
+                total=None, sock_connect=forward.connect_timeout, sock_read=forward.read_timeout
+            ),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("User-Agent",),
+        )
+
+    def start_drain(self, grace: float) -> None:
+        """SIGTERM: sockets keep working during the drain, then get 1001 going away one
+        CLOSE_HANDSHAKE before `grace` ends (at once for a shorter grace), so that the drain,
+        which waits for them as in-flight requests, ends within the grace."""
+        if self._drain is None:
+            self._drain = asyncio.create_task(
+                self._close_all_after(max(0.0, grace - CLOSE_HANDSHAKE)), name="websocket-drain"
+            )
+
+    async def _close_all_after(self, delay: float) -> None:
+        if self._open:
+            await asyncio.sleep(delay)
+        self._closing_all = True
+        for socket in tuple(self._open):
+            socket.stop(_End("drain", (WSCloseCode.GOING_AWAY, "drain"), _going_away("drain")))
+
+    _closing_all = False
+
+    async def close(self) -> None:
+        if self._drain is not None:
+            self._drain.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._drain
+        if self._session is not None:
+            await self._session.close()
+
+    async def relay(
+        self,
+        request: web.BaseRequest,
+        target: str,
+        headers: CIMultiDict[str],
+        route: str,
+        token: VerifiedToken | None,
+        idle_timeout: float,
+        *,
+        extend: bool,
+    ) -> web.StreamResponse:
+        """Relay one authorised WebSocket handshake to `target` (the upstream URL) and then its
+        messages, until either side closes or the token meets a deadline."""
+        assert self._session is not None, "WebSockets.start() was not awaited"
+        started = time.perf_counter()
+        if not web.WebSocketResponse().can_prepare(request).ok:
+            raise Refusal(Reason.MALFORMED_REQUEST, "not a valid WebSocket handshake")
+        upstream_headers = CIMultiDict(headers)
+        for name in _HANDSHAKE_HEADERS:
+            upstream_headers.popall(name, None)
+        url = URL(target, encoded=True)
+        url = url.with_scheme("wss" if url.scheme == "https" else "ws")
+        try:
+            upstream = await self._session.ws_connect(
+                url,
+                protocols=_offered_protocols(request.headers),
+                headers=upstream_headers,
+                autoclose=False,
+                autoping=False,
+                max_msg_size=self._max_message,
+                compress=0,
+                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=CLOSE_HANDSHAKE),
+            )
+        except aiohttp.WSServerHandshakeError as exc:
+            # The upstream answered, but not with a WebSocket: whatever it said (404, 403, a
+            # plain 200), the client's socket cannot be relayed.
+            raise Refusal(
+                Reason.UPSTREAM_UNAVAILABLE,
+                f"the upstream refused the WebSocket handshake (status {exc.status})",
+            ) from None
+        except aiohttp.ServerTimeoutError as exc:
+            if isinstance(exc, aiohttp.ConnectionTimeoutError):
+                raise Refusal(Reason.UPSTREAM_UNAVAILABLE, "connecting timed out") from None
+            raise Refusal(Reason.UPSTREAM_TIMEOUT) from None
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            raise Refusal(Reason.UPSTREAM_UNAVAILABLE) from None
+        chosen = upstream.protocol
+        client = web.WebSocketResponse(
+            protocols=(chosen,) if chosen is not None else (),  # the upstream's choice
+            autoping=False,
+            autoclose=False,
+            max_msg_size=self._max_message,
+            compress=False,
+            timeout=CLOSE_HANDSHAKE,
+        )
+        try:
+            await client.prepare(request)
+        except BaseException:
+            await upstream.close(code=WSCloseCode.GOING_AWAY)
+            raise
+        now = self._clock.now()
+        socket = _Socket(client, upstream, token, idle_timeout, extend, now)
+        client[HANDSHAKE_SECONDS] = time.perf_counter() - started
+        opened = time.perf_counter()
+        end = await self._run(socket, route)
+        fields: dict[str, object] = {
+            "websocket": {
+                "duration_s": round(time.perf_counter() - opened, 3),
+                "messages_in": socket.messages_in,
+                "messages_out": socket.messages_out,
+                "close_reason": end.reason,
+                "close_code": end.client[0] if end.client else client.close_code,
+                "subprotocol": chosen,
+            }
+        }
+        client[LOG_FIELDS] = fields
+        return client
+
+    # -- one socket ------------------------------------------------------------------------
+
+    async def _run(self, socket: _Socket, route: str) -> _End:
+        token = socket.token
+        key = token.track_key if token is not None else None
+        if key is not None:
+            self._users[key] = self._users.get(key, 0) + 1
+        if token is not None:
+            socket.watched = self._deadlines.watch(
+                token,
+                lambda reason: socket.stop(_deadline_end(reason)),
+                socket.wake.set,
+            )
+            self._schedule(socket)
+        self._open.add(socket)
+        metrics.WEBSOCKETS_OPEN.inc()
+        pumps = (
+            asyncio.create_task(self._from_client(socket)),
+            asyncio.create_task(self._from_upstream(socket)),
+        )
+        for pump in pumps:
+            pump.add_done_callback(lambda _task: socket.wake.set())
+        if self._closing_all:
+            socket.stop(_End("drain", (WSCloseCode.GOING_AWAY, "drain"), _going_away("drain")))
+        end: _End | None = None
+        try:
+            while True:
+                await socket.wake.wait()
+                socket.wake.clear()
+                end = socket.end or _finished(pumps)
+                if end is not None:
+                    break
+                await self._activity(socket, key)
+                end = socket.end
+                if end is not None:
+                    break
+        except asyncio.CancelledError:
+            end = _End("cancelled", _going_away("drain"), _going_away("drain"))
+            raise
+        finally:
+            final = end or _End("cancelled", _going_away("drain"), _going_away("drain"))
+            for pump in pumps:
+                pump.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+            await self._close_both(socket, final)
+            self._open.discard(socket)
+            metrics.WEBSOCKETS_OPEN.dec()
+            if socket.watched is not None:
+                self._deadlines.forget(socket.watched)
+            if key is not None:
+                self._users[key] -= 1
+                if not self._users[key]:
+                    del self._users[key]
+                    self._written.pop(key, None)
+            self._count_close(route, final.reason)
+            if token is not None and final.reason not in ("client_closed", "upstream_closed"):
+                log.info("websocket closed: %s (jti=%s sub=%s)", final.reason, token.jti, token.sub)
+        return final
+
+    def _count_close(self, route: str, reason: str) -> None:
+        counter = self._closes.get((route, reason))
+        if counter is None:
+            counter = self._closes[(route, reason)] = metrics.WEBSOCKET_CLOSES.labels(route, reason)
+        counter.inc()
+
+    async def _close_both(self, socket: _Socket, end: _End) -> None:
+        async def close(ws: Any, frame: tuple[int, str] | None) -> None:
+            code, reason = frame if frame is not None else (WSCloseCode.OK, "")
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(
+                    ws.close(code=code, message=reason.encode()[:123]), CLOSE_HANDSHAKE + 0.5
+                )
+
+        await asyncio.gather(close(socket.client, end.client), close(socket.upstream, end.upstream))
+
+    async def _from_client(self, socket: _Socket) -> _End:
+        client, upstream = socket.client, socket.upstream
+        note = self._note_activity if socket.extend and socket.token is not None else None
+        while True:
+            msg = await client.receive()
+            kind = msg.type
+            try:
+                if kind is WSMsgType.TEXT:
+                    await upstream.send_str(msg.data)
+                elif kind is WSMsgType.BINARY:
+                    await upstream.send_bytes(msg.data)
+                elif kind is WSMsgType.PING:
+                    await upstream.ping(msg.data)
+                    continue
+                elif kind is WSMsgType.PONG:
+                    await upstream.pong(msg.data)
+                    continue
+                elif kind is WSMsgType.CLOSE:
+                    code = _sendable(msg.data)
+                    return _End("client_closed", (code, ""), (code, msg.extra or ""))
+                else:
+                    return _broken(msg.data, "client")
+            except (ConnectionError, aiohttp.ClientError, RuntimeError):
+                return _End("upstream_closed", (WSCloseCode.BAD_GATEWAY, "upstream_closed"), None)
+            socket.messages_in += 1
+            if note is not None:
+                note(socket)
+
+    async def _from_upstream(self, socket: _Socket) -> _End:
+        client, upstream = socket.client, socket.upstream
+        while True:
+            msg = await upstream.receive()
+            kind = msg.type
+            try:
+                if kind is WSMsgType.TEXT:
+                    await client.send_str(msg.data)
+                elif kind is WSMsgType.BINARY:
+                    await client.send_bytes(msg.data)
+                elif kind is WSMsgType.PING:
+                    await client.ping(msg.data)
+                    continue
+                elif kind is WSMsgType.PONG:
+                    await client.pong(msg.data)
+                    continue
+                elif kind is WSMsgType.CLOSE:
+                    code = _sendable(msg.data)
+                    return _End("upstream_closed", (code, msg.extra or ""), (code, ""))
+                else:
+                    return _broken(msg.data, "upstream")
+            except (ConnectionError, aiohttp.ClientError, RuntimeError):
+                return _End("client_closed", None, _going_away("client_closed"))
+            socket.messages_out += 1
+
+    # -- activity and idleness -------------------------------------------------------------
+
+    def _note_activity(self, socket: _Socket) -> None:
+        """A client message: activity, written to the store at once if this token's last
+        write is an interval old, else when it is (coalesced)."""
+        now = self._clock.now()
+        socket.last_local = now
+        first = socket.pending is None
+        socket.pending = now
+        if first:
+            assert socket.token is not None
+            due = self._written.get(socket.token.track_key, -math.inf) + self._interval
+            if now >= due:
+                socket.wake.set()
+            else:
+                socket.wake_at(due)
+
+    async def _activity(self, socket: _Socket, key: str | None) -> None:
+        """Write pending activity when due, check idleness against the store when due, and
+        set the next wake-up."""
+        token = socket.token
+        if token is None or key is None:
+            return
+        now = self._clock.now()
+        pending = socket.pending
+        if pending is not None and now >= self._written.get(key, -math.inf) + self._interval:
+            socket.pending = None
+            result = await self._touch(socket, token, pending, extend=True)
+            self._written[key] = self._clock.now()
+            if result is None:
+                if socket.end is not None:
+                    return
+                socket.pending = socket.pending or pending  # retried after an interval
+            else:
+                socket.known_last = max(socket.known_last, pending, result.last_activity)
+        if socket.pending is not None:
+            socket.known_last = max(socket.known_last, socket.pending)  # local, written soon
+        now = self._clock.now()
+        if policy.is_idle(socket.known_last, now, socket.idle_timeout):
+            result = await self._touch(socket, token, now, extend=False)
+            if socket.end is not None:
+                return
+            if result is None:  # store failed, on_error allowed it: ask again in an interval
+                socket.known_last = now - socket.idle_timeout + self._interval
+            else:
+                socket.known_last = max(socket.known_last, result.last_activity)
+        self._schedule(socket)
+
+    def _schedule(self, socket: _Socket) -> None:
+        watched = socket.watched
+        if watched is None:
+            return
+        # Idle from strictly after known_last + idle_timeout: the first tick past it checks
+        # (the ticker wakes from `wake_at` on). A store check only happens once the clock is
+        # past that point, and its answer moves known_last, so checks never repeat faster
+        # than the clock moves (nor faster than a TICK).
+        when = math.nextafter(socket.known_last + socket.idle_timeout, math.inf)
+        if socket.pending is not None and socket.token is not None:
+            flush = self._written.get(socket.token.track_key, -math.inf) + self._interval
+            when = min(when, flush)
+        watched.wake_at = when
+
+    async def _touch(
+        self, socket: _Socket, token: VerifiedToken, at: float, *, extend: bool
+    ) -> TouchResult | None:
+        """One store round trip; None when the store failed and on_error let the socket
+        live (or ended it: then `socket.end` is set)."""
+        touch = policy.touch_for(token, self._policy, socket.idle_timeout, at, extend=extend)
+        try:
+            result = await self._store.check_and_touch(touch)
+        except StoreUnavailable:
+            now = self._clock.now()
+            if self._on_error == "allow":
+                metrics.STORE_FALLBACKS.labels("allow").inc()
+                log.warning("store unavailable: websocket of jti=%s kept unchecked", token.jti)
+                return None
+            if self._on_error == "grace" and not policy.is_idle(
+                socket.last_local, now, socket.idle_timeout
+            ):
+                metrics.STORE_FALLBACKS.labels("grace").inc()
+                return None
+            code = Reason.STORE_UNAVAILABLE.code
+            socket.stop(_End(code, (WSCloseCode.INTERNAL_ERROR, code), _going_away(code)))
+            return None
+        if result.idle:
+            code = policy.idle_reason(self._policy).code
+            socket.stop(_End(code, (WSCloseCode.POLICY_VIOLATION, code), _going_away(code)))
+        return result
+
+
+def _going_away(reason: str) -> tuple[int, str]:
+    return (WSCloseCode.GOING_AWAY, reason)
+
+
+def _deadline_end(reason: Reason) -> _End:
+    return _End(reason.code, (WSCloseCode.POLICY_VIOLATION, reason.code), _going_away(reason.code))
+
+
+def _finished(pumps: tuple[asyncio.Task[_End], ...]) -> _End | None:
+    for pump in pumps:
+        if pump.done():
+            if pump.cancelled():
+                return _End("cancelled", _going_away("drain"), _going_away("drain"))
+            exc = pump.exception()
+            if exc is not None:
+                log.error("websocket relay failed", exc_info=exc)
+                return _End(
+                    "internal_error",
+                    (WSCloseCode.INTERNAL_ERROR, "internal_error"),
+                    _going_away(""),
+                )
+            return pump.result()
+    return None
+
+
+def _broken(data: Any, side: str) -> _End:
+    """A side's connection ended without a close frame, or sent a message over the limit."""
+    if isinstance(data, WebSocketError) and data.code == WSCloseCode.MESSAGE_TOO_BIG:
+        # aiohttp already closed the sender's side with 1009.
+        if side == "client":
+            return _End("message_too_big", None, _going_away("message_too_big"))
+        return _End("message_too_big", (WSCloseCode.MESSAGE_TOO_BIG, "message_too_big"), None)
+    if side == "client":
+        return _End("client_closed", None, _going_away("client_closed"))
+    return _End("upstream_closed", (WSCloseCode.BAD_GATEWAY, "upstream_closed"), None)
