@@ -105,7 +105,8 @@ class Running:
             for site in list(runner.sites):
                 await site.stop()  # no new connections
             if runner.server is not None:
-                runner.server.pre_shutdown()  # idle keep-alives close; busy ones after their reply
+                # Idle keep-alives close; busy ones after their reply; WebSockets at their 1001.
+                self.gateway.websockets.pre_shutdown(runner.server)
         if self.gateway.in_flight:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.gateway.config.server.shutdown_grace):

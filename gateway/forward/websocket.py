@@ -127,6 +127,7 @@ class _Socket:
         self.idle_timeout = idle_timeout
         self.extend = extend
         self.wake = asyncio.Event()
+        self.handler: object = None  # the client connection's aiohttp RequestHandler
         self.watched: Watched | None = None
         self.messages_in = 0  # client -> upstream
         self.messages_out = 0  # upstream -> client
@@ -202,6 +203,15 @@ class WebSockets:
 
     _closing_all = False
 
+    def pre_shutdown(self, server: web.Server) -> None:
+        """`server.pre_shutdown()` (idle keep-alives close, busy ones after their reply), except
+        for connections relaying a WebSocket: aiohttp drops whatever a closing connection
+        receives, and the sockets keep working until their 1001 (`start_drain`)."""
+        relaying = {socket.handler for socket in self._open}
+        for connection in server.connections:
+            if connection not in relaying:
+                connection.close()
+
     async def close(self) -> None:
         if self._drain is not None:
             self._drain.cancel()
@@ -272,6 +282,7 @@ class WebSockets:
             raise
         now = self._clock.now()
         socket = _Socket(client, upstream, token, idle_timeout, extend, now)
+        socket.handler = request.protocol
         client[HANDSHAKE_SECONDS] = time.perf_counter() - started
         opened = time.perf_counter()
         end = await self._run(socket, route)
