@@ -122,6 +122,26 @@ class GuardedServer(web.Server):
         )
 
 
+class GuardedAppRunner(web.AppRunner):
+    """An AppRunner (the admin port) whose connections get the same head deadline."""
+
+    __slots__ = ("_header_timeout",)
+
+    def __init__(self, app: web.Application, *, header_timeout: float, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._header_timeout = header_timeout
+
+    async def _make_server(self) -> web.Server:
+        plain = await super()._make_server()  # the app's startup, its handler and factory
+        return GuardedServer(
+            plain.request_handler,
+            request_factory=plain.request_factory,
+            header_timeout=self._header_timeout,
+            loop=plain._loop,
+            **plain._kwargs,
+        )
+
+
 class Slot:
     """One accepted connection's place under the limit; released exactly once."""
 

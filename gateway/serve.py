@@ -23,7 +23,7 @@ from gateway import __version__
 from gateway.admin import AdminTokenError, load_admin_token
 from gateway.app import Gateway, build_admin_app, build_forward_auth_server, build_proxy_server
 from gateway.config import Config, mask_url
-from gateway.connections import CappedSite, ConnectionLimit
+from gateway.connections import CappedSite, ConnectionLimit, GuardedAppRunner
 
 log = logging.getLogger("idlegate")
 _CLEANUP_TIMEOUT = 0.1
@@ -173,8 +173,9 @@ async def start(
         ),
         shutdown_timeout=_CLEANUP_TIMEOUT,  # the drain itself waits up to shutdown_grace
     )
-    admin = web.AppRunner(
+    admin = GuardedAppRunner(
         build_admin_app(gateway),
+        header_timeout=config.server.header_timeout,
         access_log=None,
         shutdown_timeout=2,
         keepalive_timeout=config.server.keepalive_timeout,

@@ -169,3 +169,16 @@ async def test_beyond_max_connections_a_client_waits_until_one_closes(
     writer.close()
     for _, other in open_ones[1:]:
         other.close()
+
+
+async def test_the_admin_port_cuts_a_slowloris_too(gateways: GatewayFactory):
+    """In Kubernetes the admin port listens on the pod IP (probes, Prometheus)."""
+    gw = await gateways(server={"header_timeout": "1s", "keepalive_timeout": "60s"})
+    host, port = gw.admin_url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    drip = asyncio.create_task(_drip(writer, b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n", 0.1))
+    took, received = await _closed_after(reader, limit=2.5)
+    drip.cancel()
+    writer.close()
+    assert 0.9 <= took <= 2.0, took
+    assert received.startswith(b"HTTP/1.1 408 "), received
