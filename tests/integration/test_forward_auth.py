@@ -313,3 +313,39 @@ async def test_a_route_without_upstream_is_decided_but_never_forwarded(
     assert response.status == 200
     assert await gw.gateway.store.last_activity(key) == gw.clock.now()
     assert upstream.received == []
+
+
+async def test_sessions_session_age_and_on_error_allow_decide_as_on_the_proxy_port(
+    gateways: GatewayFactory, redis_server: RedisServer, clock: ManualClock
+):
+    policy = {
+        "track_by": "sid",
+        "required_claims": ["exp", "iat", "sid"],
+        "max_token_lifetime": "1h",
+        "max_session_age": "8h",
+    }
+    gw = await gateways(
+        store_url=redis_server.url,
+        forward_auth=ENABLED,
+        policy=policy,
+        store={"on_error": "allow"},
+    )
+    first = gw.token(sid="fa-s", ttl=3600, auth_time=clock.now())
+    clock.advance(800)
+    second = gw.token(sid="fa-s", ttl=3600, auth_time=clock.now() - 800)
+    assert (await ask(gw, "/api/x", second)).status == 200
+    clock.advance(800)
+    assert (await gw.get("/api/x", first)).status == 200  # the session was active 800 s ago
+    clock.advance(901)
+    await assert_refusal(await ask(gw, "/api/x", second), 401, "session_idle")
+    later = gw.token(sid="fa-s", ttl=3600, auth_time=clock.now())
+    await assert_refusal(await ask(gw, "/api/x", later), 401, "session_idle")
+    old = gw.token(sid="fa-old", auth_time=clock.now() - 8 * 3600 - 31)
+    await assert_refusal(await ask(gw, "/api/x", old), 401, "session_too_old")
+    redis_server.stop()
+    before = REGISTRY.get_sample_value("idlegate_store_fallbacks_total", {"mode": "allow"}) or 0
+    fresh = gw.token(sid="fa-new", auth_time=clock.now())
+    response = await ask(gw, "/api/x", fresh)
+    assert response.status == 200
+    after = REGISTRY.get_sample_value("idlegate_store_fallbacks_total", {"mode": "allow"})
+    assert after == before + 1
