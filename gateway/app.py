@@ -330,6 +330,10 @@ class Gateway:
             method = original.method
             match = self.router.match(original.path)
             outcome.route = match.label
+            # As on the proxy port, when the edge passes the handshake's Upgrade/Connection on
+            # (nginx does not: there its locations decide which requests may upgrade).
+            if not match.route.websocket and wants_websocket(request.headers):
+                raise Refusal(Reason.WEBSOCKET_NOT_ENABLED)
             identity = await self.decide(match.route, original.query, request.headers, outcome)
             response: web.StreamResponse = web.Response(
                 headers={**identity, "X-Request-ID": request_id}

@@ -349,3 +349,17 @@ async def test_sessions_session_age_and_on_error_allow_decide_as_on_the_proxy_po
     assert response.status == 200
     after = REGISTRY.get_sample_value("idlegate_store_fallbacks_total", {"mode": "allow"})
     assert after == before + 1
+
+
+async def test_a_visible_upgrade_needs_a_websocket_route_as_on_the_proxy_port(
+    gateways: GatewayFactory, upstream: Upstream
+):
+    routes = [
+        {"prefix": "/api/", "upstream": upstream.url},
+        {"prefix": "/ws/", "upstream": upstream.url, "websocket": True},
+    ]
+    gw = await gateways(forward_auth=ENABLED, routes=routes)
+    handshake = {"Upgrade": "websocket", "Connection": "Upgrade"}
+    token = gw.token()
+    await assert_refusal(await ask(gw, "/api/x", token, **handshake), 400, "websocket_not_enabled")
+    assert (await ask(gw, "/ws/feed", token, **handshake)).status == 200

@@ -264,7 +264,7 @@ async def test_websocket_upgrade_is_authorised_at_the_edge(
     http: aiohttp.ClientSession,
 ):
     routes = [
-        {"prefix": "/ws/", "upstream": upstream.url},
+        {"prefix": "/ws/", "upstream": upstream.url, "websocket": True},
         {"prefix": "/api/", "upstream": upstream.url},
     ]
     gw = await gateways(**forward_auth(routes=routes))
