@@ -168,3 +168,14 @@ async def gateways(
     yield make
     for under_test in started:
         await under_test.close()
+
+
+# Sentinel and Cluster fixtures (after RedisServer and free_port, which they build on).
+from redis_topologies import (  # noqa: E402, F401
+    own_cluster,
+    redis_cluster,
+    redis_sentinel,
+    shared_cluster,
+    shared_sentinel,
+    stable_sentinel,
+)

@@ -23,7 +23,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import Connection, SSLConnection
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
@@ -276,6 +276,7 @@ class RedisStore:
         """maxmemory-policy by node (every primary of a Cluster); None where unreadable."""
         client = self._client
         if isinstance(client, RedisCluster):
+            await client.initialize()  # the slot map: which nodes are primaries (no-op once done)
             return {
                 node.name: await _policy_of(
                     lambda *args, node=node: client.execute_command(*args, target_nodes=node)
@@ -351,6 +352,51 @@ async def _policy_of(call: Callable[..., Awaitable[Any]]) -> str | None:
     text = info.decode() if isinstance(info, bytes) else str(info)
     match = re.search(r"^maxmemory_policy:(\S+)", text, re.MULTILINE)
     return match.group(1) if match else None
+
+
+def _sentinel_query_timeout(timeout: float) -> float:
+    """A sentinel's answer must leave room, within store.timeout, to reach the master."""
+    return max(0.02, timeout / 3)
+
+
+class ConcurrentSentinel(Sentinel):
+    """Master discovery that no single sentinel can stall: every sentinel is asked at once,
+    each bounded by `query_timeout`, and the first valid answer wins. redis-py asks them in
+    URL order, each with its retries, so a dead or black-holed first sentinel took the whole
+    store.timeout of every call that opened a connection (a new instance never got ready)."""
+
+    def __init__(
+        self,
+        sentinels: list[tuple[str, int]],
+        *,
+        query_timeout: float,
+        sentinel_kwargs: dict[str, Any],
+    ) -> None:
+        super().__init__(sentinels, sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
+        self._query_timeout = query_timeout
+
+    async def discover_master(self, service_name: str) -> tuple[str, int]:
+        async def ask(sentinel: Redis) -> tuple[str, int]:
+            async with asyncio.timeout(self._query_timeout):
+                masters = await sentinel.sentinel_masters()
+            state = masters.get(service_name) if isinstance(masters, dict) else None
+            if not state or not self.check_master_state(state, service_name):
+                raise MasterNotFoundError(f"{sentinel}: no usable master {service_name!r}")
+            return str(state["ip"]), int(state["port"])
+
+        queries = [asyncio.ensure_future(ask(sentinel)) for sentinel in self.sentinels]
+        errors = []
+        try:
+            for answered in asyncio.as_completed(queries):
+                try:
+                    return await answered
+                except (RedisError, OSError, TimeoutError) as exc:
+                    errors.append(f"{type(exc).__name__}: {exc}" if str(exc) else repr(exc))
+        finally:
+            for query in queries:
+                query.cancel()
+            await asyncio.gather(*queries, return_exceptions=True)
+        raise MasterNotFoundError(f"no sentinel named a master for {service_name!r}: {errors}")
 
 
 def _connection_options(timeout: float) -> dict[str, Any]:
@@ -478,12 +524,20 @@ def client_from_url(url: str, *, timeout: float) -> tuple[RedisClient, tuple[Red
         unknown = set(params) - {"sentinel_password"}
         if unknown:
             raise ValueError(f"unknown option(s) {', '.join(sorted(unknown))}")
-        sentinel_options = {
-            key: value for key, value in options.items() if key.startswith("socket_")
+        # No retries per sentinel (redis-py's default retried a dead one for seconds), and a
+        # connect timeout well below store.timeout; ConcurrentSentinel bounds each query.
+        query_timeout = _sentinel_query_timeout(timeout)
+        sentinel_options: dict[str, Any] = {
+            "socket_connect_timeout": query_timeout,
+            "socket_timeout": None,  # see _connection_options; queries are bounded by asyncio
+            "socket_keepalive": True,
+            "retry": Retry(NoBackoff(), 0),
         }
         if "sentinel_password" in params:
             sentinel_options["password"] = params["sentinel_password"]
-        sentinel = Sentinel(sentinels, sentinel_kwargs=sentinel_options)  # type: ignore[no-untyped-call]
+        sentinel = ConcurrentSentinel(
+            sentinels, query_timeout=query_timeout, sentinel_kwargs=sentinel_options
+        )
         master = sentinel.master_for(
             unquote(service),
             username=username,

@@ -100,23 +100,32 @@ def metric(name: str, op: str) -> float:
     return REGISTRY.get_sample_value(name, {"op": op}) or 0.0
 
 
-@pytest.fixture(params=["memory", "redis"])
+# The store contract on every topology: one redis-server, Sentinel (a master, a replica, three
+# sentinels) and Cluster (three masters, three replicas). `server` answers raw commands (PTTL)
+# where the key lives.
+TOPOLOGIES = {"redis": "redis_server", "sentinel": "stable_sentinel", "cluster": "redis_cluster"}
+
+
+@pytest.fixture(params=["memory", *TOPOLOGIES])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
     if request.param == "memory":
         yield MemoryStore()
         return
-    server: RedisServer = request.getfixturevalue("redis_server")
-    opened = redis_store(server)
+    topology = request.getfixturevalue(TOPOLOGIES[request.param])
+    opened = open_store(StoreConfig(url=topology.url, key_prefix=PREFIX, timeout=1.0))
+    assert isinstance(opened, RedisStore)
+    opened.caller_time = True  # see redis_store
     yield opened
     await opened.close()
 
 
 @pytest.fixture
 def server(store: Store, request: pytest.FixtureRequest) -> RedisServer | None:
-    """The redis-server behind `store`, if any."""
-    if isinstance(store, RedisStore):
-        return request.getfixturevalue("redis_server")  # type: ignore[no-any-return]
-    return None
+    """What answers raw commands for the keys of `store`, if it is Redis."""
+    if not isinstance(store, RedisStore):
+        return None
+    topology = request.getfixturevalue(TOPOLOGIES[request.node.callspec.params["store"]])
+    return getattr(topology, "master", topology)  # type: ignore[no-any-return]
 
 
 # --- idle semantics, both stores -------------------------------------------------------------

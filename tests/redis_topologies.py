@@ -1,0 +1,288 @@
+"""Redis Sentinel and Redis Cluster of the tests' own, on free loopback ports, the way
+conftest's RedisServer is one redis-server: a master, a replica and three sentinels; three
+masters and three replicas joined by `redis-cli --cluster create`. No persistence anywhere.
+
+Sentinels run as `redis-server <conf> --sentinel` (the same binary the redis-sentinel package
+links to); the cluster needs `redis-cli` (redis-tools), which scripts/test installs."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from conftest import RedisServer, free_port
+
+SERVICE = "mymaster"
+
+
+def _wait(condition: object, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _answers(server: RedisServer, *args: str) -> bytes:
+    try:
+        return server.command(*args)
+    except OSError:
+        return b""
+
+
+@dataclass
+class SentinelServer(RedisServer):
+    """One sentinel watching `master_port` under SERVICE (quorum 2, down after 1 s)."""
+
+    master_port: int = 0
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed (scripts/test installs it)")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        conf = self.workdir / f"sentinel-{self.port}.conf"
+        if not conf.exists():  # a restart keeps what the sentinel learnt (it rewrites it)
+            conf.write_text(
+                f"port {self.port}\n"
+                "bind 127.0.0.1\n"
+                f"dir {self.workdir}\n"
+                f"sentinel monitor {SERVICE} 127.0.0.1 {self.master_port} 2\n"
+                f"sentinel down-after-milliseconds {SERVICE} 1000\n"
+                f"sentinel failover-timeout {SERVICE} 5000\n"
+                f"sentinel parallel-syncs {SERVICE} 1\n"
+            )
+        self.process = subprocess.Popen(
+            [binary, str(conf), "--sentinel", "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        _wait(lambda: _answers(self, "PING").startswith(b"+PONG"), "a sentinel to start")
+
+
+@dataclass
+class SentinelSet:
+    master: RedisServer
+    replica: RedisServer
+    sentinels: list[SentinelServer] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+        return f"redis+sentinel://{hosts}/{SERVICE}/0"
+
+    def master_port(self) -> int:
+        """The master as a live sentinel names it now."""
+        for sentinel in self.sentinels:
+            if sentinel.process is None:
+                continue
+            reply = _answers(sentinel, "SENTINEL", "get-master-addr-by-name", SERVICE)
+            parts = reply.split(b"\r\n")
+            if len(parts) >= 5:
+                return int(parts[4])
+        raise RuntimeError("no live sentinel names a master")
+
+    def node(self, port: int) -> RedisServer:
+        return self.master if self.master.port == port else self.replica
+
+    def kill_master(self) -> RedisServer:
+        """SIGKILL the current master; returns the server that was killed."""
+        victim = self.node(self.master_port())
+        assert victim.process is not None
+        victim.process.send_signal(signal.SIGKILL)
+        victim.process.wait(timeout=10)
+        victim.process = None
+        return victim
+
+    def wait_failover(self, old_port: int, timeout: float = 20.0) -> None:
+        _wait(lambda: self.master_port() != old_port, "the sentinels to fail over", timeout)
+
+    def stop(self) -> None:
+        for server in (*self.sentinels, self.replica, self.master):
+            server.stop()
+
+
+def _start_sentinel_set(workdir: Path) -> SentinelSet:
+    master = RedisServer(port=free_port(), workdir=workdir / "master")
+    master.workdir.mkdir(parents=True)
+    master.start()
+    master.command("CONFIG", "SET", "repl-diskless-sync-delay", "0")
+    replica = RedisServer(
+        port=free_port(),
+        workdir=workdir / "replica",
+        extra_args=("--replicaof", "127.0.0.1", str(master.port)),
+    )
+    replica.workdir.mkdir(parents=True)
+    replica.start()
+    replica.command("CONFIG", "SET", "repl-diskless-sync-delay", "0")  # for after a failover
+    topology = SentinelSet(master=master, replica=replica)
+    try:
+        _wait(
+            lambda: b"master_link_status:up" in _answers(replica, "INFO", "replication"),
+            "the replica to sync",
+        )
+        for i in range(3):
+            sentinel = SentinelServer(
+                port=free_port(), workdir=workdir / f"sentinel-{i}", master_port=master.port
+            )
+            sentinel.start()
+            topology.sentinels.append(sentinel)
+
+        def all_know_each_other() -> bool:
+            for sentinel in topology.sentinels:
+                reply = _answers(sentinel, "SENTINEL", "master", SERVICE)
+                fields = reply.split(b"\r\n")[2::2]
+                info = dict(zip(fields[0::2], fields[1::2], strict=False))
+                if info.get(b"num-other-sentinels") != b"2" or info.get(b"num-slaves") != b"1":
+                    return False
+            return True
+
+        _wait(all_know_each_other, "the sentinels to find each other and the replica")
+    except BaseException:
+        topology.stop()
+        raise
+    return topology
+
+
+@pytest.fixture
+def redis_sentinel(tmp_path: Path) -> Iterator[SentinelSet]:
+    """A master, its replica and three sentinels, new for each test (failovers change it)."""
+    topology = _start_sentinel_set(tmp_path / "sentinel")
+    yield topology
+    topology.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_sentinel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelSet]:
+    topology = _start_sentinel_set(tmp_path_factory.mktemp("sentinel"))
+    yield topology
+    topology.stop()
+
+
+@pytest.fixture
+def stable_sentinel(shared_sentinel: SentinelSet) -> SentinelSet:
+    """A Sentinel set shared by the tests that break nothing in it (flushed before each)."""
+    shared_sentinel.master.command("FLUSHALL")
+    return shared_sentinel
+
+
+@dataclass
+class ClusterSet:
+    nodes: list[RedisServer]
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{n.port}" for n in self.nodes[:3])
+        return f"redis+cluster://{hosts}"
+
+    def command(self, *args: str) -> bytes:
+        """A command on the node that owns its key (args[1]): each live node is asked until
+        one answers other than -MOVED (enough for tests: no ASK during a test)."""
+        reply = b""
+        for node in self.nodes:
+            if node.process is None:
+                continue
+            reply = _answers(node, *args)
+            if not reply.startswith(b"-MOVED"):
+                return reply
+        return reply
+
+    def masters(self) -> list[RedisServer]:
+        return [n for n in self.nodes if b"role:master" in _answers(n, "INFO", "replication")]
+
+    def flush(self) -> None:
+        for node in self.masters():
+            node.command("FLUSHALL")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+def _cluster_ports() -> tuple[int, int]:
+    """A free port and a free cluster bus port."""
+    return free_port(), free_port()
+
+
+def _start_cluster(workdir: Path) -> ClusterSet:
+    cli = shutil.which("redis-cli")
+    if cli is None:
+        pytest.fail("redis-cli is not installed (scripts/test installs redis-tools)")
+    nodes = []
+    for i in range(6):
+        port, bus = _cluster_ports()
+        node = RedisServer(
+            port=port,
+            workdir=workdir / f"node-{i}",
+            extra_args=(
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", f"nodes-{port}.conf",
+                "--cluster-node-timeout", "1000",
+                "--cluster-port", str(bus),
+                "--repl-diskless-sync-delay", "0",
+            ),
+        )  # fmt: skip
+        node.workdir.mkdir(parents=True)
+        nodes.append(node)
+    topology = ClusterSet(nodes)
+    try:
+        for node in nodes:
+            node.start()
+        created = subprocess.run(
+            [
+                cli,
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{n.port}" for n in nodes),
+                "--cluster-replicas",
+                "1",
+                "--cluster-yes",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        if created.returncode != 0:
+            raise RuntimeError(
+                f"redis-cli --cluster create failed:\n{created.stdout}{created.stderr}"
+            )
+        _wait(
+            lambda: all(
+                b"cluster_state:ok" in _answers(n, "CLUSTER", "INFO") for n in topology.nodes
+            ),
+            "the cluster to be ok",
+        )
+        _wait(lambda: len(topology.masters()) == 3, "three masters")
+    except BaseException:
+        topology.stop()
+        raise
+    return topology
+
+
+@pytest.fixture(scope="session")
+def shared_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterSet]:
+    topology = _start_cluster(tmp_path_factory.mktemp("cluster"))
+    yield topology
+    topology.stop()
+
+
+@pytest.fixture
+def redis_cluster(shared_cluster: ClusterSet) -> ClusterSet:
+    """Three masters and three replicas, shared by the tests that do not break it (flushed
+    before each); see `own_cluster` for failovers."""
+    shared_cluster.flush()
+    return shared_cluster
+
+
+@pytest.fixture
+def own_cluster(tmp_path: Path) -> Iterator[ClusterSet]:
+    topology = _start_cluster(tmp_path / "cluster")
+    yield topology
+    topology.stop()
