@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from conftest import RedisServer
 from harness import Upstream
 from jwks_server import SigningKey
 from ws_upstream import WsUpstream
@@ -135,3 +136,55 @@ async def test_sigterm_closes_open_sockets_with_1001_and_exits_0(
     assert await gw.wait_exit(timeout=grace + 3) == 0
     await asyncio.wait_for(ws_upstream.closed.wait(), 2)
     assert ws_upstream.closes == [(1001, "drain")]
+
+
+async def test_revocation_closes_sockets_at_every_replica_within_1s(
+    spawn: Spawn, upstream: Upstream, ws_upstream: WsUpstream, key_file: Path,
+    signing_key: SigningKey, redis_server: RedisServer, tmp_path: Path,
+):  # fmt: skip
+    token_file = tmp_path / "admin.token"
+    token_file.write_text("ws-admin\n")
+    routes = [{"prefix": "/ws/", "upstream": ws_upstream.url, "websocket": True}]
+
+    def config() -> dict[str, Any]:
+        return e2e_config(
+            upstream.url,
+            key_file,
+            routes=routes,
+            admin={"token_file": str(token_file)},
+            store={"url": redis_server.url, "revocation_poll": "250ms"},  # the default
+        )
+
+    a, b = spawn(config(), name="a"), spawn(config(), name="b")
+    await asyncio.gather(a.wait_ready(), b.wait_ready())
+    token = mint(signing_key, sub="erin")  # revoked by sub: every token of erin's so far
+    async with aiohttp.ClientSession() as http:
+        at_a = await http.ws_connect(a.url + "/ws/r", headers=bearer(token))
+        at_b = await http.ws_connect(b.url + "/ws/r", headers=bearer(token))
+        revoked_at = time.monotonic()
+        async with http.post(
+            a.admin_url + "/admin/revoke",
+            json={"sub": "erin"},
+            headers={"Authorization": "Bearer ws-admin"},
+        ) as response:
+            assert response.status == 204
+        closed = await asyncio.gather(close_frame(at_a, 1.5), close_frame(at_b, 1.5))
+        elapsed = time.monotonic() - revoked_at
+    assert closed == [(1008, "revoked"), (1008, "revoked")]
+    assert elapsed < 1.0, f"closed {elapsed:.2f}s after the revocation"
+
+
+async def test_closed_at_max_session_age(
+    spawn: Spawn, upstream: Upstream, ws_upstream: WsUpstream, key_file: Path,
+    signing_key: SigningKey,
+):  # fmt: skip
+    gw = await ws_process(
+        spawn, upstream, ws_upstream, key_file,
+        policy={"leeway": "0s", "max_session_age": "1h"},
+    )  # fmt: skip
+    authenticated = int(time.time()) - 3600 + 2  # the session turns 1 h old in about 2 s
+    token = mint(signing_key, auth_time=authenticated)
+    async with aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(gw.url + "/ws/a", headers=bearer(token))
+        assert await close_frame(ws, timeout=3.0) == (1008, "session_too_old")
+    assert time.time() > authenticated + 3600

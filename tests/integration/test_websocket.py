@@ -405,3 +405,28 @@ async def test_store_unavailable_closes_1011_with_on_error_deny(
     redis_server.stop()
     clock.advance(2.5)  # the idle check is due; the store does not answer
     assert await closed_with(ws, timeout=2.5) == (1011, "store_unavailable")
+
+
+@pytest.mark.parametrize("on_error", ["allow", "grace"])
+async def test_store_unavailable_with_on_error_allow_or_grace(
+    gateways: GatewayFactory, ws_upstream: WsUpstream, redis_server: RedisServer,
+    clock: ManualClock, on_error: str,
+):  # fmt: skip
+    gw = await ws_gateway(
+        gateways, ws_upstream, store_url=redis_server.url,
+        store={"on_error": on_error}, policy={"idle_timeout": "2s"},
+    )  # fmt: skip
+    ws = await connect(gw, "/ws/s", gw.token())
+    redis_server.stop()
+    clock.advance(0.5)
+    await still_open(ws)  # a client message the store cannot record
+    clock.advance(1.7)  # the idle check is due; the store does not answer
+    await asyncio.sleep(1.0)
+    assert not ws.closed  # allow: unchecked; grace: this socket saw activity 1.7 s ago
+    clock.advance(0.8)  # 2.5 s since the socket's last client message
+    if on_error == "allow":
+        await asyncio.sleep(1.0)
+        assert not ws.closed
+        await ws.close()
+    else:
+        assert await closed_with(ws, timeout=2.5) == (1011, "store_unavailable")
