@@ -335,10 +335,8 @@ class WebSockets:
                 end = socket.end
                 if end is not None:
                     break
-        except asyncio.CancelledError:
-            end = _End("cancelled", _going_away("drain"), _going_away("drain"))
-            raise
         finally:
+            # No end: the handler was cancelled (the drain's cleanup after shutdown_grace).
             final = end or _End("cancelled", _going_away("drain"), _going_away("drain"))
             for pump in pumps:
                 pump.cancel()
