@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -26,8 +27,10 @@ from gateway import metrics
 from gateway.clock import Clock
 from gateway.config import Policy
 from gateway.reasons import Reason, Refusal
-from gateway.revocation import RevocationList
-from gateway.tokens.verify import VerifiedToken
+
+if TYPE_CHECKING:  # types only: forwarding does not import the token and revocation steps
+    from gateway.revocation import RevocationList
+    from gateway.tokens.verify import VerifiedToken
 
 log = logging.getLogger("idlegate.deadlines")
 

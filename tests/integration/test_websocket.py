@@ -430,3 +430,29 @@ async def test_store_unavailable_with_on_error_allow_or_grace(
         await ws.close()
     else:
         assert await closed_with(ws, timeout=2.5) == (1011, "store_unavailable")
+
+
+async def test_a_passive_route_checks_idleness_but_counts_no_activity(
+    gateways: GatewayFactory, ws_upstream: WsUpstream, clock: ManualClock
+):
+    gw = await ws_gateway(
+        gateways, ws_upstream, policy={"idle_timeout": "2s"}, ws_route={"activity": "passive"}
+    )
+    token = gw.token()  # issued now: idle 2 s after iat unless used
+    clock.advance(1.5)
+    ws = await connect(gw, "/ws/feed", token)  # checked, not counted as activity
+    await still_open(ws)  # neither is a client message on a passive route
+    clock.advance(0.6)  # 2.1 s after iat, the only activity
+    assert await closed_with(ws) == (1008, "idle_timeout")
+
+
+async def test_the_handshake_counts_as_activity(
+    gateways: GatewayFactory, ws_upstream: WsUpstream, clock: ManualClock
+):
+    gw = await ws_gateway(gateways, ws_upstream, policy={"idle_timeout": "2s"})
+    token = gw.token()
+    clock.advance(1.5)
+    ws = await connect(gw, "/ws/h", token)
+    await ws.close()
+    clock.advance(1.5)  # 3 s after iat, 1.5 s after the handshake
+    assert (await gw.get("/api/x", token)).status == 200
