@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import re
 import time
 import uuid
@@ -84,6 +85,27 @@ class RecentActivity:
         return self._seen.get(key)
 
 
+class RateLimitedLog:
+    """At most one WARNING per `interval`; the next line says how many were folded away."""
+
+    def __init__(self, logger: logging.Logger, *, interval: float) -> None:
+        self._log = logger
+        self._interval = interval
+        self._last = -math.inf
+        self._folded = 0
+
+    def warning(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last < self._interval:
+            self._folded += 1
+            return
+        if self._folded:
+            message += " (and %d more like it since the last such line)"
+            args = (*args, self._folded)
+        self._last, self._folded = now, 0
+        self._log.warning(message, *args)
+
+
 class Gateway:
     """One process's gateway: owns the store, key rings, revocation list and upstream pool."""
 
@@ -115,6 +137,9 @@ class Gateway:
         self.access_log = access_log or AccessLog(enabled=config.server.access_log)
         self.draining = False
         self._grace_mode = config.store.on_error == "grace"
+        # Through an outage every request falls back: one line per 10 s, not one per request
+        # (each is counted in STORE_FALLBACKS and, with its jti, in the access log).
+        self._fallback_log = RateLimitedLog(log, interval=10.0)
         self._idle_gap = metrics.batched(metrics.TOKEN_IDLE_GAP)
         self.in_flight = 0  # requests inside `handle` now; the drain waits for it to reach 0
         self._publisher: asyncio.Task[None] | None = None
@@ -480,14 +505,18 @@ class Gateway:
     ) -> TouchResult:
         mode = self.config.store.on_error
         if mode == "allow":
-            log.warning("store unavailable: forwarding jti=%s without idle check", token.jti)
+            self._fallback_log.warning(
+                "store unavailable: forwarding jti=%s without idle check", token.jti
+            )
             metrics.STORE_FALLBACKS.labels("allow").inc()
             outcome.reason = Reason.STORE_UNAVAILABLE.code
             return TouchResult(last_activity=now, idle=False)
         if mode == "grace":
             seen = self.recent.last(token.track_key)
             if seen is not None and not policy.is_idle(seen, now, idle_timeout):
-                log.warning("store unavailable: jti=%s allowed on local activity", token.jti)
+                self._fallback_log.warning(
+                    "store unavailable: jti=%s allowed on local activity", token.jti
+                )
                 metrics.STORE_FALLBACKS.labels("grace").inc()
                 outcome.reason = Reason.STORE_UNAVAILABLE.code
                 return TouchResult(last_activity=seen, idle=False)

@@ -31,7 +31,7 @@ from gateway.store.memory import MemoryStore
 from gateway.store.redis import RedisStore
 
 if TYPE_CHECKING:
-    from tests.conftest import RedisServer
+    from tests.conftest import GatewayFactory, RedisServer
 
 IDLE = 900.0
 LINGER = 30.0
@@ -550,3 +550,18 @@ async def test_a_redis_outage_is_one_line_when_it_starts_and_one_when_it_ends(
     assert match is not None, ended
     assert 0.6 <= float(match.group(1)) < 2.0
     assert int(match.group(2)) >= 5 + 5  # the pings, and the poll's ~10 attempts
+
+
+async def test_requests_forwarded_through_an_outage_are_not_a_warning_each(
+    gateways: GatewayFactory, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """on_error allow through a Redis outage: every request is counted (metric, access log),
+    the log gets the outage's start line and one fallback line, not one per request."""
+    gw = await gateways(store_url=redis_server.url, store={"on_error": "allow"})
+    token = gw.token()
+    redis_server.stop()
+    caplog.set_level(logging.WARNING)
+    for _ in range(30):
+        assert (await gw.get("/api/x", token)).status == 200
+    fallback = [r for r in caplog.records if "without idle check" in r.getMessage()]
+    assert len(fallback) == 1, [r.getMessage() for r in caplog.records]
