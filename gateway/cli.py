@@ -7,6 +7,8 @@ never a traceback.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
 import os
 import shutil
 import sys
@@ -18,7 +20,7 @@ from typing import NoReturn
 import yaml
 
 from gateway import __version__
-from gateway.config import Config, ConfigError, load, parse_duration
+from gateway.config import Config, ConfigError, env_warnings, load, parse_duration
 
 
 class _Parser(argparse.ArgumentParser):
@@ -71,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "-c", "--config", help="config file (default $IDLEGATE_CONFIG, then config/gateway.yaml)"
     )
+    check.add_argument(
+        "--connect",
+        action="store_true",
+        help="also fetch every provider's remote keys and ping the store",
+    )
 
     token = commands.add_parser("token", help="mint a signed token for development")
     token.add_argument(
@@ -96,16 +103,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config_or_exit(path: str | None) -> Config:
+    for warning in env_warnings():
+        print(f"idlegate: warning: {warning}", file=sys.stderr)
     try:
         return load(path)
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"idlegate: {problem}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _exit_with(exc.problems)
+
+
+def _exit_with(problems: list[str]) -> NoReturn:
+    for problem in problems:
+        print(f"idlegate: {problem}", file=sys.stderr)
+    raise SystemExit(2) from None
+
+
+def _preflight_or_exit(config: Config, *, connect: bool = False) -> None:
+    """What serve would refuse at start (key files, secrets, store URL, ports, admin token),
+    and with `connect` what the network says; every problem, then exit 2."""
+    # Imports prometheus_client: after PROMETHEUS_MULTIPROC_DIR is chosen (see _serve).
+    from gateway.preflight import problems
+
+    found = asyncio.run(problems(config, connect=connect))
+    if found:
+        _exit_with(found)
 
 
 def _check_config(args: argparse.Namespace) -> int:
     config = _config_or_exit(args.config)
+    _preflight_or_exit(config, connect=args.connect)
     print(yaml.safe_dump(config.masked(), sort_keys=False), end="")
     return 0
 
@@ -125,19 +150,21 @@ def _serve(args: argparse.Namespace) -> int:
         if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             metrics_dir = tempfile.mkdtemp(prefix="idlegate-metrics-")
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-    from gateway.admin import AdminTokenError
-    from gateway.serve import run  # after the metrics mode is chosen
-    from gateway.store import StoreConfigError
-    from gateway.tokens.keys import KeySourceError
-
     try:
-        return run(config, args.workers)
-    except (AdminTokenError, KeySourceError, StoreConfigError) as exc:
-        print(f"idlegate: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"idlegate: cannot listen: {exc.strerror or exc}", file=sys.stderr)
-        return 1
+        _preflight_or_exit(config)  # the same checks and lines as check-config
+        from gateway.admin import AdminTokenError
+        from gateway.serve import run  # after the metrics mode is chosen
+        from gateway.store import StoreConfigError
+        from gateway.tokens.keys import KeySourceError
+
+        try:
+            return run(config, args.workers)
+        except (AdminTokenError, KeySourceError, StoreConfigError) as exc:
+            print(f"idlegate: {exc}", file=sys.stderr)
+            return 2
+        except OSError as exc:
+            print(f"idlegate: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+            return 1
     finally:
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
@@ -182,6 +209,12 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Until serve configures logging, the gateway's own log records (a key or store warning
+    # while checking) would reach stderr bare through logging's last resort: every problem
+    # is reported as an `idlegate: ...` line instead.
+    ours = logging.getLogger("idlegate")
+    if not any(isinstance(handler, logging.NullHandler) for handler in ours.handlers):
+        ours.addHandler(logging.NullHandler())
     args = build_parser().parse_args(argv)
     handlers = {
         "serve": _serve,

@@ -5,6 +5,7 @@ Defaults live here and nowhere else. Durations are seconds as floats; sizes are 
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import math
 import os
@@ -531,6 +532,46 @@ class ConfigError(Exception):
         self.problems = problems
 
 
+# Kubernetes service links for a Service named idlegate-*: IDLEGATE_SERVICE_HOST,
+# IDLEGATE_SERVICE_PORT[_<name>], IDLEGATE_PORT, IDLEGATE_PORT_8080_TCP[_ADDR|_PORT|_PROTO].
+_SERVICE_LINK = re.compile(
+    r".*_(SERVICE_HOST|SERVICE_PORT(_.*)?|PORT|PORT_\d+_(TCP|UDP|SCTP)(_.*)?)"
+)
+
+
+def env_warnings(environ: Mapping[str, str] | None = None) -> list[str]:
+    """`IDLEGATE_*` variables that configure nothing because their first part is not a config
+    section (`IDLEGATE_POLICI__IDLE_TIMEOUT`, `IDLEGATE_STORE_URL`), each with the closest
+    correct name. Kubernetes service links are not ours and are left alone."""
+    env = os.environ if environ is None else environ
+    sections = sorted(Config.model_fields, key=len, reverse=True)
+    warnings = []
+    for name in sorted(env):
+        if not name.startswith(ENV_PREFIX) or name == "IDLEGATE_CONFIG":
+            continue
+        rest = name[len(ENV_PREFIX) :]
+        first, sep, below = rest.partition("__")
+        if first.lower() in Config.model_fields or _SERVICE_LINK.fullmatch(name):
+            continue
+        suggestion = None
+        if not sep:  # one underscore where two were meant: IDLEGATE_STORE_URL
+            prefixed = [s for s in sections if rest.lower().startswith(s + "_")]
+            if prefixed:
+                section = prefixed[0]
+                suggestion = f"{ENV_PREFIX}{section.upper()}__{rest[len(section) + 1 :]}"
+        if suggestion is None:
+            close = difflib.get_close_matches(first.lower(), sections, n=1, cutoff=0.6)
+            if close:
+                suggestion = f"{ENV_PREFIX}{close[0].upper()}{sep}{below}"
+        hint = (
+            f"did you mean {suggestion}?"
+            if suggestion
+            else "sections are " + ", ".join(sorted(sections))
+        )
+        warnings.append(f"{name}: ignored, {first.lower()!r} is not a config section; {hint}")
+    return warnings
+
+
 def _env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
     """Apply `IDLEGATE_A__B=v` as data["a"]["b"] = yaml(v); list indexes are numbers."""
     for name, raw in sorted(environ.items()):
@@ -538,8 +579,8 @@ def _env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str
             continue
         path = name[len(ENV_PREFIX) :].lower().split("__")
         if path[0] not in Config.model_fields:
-            # Not ours: Kubernetes service links (IDLEGATE_SERVICE_HOST, IDLEGATE_PORT_...)
-            # and similar. Unknown keys below a known section are still refused.
+            # Not ours (Kubernetes service links) or misspelled: env_warnings() says which.
+            # Unknown keys below a known section are still refused.
             continue
         try:
             value = yaml.safe_load(raw) if raw else raw

@@ -49,7 +49,16 @@ _NO_CACHE = re.compile(r"(?:^|,)\s*(?:no-cache|no-store)\s*(?=,|=|$)", re.IGNORE
 
 
 class KeySourceError(Exception):
-    """A provider's configured key file or secret is missing or unusable (a startup problem)."""
+    """A provider's configured key file or secret is missing or unusable (a startup problem).
+
+    `field` is the provider key at fault (`jwks_file`, `public_key_file`, `hmac_secret_env`),
+    `detail` what is wrong with it: check-config reports `providers.N.<field>: <detail>`."""
+
+    def __init__(self, provider: str, field: str, detail: str) -> None:
+        super().__init__(f"provider {provider}: {field}: {detail}")
+        self.provider = provider
+        self.field = field
+        self.detail = detail
 
 
 class UnusableKeyError(ValueError):
@@ -222,6 +231,61 @@ def key_from_secret(secret: bytes, allowed: Iterable[str]) -> VerificationKey:
     return VerificationKey(kid=None, key=secret, algorithms=frozenset(strong))
 
 
+def static_keys(
+    provider: Provider, environ: Mapping[str, str] | None = None
+) -> tuple[list[VerificationKey], str]:
+    """The keys of a provider whose source is a file or a secret (not jwks_uri/discovery), and
+    where they came from. Raises `KeySourceError`. `KeyRing.start` and check-config both load
+    keys through this, so check-config refuses exactly what serve would refuse."""
+
+    def fail(field: str, detail: str) -> NoReturn:
+        raise KeySourceError(provider.name, field, detail)
+
+    def read(path: Path, field: str) -> bytes:
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            fail(field, f"{path}: cannot read ({exc.strerror or exc})")
+
+    if provider.jwks_file is not None:
+        path = provider.jwks_file
+        data = read(path, "jwks_file")
+        try:
+            document = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as exc:
+            fail("jwks_file", f"{path}: not valid JSON ({exc})")
+        try:
+            keys = keys_from_jwks(document, provider.algorithms, provider=provider.name)
+        except UnusableKeyError as exc:
+            fail("jwks_file", f"{path}: {exc}")
+        if not keys:
+            fail(
+                "jwks_file",
+                f"{path}: no usable key for algorithms {provider.algorithms} "
+                "(set the idlegate.keys logger to debug to see why)",
+            )
+        return keys, f"jwks_file {path}"
+    if provider.public_key_file is not None:
+        path = provider.public_key_file
+        data = read(path, "public_key_file")
+        try:
+            return [key_from_pem(data, provider.algorithms)], f"public_key_file {path}"
+        except UnusableKeyError as exc:
+            fail("public_key_file", f"{path}: {exc}")
+    if provider.hmac_secret_env is not None:
+        name = provider.hmac_secret_env
+        secret = (os.environ if environ is None else environ).get(name)
+        if not secret:
+            fail("hmac_secret_env", f"environment variable {name} is not set")
+        try:
+            return [
+                key_from_secret(secret.encode(), provider.algorithms)
+            ], f"hmac_secret_env {name}"
+        except UnusableKeyError as exc:
+            fail("hmac_secret_env", f"{name}: {exc}")
+    raise ValueError(f"provider {provider.name}: its keys are remote (jwks_uri or discovery)")
+
+
 def freshness(cache_control: str | None, age: str | None = None) -> float | None:
     """Seconds a response stays fresh per `Cache-Control` max-age minus `Age`; None if unstated."""
     if cache_control is None:
@@ -360,40 +424,14 @@ class KeyRing:
         background. Returns after the first attempt (bounded by `fetch_timeout`).
         """
         provider = self.provider
-        if provider.jwks_file is not None:
-            data = await self._read(provider.jwks_file, "jwks_file")
+        if not self.remote:
             try:
-                document = json.loads(data)
-            except (ValueError, UnicodeDecodeError) as exc:
-                self._fail_source(f"jwks_file {provider.jwks_file}: not valid JSON ({exc})")
-            try:
-                keys = keys_from_jwks(document, provider.algorithms, provider=provider.name)
-            except UnusableKeyError as exc:
-                self._fail_source(f"jwks_file {provider.jwks_file}: {exc}")
-            if not keys:
-                self._fail_source(
-                    f"jwks_file {provider.jwks_file}: no usable key for algorithms "
-                    f"{provider.algorithms} (set the idlegate.keys logger to debug to see why)"
-                )
-            self._install(keys, source=f"jwks_file {provider.jwks_file}")
-        elif provider.public_key_file is not None:
-            data = await self._read(provider.public_key_file, "public_key_file")
-            try:
-                key = key_from_pem(data, provider.algorithms)
-            except UnusableKeyError as exc:
-                self._fail_source(f"public_key_file {provider.public_key_file}: {exc}")
-            self._install([key], source=f"public_key_file {provider.public_key_file}")
-        elif provider.hmac_secret_env is not None:
-            name = provider.hmac_secret_env
-            environ = os.environ if self._environ is None else self._environ
-            secret = environ.get(name)
-            if not secret:
-                self._fail_source(f"hmac_secret_env: environment variable {name} is not set")
-            try:
-                key = key_from_secret(secret.encode(), provider.algorithms)
-            except UnusableKeyError as exc:
-                self._fail_source(f"hmac_secret_env {name}: {exc}")
-            self._install([key], source=f"hmac_secret_env {name}")
+                keys, source = await asyncio.to_thread(static_keys, provider, self._environ)
+            except KeySourceError as exc:
+                JWKS_REFRESH.labels(provider=provider.name, result="error").inc()
+                self.last_error = f"{exc.field}: {exc.detail}"
+                raise
+            self._install(keys, source=source)
         else:
             if self._http is None:
                 self._http = aiohttp.ClientSession()
@@ -415,19 +453,6 @@ class KeyRing:
         if self._owns_http and self._http is not None:
             await self._http.close()
             self._http = None
-
-    # -- file sources -------------------------------------------------------------------------
-
-    async def _read(self, path: Path, field: str) -> bytes:
-        try:
-            return await asyncio.to_thread(path.read_bytes)
-        except OSError as exc:
-            self._fail_source(f"{field} {path}: cannot read ({exc.strerror or exc})")
-
-    def _fail_source(self, problem: str) -> NoReturn:
-        JWKS_REFRESH.labels(provider=self.provider.name, result="error").inc()
-        self.last_error = problem
-        raise KeySourceError(f"provider {self.provider.name}: {problem}")
 
     # -- remote source ------------------------------------------------------------------------
 

@@ -15,17 +15,21 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import jwt
 import pytest
 import yaml
-from conftest import free_port
+from conftest import RedisServer, free_port
+from harness import merge
+from jwks_server import JwksServer, rsa_key
 
 from .processes import bearer, clean_environ, e2e_config, run_cli
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO / "config"
+DEV_PUBLIC = CONFIG_DIR / "dev-public.pem"
 JWT_LINE = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$")
 INFO_LOG = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ INFO ")
 PROBLEM_LINE = re.compile(r"^idlegate: [A-Za-z0-9_.]+: \S.*$")
@@ -115,6 +119,191 @@ def test_check_config_on_invalid_yaml_is_one_line(tmp_path: Path):
     config.write_text("listen: {port: [\n")
     lines = assert_clean_failure(run_cli("check-config", "-c", str(config)))
     assert len(lines) == 1 and "bad.yaml" in lines[0]
+
+
+# -- check-config refuses what serve refuses, with the same lines -----------------------------
+
+
+def providers_of(*sources: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        {"name": f"p{i}", "issuer": f"https://p{i}/", "audiences": ["a"], **source}
+        for i, source in enumerate(sources)
+    ]
+
+
+def refused(tmp_path: Path, case: str) -> tuple[dict[str, Any], dict[str, str], set[str]]:
+    """(config data, environment, the field paths both commands must name) for each case."""
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("-----BEGIN PUBLIC KEY-----\nnope\n-----END PUBLIC KEY-----\n")
+    empty = tmp_path / "empty.token"
+    empty.write_text("")
+    base = e2e_config("http://127.0.0.1:9", CONFIG_DIR / "dev-public.pem")
+    if case == "keys, redis url, port clash, missing token file":
+        data = merge(
+            base,
+            {
+                "listen": {"host": "0.0.0.0"},
+                "admin": {"token_file": str(tmp_path / "missing.token")},
+                "store": {"url": "redis://:hunter2@redis:port/0"},
+            },
+        )
+        data["admin"]["port"] = data["listen"]["port"]
+        data["providers"] = providers_of(
+            {"public_key_file": str(tmp_path / "missing.pem")},
+            {"public_key_file": str(garbage)},
+            {"public_key_file": str(CONFIG_DIR / "dev-private.pem")},
+            {"hmac_secret_env": "UNSET_SECRET", "algorithms": ["HS256"]},
+            {"jwks_file": str(tmp_path / "missing.json")},
+        )
+        expected = {
+            "admin.port", "admin.token_file", "store.url",
+            *(f"providers.{i}.{field}" for i, field in enumerate(
+                ["public_key_file"] * 3 + ["hmac_secret_env", "jwks_file"]
+            )),
+        }  # fmt: skip
+        return data, {}, expected
+    if case == "sentinel url, empty token file, hash key, short secret":
+        data = merge(
+            base,
+            {
+                "admin": {"token_file": str(empty)},
+                "store": {"url": "redis+sentinel://s1:26379", "hash_key_env": "UNSET_HASH"},
+            },
+        )
+        data["providers"] = providers_of({"hmac_secret_env": "SHORT", "algorithms": ["HS256"]})
+        expected = {
+            "admin.token_file", "store.url", "store.hash_key_env", "providers.0.hmac_secret_env"
+        }  # fmt: skip
+        return data, {"SHORT": "too-short"}, expected
+    assert case == "cluster url, token file that is a directory"
+    data = merge(
+        base,
+        {"admin": {"token_file": str(tmp_path)}, "store": {"url": "redis+cluster://n1:7000/2"}},
+    )
+    return data, {}, {"admin.token_file", "store.url"}
+
+
+REFUSED_CASES = [
+    "keys, redis url, port clash, missing token file",
+    "sentinel url, empty token file, hash key, short secret",
+    "cluster url, token file that is a directory",
+]
+
+
+@pytest.mark.parametrize("case", REFUSED_CASES)
+async def test_check_config_and_serve_refuse_the_same_configs_with_the_same_lines(
+    tmp_path: Path, case: str
+):
+    data, env, expected = refused(tmp_path, case)
+    config = tmp_path / "gateway.yaml"
+    config.write_text(yaml.safe_dump(data))
+    check, serve = await asyncio.gather(
+        asyncio.to_thread(run_cli, "check-config", "-c", str(config), **env),
+        asyncio.to_thread(run_cli, "serve", "-c", str(config), **env),
+    )
+    check_lines = assert_clean_failure(check)
+    assert check_lines == assert_clean_failure(serve)
+    assert {line.removeprefix("idlegate: ").split(":")[0] for line in check_lines} == expected
+    for line in check_lines:
+        assert PROBLEM_LINE.match(line), line
+    assert "hunter2" not in check.stderr + serve.stderr
+    assert "too-short" not in check.stderr + serve.stderr
+
+
+def test_check_config_warns_about_a_misspelled_env_section_and_goes_on():
+    result = run_cli(
+        "check-config",
+        "-c",
+        str(CONFIG_DIR / "gateway.yaml"),
+        IDLEGATE_POLICI__IDLE_TIMEOUT="5m",
+        IDLEGATE_SERVICE_HOST="10.0.0.1",  # Kubernetes service links stay silent
+        IDLEGATE_PORT_8080_TCP="tcp://10.0.0.1:8080",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        "idlegate: warning: IDLEGATE_POLICI__IDLE_TIMEOUT: ignored, 'polici' is not a config "
+        "section; did you mean IDLEGATE_POLICY__IDLE_TIMEOUT?"
+    ]
+
+
+# -- check-config --connect --------------------------------------------------------------------
+
+
+async def run_cli_async(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """run_cli without blocking the loop (a JWKS server of the test may live in it)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=clean_environ(**env),
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode is not None
+    return subprocess.CompletedProcess(args, process.returncode, out.decode(), err.decode())
+
+
+def remote_config(tmp_path: Path, store_url: str, *sources: dict[str, Any]) -> Path:
+    data = e2e_config("http://127.0.0.1:9", CONFIG_DIR / "dev-public.pem")
+    data["store"]["url"] = store_url
+    data["providers"] = [
+        {"name": f"idp{i}", "audiences": ["a"], "algorithms": ["RS256"], **source}
+        for i, source in enumerate(sources)
+    ]
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+async def test_check_config_connect_fetches_the_keys_and_pings_the_store(
+    tmp_path: Path, redis_server: RedisServer
+):
+    async with JwksServer([rsa_key("k1")]) as idp:
+        config = remote_config(
+            tmp_path,
+            redis_server.url,
+            {"issuer": idp.issuer, "discovery": True},
+            {"issuer": idp.issuer + "/other", "jwks_uri": idp.jwks_uri},
+        )
+        result = await run_cli_async("check-config", "--connect", "-c", str(config))
+        assert result.returncode == 0, result.stderr
+        assert result.stderr == ""
+        assert idp.jwks_requests == 2  # both providers' keys really were fetched
+    assert yaml.safe_load(result.stdout)["store"]["url"] == redis_server.url
+
+
+async def test_check_config_connect_refuses_an_evicting_redis(
+    tmp_path: Path, redis_server: RedisServer
+):
+    redis_server.command("CONFIG", "SET", "maxmemory-policy", "allkeys-lru")
+    config = remote_config(
+        tmp_path, redis_server.url, {"issuer": "https://x/", "public_key_file": str(DEV_PUBLIC)}
+    )
+    (line,) = assert_clean_failure(
+        await run_cli_async("check-config", "--connect", "-c", str(config))
+    )
+    assert line.startswith("idlegate: store.url: the Redis maxmemory-policy is allkeys-lru")
+
+
+async def test_check_config_connect_reports_what_does_not_answer(tmp_path: Path):
+    dead_store, dead_idp = free_port(), free_port()
+    async with JwksServer([rsa_key("k1")]) as failing:
+        failing.fail(500)
+        config = remote_config(
+            tmp_path,
+            f"redis://127.0.0.1:{dead_store}/0",
+            {"issuer": "https://dead.test/", "jwks_uri": f"http://127.0.0.1:{dead_idp}/jwks"},
+            {"issuer": failing.issuer, "discovery": True},
+        )
+        offline = await run_cli_async("check-config", "-c", str(config))
+        assert offline.returncode == 0, offline.stderr  # nothing wrong that can be seen offline
+        lines = assert_clean_failure(
+            await run_cli_async("check-config", "--connect", "-c", str(config))
+        )
+    problems = {line.removeprefix("idlegate: ").split(": ")[0]: line for line in lines}
+    assert set(problems) == {"store.url", "providers.0.jwks_uri", "providers.1.discovery"}
+    assert f"127.0.0.1:{dead_store}" in problems["store.url"]
+    assert f"127.0.0.1:{dead_idp}" in problems["providers.0.jwks_uri"]
+    assert "HTTP 500" in problems["providers.1.discovery"]
 
 
 # -- bad flags and failing starts --------------------------------------------------------------

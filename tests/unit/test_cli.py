@@ -344,3 +344,208 @@ def test_check_config_explains_identity_settings_that_cannot_work(
     lines = [line.removeprefix("idlegate: ") for line in error_lines(capsys)]
     for start in expected:
         assert any(line.startswith(start) for line in lines), lines
+
+
+# -- check-config refuses what serve refuses ---------------------------------------------------
+
+
+def shipped(**changes: Any) -> dict[str, Any]:
+    """config/gateway.yaml's data, key file made absolute, with sections updated by `changes`."""
+    data = yaml.safe_load(GATEWAY_YAML.read_text())
+    data["providers"][0]["public_key_file"] = str(DEV_PUBLIC)
+    for section, values in changes.items():
+        if isinstance(values, dict):
+            data[section] = {**data.get(section, {}), **values}
+        else:
+            data[section] = values
+    return data
+
+
+def provider(**source: Any) -> list[dict[str, Any]]:
+    return [{"name": "p", "issuer": "https://p/", "audiences": ["a"], **source}]
+
+
+def problems_of(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, data: dict[str, Any], command: str
+) -> list[str]:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert exit_code([command, "-c", str(path)]) == 2
+    return [line.removeprefix("idlegate: ") for line in error_lines(capsys)]
+
+
+GARBAGE_PEM = b"-----BEGIN PUBLIC KEY-----\nnope\n-----END PUBLIC KEY-----\n"
+
+
+def refused_configs(tmp_path: Path) -> dict[str, tuple[dict[str, Any], str]]:
+    """case -> (config data, the start of the one problem line serve and check-config print)."""
+    garbage = tmp_path / "garbage.pem"
+    empty = tmp_path / "empty.token"
+    if tmp_path.is_dir():  # not when only the case names are wanted
+        garbage.write_bytes(GARBAGE_PEM)
+        empty.write_text("\n")
+    return {
+        "missing public_key_file": (
+            shipped(providers=provider(public_key_file=str(tmp_path / "no.pem"))),
+            "providers.0.public_key_file: ",
+        ),
+        "garbage public_key_file": (
+            shipped(providers=provider(public_key_file=str(garbage))),
+            "providers.0.public_key_file: ",
+        ),
+        "private key as public_key_file": (
+            shipped(providers=provider(public_key_file=str(DEV_PRIVATE))),
+            "providers.0.public_key_file: ",
+        ),
+        "unset hmac_secret_env": (
+            shipped(providers=provider(hmac_secret_env="NO_SUCH_SECRET", algorithms=["HS256"])),
+            "providers.0.hmac_secret_env: environment variable NO_SUCH_SECRET is not set",
+        ),
+        "missing jwks_file": (
+            shipped(providers=provider(jwks_file=str(tmp_path / "no.json"))),
+            "providers.0.jwks_file: ",
+        ),
+        "redis url with a bad port": (
+            shipped(store={"url": "redis://redis:port/0"}),
+            "store.url: invalid port",
+        ),
+        "redis url with a named database": (
+            shipped(store={"url": "redis://redis:6379/orders"}),
+            "store.url: the path must be a database number",
+        ),
+        "sentinel url without a service": (
+            shipped(store={"url": "redis+sentinel://s1:26379"}),
+            "store.url: the master's service name is missing",
+        ),
+        "cluster url with a database": (
+            shipped(store={"url": "redis+cluster://n1:7000/3"}),
+            "store.url: Redis Cluster has only database 0",
+        ),
+        "memory url with a host": (shipped(store={"url": "memory://x"}), "store.url: "),
+        "unset hash_key_env": (
+            shipped(store={"hash_key_env": "NO_SUCH_HASH_KEY"}),
+            "store.hash_key_env: environment variable NO_SUCH_HASH_KEY",
+        ),
+        "admin port is the listen port": (
+            shipped(listen={"host": "127.0.0.1", "port": 8080}, admin={"port": 8080}),
+            "admin.port: 8080 on 127.0.0.1 is also listen.port",
+        ),
+        "admin port is the port of a wildcard listen": (
+            shipped(listen={"host": "0.0.0.0", "port": 9090}),
+            "admin.port: 9090 on 127.0.0.1 is also listen.port on 0.0.0.0",
+        ),
+        "missing admin token_file": (
+            shipped(admin={"token_file": str(tmp_path / "no.token")}),
+            "admin.token_file: ",
+        ),
+        "empty admin token_file": (
+            shipped(admin={"token_file": str(empty)}),
+            f"admin.token_file: {empty} is empty",
+        ),
+        "unreadable admin token_file": (
+            shipped(admin={"token_file": str(tmp_path)}),  # a directory
+            "admin.token_file: ",
+        ),
+    }
+
+
+CASES = list(refused_configs(Path("/nonexistent")))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_what_serve_refuses_check_config_refuses_with_its_path(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, case: str
+):
+    """Serve runs the same checks and prints the same lines (tests/e2e/test_cli_process.py
+    runs both commands as processes on the same configs)."""
+    data, expected = refused_configs(tmp_path)[case]
+    (problem,) = problems_of(capsys, tmp_path, data, "check-config")
+    assert problem.startswith(expected), problem
+    assert "Traceback" not in problem
+
+
+def test_check_config_lists_every_start_up_problem_at_once(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+):
+    data = shipped(
+        listen={"host": "0.0.0.0", "port": 9090},
+        admin={"token_file": str(tmp_path / "no.token")},
+        store={"url": "redis://:hunter2@redis:port/0", "hash_key_env": "NO_SUCH_HASH_KEY"},
+        providers=[
+            *provider(public_key_file=str(tmp_path / "no.pem")),
+            {**provider(jwks_file=str(tmp_path / "no.json"))[0], "name": "q", "issuer": "Q"},
+        ],
+    )
+    lines = problems_of(capsys, tmp_path, data, "check-config")
+    assert sorted(line.split(":")[0] for line in lines) == [
+        "admin.port",
+        "admin.token_file",
+        "providers.0.public_key_file",
+        "providers.1.jwks_file",
+        "store.hash_key_env",
+        "store.url",
+    ]
+    assert not any("hunter2" in line for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("listen", "admin"),
+    [
+        ({"host": "127.0.0.1", "port": 0}, {"host": "127.0.0.1", "port": 0}),  # both ephemeral
+        ({"host": "127.0.0.1", "port": 9090}, {"host": "127.0.0.2", "port": 9090}),
+        ({"host": "0.0.0.0", "port": 8080}, {"host": "127.0.0.1", "port": 9090}),
+    ],
+    ids=["port 0", "two loopback addresses", "different ports"],
+)
+def test_ports_that_do_not_clash_pass(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    listen: dict[str, Any],
+    admin: dict[str, Any],
+):
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(shipped(listen=listen, admin=admin)))
+    assert main(["check-config", "-c", str(path)]) == 0
+
+
+def test_check_config_accepts_a_good_token_file_and_hmac_secret(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    token = tmp_path / "admin.token"
+    token.write_text("s3cret-admin-token\n")
+    monkeypatch.setenv("TEST_HMAC", "k" * 32)
+    data = shipped(
+        admin={"token_file": str(token)},
+        providers=[
+            *shipped()["providers"],
+            *provider(hmac_secret_env="TEST_HMAC", algorithms=["HS256"]),
+        ],
+    )
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["check-config", "-c", str(path)]) == 0
+    assert "k" * 32 not in capsys.readouterr().out
+
+
+def test_a_too_short_hmac_secret_is_refused_without_showing_it(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv("TEST_HMAC", "short-secret")
+    data = shipped(providers=provider(hmac_secret_env="TEST_HMAC", algorithms=["HS256"]))
+    (problem,) = problems_of(capsys, tmp_path, data, "check-config")
+    assert problem.startswith("providers.0.hmac_secret_env: TEST_HMAC: the secret is 12 bytes")
+    assert "short-secret" not in problem
+
+
+def test_check_config_warns_about_a_misspelled_env_section(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv("IDLEGATE_POLICI__IDLE_TIMEOUT", "5m")
+    monkeypatch.setenv("IDLEGATE_PORT_8080_TCP_ADDR", "10.0.0.1")  # a Kubernetes service link
+    assert main(["check-config", "-c", str(GATEWAY_YAML)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [
+        "idlegate: warning: IDLEGATE_POLICI__IDLE_TIMEOUT: ignored, 'polici' is not a config "
+        "section; did you mean IDLEGATE_POLICY__IDLE_TIMEOUT?"
+    ]
+    assert yaml.safe_load(captured.out)["policy"]["idle_timeout"] == 900

@@ -16,6 +16,7 @@ from gateway.config import (
     PRESETS,
     Config,
     ConfigError,
+    env_warnings,
     from_data,
     load,
     mask_url,
@@ -654,3 +655,52 @@ def test_slow_client_limits_must_be_positive():
         "server.keepalive_timeout",
         "server.max_connections",
     }
+
+
+# -- misspelled environment variables ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "suggestion"),
+    [
+        ("IDLEGATE_POLICI__IDLE_TIMEOUT", "IDLEGATE_POLICY__IDLE_TIMEOUT"),
+        ("IDLEGATE_STOR__URL", "IDLEGATE_STORE__URL"),
+        ("IDLEGATE_STORE_URL", "IDLEGATE_STORE__URL"),  # one underscore where two were meant
+        ("IDLEGATE_PROVIDER__0__ISSUER", "IDLEGATE_PROVIDERS__0__ISSUER"),
+        ("IDLEGATE_POLICY_IDLE_TIMEOUT", "IDLEGATE_POLICY__IDLE_TIMEOUT"),
+    ],
+)
+def test_an_env_variable_for_no_config_section_is_warned_about_with_the_closest_name(
+    name: str, suggestion: str
+):
+    (warning,) = env_warnings({name: "5m"})
+    assert warning.startswith(f"{name}: ignored")
+    assert warning.endswith(f"did you mean {suggestion}?")
+    # ... and it still changes nothing (nor fails the load).
+    assert config({name: "5m"}).policy.idle_timeout == 900
+
+
+def test_an_env_variable_like_no_section_lists_the_sections():
+    (warning,) = env_warnings({"IDLEGATE_XYZZY__A": "1"})
+    assert "sections are admin, " in warning and "store" in warning
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "IDLEGATE_SERVICE_HOST",
+        "IDLEGATE_SERVICE_PORT",
+        "IDLEGATE_SERVICE_PORT_HTTP",
+        "IDLEGATE_PORT",
+        "IDLEGATE_PORT_8080_TCP",
+        "IDLEGATE_PORT_8080_TCP_ADDR",
+        "IDLEGATE_PORT_8080_TCP_PROTO",
+        "IDLEGATE_METRICS_SERVICE_HOST",
+        "IDLEGATE_REDIS_PORT_6379_TCP_PORT",
+        "IDLEGATE_CONFIG",
+        "IDLEGATE_STORE__URL",  # a real setting
+        "IDLEGATE_POLICY__IDLE_TIMEOUT",
+    ],
+)
+def test_kubernetes_service_links_and_real_settings_are_not_warned_about(name: str):
+    assert env_warnings({name: "tcp://10.0.0.1:8080"}) == []

@@ -1,0 +1,124 @@
+"""Everything a config can be refused for before the gateway listens, as `field.path: reason`.
+
+`check-config` and `serve` both call `problems()`, so a config check-config passes is one serve
+starts with, and serve refuses a bad one with the same lines. The checks reuse the code that
+serve itself runs (key loading, the store factory, the admin token loader), never a copy of
+its rules. `connect=True` (`check-config --connect`) also does what needs the network: the
+first fetch of every remote key set and a ping of the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+
+from gateway.admin import AdminTokenError, load_admin_token
+from gateway.config import Config, mask_url
+from gateway.store import StoreConfigError, hasher_from_config, open_store
+from gateway.store.base import Store, StoreUnavailable
+from gateway.tokens.keys import KeyRing, KeySourceError, static_keys
+
+log = logging.getLogger("idlegate.preflight")
+
+# Hosts that bind every address: a port on one of them clashes with that port on any host.
+_WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "[::]"})
+
+
+async def problems(
+    config: Config, *, connect: bool = False, environ: Mapping[str, str] | None = None
+) -> list[str]:
+    """Every problem found (empty: serve would start), each `field.path: reason`."""
+    env = os.environ if environ is None else environ
+    found = _port_problems(config) + _admin_problems(config) + _key_problems(config, env)
+    store_problems, store = _store(config, env)
+    found += store_problems
+    if store is not None:
+        try:
+            if connect:
+                found += await _store_connect_problems(config, store)
+        finally:
+            await store.close()
+    if connect:
+        found += await _remote_key_problems(config, env)
+    return found
+
+
+def _port_problems(config: Config) -> list[str]:
+    listen, admin = config.listen, config.admin
+    clash = (
+        listen.port == admin.port != 0  # port 0: each listener gets its own free port
+        and (
+            listen.host == admin.host
+            or listen.host in _WILDCARD_HOSTS
+            or admin.host in _WILDCARD_HOSTS
+        )
+    )
+    if not clash:
+        return []
+    return [
+        f"admin.port: {admin.port} on {admin.host or '*'} is also listen.port on "
+        f"{listen.host or '*'}; the admin API must never share the proxy port"
+    ]
+
+
+def _admin_problems(config: Config) -> list[str]:
+    if config.admin.token_file is None:
+        return []
+    try:
+        load_admin_token(config.admin.token_file)  # what serve loads at start
+    except AdminTokenError as exc:
+        return [str(exc)]  # already `admin.token_file: ...`
+    return []
+
+
+def _key_problems(config: Config, environ: Mapping[str, str]) -> list[str]:
+    found = []
+    for index, provider in enumerate(config.providers):
+        if provider.jwks_uri is not None or provider.discovery:
+            continue  # remote: fetched with connect=True
+        try:
+            static_keys(provider, environ)
+        except KeySourceError as exc:
+            found.append(f"providers.{index}.{exc.field}: {exc.detail}")
+    return found
+
+
+def _store(config: Config, environ: Mapping[str, str]) -> tuple[list[str], Store | None]:
+    """The store as serve builds it (nothing connects), or why it cannot be built."""
+    found = []
+    try:
+        hasher_from_config(config.store, environ)
+    except StoreConfigError as exc:
+        found.append(str(exc))
+    try:
+        store = open_store(config.store)
+    except StoreConfigError as exc:
+        return [*found, str(exc)], None
+    return found, store
+
+
+async def _store_connect_problems(config: Config, store: Store) -> list[str]:
+    """The store answers, and keeps what it holds (serve refuses an evicting Redis too)."""
+    try:
+        await store.ping()
+        evicts = await store.eviction_problem()
+    except StoreUnavailable as exc:
+        return [f"store.url: no answer from {mask_url(config.store.url)} ({exc})"]
+    return [] if evicts is None else [f"store.url: {evicts}"]
+
+
+async def _remote_key_problems(config: Config, environ: Mapping[str, str]) -> list[str]:
+    found = []
+    for index, provider in enumerate(config.providers):
+        if provider.jwks_uri is None and not provider.discovery:
+            continue
+        ring = KeyRing(provider, None, environ)
+        try:
+            await ring.start()  # the first fetch, as serve makes it; it never raises
+        finally:
+            await ring.close()
+        if not ring.ready:
+            field = "jwks_uri" if provider.jwks_uri is not None else "discovery"
+            found.append(f"providers.{index}.{field}: no usable keys ({ring.last_error})")
+    return found
