@@ -120,8 +120,8 @@ def pod_environment(manifests: list[Manifest], tmp_path: Path) -> dict[str, str]
             env[var["name"]] = var["value"]
         elif var["name"] == "IDLEGATE_STORE__URL":
             env[var["name"]] = "rediss://:not-a-real-password@redis.invalid:6380/0"
-        else:
-            env[var["name"]] = "not-a-real-secret"
+        else:  # long enough for any HS* algorithm (check-config refuses a short secret)
+            env[var["name"]] = "not-a-real-secret-" + "x" * 64
     return env
 
 
@@ -135,6 +135,11 @@ def test_rendered_gateway_config_passes_check_config(
     config_file.write_text(configmap["data"]["gateway.yaml"], encoding="utf-8")
     env = pod_environment(manifests, tmp_path)
     env["IDLEGATE_CONFIG"] = str(config_file)
+    admin = (yaml.safe_load(configmap["data"]["gateway.yaml"]) or {}).get("admin") or {}
+    if admin.get("token_file"):  # mounted from a Secret in the pod: a fake one here
+        token_file = tmp_path / "admin.token"
+        token_file.write_text("not-a-real-admin-token\n")
+        env["IDLEGATE_ADMIN__TOKEN_FILE"] = str(token_file)
 
     result = subprocess.run(
         [sys.executable, "-m", "gateway", "check-config", "-c", str(config_file)],
