@@ -1,4 +1,4 @@
-"""The `idlegate` command: serve, check-config, token, demo. No logic of its own.
+"""The `idlegate` command: serve, check-config, token, demo, echo. No logic of its own.
 
 Every user error ends as one `idlegate: ...` line per problem on stderr and a non-zero exit,
 never a traceback.
@@ -99,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--upstream-port", type=_port, default=8081, help="echo upstream port")
     demo.add_argument("--idle-timeout", type=_duration, default=20.0, help="default 20s")
     demo.add_argument("--no-walkthrough", action="store_true", help="skip the self-run scenario")
+
+    echo = commands.add_parser(
+        "echo", help="an upstream that answers with what it received, to try a config"
+    )
+    echo.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1")
+    echo.add_argument("--port", type=_port, default=8000, help="default 8000")
     return parser
 
 
@@ -208,6 +214,16 @@ def _demo(args: argparse.Namespace) -> int:
         return 1
 
 
+def _echo(args: argparse.Namespace) -> int:
+    from gateway.demo import run_echo
+
+    try:
+        return run_echo(host=args.host, port=args.port)
+    except OSError as exc:
+        print(f"idlegate: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # Until serve configures logging, the gateway's own log records (a key or store warning
     # while checking) would reach stderr bare through logging's last resort: every problem
@@ -221,6 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "check-config": _check_config,
         "token": _token,
         "demo": _demo,
+        "echo": _echo,
     }
     try:
         return handlers[args.command](args)

@@ -198,6 +198,28 @@ async def _run(
     return 0
 
 
+async def _serve_echo(host: str, port: int) -> int:
+    upstream = web.AppRunner(web.Application(), access_log=None)
+    upstream.app.router.add_route("*", "/{tail:.*}", _echo)
+    await upstream.setup()
+    try:
+        await web.TCPSite(upstream, host, port).start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        _say(f"idlegate echo: an upstream on http://{host}:{port} that answers what it received")
+        await stop.wait()
+    finally:
+        await upstream.cleanup()
+    return 0
+
+
+def run_echo(*, host: str, port: int) -> int:
+    """`idlegate echo`: the demo's upstream on its own, to try a config (README "Running it")."""
+    return asyncio.run(_serve_echo(host, port))
+
+
 def run_demo(
     *, port: int, admin_port: int, upstream_port: int, idle_timeout: float, walkthrough: bool
 ) -> int:
