@@ -8,6 +8,8 @@ process (forward_auth enabled, Redis store) as the system under test:
 - nginx-alone:  nginx -> upstream, no authentication (the floor)
 - nginx-proxy:  nginx -> idlegate proxy port -> upstream (proxy mode)
 - nginx-fauth:  nginx auth_request -> idlegate /.idlegate/auth; nginx -> upstream (forward-auth)
+- nginx-bare-auth (CPU-per-request phase only): the same with bench/bare_auth.py, an aiohttp
+  server answering 200 to everything, as the auth service: the floor under idlegate's decision
 
 wrk cycles `--tokens` distinct tokens (bench/auth.lua). Reported per target: req/s, p50/p99
 (wrk's, closed loop), idlegate CPU use and requests per idlegate CPU-second (for nginx-alone:
@@ -34,7 +36,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import OUT, Proc, descendants, free_port, have_taskset, pinned, wait_port
+from common import BENCH, OUT, PYTHON, Proc, descendants, free_port, have_taskset, pinned, wait_port
 from run import LOAD_CPU, PATH, SUT_CPU, Bench, Target, describe, machine
 
 NGINX = """
@@ -50,6 +52,7 @@ http {{
     scgi_temp_path {dir}/scgi;
     upstream app {{ server 127.0.0.1:{upstream}; keepalive 128; }}
     upstream idlegate {{ server 127.0.0.1:{idlegate}; keepalive 128; }}
+    upstream bare_auth {{ server 127.0.0.1:{bare_auth}; keepalive 128; }}
     proxy_http_version 1.1;
     proxy_set_header Connection "";
 
@@ -83,6 +86,24 @@ http {{
             proxy_pass http://app;
         }}
     }}
+    server {{  # nginx-bare-auth: the same, asking bench/bare_auth.py (the aiohttp floor)
+        listen 127.0.0.1:{bare};
+        location = /_auth {{
+            internal;
+            proxy_pass http://bare_auth/.idlegate/auth;
+            proxy_pass_request_body off;
+            proxy_set_header Content-Length "";
+            proxy_set_header Connection "";
+            proxy_set_header X-Original-URI $request_uri;
+            proxy_set_header X-Original-Method $request_method;
+        }}
+        location / {{
+            auth_request /_auth;
+            auth_request_set $auth_subject $upstream_http_x_auth_subject;
+            proxy_set_header X-Auth-Subject $auth_subject;
+            proxy_pass http://app;
+        }}
+    }}
 }}
 """
 
@@ -105,19 +126,34 @@ class ForwardAuthBench(Bench):
             pids += descendants(self.nginx.pid)
         return pids
 
-    def start_nginx(self, idlegate_url: str) -> dict[str, str]:
+    def start_bare_auth(self) -> tuple[Proc, int]:
+        port = free_port()
+        cmd = [PYTHON, str(BENCH / "bare_auth.py"), "--port", str(port)]
+        proc = self.procs.start(
+            Proc("bare-auth", pinned(cmd, SUT_CPU), self.out / "logs" / "bare-auth.log")
+        )
+        wait_port(port)
+        return proc, port
+
+    def start_nginx(self, idlegate_url: str, bare_auth_port: int) -> dict[str, str]:
         binary = shutil.which("nginx") or "/usr/sbin/nginx"
         if not Path(binary).exists():
             raise SystemExit("nginx is missing: apt-get install -y nginx-light")
         workdir = self.out / "nginx"
         workdir.mkdir(parents=True, exist_ok=True)
-        ports = {"alone": free_port(), "proxy": free_port(), "fauth": free_port()}
+        ports = {
+            "alone": free_port(),
+            "proxy": free_port(),
+            "fauth": free_port(),
+            "bare": free_port(),
+        }
         conf = workdir / "nginx.conf"
         conf.write_text(
             NGINX.format(
                 dir=workdir,
                 upstream=self.upstream_url.rsplit(":", 1)[1],
                 idlegate=idlegate_url.split(":")[2].split("/")[0],
+                bare_auth=bare_auth_port,
                 **ports,
             )
         )
@@ -140,7 +176,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         bench.start_aux()
         gateway = bench.start_gateway("idlegate", SUT_CPU)
-        urls = bench.start_nginx(gateway.url)
+        bare_auth, bare_auth_port = bench.start_bare_auth()
+        urls = bench.start_nginx(gateway.url, bare_auth_port)
         assert bench.nginx is not None
         targets = [
             Target("nginx-alone", bench.nginx, urls["alone"]),
@@ -173,7 +210,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         bench.results["rounds"] = rounds
         bench.results["median"] = summary(rounds, [t.name for t in targets])
         if args.rate > 0:
-            bench.results["cpucost"] = cpucost(bench, targets[1:], tokens, args)
+            floor = Target("nginx-bare-auth", bare_auth, urls["bare"])
+            bench.results["cpucost"] = cpucost(bench, [*targets[1:], floor], tokens, args)
     finally:
         bench.procs.stop_all()
         (out / "results.json").write_text(json.dumps(bench.results, indent=2, default=str))
@@ -183,7 +221,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def cpucost(
     bench: ForwardAuthBench, targets: list[Target], tokens: Path, args: argparse.Namespace
 ) -> dict[str, Any]:
-    """idlegate CPU µs per request at one fixed open-loop rate, the same for both modes: under
+    """Auth-service CPU µs per request at one fixed open-loop rate, the same for every door: under
     wrk's closed loop each mode runs at its own rate, and a busier event loop batches more
     work per wake-up, which flatters the faster mode per CPU-second."""
     rows = []
@@ -211,10 +249,14 @@ def cpucost(
             key: statistics.median(row[name][key] for row in rows)
             for key in ("cpu_us_per_request", "achieved_rate", "p50_ms", "p99_ms")
         }
-        for name in ("nginx-proxy", "nginx-fauth")
+        for name in ("nginx-proxy", "nginx-fauth", "nginx-bare-auth")
     }
     median["proxy_over_fauth_cpu_us"] = statistics.median(
         row["proxy_over_fauth_cpu_us"] for row in rows
+    )
+    median["fauth_minus_floor_us"] = (
+        median["nginx-fauth"]["cpu_us_per_request"]
+        - median["nginx-bare-auth"]["cpu_us_per_request"]
     )
     print(
         f"  cpucost: proxy / forward-auth idlegate CPU per request = "

@@ -357,7 +357,11 @@ class Gateway:
             outcome.route = match.label
             # As on the proxy port, when the edge passes the handshake's Upgrade/Connection on
             # (nginx does not: there its locations decide which requests may upgrade).
-            if not match.route.websocket and wants_websocket(request.headers):
+            if (
+                not match.route.websocket
+                and "Upgrade" in request.headers
+                and wants_websocket(request.headers)
+            ):
                 raise Refusal(Reason.WEBSOCKET_NOT_ENABLED)
             identity = await self.decide(match.route, original.query, request.headers, outcome)
             response: web.StreamResponse = web.Response(

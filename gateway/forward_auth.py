@@ -29,6 +29,7 @@ AUTH_PATH = "/.idlegate/auth"
 _URI_HEADERS = ("X-Original-URI", "X-Original-URL", "X-Forwarded-Uri")
 _METHOD_HEADERS = ("X-Original-Method", "X-Forwarded-Method")
 _METHOD = re.compile(r"[A-Z][A-Z0-9_-]{0,31}")
+_COMMON_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
 _PEER_CACHE_SIZE = 4096
 
 
@@ -82,11 +83,12 @@ def _split(value: str, header: str) -> tuple[str, str]:
     raise Refusal(Reason.NO_ORIGINAL_REQUEST, f"{header} is neither a path nor an http(s) URL")
 
 
-def _one(headers: CIMultiDictProxy[str], name: str) -> str | None:
-    values = headers.getall(name, ())
+def _one(headers: CIMultiDictProxy[str], name: str) -> str:
+    """The one value of a header known to be present."""
+    values = headers.getall(name)
     if len(values) > 1:
         raise Refusal(Reason.NO_ORIGINAL_REQUEST, f"{name} was sent more than once")
-    return values[0] if values else None
+    return values[0]
 
 
 def original_request(
@@ -99,31 +101,34 @@ def original_request(
     """The original request of a forward-auth request (method, path and query of the auth
     request itself, and its headers). Refused when no source says which request it is, or
     when two sources disagree."""
-    targets: list[tuple[str, tuple[str, str]]] = []
+    target: tuple[str, str] | None = None
+    first = ""
     if envoy_path_prefix is not None and (
         raw_path == envoy_path_prefix or raw_path.startswith(envoy_path_prefix + "/")
     ):
-        targets.append(("the path", (raw_path[len(envoy_path_prefix) :] or "/", query)))
+        target, first = (raw_path[len(envoy_path_prefix) :] or "/", query), "the path"
     for name in _URI_HEADERS:
-        value = _one(headers, name)
-        if value is not None:
-            targets.append((name, _split(value, name)))
-    if not targets:
+        if name not in headers:  # the common case: one of the three is there
+            continue
+        other = _split(_one(headers, name), name)
+        if target is None:
+            target, first = other, name
+        elif other != target:
+            raise Refusal(Reason.NO_ORIGINAL_REQUEST, f"{first} and {name} name different requests")
+    if target is None:
         raise Refusal(
             Reason.NO_ORIGINAL_REQUEST,
             "the forward-auth request says no original URI "
             "(X-Original-URI, X-Original-URL or X-Forwarded-Uri)",
         )
-    first_name, target = targets[0]
-    for name, other in targets[1:]:
-        if other != target:
-            raise Refusal(
-                Reason.NO_ORIGINAL_REQUEST, f"{first_name} and {name} name different requests"
-            )
-    methods = {name: value for name in _METHOD_HEADERS if (value := _one(headers, name))}
-    if len(set(methods.values())) > 1:
-        raise Refusal(Reason.NO_ORIGINAL_REQUEST, "the original method headers disagree")
-    original_method = next(iter(methods.values()), method).upper()
-    if not _METHOD.fullmatch(original_method):
+    original_method = method
+    named = False
+    for name in _METHOD_HEADERS:
+        if name in headers:
+            value = _one(headers, name).upper()
+            if named and value != original_method:
+                raise Refusal(Reason.NO_ORIGINAL_REQUEST, "the original method headers disagree")
+            original_method, named = value, True
+    if original_method not in _COMMON_METHODS and not _METHOD.fullmatch(original_method):
         raise Refusal(Reason.NO_ORIGINAL_REQUEST, "the original method is not an HTTP method")
     return OriginalRequest(method=original_method, path=target[0], query=target[1])
