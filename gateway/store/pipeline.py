@@ -116,9 +116,13 @@ class PipelinedConnection:
         connect_timeout: float = 1.0,
         call_timeout: float = 1.0,
         on_connect: Callable[[PipelinedConnection], Awaitable[None]] | None = None,
+        resolve: Callable[[], Awaitable[tuple[str, int]]] | None = None,
     ) -> None:
         self._host = host
         self._port = port
+        # Sentinel: the master's address is asked for on every (re)connect, so a failover
+        # is followed as soon as the old connection drops (or answers READONLY).
+        self._resolve = resolve
         self._db = db
         self._username = username
         self._password = password
@@ -207,9 +211,19 @@ class PipelinedConnection:
             raise ConnectionLost("connection closed while opening")
         return connection
 
+    @property
+    def address(self) -> tuple[str, int]:
+        """Where the connection goes (Sentinel: the master found at the last connect)."""
+        return self._host, self._port
+
     async def _open(self) -> None:
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(self._connect_timeout):
+            if self._resolve is not None:
+                host, port = await self._resolve()
+                self._host, self._port = host, int(port)
+                if self._tls is None:
+                    self._server_hostname = host
             _, connection = await loop.create_connection(
                 lambda: _Protocol(self),
                 self._host,

@@ -23,7 +23,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import Connection, SSLConnection
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
@@ -77,8 +77,8 @@ class RedisStore:
         # Touch.now: one clock for every replica. Tests and simulations that drive time with
         # a ManualClock set this to decide with Touch.now instead; open_store never does.
         self.caller_time = False
-        # Standalone Redis: the request path's one call goes over a pipelined connection (a
-        # fraction of redis-py's per-call CPU); everything else, and Sentinel/Cluster, via redis-py.
+        # Standalone and Sentinel: the request path's one call goes over a pipelined connection
+        # (a fraction of redis-py's per-call CPU); everything else, and Cluster, via redis-py.
         self._pipelined = pipelined
         self._closing = closing  # further clients to close with this one (Sentinel's)
         self._prefix = key_prefix
@@ -178,19 +178,24 @@ class RedisStore:
         failure: ReplyError | ConnectionLost,
     ) -> Any:
         """After a failed EVALSHA. NOSCRIPT (a restarted or failed-over Redis forgot the
-        script): EVAL caches it again. A lost connection (e.g. a Redis restart): one immediate
+        script): EVAL caches it again. READONLY (a demoted master): the connection is dropped
+        and the call retried once. A lost connection (e.g. a Redis restart): one immediate
         retry on a fresh connection; the script is safe to repeat (max() semantics)."""
         connection = self._pipelined
         assert connection is not None
         retried = False
         while True:
-            if isinstance(failure, ReplyError):
-                if not str(failure).startswith("NOSCRIPT"):
-                    raise failure
+            if isinstance(failure, ReplyError) and str(failure).startswith("NOSCRIPT"):
                 command: tuple[str, str] = ("EVAL", self._touch_source)
-            elif retried:
+            elif (
+                isinstance(failure, ReplyError) and not str(failure).startswith("READONLY")
+            ) or retried:
                 raise failure
             else:
+                # READONLY: the node was demoted (a Sentinel failover while it stayed up):
+                # drop the connection, so the retry asks the sentinels for the new master.
+                if isinstance(failure, ReplyError):
+                    connection.close()
                 retried = True
                 command = ("EVALSHA", self._check_and_touch.sha)
             try:
@@ -449,12 +454,34 @@ def pipelined_for(
     """The request path's pipelined connection to the same standalone Redis as `client`, with
     the same host, port, database, credentials and TLS settings: redis-py parsed the URL once
     for both (a second parser of our own once sent activity to db 0 and revocations to db 3
-    for `?db=3`). None for Sentinel and Cluster, whose clients route by themselves."""
+    for `?db=3`). Sentinel: to the master the sentinels name, found again on each reconnect.
+    None for Cluster (redis-py routes each call by slot) and unix sockets."""
     if not isinstance(client, Redis):
         return None
     pool = client.connection_pool
+    if isinstance(pool, SentinelConnectionPool):
+        # The master the sentinels name, asked again on every reconnect (ConcurrentSentinel:
+        # no one sentinel can stall it); the URL's credentials and database.
+        kwargs = pool.connection_kwargs
+        manager, service = pool.sentinel_manager, pool.service_name
+
+        async def master() -> tuple[str, int]:
+            host, port = await manager.discover_master(service)
+            return str(host), int(port)
+
+        return PipelinedConnection(
+            "",
+            0,
+            db=int(kwargs.get("db") or 0),
+            username=kwargs.get("username"),
+            password=kwargs.get("password"),
+            connect_timeout=timeout,
+            call_timeout=timeout,
+            on_connect=on_connect,
+            resolve=master,
+        )
     if not isinstance(pool, BlockingConnectionPool):
-        return None  # Sentinel's managed pool: the master's address is the pool's to find
+        return None
     kwargs = pool.connection_kwargs
     tls: ssl.SSLContext | None = None
     if issubclass(pool.connection_class, SSLConnection):

@@ -16,6 +16,8 @@ from conftest import GatewayFactory
 from harness import GatewayUnderTest
 from redis_topologies import ClusterSet, SentinelSet
 
+from gateway.store.redis import RedisStore
+
 ADMIN = {"Authorization": "Bearer adm1n"}
 
 
@@ -156,3 +158,48 @@ async def test_an_evicting_cluster_node_is_refused_at_start(
             await gateways(store_url=redis_cluster.url)
     finally:
         node.command("CONFIG", "SET", "maxmemory-policy", "noeviction")
+
+
+async def test_sentinel_requests_take_the_pipelined_fast_path_one_round_trip_each(
+    gateways: GatewayFactory, stable_sentinel: SentinelSet
+) -> None:
+    gw = await gateways(store_url=stable_sentinel.url)
+    store = gw.gateway.store
+    assert isinstance(store, RedisStore)
+    assert store._pipelined is not None
+    token = gw.token()
+    assert (await gw.get("/api/x", token)).status == 200  # connects, loads the script
+    stable_sentinel.master.command("CONFIG", "RESETSTAT")
+    for _ in range(20):
+        assert (await gw.get("/api/x", token)).status == 200
+    stats = stable_sentinel.master.command("INFO", "commandstats").decode()
+    # One script run each (its one GET); EVALSHA also counts the revocation poll's.
+    assert "cmdstat_get:calls=20," in stats
+    assert store._pipelined.address == ("127.0.0.1", stable_sentinel.master.port)
+
+
+async def test_a_graceful_sentinel_failover_is_followed(
+    gateways: GatewayFactory, redis_sentinel: SentinelSet
+) -> None:
+    """SENTINEL FAILOVER: the old master stays up as a replica, so the open connection is not
+    lost but answers READONLY; the gateway asks the sentinels again and goes on."""
+    gw = await gateways(store_url=redis_sentinel.url)
+    token = gw.token()
+    assert (await gw.get("/api/x", token)).status == 200
+    old = redis_sentinel.master_port()
+    reply = redis_sentinel.sentinels[0].command("SENTINEL", "FAILOVER", "mymaster")
+    assert reply.startswith(b"+OK"), reply
+    redis_sentinel.wait_failover(old)
+    # The sentinels demote a live old master only some 8 s later (until then it still takes
+    # writes: Sentinel's own window); do now what they will do then.
+    new = redis_sentinel.master_port()
+    demoted = redis_sentinel.node(old).command("REPLICAOF", "127.0.0.1", str(new))
+    assert demoted.startswith(b"+OK"), demoted
+    recovered = await until_ok(gw, token, timeout=10)
+    assert recovered < 5
+    # The open connection to the demoted node answered READONLY: it moved to the new master.
+    store = gw.gateway.store
+    assert isinstance(store, RedisStore)
+    assert store._pipelined is not None
+    assert (await gw.get("/api/x", token)).status == 200
+    assert store._pipelined.address == ("127.0.0.1", new)
