@@ -274,7 +274,9 @@ class RedisStore:
     async def eviction_problem(self) -> str | None:
         """Checked at start (an evicting Redis is refused), by every readiness probe, and on
         every new pipelined connection (a restart or failover may bring another config)."""
-        policies = await self._call("eviction_policy", self._read_policies)
+        # Up to two round trips per node (CONFIG GET, then INFO where CONFIG is disabled), and
+        # on Cluster the slot map first: a budget of a few store.timeouts, not one.
+        policies = await self._call("eviction_policy", self._read_policies, round_trips=4)
         return self._note_policies(policies)
 
     async def _read_policies(self) -> dict[str, str | None]:

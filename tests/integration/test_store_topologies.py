@@ -155,7 +155,7 @@ async def test_an_evicting_cluster_node_is_refused_at_start(
     node.command("CONFIG", "SET", "maxmemory-policy", "allkeys-lru")
     try:
         with pytest.raises(StoreConfigError, match=f"on 127.0.0.1:{node.port} is allkeys-lru"):
-            await gateways(store_url=redis_cluster.url)
+            await gateways(store_url=redis_cluster.url, store={"timeout": "1s"})
     finally:
         node.command("CONFIG", "SET", "maxmemory-policy", "noeviction")
 
