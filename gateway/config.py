@@ -426,6 +426,10 @@ class ForwardAuth(_Model):
         return [ipaddress.ip_network(n, strict=False) for n in self.trusted_proxies]
 
 
+# Hosts that bind every address: a port there clashes with that port on any host.
+_WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "[::]"})
+
+
 class Config(_Model):
     listen: Listen = Field(default_factory=Listen)
     admin: Admin = Field(default_factory=Admin)
@@ -487,21 +491,34 @@ class Config(_Model):
                     f"routes.{i}.stream_deadline: needs auth: required (a public route has no "
                     f"token whose deadlines could cut it; route {route.prefix})"
                 )
-        problems.extend(self._forward_auth_problems())
+        problems.extend(self._listener_problems())
         if problems:
             raise ValueError("\n".join(problems))
         return self
 
-    def _forward_auth_problems(self) -> list[str]:
-        own = self.forward_auth.listen
-        if own is None or own.port == 0:
-            return []
-        taken = {"listen.port": self.listen.port, "admin.port": self.admin.port}
-        return [
-            f"forward_auth.listen.port: {own.port} is also {name}; each listener needs its own port"
-            for name, port in taken.items()
-            if port == own.port
+    def _listener_problems(self) -> list[str]:
+        """Two listeners clash on one port when they bind the same host or either binds every
+        address (port 0 is fine: each listener gets its own free port). serve would fail to
+        bind; the admin port must never be reachable as the proxy port either."""
+        listeners: list[tuple[str, Listen | Admin]] = [
+            ("listen", self.listen),
+            ("admin", self.admin),
         ]
+        if self.forward_auth.listen is not None:
+            listeners.append(("forward_auth.listen", self.forward_auth.listen))
+        problems = []
+        for i, (name, own) in enumerate(listeners):
+            for other_name, other in listeners[:i]:
+                if own.port == other.port != 0 and (
+                    own.host == other.host
+                    or own.host in _WILDCARD_HOSTS
+                    or other.host in _WILDCARD_HOSTS
+                ):
+                    problems.append(
+                        f"{name}.port: {own.port} is also {other_name}.port; "
+                        "each listener needs its own port"
+                    )
+        return problems
 
     def masked(self) -> dict[str, Any]:
         """The effective config as plain data with secrets replaced, for printing."""

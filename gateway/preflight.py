@@ -1,7 +1,8 @@
 """Everything a config can be refused for before the gateway listens, as `field.path: reason`.
 
 `check-config` and `serve` both call `problems()`, so a config check-config passes is one serve
-starts with, and serve refuses a bad one with the same lines. The checks reuse the code that
+starts with, and serve refuses a bad one with the same lines (what the config alone decides,
+such as two listeners on one port, is refused by loading it). The checks reuse the code that
 serve itself runs (key loading, the store factory, the admin token loader), never a copy of
 its rules. `connect=True` (`check-config --connect`) also does what needs the network: the
 first fetch of every remote key set and a ping of the store.
@@ -21,16 +22,13 @@ from gateway.tokens.keys import KeyRing, KeySourceError, static_keys
 
 log = logging.getLogger("idlegate.preflight")
 
-# Hosts that bind every address: a port on one of them clashes with that port on any host.
-_WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "[::]"})
-
 
 async def problems(
     config: Config, *, connect: bool = False, environ: Mapping[str, str] | None = None
 ) -> list[str]:
     """Every problem found (empty: serve would start), each `field.path: reason`."""
     env = os.environ if environ is None else environ
-    found = _port_problems(config) + _admin_problems(config) + _key_problems(config, env)
+    found = _admin_problems(config) + _key_problems(config, env)
     store_problems, store = _store(config, env)
     found += store_problems
     if store is not None:
@@ -42,24 +40,6 @@ async def problems(
     if connect:
         found += await _remote_key_problems(config, env)
     return found
-
-
-def _port_problems(config: Config) -> list[str]:
-    listen, admin = config.listen, config.admin
-    clash = (
-        listen.port == admin.port != 0  # port 0: each listener gets its own free port
-        and (
-            listen.host == admin.host
-            or listen.host in _WILDCARD_HOSTS
-            or admin.host in _WILDCARD_HOSTS
-        )
-    )
-    if not clash:
-        return []
-    return [
-        f"admin.port: {admin.port} on {admin.host or '*'} is also listen.port on "
-        f"{listen.host or '*'}; the admin API must never share the proxy port"
-    ]
 
 
 def _admin_problems(config: Config) -> list[str]:

@@ -138,16 +138,18 @@ def refused(tmp_path: Path, case: str) -> tuple[dict[str, Any], dict[str, str], 
     empty = tmp_path / "empty.token"
     empty.write_text("")
     base = e2e_config("http://127.0.0.1:9", CONFIG_DIR / "dev-public.pem")
-    if case == "keys, redis url, port clash, missing token file":
+    if case == "admin port is the port of a wildcard listen":
+        data = merge(base, {"listen": {"host": "0.0.0.0"}})
+        data["admin"]["port"] = data["listen"]["port"]
+        return data, {}, {"admin.port"}
+    if case == "keys, redis url, missing token file":
         data = merge(
             base,
             {
-                "listen": {"host": "0.0.0.0"},
                 "admin": {"token_file": str(tmp_path / "missing.token")},
                 "store": {"url": "redis://:hunter2@redis:port/0"},
             },
         )
-        data["admin"]["port"] = data["listen"]["port"]
         data["providers"] = providers_of(
             {"public_key_file": str(tmp_path / "missing.pem")},
             {"public_key_file": str(garbage)},
@@ -156,7 +158,7 @@ def refused(tmp_path: Path, case: str) -> tuple[dict[str, Any], dict[str, str], 
             {"jwks_file": str(tmp_path / "missing.json")},
         )
         expected = {
-            "admin.port", "admin.token_file", "store.url",
+            "admin.token_file", "store.url",
             *(f"providers.{i}.{field}" for i, field in enumerate(
                 ["public_key_file"] * 3 + ["hmac_secret_env", "jwks_file"]
             )),
@@ -184,7 +186,8 @@ def refused(tmp_path: Path, case: str) -> tuple[dict[str, Any], dict[str, str], 
 
 
 REFUSED_CASES = [
-    "keys, redis url, port clash, missing token file",
+    "admin port is the port of a wildcard listen",
+    "keys, redis url, missing token file",
     "sentinel url, empty token file, hash key, short secret",
     "cluster url, token file that is a directory",
 ]

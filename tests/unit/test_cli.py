@@ -428,11 +428,11 @@ def refused_configs(tmp_path: Path) -> dict[str, tuple[dict[str, Any], str]]:
         ),
         "admin port is the listen port": (
             shipped(listen={"host": "127.0.0.1", "port": 8080}, admin={"port": 8080}),
-            "admin.port: 8080 on 127.0.0.1 is also listen.port",
+            "admin.port: 8080 is also listen.port; each listener needs its own port",
         ),
         "admin port is the port of a wildcard listen": (
             shipped(listen={"host": "0.0.0.0", "port": 9090}),
-            "admin.port: 9090 on 127.0.0.1 is also listen.port on 0.0.0.0",
+            "admin.port: 9090 is also listen.port; each listener needs its own port",
         ),
         "missing admin token_file": (
             shipped(admin={"token_file": str(tmp_path / "no.token")}),
@@ -468,7 +468,6 @@ def test_check_config_lists_every_start_up_problem_at_once(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ):
     data = shipped(
-        listen={"host": "0.0.0.0", "port": 9090},
         admin={"token_file": str(tmp_path / "no.token")},
         store={"url": "redis://:hunter2@redis:port/0", "hash_key_env": "NO_SUCH_HASH_KEY"},
         providers=[
@@ -478,7 +477,6 @@ def test_check_config_lists_every_start_up_problem_at_once(
     )
     lines = problems_of(capsys, tmp_path, data, "check-config")
     assert sorted(line.split(":")[0] for line in lines) == [
-        "admin.port",
         "admin.token_file",
         "providers.0.public_key_file",
         "providers.1.jwks_file",
