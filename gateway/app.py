@@ -37,15 +37,17 @@ from gateway.forward.deadlines import LOG_FIELDS, Deadlines
 from gateway.forward.proxy import Forwarder
 from gateway.forward.websocket import HANDSHAKE_SECONDS, WebSockets, wants_websocket
 from gateway.forward_auth import AUTH_PATH, TrustedPeers, original_request
-from gateway.reasons import Reason, Refusal, render_refusal
+from gateway.pipeline import render_refusal
+from gateway.reasons import Reason, Refusal
 from gateway.revocation import RevocationList
 from gateway.routing import Match, Router
-from gateway.store import StoreConfigError, hasher_from_config, open_store
 from gateway.store.base import Store, StoreUnavailable, TouchResult
+from gateway.store.factory import StoreConfigError, hasher_from_config, open_store
 from gateway.tokens import policy
+from gateway.tokens.claims import VerifiedToken
 from gateway.tokens.extract import bearer_token
 from gateway.tokens.keys import KeyRing
-from gateway.tokens.verify import VerifiedToken, Verifier
+from gateway.tokens.verify import Verifier
 
 log = logging.getLogger("idlegate")
 

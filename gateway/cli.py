@@ -160,7 +160,7 @@ def _serve(args: argparse.Namespace) -> int:
         _preflight_or_exit(config)  # the same checks and lines as check-config
         from gateway.admin import AdminTokenError
         from gateway.serve import run  # after the metrics mode is chosen
-        from gateway.store import StoreConfigError
+        from gateway.store.factory import StoreConfigError
         from gateway.tokens.keys import KeySourceError
 
         try:

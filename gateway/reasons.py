@@ -1,11 +1,12 @@
 """The one table of refusal reasons: stable code, HTTP status, OAuth error and message.
 
-Handlers raise `Refusal(Reason.X)`; `render_refusal` turns it into the one response shape
-(JSON body, `WWW-Authenticate`), called once by the request pipeline. The code is also the
-`reason` label of `idlegate_requests_total`.
+Handlers raise `Refusal(Reason.X)`; `pipeline.render_refusal` turns it into the one response
+shape (JSON body, `WWW-Authenticate`), called once by the request pipeline. The code is also the
+`reason` label of `idlegate_requests_total`. No aiohttp here: the pure decisions
+(`tokens/policy.py`) raise refusals without loading the web stack.
 
 A refusal's detail names the problem, never the token's own text (its alg, kid or claims):
-what the attacker sent is not echoed, and `render_refusal` still restricts what reaches the
+what the attacker sent is not echoed, and `rfc6750_text` still restricts what reaches the
 header to RFC 6750's charset, in case a detail ever does carry foreign text.
 """
 
@@ -14,8 +15,6 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass
-
-from aiohttp import web
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +139,7 @@ class Reason(enum.Enum):
 
 
 class Refusal(Exception):
-    """Raised anywhere on the request path; rendered once by `render_refusal`.
+    """Raised anywhere on the request path; rendered once by `pipeline.render_refusal`.
 
     `detail` is fixed text of ours (config names and numbers may appear), never token text."""
 
@@ -168,27 +167,3 @@ def rfc6750_text(text: str) -> str:
     """`text` with every character outside RFC 6750's attribute charset replaced by `?`: a
     header value built from it can hold no quote, backslash, CR/LF or non-ASCII byte."""
     return _NOT_RFC6750.sub("?", text.replace('"', "'"))
-
-
-def render_refusal(refusal: Refusal, request_id: str) -> web.Response:
-    """The contract's refusal: JSON body, `Cache-Control: no-store`, and for 401/403 a
-    `WWW-Authenticate` challenge (no `error` attribute when the token is simply missing)."""
-    reason = refusal.reason
-    description = rfc6750_text(refusal.detail)
-    headers = {"Cache-Control": "no-store", "X-Request-ID": request_id}
-    if reason.status in (401, 403):
-        challenge = 'Bearer realm="idlegate"'
-        if reason.oauth_error is not None:
-            challenge += f', error="{reason.oauth_error}", error_description="{description}"'
-        if refusal.scope is not None:
-            challenge += f', scope="{rfc6750_text(refusal.scope)}"'
-        headers["WWW-Authenticate"] = challenge
-    if refusal.retry_after is not None:
-        headers["Retry-After"] = str(refusal.retry_after)
-    body = {
-        "error": reason.oauth_error or reason.code,
-        "reason": reason.code,
-        "message": description,
-        "request_id": request_id,
-    }
-    return web.json_response(body, status=reason.status, headers=headers)

@@ -19,7 +19,7 @@ import logging
 from gateway import metrics
 from gateway.clock import Clock
 from gateway.store.base import Revocation, RevocationKind, Store, StoreUnavailable
-from gateway.tokens.verify import VerifiedToken
+from gateway.tokens.claims import VerifiedToken
 
 log = logging.getLogger("idlegate.revocation")
 

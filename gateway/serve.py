@@ -273,7 +273,7 @@ def _worker(config: Config, index: int) -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until serve() installs the logging handler
     configure_logging(config.server.log_level)
     install_uvloop()
-    from gateway.store import StoreConfigError  # as in the CLI: one line, no traceback
+    from gateway.store.factory import StoreConfigError  # as in the CLI: one line, no traceback
     from gateway.tokens.keys import KeySourceError
 
     try:

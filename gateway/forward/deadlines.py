@@ -30,7 +30,7 @@ from gateway.reasons import Reason, Refusal
 
 if TYPE_CHECKING:  # types only: forwarding does not import the token and revocation steps
     from gateway.revocation import RevocationList
-    from gateway.tokens.verify import VerifiedToken
+    from gateway.tokens.claims import VerifiedToken
 
 log = logging.getLogger("idlegate.deadlines")
 

@@ -44,7 +44,7 @@ from gateway.forward.deadlines import LOG_FIELDS, Deadlines, Watched
 from gateway.reasons import Reason, Refusal
 from gateway.store.base import Store, StoreUnavailable, TouchResult
 from gateway.tokens import policy
-from gateway.tokens.verify import VerifiedToken
+from gateway.tokens.claims import VerifiedToken
 
 log = logging.getLogger("idlegate.websocket")
 

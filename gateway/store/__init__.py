@@ -1,4 +1,8 @@
-"""Stores of last activity and revocations."""
+"""Stores of last activity and revocations.
+
+Re-exports the store's types only: building a store (`gateway.store.factory`) imports redis-py,
+and the pure decisions (`tokens/policy.py`) that name `Touch` must not.
+"""
 
 from __future__ import annotations
 
@@ -10,16 +14,12 @@ from gateway.store.base import (
     Touch,
     TouchResult,
 )
-from gateway.store.factory import StoreConfigError, hasher_from_config, open_store
 
 __all__ = [
     "KeyHasher",
     "Revocation",
     "Store",
-    "StoreConfigError",
     "StoreUnavailable",
     "Touch",
     "TouchResult",
-    "hasher_from_config",
-    "open_store",
 ]

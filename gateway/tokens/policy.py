@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from gateway.config import Policy, Route
 from gateway.reasons import Reason, Refusal
 from gateway.store.base import Touch
-from gateway.tokens.verify import VerifiedToken
+from gateway.tokens.claims import VerifiedToken
 
 
 def is_idle(last_activity: float, now: float, idle_timeout: float) -> bool:

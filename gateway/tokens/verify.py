@@ -13,7 +13,6 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from jwt.algorithms import Algorithm, get_default_algorithms
@@ -22,40 +21,12 @@ from gateway.clock import Clock
 from gateway.config import Config, Provider
 from gateway.reasons import Reason, Refusal
 from gateway.store.base import KeyHasher
+from gateway.tokens.claims import VerifiedToken
 from gateway.tokens.keys import KeyRing, VerificationKey
 
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _ALGORITHMS: dict[str, Algorithm] = get_default_algorithms()
-
-
-@dataclass(frozen=True, slots=True)
-class VerifiedToken:
-    """What the rest of the gateway may rely on about a token whose signature checked out."""
-
-    provider: str
-    issuer: str  # the token's iss, exactly: with the ids below it identifies the token
-    # The token's id as `policy.token_id` found it: the jti or uti value, or `digest:<hash>`
-    # (a keyed hash of the signature) for a token with neither. What the access log shows.
-    jti: str | None
-    token_id_claim: str | None  # which of policy.token_id gave `jti` (None: none did)
-    sub: str | None
-    sid: str | None
-    iat: float
-    exp: float
-    nbf: float | None
-    auth_time: float | None
-    scopes: frozenset[str]
-    roles: frozenset[str]  # from the provider's roles_claim (empty without one)
-    kid: str | None
-    key: VerificationKey
-    # Keyed hashes of (issuer, id): what the store and the revocation list are keyed by.
-    track_key: str
-    jti_key: str | None
-    sid_key: str | None
-    sub_key: str | None
-    # The identity headers for the upstream, computed once per token (forward.identity_headers).
-    identity: Mapping[str, str]
 
 
 def _b64decode(part: str) -> bytes:

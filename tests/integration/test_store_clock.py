@@ -15,7 +15,8 @@ import pytest
 from conftest import GatewayFactory, RedisServer
 
 from gateway.config import Store as StoreConfig
-from gateway.store import Touch, open_store
+from gateway.store import Touch
+from gateway.store.factory import open_store
 from gateway.store.redis import RedisStore
 
 IDLE = 900.0

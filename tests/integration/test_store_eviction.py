@@ -12,7 +12,7 @@ import pytest
 from conftest import GatewayFactory, RedisServer, free_port
 from harness import Upstream
 
-from gateway.store import StoreConfigError
+from gateway.store.factory import StoreConfigError
 
 
 @pytest.fixture

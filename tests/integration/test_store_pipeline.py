@@ -14,7 +14,8 @@ import pytest
 from conftest import RedisServer
 
 from gateway.config import Store as StoreConfig
-from gateway.store import Revocation, StoreConfigError, StoreUnavailable, Touch, open_store
+from gateway.store import Revocation, StoreUnavailable, Touch
+from gateway.store.factory import StoreConfigError, open_store
 from gateway.store.pipeline import PipelinedConnection, ReplyError
 from gateway.store.redis import client_from_url, pipelined_for
 

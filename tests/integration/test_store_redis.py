@@ -18,15 +18,8 @@ from gateway import metrics
 from gateway.clock import ManualClock, SystemClock
 from gateway.config import Store as StoreConfig
 from gateway.revocation import RevocationList
-from gateway.store import (
-    Revocation,
-    Store,
-    StoreUnavailable,
-    Touch,
-    TouchResult,
-    hasher_from_config,
-    open_store,
-)
+from gateway.store import Revocation, Store, StoreUnavailable, Touch, TouchResult
+from gateway.store.factory import hasher_from_config, open_store
 from gateway.store.memory import MemoryStore
 from gateway.store.redis import RedisStore
 

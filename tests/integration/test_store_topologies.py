@@ -149,7 +149,7 @@ async def test_an_evicting_cluster_node_is_refused_at_start(
     gateways: GatewayFactory, redis_cluster: ClusterSet
 ) -> None:
     """Every primary is checked, not only the one the client asks first."""
-    from gateway.store import StoreConfigError
+    from gateway.store.factory import StoreConfigError
 
     node = redis_cluster.masters()[-1]
     node.command("CONFIG", "SET", "maxmemory-policy", "allkeys-lru")

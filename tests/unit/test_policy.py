@@ -3,6 +3,8 @@ check and record (per token or per session), scopes and session age. No I/O, no 
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -11,8 +13,8 @@ from gateway.config import Policy, Route
 from gateway.reasons import Reason, Refusal
 from gateway.store.base import Touch
 from gateway.tokens import policy
+from gateway.tokens.claims import VerifiedToken
 from gateway.tokens.keys import VerificationKey
-from gateway.tokens.verify import VerifiedToken
 
 IAT = 1_800_000_000.0
 IDLE = 900.0
@@ -225,3 +227,18 @@ def test_session_age_counts_from_auth_time_not_iat():
     fresh_token_old_login = token(iat=IAT + 7200, exp=IAT + 7800, auth_time=IAT)
     refusal = refusal_of(policy.check_session_age, fresh_token_old_login, rules, IAT + 7201)
     assert refusal.reason is Reason.SESSION_TOO_OLD
+
+
+def test_importing_the_pure_policy_loads_no_network_client():
+    """The policy module calls itself pure: importing it (as a unit test or a tool would) must not
+    load redis-py or aiohttp, whose imports cost hundreds of milliseconds and bring I/O along.
+    In a fresh interpreter: this test process has loaded both already."""
+    probe = (
+        "import sys, gateway.tokens.policy\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('redis', 'hiredis', 'aiohttp'))))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=30
+    )
+    assert done.stdout.strip() == ""

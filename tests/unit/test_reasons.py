@@ -7,7 +7,8 @@ import re
 
 import pytest
 
-from gateway.reasons import Reason, Refusal, render_refusal
+from gateway.pipeline import render_refusal
+from gateway.reasons import Reason, Refusal
 
 RFC6750 = re.compile(r"[\x20\x21\x23-\x5b\x5d-\x7e]*")
 

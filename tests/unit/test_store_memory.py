@@ -14,15 +14,8 @@ from redis.asyncio.sentinel import SentinelConnectionPool
 
 from gateway.clock import ManualClock
 from gateway.config import Store as StoreConfig
-from gateway.store import (
-    KeyHasher,
-    Revocation,
-    StoreConfigError,
-    Touch,
-    TouchResult,
-    hasher_from_config,
-    open_store,
-)
+from gateway.store import KeyHasher, Revocation, Touch, TouchResult
+from gateway.store.factory import StoreConfigError, hasher_from_config, open_store
 from gateway.store.memory import MemoryStore
 from gateway.store.redis import RedisStore
 

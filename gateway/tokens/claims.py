@@ -1,0 +1,44 @@
+"""What the rest of the gateway may rely on about a verified token: a plain record.
+
+Apart from `verify.py` (which builds it), so that the pure decisions (`tokens/policy.py`), the
+revocation list and the deadlines can name it without importing the verifier's key rings
+(aiohttp) or the store's clients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # only a type here; keys.py imports aiohttp for its key rings
+    from gateway.tokens.keys import VerificationKey
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedToken:
+    """What the rest of the gateway may rely on about a token whose signature checked out."""
+
+    provider: str
+    issuer: str  # the token's iss, exactly: with the ids below it identifies the token
+    # The token's id as `policy.token_id` found it: the jti or uti value, or `digest:<hash>`
+    # (a keyed hash of the signature) for a token with neither. What the access log shows.
+    jti: str | None
+    token_id_claim: str | None  # which of policy.token_id gave `jti` (None: none did)
+    sub: str | None
+    sid: str | None
+    iat: float
+    exp: float
+    nbf: float | None
+    auth_time: float | None
+    scopes: frozenset[str]
+    roles: frozenset[str]  # from the provider's roles_claim (empty without one)
+    kid: str | None
+    key: VerificationKey
+    # Keyed hashes of (issuer, id): what the store and the revocation list are keyed by.
+    track_key: str
+    jti_key: str | None
+    sid_key: str | None
+    sub_key: str | None
+    # The identity headers for the upstream, computed once per token (forward.identity_headers).
+    identity: Mapping[str, str]
