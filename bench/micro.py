@@ -15,7 +15,7 @@ Each case: warm-up, then `--repeat` timed batches; reported: median CPU µs per 
   RS256 verification, claims, and the cache's eviction).
 - upstream_headers: Forwarder.upstream_headers for a mocked request with typical headers.
 - route: Router.match of /api/orders.
-- metrics: what Gateway.handle records per request (in-flight gauge, counter, histograms).
+- metrics: what Pipeline.handle records per request (in-flight gauge, counter, histograms).
 - dispatch_app / dispatch_direct: aiohttp Application._handle (UrlDispatcher, match info) with a
   trivial handler, against calling the handler directly (what a low-level web.Server does).
 - request_id: the request id the gateway generates when the client sent none.
@@ -97,8 +97,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, float]:
     results: dict[str, float] = {}
     repeat = args.repeat
     try:
-        verifier = gateway.verifier
-        assert verifier is not None
+        verifier = gateway.pipeline.verifier
         hot = tokens[:1000]
         verified = [await verifier.verify(t) for t in hot]
 
@@ -190,8 +189,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, float]:
         results["route"] = cpu_us_per_op(route_case, 100_000, repeat)
 
         def metrics_case(n: int) -> None:
-            count = gateway._count
-            outcome_type = type(_outcome(gateway))
+            count = gateway.pipeline._count
+            outcome_type = type(_record())
             for _ in range(n):
                 metrics.IN_FLIGHT.inc()
                 metrics.IN_FLIGHT.dec()
@@ -238,10 +237,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, float]:
     return results
 
 
-def _outcome(gateway: Gateway) -> Any:
-    from gateway import app as app_module
+def _record() -> Any:
+    from gateway import pipeline
 
-    return app_module._Outcome()
+    return pipeline._RequestRecord()
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ An edge proxy (nginx `auth_request`, ingress-nginx `auth-url`, Traefik `ForwardA
 says what the original request was: in `X-Original-URI`/`X-Original-URL` + `X-Original-Method`
 (nginx), `X-Forwarded-Uri` + `X-Forwarded-Method` (Traefik, Caddy), or as the path after a
 prefix (Envoy). The gateway then decides that request exactly as the proxy port would
-(`Gateway.decide`). Only trusted peers may say so: anyone else could have a protected request
+(`Pipeline.decide`). Only trusted peers may say so: anyone else could have a protected request
 decided as a public one.
 """
 

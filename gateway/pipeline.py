@@ -1,13 +1,118 @@
 """The request's way through the gateway, each step written once.
 
-Rendering a refusal lives here, with the web stack; `reasons.py` stays free of aiohttp.
+route -> bearer token -> signature and claims -> revocation, session age -> scopes, roles ->
+one store round trip (idle check and touch, or the `store.on_error` fallback) -> forward.
+
+Two front doors run these steps. The proxy port (`Pipeline.handle`) forwards what they allow;
+forward-auth (`Pipeline.handle_forward_auth`) answers an edge proxy what the proxy port would
+decide, and forwards nothing. On the proxy port, a WebSocket handshake is a request whose
+forwarding step is the relay, and `/.idlegate/session` is a built-in route (auth required,
+activity passive, no idle override) whose forwarding step is a local responder. Every step
+raises `Refusal`; the front door renders it once, counts it and logs it.
+
+Coroutine budget: every coroutine level is walked again each time the request is woken up (by
+the store's reply, the upstream's head, its body; bench/RESULTS.md). So the steps are plain
+functions and a front door awaits two things: `decide` (the only coroutine step: verification
+on a cache miss, then the store round trip) and the forwarding coroutine that `_forwarding`
+picks without wrapping it.
 """
 
 from __future__ import annotations
 
-from aiohttp import web
+import asyncio
+import itertools
+import logging
+import math
+import re
+import time
+import uuid
+from collections.abc import Coroutine, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
 
-from gateway.reasons import Refusal, rfc6750_text
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from gateway import metrics
+from gateway.accesslog import AccessLog
+from gateway.clock import Clock
+from gateway.config import Config, Route
+from gateway.forward.deadlines import LOG_FIELDS, Deadlines
+from gateway.forward.proxy import Forwarder
+from gateway.forward.websocket import HANDSHAKE_SECONDS, WebSockets, wants_websocket
+from gateway.forward_auth import AUTH_PATH, TrustedPeers, original_request
+from gateway.reasons import Reason, Refusal, rfc6750_text
+from gateway.revocation import RevocationList
+from gateway.routing import Match, Router
+from gateway.store.base import Store, StoreUnavailable, TouchResult
+from gateway.tokens import policy
+from gateway.tokens.claims import VerifiedToken
+from gateway.tokens.extract import bearer_token
+from gateway.tokens.verify import Verifier
+
+log = logging.getLogger("idlegate")
+
+SESSION_PATH = "/.idlegate/session"
+REASON_HEADER = "X-Idlegate-Reason"  # on forward-auth refusals
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+_NO_ROUTE_LABEL = "none"
+_NO_IDENTITY: Mapping[str, str] = MappingProxyType({})
+
+# The session status endpoint, as a route: decided like any (no activity recorded), then
+# answered by `_session_status` instead of an upstream.
+SESSION_ROUTE = Route(prefix=SESSION_PATH, activity="passive")
+_SESSION = Match(route=SESSION_ROUTE, label=SESSION_PATH, upstream_path=SESSION_PATH)
+
+
+@dataclass(slots=True)
+class _RequestRecord:
+    """What one request ended as, for metrics and the access log."""
+
+    route: str = _NO_ROUTE_LABEL
+    decision: str = "allowed"
+    reason: str = "ok"
+    token: VerifiedToken | None = None
+    last_activity: float | None = None  # as the store (or its fallback) answered
+    upstream_ms: float | None = None
+
+
+class RateLimitedLog:
+    """At most one WARNING per `interval`; the next line says how many were folded away."""
+
+    def __init__(self, logger: logging.Logger, *, interval: float) -> None:
+        self._log = logger
+        self._interval = interval
+        self._last = -math.inf
+        self._folded = 0
+
+    def warning(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last < self._interval:
+            self._folded += 1
+            return
+        if self._folded:
+            message += " (and %d more like it since the last such line)"
+            args = (*args, self._folded)
+        self._last, self._folded = now, 0
+        self._log.warning(message, *args)
+
+
+class Traffic:
+    """Requests inside the pipeline now, and whether the process drains: the drain waits for
+    `quiet`, set once draining with nothing in flight."""
+
+    __slots__ = ("draining", "in_flight", "quiet")
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.draining = False
+        self.quiet = asyncio.Event()
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if not self.in_flight and self.draining:
+            self.quiet.set()
 
 
 def render_refusal(refusal: Refusal, request_id: str) -> web.Response:
@@ -32,3 +137,338 @@ def render_refusal(refusal: Refusal, request_id: str) -> web.Response:
         "request_id": request_id,
     }
     return web.json_response(body, status=reason.status, headers=headers)
+
+
+class Pipeline:
+    """Runs requests through the steps; built by `app.Gateway` once its parts have started."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        clock: Clock,
+        router: Router,
+        verifier: Verifier,
+        revocations: RevocationList,
+        store: Store,
+        forwarder: Forwarder,
+        websockets: WebSockets,
+        deadlines: Deadlines,
+        traffic: Traffic,
+        access_log: AccessLog,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.router = router
+        self.verifier = verifier
+        self.revocations = revocations
+        self.store = store
+        self.forwarder = forwarder
+        self.websockets = websockets
+        self.deadlines = deadlines
+        self.traffic = traffic
+        self.access_log = access_log
+        self.recent = policy.RecentActivity()
+        self._policy = config.policy
+        self._on_error = config.store.on_error
+        # Through an outage every request falls back: one line per 10 s, not one per request
+        # (each is counted in STORE_FALLBACKS and, with its jti, in the access log).
+        self._fallback_log = RateLimitedLog(log, interval=10.0)
+        self._strip_authorization = config.forward.strip_authorization
+        self._idle_gap = metrics.batched(metrics.TOKEN_IDLE_GAP)
+        self._requests: dict[tuple[str, str, str], Any] = {}
+        self._durations: dict[str, Any] = {}
+        self._forward_auth_requests: dict[tuple[str, str, str], Any] = {}
+        # Request ids: a random per-process prefix and a counter; unique without a syscall.
+        self._id_prefix = uuid.uuid4().hex[:16]
+        self._id_counter = itertools.count()
+        forward_auth = config.forward_auth
+        self._forward_auth_on_proxy_port = forward_auth.enabled
+        self._envoy_path_prefix = forward_auth.envoy_path_prefix
+        self._trusted_proxies = TrustedPeers(forward_auth)
+
+    # -- front doors -----------------------------------------------------------------------
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """The proxy port: decide, then forward (or relay the WebSocket, or answer locally)."""
+        raw_path = request.raw_path.partition("?")[0]
+        if self._forward_auth_on_proxy_port and self._is_forward_auth_path(raw_path):
+            return await self.handle_forward_auth(request)
+        started = time.perf_counter()
+        request_id = self._request_id(request)
+        record = _RequestRecord()
+        traffic = self.traffic
+        traffic.in_flight += 1
+        try:
+            match = _SESSION if raw_path == SESSION_PATH else self.router.match(raw_path)
+            route = match.route
+            record.route = match.label
+            if match is _SESSION:
+                response: web.StreamResponse = await self._session_status(request, record)
+            else:
+                # Refusals the head alone decides come before the store touches activity.
+                if route.upstream is None:
+                    raise Refusal(Reason.NO_ROUTE, "this route is decided for forward-auth only")
+                upgrade = _upgrade(route, request.headers)
+                self.forwarder.check_request(request)
+                identity = await self.decide(route, request.query_string, request.headers, record)
+                headers = self.forwarder.upstream_headers(
+                    request,
+                    request_id,
+                    identity,
+                    strip_authorization=self._strip_authorization and route.auth == "required",
+                )
+                upstream_started = time.perf_counter()
+                try:
+                    response = await self._forwarding(
+                        request, match, headers, request_id, record.token, upgrade
+                    )
+                finally:
+                    record.upstream_ms = (time.perf_counter() - upstream_started) * 1000
+        except Refusal as refusal:
+            response = _refused(refusal, request_id, record)
+        except Exception:
+            log.exception("request %s failed", request_id)
+            response = _refused(Refusal(Reason.INTERNAL_ERROR), request_id, record)
+        finally:
+            traffic.leave()
+        self._finish(request.method, request_id, record, response, started, "proxy")
+        return response
+
+    async def handle_forward_auth(self, request: web.BaseRequest) -> web.StreamResponse:
+        """An edge proxy asks whether to forward a request: 200 with the identity headers (for
+        it to copy upstream) if the proxy port would forward it, else the same refusal."""
+        started = time.perf_counter()
+        request_id = self._request_id(request)
+        record = _RequestRecord()
+        method = request.method
+        traffic = self.traffic
+        traffic.in_flight += 1
+        try:
+            if request.remote not in self._trusted_proxies:
+                raise Refusal(
+                    Reason.UNTRUSTED_PROXY,
+                    "this peer is not in forward_auth.trusted_proxies",
+                )
+            raw_path, _, query = request.raw_path.partition("?")
+            original = original_request(
+                request.method, raw_path, query, request.headers, self._envoy_path_prefix
+            )
+            method = original.method
+            match = self.router.match(original.path)
+            record.route = match.label
+            # As on the proxy port, when the edge passes the handshake's Upgrade/Connection on
+            # (nginx does not: there its locations decide which requests may upgrade).
+            _upgrade(match.route, request.headers)
+            identity = await self.decide(match.route, original.query, request.headers, record)
+            response: web.StreamResponse = web.Response(
+                headers={**identity, "X-Request-ID": request_id}
+            )
+        except Refusal as refusal:
+            response = _refused(refusal, request_id, record)
+            # nginx's auth_request drops the body: the reason code, for its error_page recipe.
+            response.headers[REASON_HEADER] = refusal.reason.code
+        except Exception:
+            log.exception("forward-auth request %s failed", request_id)
+            response = _refused(Refusal(Reason.INTERNAL_ERROR), request_id, record)
+            response.headers[REASON_HEADER] = Reason.INTERNAL_ERROR.code
+        finally:
+            traffic.leave()
+        self._finish(method, request_id, record, response, started, "forward_auth")
+        return response
+
+    # -- the steps -------------------------------------------------------------------------
+
+    async def decide(
+        self,
+        route: Route,
+        query_string: str,
+        headers: CIMultiDictProxy[str],
+        record: _RequestRecord,
+    ) -> Mapping[str, str]:
+        """The decision on a request already routed, the same for every front door: bearer
+        token -> signature and claims -> revocation, session age -> scopes, roles -> one store
+        round trip (idle check and touch, or the on_error fallback). Returns the identity
+        headers to pass on; raises Refusal. The token, once verified, is in `record.token`
+        (for the log) whatever is decided after."""
+        if route.auth != "required":
+            return _NO_IDENTITY
+        presented = bearer_token(headers, query_string)
+        verifier = self.verifier
+        token = verifier.cached(presented) or await verifier.verify(presented)
+        record.token = token
+        if self.revocations.is_revoked(token):
+            raise Refusal(Reason.REVOKED)
+        now = self.clock.now()
+        policy.check_session_age(token, self._policy, now)
+        policy.check_scopes(route.scopes, token.scopes)
+        policy.check_roles(route.roles, token.roles)
+        idle_timeout = policy.idle_timeout_for(self._policy, route)
+        extend = route.activity == "extend"
+        touch = policy.touch_for(token, self._policy, idle_timeout, now, extend=extend)
+        try:
+            result = await self.store.check_and_touch(touch)
+        except StoreUnavailable:
+            record.last_activity = self._store_fallback(token, idle_timeout, now, record)
+        else:
+            self._record_activity(token, result, now, extend=extend)
+            record.last_activity = result.last_activity
+        return token.identity
+
+    def _record_activity(
+        self, token: VerifiedToken, result: TouchResult, now: float, *, extend: bool
+    ) -> None:
+        """After the store's answer: refuse an idle token, else count how close it came."""
+        if result.idle:
+            raise Refusal(policy.idle_reason(self._policy))
+        self._idle_gap.observe(max(0.0, now - result.last_activity))
+        if extend and self._on_error == "grace":
+            self.recent.record(token.track_key, now)
+
+    def _store_fallback(
+        self, token: VerifiedToken, idle_timeout: float, now: float, record: _RequestRecord
+    ) -> float:
+        """The store did not answer: `policy.on_store_failure` decides; logged and counted."""
+        mode = self._on_error
+        seen = self.recent.last(token.track_key) if mode == "grace" else None
+        last_activity = policy.on_store_failure(mode, seen, now, idle_timeout)
+        if mode == "allow":
+            self._fallback_log.warning(
+                "store unavailable: forwarding jti=%s without idle check", token.jti
+            )
+        else:
+            self._fallback_log.warning(
+                "store unavailable: jti=%s allowed on local activity", token.jti
+            )
+        metrics.STORE_FALLBACKS.labels(mode).inc()
+        record.reason = Reason.STORE_UNAVAILABLE.code
+        return last_activity
+
+    def _forwarding(
+        self,
+        request: web.BaseRequest,
+        match: Match,
+        headers: CIMultiDict[str],
+        request_id: str,
+        token: VerifiedToken | None,
+        upgrade: bool,
+    ) -> Coroutine[Any, Any, web.StreamResponse]:
+        """The forwarding step, as the coroutine to await (not wrapped in one more): the
+        WebSocket relay, a relay cut at the token's deadlines, or a plain forward."""
+        route = match.route
+        if upgrade:
+            assert route.upstream is not None, "handle refuses routes without an upstream"
+            query = request.raw_path.partition("?")[2]
+            return self.websockets.relay(
+                request,
+                route.upstream + match.upstream_path + ("?" + query if query else ""),
+                headers,
+                match.label,
+                token,
+                policy.idle_timeout_for(self._policy, route),
+                extend=route.activity == "extend",
+            )
+        forwarding = self.forwarder.forward(request, match, headers, request_id)
+        if route.stream_deadline and token is not None:
+            return self.deadlines.stream(request, token, match.label, forwarding)
+        return forwarding
+
+    async def _session_status(
+        self, request: web.BaseRequest, record: _RequestRecord
+    ) -> web.StreamResponse:
+        """The built-in route's responder: remaining idle time etc. for the presented token,
+        decided like any request on a passive route (so never counted as activity)."""
+        if request.method not in ("GET", "HEAD"):
+            return web.json_response({"error": "method_not_allowed"}, status=405)
+        await self.decide(SESSION_ROUTE, request.query_string, request.headers, record)
+        token, last_activity = record.token, record.last_activity
+        assert token is not None and last_activity is not None, "decide sets both"
+        now = self.clock.now()
+        started_at = token.auth_time if token.auth_time is not None else token.iat
+        idle_timeout = policy.idle_timeout_for(self._policy, SESSION_ROUTE)
+        body = {
+            "idle_remaining_seconds": round(idle_timeout - (now - last_activity), 3),
+            "expires_in_seconds": round(token.exp - now, 3),
+            "session_age_seconds": round(now - started_at, 3),
+        }
+        return web.json_response(body, headers={"Cache-Control": "no-store"})
+
+    # -- bookkeeping -----------------------------------------------------------------------
+
+    def _is_forward_auth_path(self, raw_path: str) -> bool:
+        prefix = self._envoy_path_prefix
+        return raw_path == AUTH_PATH or (
+            prefix is not None and (raw_path == prefix or raw_path.startswith(prefix + "/"))
+        )
+
+    def _request_id(self, request: web.BaseRequest) -> str:
+        sent_id = request.headers.get("X-Request-ID")
+        if sent_id and _SANE_REQUEST_ID.fullmatch(sent_id):
+            return sent_id
+        return f"{self._id_prefix}{next(self._id_counter):08x}"
+
+    def _finish(
+        self,
+        method: str,
+        request_id: str,
+        record: _RequestRecord,
+        response: web.StreamResponse,
+        started: float,
+        mode: str,
+    ) -> None:
+        """Count the request (and, for forward-auth, in its own counter) and log it."""
+        elapsed = time.perf_counter() - started
+        if response.status == 101:  # a relayed WebSocket, now closed: its handshake's time
+            elapsed = response.get(HANDSHAKE_SECONDS, elapsed)
+        self._count(record, elapsed)
+        if mode == "forward_auth":
+            key = (record.route, record.decision, record.reason)
+            counter = self._forward_auth_requests.get(key)
+            if counter is None:
+                counter = self._forward_auth_requests[key] = metrics.FORWARD_AUTH_REQUESTS.labels(
+                    *key
+                )
+            counter.inc()
+        if self.access_log.enabled:
+            logged = record.token
+            self.access_log.write(
+                request_id=request_id,
+                method=method,
+                route=record.route,
+                status=response.status,
+                decision=record.decision,
+                reason=record.reason,
+                jti=logged.jti if logged else None,
+                sub=logged.sub if logged else None,
+                upstream_ms=record.upstream_ms,
+                total_ms=elapsed * 1000,
+                mode=mode,
+                extra=response.get(LOG_FIELDS),
+            )
+
+    def _count(self, record: _RequestRecord, elapsed: float) -> None:
+        key = (record.route, record.decision, record.reason)
+        counter = self._requests.get(key)
+        if counter is None:
+            counter = self._requests[key] = metrics.REQUESTS.labels(*key)
+        counter.inc()
+        histogram = self._durations.get(record.route)
+        if histogram is None:
+            histogram = self._durations[record.route] = metrics.batched(
+                metrics.REQUEST_DURATION.labels(record.route)
+            )
+        histogram.observe(elapsed)
+
+
+def _upgrade(route: Route, headers: CIMultiDictProxy[str]) -> bool:
+    """Whether the request is a WebSocket handshake; refused on a route without websocket."""
+    upgrade = "Upgrade" in headers and wants_websocket(headers)
+    if upgrade and not route.websocket:
+        raise Refusal(Reason.WEBSOCKET_NOT_ENABLED)
+    return upgrade
+
+
+def _refused(refusal: Refusal, request_id: str, record: _RequestRecord) -> web.Response:
+    """The refusal recorded (decision and reason, for metrics and the log) and rendered."""
+    record.decision, record.reason = refusal.reason.decision, refusal.reason.code
+    return render_refusal(refusal, request_id)

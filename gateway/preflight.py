@@ -16,8 +16,8 @@ from collections.abc import Mapping
 
 from gateway.admin import AdminTokenError, load_admin_token
 from gateway.config import Config, mask_url
-from gateway.store.factory import StoreConfigError, hasher_from_config, open_store
 from gateway.store.base import Store, StoreUnavailable
+from gateway.store.factory import StoreConfigError, hasher_from_config, open_store
 from gateway.tokens.keys import KeyRing, KeySourceError, static_keys
 
 log = logging.getLogger("idlegate.preflight")

@@ -98,8 +98,7 @@ class Running:
     async def drain(self) -> None:
         """Readiness off at once, stop accepting, let in-flight requests finish (up to
         `shutdown_grace`, in total), then close upstream and store connections."""
-        self.gateway.draining = True
-        self.gateway.websockets.start_drain(self.gateway.config.server.shutdown_grace)
+        self.gateway.start_drain()
         request_runners = [self.proxy] + ([self.forward_auth] if self.forward_auth else [])
         for runner in request_runners:
             for site in list(runner.sites):
@@ -107,12 +106,9 @@ class Running:
             if runner.server is not None:
                 # Idle keep-alives close; busy ones after their reply; WebSockets at their 1001.
                 self.gateway.websockets.pre_shutdown(runner.server)
-        if self.gateway.in_flight:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.gateway.config.server.shutdown_grace):
-                    await self.gateway.quiet.wait()
-        if self.gateway.in_flight:
-            log.warning("shutdown_grace over: %d request(s) cut off", self.gateway.in_flight)
+        left = await self.gateway.wait_quiet()
+        if left:
+            log.warning("shutdown_grace over: %d request(s) cut off", left)
         for runner in request_runners:
             await runner.cleanup()  # what is left gets _CLEANUP_TIMEOUT, then is cancelled
         await _bounded("closing upstream, key and store connections", self.gateway.close())

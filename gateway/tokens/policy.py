@@ -1,12 +1,15 @@
 """Pure decisions about a verified token: no I/O, no clock of their own.
 
 The store applies `is_idle` atomically (its Lua script mirrors it); everything else here is
-called by the request pipeline with the values it already holds.
+called by the request pipeline (`gateway/pipeline.py`) with the values it already holds.
+Importing this module loads neither redis-py nor aiohttp (tests/unit/test_policy.py).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable
+from typing import Literal
 
 from gateway.config import Policy, Route
 from gateway.reasons import Reason, Refusal
@@ -71,3 +74,34 @@ def check_roles(required: Iterable[str], granted: frozenset[str]) -> None:
         raise Refusal(
             Reason.INSUFFICIENT_ROLE, f"this route requires the role(s): {' '.join(missing)}"
         )
+
+
+class RecentActivity:
+    """This instance's own memory of accepted requests, for `on_error: grace` (bounded LRU)."""
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        self._seen: OrderedDict[str, float] = OrderedDict()
+        self._capacity = capacity
+
+    def record(self, key: str, now: float) -> None:
+        self._seen[key] = now
+        self._seen.move_to_end(key)
+        if len(self._seen) > self._capacity:
+            self._seen.popitem(last=False)
+
+    def last(self, key: str) -> float | None:
+        return self._seen.get(key)
+
+
+def on_store_failure(
+    mode: Literal["deny", "allow", "grace"], seen: float | None, now: float, idle_timeout: float
+) -> float:
+    """The store did not answer (`store.on_error`): the last activity to go on with, or a
+    refusal. `allow`: as if active now. `grace`: `seen`, this instance's own last record of
+    the token, if that is not idle. Otherwise (and always for `deny`) 503 store_unavailable,
+    with Retry-After: 1."""
+    if mode == "allow":
+        return now
+    if mode == "grace" and seen is not None and not is_idle(seen, now, idle_timeout):
+        return seen
+    raise Refusal(Reason.STORE_UNAVAILABLE, retry_after=1)

@@ -617,6 +617,67 @@ async def test_session_status_reports_remaining_time(gateways: GatewayFactory, c
     }
 
 
+def session_count(decision: str, reason: str) -> float:
+    labels = {"route": "/.idlegate/session", "decision": decision, "reason": reason}
+    return REGISTRY.get_sample_value("idlegate_requests_total", labels) or 0.0
+
+
+async def test_session_status_answers_get_and_head_only(
+    gateways: GatewayFactory, upstream: Upstream
+):
+    gw = await gateways()
+    token = gw.token()
+    before = session_count("allowed", "ok")
+    response = await gw.get("/.idlegate/session", token, method="POST")
+    assert response.status == 405
+    assert await response.json() == {"error": "method_not_allowed"}
+    assert (await gw.get("/.idlegate/session", method="DELETE")).status == 405  # before auth
+    head = await gw.get("/.idlegate/session", token, method="HEAD")
+    assert head.status == 200
+    assert head.headers["Cache-Control"] == "no-store"
+    assert session_count("allowed", "ok") == before + 3
+    assert upstream.received == []
+
+
+async def test_session_status_is_a_built_in_route_refused_like_any(
+    gateways: GatewayFactory, upstream: Upstream, clock: ManualClock
+):
+    """A catch-all route does not take the session path: it is answered by the gateway, counted
+    under its own route label, and decided by the same steps as a forwarded request."""
+    gw = await gateways(routes=[{"prefix": "/", "upstream": upstream.url}])
+    token = gw.token(jti="session-revoked")
+    assert (await gw.get("/.idlegate/session", token)).status == 200
+    missing = await gw.get("/.idlegate/session")
+    assert missing.status == 401
+    assert missing.headers["WWW-Authenticate"] == 'Bearer realm="idlegate"'
+    before = session_count("rejected", "revoked")
+    key = gw.gateway.hasher.of_token("jti", ISSUER, "session-revoked")
+    await gw.gateway.revocations.revoke(Revocation("jti", key, None, clock.now() + 1000))
+    revoked = await gw.get("/.idlegate/session", token)
+    assert revoked.status == 401
+    assert (await revoked.json())["reason"] == "revoked"
+    assert session_count("rejected", "revoked") == before + 1
+    assert upstream.received == []
+
+
+async def test_session_status_with_the_store_down_follows_on_error(
+    gateways: GatewayFactory, upstream: Upstream, redis_server: RedisServer
+):
+    """The session route takes the store step's fallback too: with on_error allow it answers
+    (a full idle window ahead, as the request would be forwarded); with deny it is 503."""
+    allow = await gateways(store_url=redis_server.url, store={"on_error": "allow"})
+    deny = await gateways(store_url=redis_server.url)
+    token = allow.token()
+    before = session_count("allowed", "store_unavailable")
+    redis_server.stop()
+    body = await (await allow.get("/.idlegate/session", token)).json()
+    assert body["idle_remaining_seconds"] == IDLE
+    refused = await deny.get("/.idlegate/session", token)
+    assert refused.status == 503
+    assert refused.headers["Retry-After"] == "1"
+    assert session_count("allowed", "store_unavailable") == before + 1
+
+
 # -- sessions -------------------------------------------------------------------------------------
 
 

@@ -242,3 +242,34 @@ def test_importing_the_pure_policy_loads_no_network_client():
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=30
     )
     assert done.stdout.strip() == ""
+
+
+# -- the store-failure decision (store.on_error) and this instance's memory of activity ---------
+
+
+def test_on_store_failure_allow_goes_on_as_if_active_now():
+    assert policy.on_store_failure("allow", None, IAT + 50, IDLE) == IAT + 50
+
+
+def test_on_store_failure_grace_goes_on_with_local_activity_within_the_window():
+    assert policy.on_store_failure("grace", IAT, IAT + IDLE, IDLE) == IAT
+
+
+@pytest.mark.parametrize(
+    ("mode", "seen"),
+    [("deny", IAT), ("grace", None), ("grace", IAT - 1)],  # grace: unseen here, or idle
+)
+def test_on_store_failure_refuses_store_unavailable_with_retry_after(mode: Any, seen: float | None):
+    with pytest.raises(Refusal) as refused:
+        policy.on_store_failure(mode, seen, IAT + IDLE, IDLE)
+    assert refused.value.reason is Reason.STORE_UNAVAILABLE
+    assert refused.value.retry_after == 1
+
+
+def test_recent_activity_keeps_the_latest_and_forgets_the_least_recent_past_capacity():
+    recent = policy.RecentActivity(capacity=2)
+    recent.record("a", 1.0)
+    recent.record("b", 2.0)
+    recent.record("a", 3.0)  # a is now the most recent
+    recent.record("c", 4.0)
+    assert (recent.last("a"), recent.last("b"), recent.last("c")) == (3.0, None, 4.0)
