@@ -25,7 +25,7 @@ from redis.asyncio.connection import Connection, SSLConnection
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from gateway.metrics import STORE_DURATION, STORE_ERRORS, batched
 from gateway.store.base import (
@@ -40,7 +40,9 @@ from gateway.store.pipeline import ConnectionLost, PipelinedConnection, ReplyErr
 
 log = logging.getLogger("idlegate.store")
 RedisClient = Redis | RedisCluster
-_FAILURES = (RedisError, TimeoutError, OSError, ReplyError)
+# RedisClusterException is no RedisError (no reachable node, a slot not covered): a store
+# fault all the same, never a 500.
+_FAILURES = (RedisError, RedisClusterException, TimeoutError, OSError, ReplyError)
 T = TypeVar("T")
 
 # Calls in flight per process, and so connections (per node with Cluster): enough for the proxy's

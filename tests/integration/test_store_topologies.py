@@ -203,3 +203,17 @@ async def test_a_graceful_sentinel_failover_is_followed(
     assert store._pipelined is not None
     assert (await gw.get("/api/x", token)).status == 200
     assert store._pipelined.address == ("127.0.0.1", new)
+
+
+async def test_an_unreachable_cluster_is_store_unavailable_never_a_500(
+    gateways: GatewayFactory,
+) -> None:
+    """redis-py's cluster client raises its own RedisClusterException (no RedisError) when
+    no node answers, or a slot is not covered: it must still be a store fault."""
+    from conftest import free_port
+
+    gw = await gateways(store_url=f"redis+cluster://127.0.0.1:{free_port()}")
+    response = await gw.get("/api/x", gw.token())
+    assert response.status == 503
+    assert (await response.json())["reason"] == "store_unavailable"
+    assert await ready(gw) == 503
