@@ -18,6 +18,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from gateway import metrics
 from gateway.clock import Clock
 from gateway.config import Config
+from gateway.errors import StartupError
 from gateway.reasons import Refusal
 from gateway.revocation import RevocationList
 from gateway.store.base import KeyHasher, Revocation, RevocationKind, Store, StoreUnavailable
@@ -44,7 +45,7 @@ def _registry() -> CollectorRegistry:
     return REGISTRY
 
 
-class AdminTokenError(Exception):
+class AdminTokenError(StartupError):
     """`admin.token_file` is set but yields no usable token. A start-up error: serving on would
     refuse every admin call, i.e. silently disable revocation. The message starts with the
     field path (`admin.token_file: ...`), as the CLI prints it."""

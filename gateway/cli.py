@@ -20,7 +20,8 @@ from typing import NoReturn
 import yaml
 
 from gateway import __version__
-from gateway.config import Config, ConfigError, env_warnings, load, parse_duration
+from gateway.config import Config, env_warnings, load, parse_duration
+from gateway.errors import StartupError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -113,8 +114,8 @@ def _config_or_exit(path: str | None) -> Config:
         print(f"idlegate: warning: {warning}", file=sys.stderr)
     try:
         return load(path)
-    except ConfigError as exc:
-        _exit_with(exc.problems)
+    except StartupError as exc:
+        _exit_with(exc.lines())
 
 
 def _exit_with(problems: list[str]) -> NoReturn:
@@ -158,15 +159,13 @@ def _serve(args: argparse.Namespace) -> int:
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     try:
         _preflight_or_exit(config)  # the same checks and lines as check-config
-        from gateway.admin import AdminTokenError
         from gateway.serve import run  # after the metrics mode is chosen
-        from gateway.store.factory import StoreConfigError
-        from gateway.tokens.keys import KeySourceError
 
         try:
             return run(config, args.workers)
-        except (AdminTokenError, KeySourceError, StoreConfigError) as exc:
-            print(f"idlegate: {exc}", file=sys.stderr)
+        except StartupError as exc:
+            for line in exc.lines():
+                print(f"idlegate: {line}", file=sys.stderr)
             return 2
         except OSError as exc:
             print(f"idlegate: cannot listen: {exc.strerror or exc}", file=sys.stderr)

@@ -26,6 +26,8 @@ from pydantic import (
     model_validator,
 )
 
+from gateway.errors import StartupError
+
 ENV_PREFIX = "IDLEGATE_"
 DEFAULT_PATH = "config/gateway.yaml"
 
@@ -541,12 +543,15 @@ def mask_url(url: str) -> str:
     return f"{scheme}://{rest}"
 
 
-class ConfigError(Exception):
+class ConfigError(StartupError):
     """Every problem found, each as `field.path: reason`."""
 
     def __init__(self, problems: list[str]) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
+
+    def lines(self) -> list[str]:
+        return self.problems
 
 
 # Kubernetes service links for a Service named idlegate-*: IDLEGATE_SERVICE_HOST,

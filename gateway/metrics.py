@@ -144,10 +144,10 @@ STREAM_CUTS = Counter(
 
 class BatchedHistogram:
     """One labelled histogram observed on the request path: observations are counted in plain
-    lists (a bisect and two additions, ~0.2 µs) and added to the Prometheus histogram by
+    lists (a bisect and two additions, no lock) and added to the Prometheus histogram by
     `flush()`, which the gateway calls before every scrape it serves, every second (the other
-    workers' scrapes with --workers) and at shutdown. A locked Prometheus observe() cost
-    ~0.75 µs, and the request path makes four."""
+    workers' scrapes with --workers) and at shutdown. A locked Prometheus observe() costs
+    several times as much, and the request path makes four (figures: bench/RESULTS.md)."""
 
     __slots__ = ("_bounds", "_child", "_counts", "_sum")
 

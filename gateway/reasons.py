@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True, slots=True)
-class _Outcome:
+class _ReasonSpec:
     code: str  # stable: the contract's reason code, spelled out (never derived from a name)
     status: int
     oauth_error: str | None
@@ -26,93 +26,95 @@ class _Outcome:
 
 
 class Reason(enum.Enum):
-    MISSING_TOKEN = _Outcome("missing_token", 401, None, "a bearer token is required")
-    MALFORMED_REQUEST = _Outcome(
+    MISSING_TOKEN = _ReasonSpec("missing_token", 401, None, "a bearer token is required")
+    MALFORMED_REQUEST = _ReasonSpec(
         "malformed_request", 400, "invalid_request", "the request's credentials are malformed"
     )
-    MALFORMED_TOKEN = _Outcome(
+    MALFORMED_TOKEN = _ReasonSpec(
         "malformed_token", 401, "invalid_token", "the token is not a well-formed JWT"
     )
-    DISALLOWED_ALG = _Outcome(
+    DISALLOWED_ALG = _ReasonSpec(
         "disallowed_alg", 401, "invalid_token", "the token's algorithm is not allowed"
     )
-    UNKNOWN_KEY = _Outcome(
+    UNKNOWN_KEY = _ReasonSpec(
         "unknown_key", 401, "invalid_token", "the token was signed by an unknown key"
     )
-    BAD_SIGNATURE = _Outcome(
+    BAD_SIGNATURE = _ReasonSpec(
         "bad_signature", 401, "invalid_token", "the token's signature is invalid"
     )
-    WRONG_ISSUER = _Outcome(
+    WRONG_ISSUER = _ReasonSpec(
         "wrong_issuer", 401, "invalid_token", "the token's issuer is not trusted"
     )
-    WRONG_AUDIENCE = _Outcome(
+    WRONG_AUDIENCE = _ReasonSpec(
         "wrong_audience", 401, "invalid_token", "the token is not meant for this API"
     )
-    WRONG_TYPE = _Outcome("wrong_type", 401, "invalid_token", "the token has the wrong type")
-    MISSING_CLAIM = _Outcome(
+    WRONG_TYPE = _ReasonSpec("wrong_type", 401, "invalid_token", "the token has the wrong type")
+    MISSING_CLAIM = _ReasonSpec(
         "missing_claim", 401, "invalid_token", "the token lacks a required claim"
     )
-    EXPIRED = _Outcome("expired", 401, "invalid_token", "the token has expired")
-    NOT_YET_VALID = _Outcome("not_yet_valid", 401, "invalid_token", "the token is not valid yet")
-    ISSUED_IN_FUTURE = _Outcome(
+    EXPIRED = _ReasonSpec("expired", 401, "invalid_token", "the token has expired")
+    NOT_YET_VALID = _ReasonSpec("not_yet_valid", 401, "invalid_token", "the token is not valid yet")
+    ISSUED_IN_FUTURE = _ReasonSpec(
         "issued_in_future", 401, "invalid_token", "the token was issued in the future"
     )
-    LIFETIME_TOO_LONG = _Outcome(
+    LIFETIME_TOO_LONG = _ReasonSpec(
         "lifetime_too_long",
         401,
         "invalid_token",
         "the token was issued with a lifetime over the allowed maximum",
     )
-    IDLE_TIMEOUT = _Outcome("idle_timeout", 401, "invalid_token", "the token was idle for too long")
-    REVOKED = _Outcome("revoked", 401, "invalid_token", "the token has been revoked")
-    SESSION_IDLE = _Outcome(
+    IDLE_TIMEOUT = _ReasonSpec(
+        "idle_timeout", 401, "invalid_token", "the token was idle for too long"
+    )
+    REVOKED = _ReasonSpec("revoked", 401, "invalid_token", "the token has been revoked")
+    SESSION_IDLE = _ReasonSpec(
         "session_idle", 401, "invalid_token", "the session was idle for too long"
     )
-    SESSION_TOO_OLD = _Outcome(
+    SESSION_TOO_OLD = _ReasonSpec(
         "session_too_old", 401, "invalid_token", "the session is older than allowed"
     )
-    INSUFFICIENT_SCOPE = _Outcome(
+    INSUFFICIENT_SCOPE = _ReasonSpec(
         "insufficient_scope",
         403,
         "insufficient_scope",
         "the token lacks a scope this route requires",
     )
-    INSUFFICIENT_ROLE = _Outcome(
+    INSUFFICIENT_ROLE = _ReasonSpec(
         "insufficient_role",
         403,
         "insufficient_scope",
         "the token lacks a role this route requires",
     )
-    NO_ROUTE = _Outcome("no_route", 404, None, "no route matches this path")
-    BAD_PATH = _Outcome("bad_path", 400, "invalid_request", "the request path is not acceptable")
+    NO_ROUTE = _ReasonSpec("no_route", 404, None, "no route matches this path")
+    BAD_PATH = _ReasonSpec("bad_path", 400, "invalid_request", "the request path is not acceptable")
     # Forward-auth (gateway/forward_auth.py): a peer not in forward_auth.trusted_proxies, and an
     # auth request that does not say, unambiguously, which request to decide.
-    UNTRUSTED_PROXY = _Outcome(
+    UNTRUSTED_PROXY = _ReasonSpec(
         "untrusted_proxy", 403, None, "only a trusted proxy may ask for forward-auth decisions"
     )
-    NO_ORIGINAL_REQUEST = _Outcome(
+    NO_ORIGINAL_REQUEST = _ReasonSpec(
         "no_original_request",
         400,
         "invalid_request",
         "the forward-auth request does not say which request to decide",
     )
-    WEBSOCKET_NOT_ENABLED = _Outcome(
+    WEBSOCKET_NOT_ENABLED = _ReasonSpec(
         "websocket_not_enabled",
         400,
         "invalid_request",
         "this route does not accept WebSocket upgrades",
     )
-    PAYLOAD_TOO_LARGE = _Outcome("payload_too_large", 413, None, "the request body is too large")
-    STORE_UNAVAILABLE = _Outcome(
+    PAYLOAD_TOO_LARGE = _ReasonSpec("payload_too_large", 413, None, "the request body is too large")
+    STORE_UNAVAILABLE = _ReasonSpec(
         "store_unavailable", 503, None, "the session store is unavailable, retry shortly"
     )
-    UPSTREAM_UNAVAILABLE = _Outcome(
+    UPSTREAM_UNAVAILABLE = _ReasonSpec(
         "upstream_unavailable", 502, None, "the upstream service is unavailable"
     )
-    UPSTREAM_TIMEOUT = _Outcome(
+    UPSTREAM_TIMEOUT = _ReasonSpec(
         "upstream_timeout", 504, None, "the upstream service did not answer in time"
     )
-    INTERNAL_ERROR = _Outcome(
+    INTERNAL_ERROR = _ReasonSpec(
         "internal_error", 500, None, "the gateway failed to handle the request"
     )
 

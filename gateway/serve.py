@@ -20,10 +20,11 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway import __version__
-from gateway.admin import AdminTokenError, load_admin_token
+from gateway.admin import load_admin_token
 from gateway.app import Gateway, build_admin_app, build_forward_auth_server, build_proxy_server
 from gateway.config import Config, mask_url
 from gateway.connections import CappedSite, ConnectionLimit, GuardedAppRunner
+from gateway.errors import StartupError
 
 log = logging.getLogger("idlegate")
 _CLEANUP_TIMEOUT = 0.1
@@ -208,8 +209,8 @@ async def start(
 
 def tune_gc() -> None:
     """Long-lived start-up objects leave the collector's view, and young collections run less
-    often: under load, requests' objects otherwise got promoted and full collections of
-    40-50 ms hit p99 every few seconds (bench/RESULTS.md)."""
+    often: under load, requests' objects otherwise got promoted and full collections hit p99
+    every few seconds (bench/RESULTS.md)."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 50, 100)
@@ -269,13 +270,11 @@ def _worker(config: Config, index: int) -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until serve() installs the logging handler
     configure_logging(config.server.log_level)
     install_uvloop()
-    from gateway.store.factory import StoreConfigError  # as in the CLI: one line, no traceback
-    from gateway.tokens.keys import KeySourceError
-
     try:
         asyncio.run(serve(config, reuse_port=True, worker=index))
-    except (AdminTokenError, KeySourceError, StoreConfigError) as exc:
-        print(f"idlegate: worker {index}: {exc}", file=sys.stderr)
+    except StartupError as exc:  # as in the CLI: one line a problem, no traceback
+        for line in exc.lines():
+            print(f"idlegate: worker {index}: {line}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -56,7 +56,8 @@ class OutageLog:
         self.since = None
 
 
-# Touch and TouchResult are made per request: not frozen, whose __init__ costs ~0.8 µs more.
+# Touch and TouchResult are made per request: not frozen, whose __init__ costs more
+# (bench/RESULTS.md).
 @dataclass(slots=True)
 class Touch:
     """One request's activity check, decided and recorded atomically by the store.

@@ -8,12 +8,13 @@ from collections.abc import Mapping
 
 from gateway.config import Store as StoreConfig
 from gateway.config import mask_url
+from gateway.errors import StartupError
 from gateway.store.base import KeyHasher, Store
 from gateway.store.memory import MemoryStore
 from gateway.store.redis import RedisStore, client_from_url, pipelined_for
 
 
-class StoreConfigError(ValueError):
+class StoreConfigError(StartupError, ValueError):
     """The store settings cannot be used; the message reads `store.<field>: <reason>`."""
 
 

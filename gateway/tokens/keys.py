@@ -31,6 +31,7 @@ from jwt.exceptions import InvalidKeyError
 from gateway import __version__
 from gateway.clock import Clock, SystemClock
 from gateway.config import Provider
+from gateway.errors import StartupError
 from gateway.metrics import JWKS_KEYS, JWKS_REFRESH
 
 log = logging.getLogger("idlegate.keys")
@@ -48,7 +49,7 @@ _MAX_AGE = re.compile(r"(?:^|,)\s*max-age\s*=\s*\"?(\d+)\"?\s*(?=,|$)", re.IGNOR
 _NO_CACHE = re.compile(r"(?:^|,)\s*(?:no-cache|no-store)\s*(?=,|=|$)", re.IGNORECASE)
 
 
-class KeySourceError(Exception):
+class KeySourceError(StartupError):
     """A provider's configured key file or secret is missing or unusable (a startup problem).
 
     `field` is the provider key at fault (`jwks_file`, `public_key_file`, `hmac_secret_env`),
@@ -325,7 +326,7 @@ class _FetchError(Exception):
     pass
 
 
-class _Outcome(NamedTuple):
+class _FetchResult(NamedTuple):
     ok: bool
     fresh_for: float | None = None  # from Cache-Control; None when the response did not say
 
@@ -367,7 +368,7 @@ class KeyRing:
         self._jwks_uris: list[str] | None = (
             [provider.jwks_uri] if provider.jwks_uri is not None else None
         )
-        self._inflight: asyncio.Task[_Outcome] | None = None
+        self._inflight: asyncio.Task[_FetchResult] | None = None
         self._runner: asyncio.Task[None] | None = None
         self._last_miss_refetch: float | None = None
         self._closed = False
@@ -479,18 +480,18 @@ class KeyRing:
             sorted(before - after),
         )
 
-    def _fetch_shared(self) -> asyncio.Task[_Outcome]:
+    def _fetch_shared(self) -> asyncio.Task[_FetchResult]:
         """The running fetch, or a new one: there is never more than one per provider."""
         if self._inflight is None or self._inflight.done():
             self._inflight = asyncio.get_running_loop().create_task(self._fetch())
             self._inflight.add_done_callback(self._fetch_done)
         return self._inflight
 
-    def _fetch_done(self, task: asyncio.Task[_Outcome]) -> None:
+    def _fetch_done(self, task: asyncio.Task[_FetchResult]) -> None:
         if self._inflight is task:
             self._inflight = None
 
-    async def _fetch(self) -> _Outcome:
+    async def _fetch(self) -> _FetchResult:
         """One refresh: (discovery,) JWKS, parse, install. Failures keep the current keys."""
         name = self.provider.name
         try:
@@ -517,13 +518,13 @@ class KeyRing:
             problem = f"unexpected {type(exc).__name__}"
         else:
             self._install(keys, source=jwks_uri)
-            return _Outcome(ok=True, fresh_for=fresh_for)
+            return _FetchResult(ok=True, fresh_for=fresh_for)
         JWKS_REFRESH.labels(provider=name, result="error").inc()
         self.last_error = problem
         log.warning(
             "provider %s: key refresh failed: %s (holding %d keys)", name, problem, self._count
         )
-        return _Outcome(ok=False)
+        return _FetchResult(ok=False)
 
     async def _fetch_key_sets(
         self, jwks_uris: list[str]
@@ -597,7 +598,7 @@ class KeyRing:
         except (ValueError, UnicodeDecodeError):
             raise _FetchError(f"{what} at {url} is not valid JSON") from None
 
-    async def _refresh_loop(self, outcome: _Outcome) -> None:
+    async def _refresh_loop(self, outcome: _FetchResult) -> None:
         """Refetch before the keys go stale; after a failure retry with exponential backoff."""
         provider = self.provider
         failures = 0

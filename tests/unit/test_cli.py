@@ -547,3 +547,18 @@ def test_check_config_warns_about_a_misspelled_env_section(
         "section; did you mean IDLEGATE_POLICY__IDLE_TIMEOUT?"
     ]
     assert yaml.safe_load(captured.out)["policy"]["idle_timeout"] == 900
+
+
+def test_every_start_up_error_is_one_startup_error_printing_its_problems():
+    """The CLI and each worker catch StartupError alone: an error of a new start-up step that
+    did not derive from it would end as a traceback instead of `idlegate: <field>: <reason>`."""
+    from gateway.admin import AdminTokenError
+    from gateway.config import ConfigError
+    from gateway.errors import StartupError
+    from gateway.store.factory import StoreConfigError
+    from gateway.tokens.keys import KeySourceError
+
+    for error in (AdminTokenError, ConfigError, KeySourceError, StoreConfigError):
+        assert issubclass(error, StartupError), error
+    assert ConfigError(["a: one", "b: two"]).lines() == ["a: one", "b: two"]
+    assert StoreConfigError("store.url: bad").lines() == ["store.url: bad"]
