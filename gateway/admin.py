@@ -23,6 +23,7 @@ from gateway.reasons import Refusal
 from gateway.revocation import RevocationList
 from gateway.store.base import KeyHasher, Revocation, RevocationKind, Store, StoreUnavailable
 from gateway.tokens.extract import MAX_TOKEN_BYTES
+from gateway.tokens.policy import idle_remaining, revocation_horizon
 from gateway.tokens.verify import unverified_id
 
 log = logging.getLogger("idlegate.admin")
@@ -294,11 +295,7 @@ class AdminAPI:
             kind, value, issuers = self._named_id(body)
         now = self._clock.now()
         policy = self._config.policy
-        # No token covered can outlive this: exp <= iat + max_token_lifetime, iat <= now + leeway,
-        # and exp itself is honoured with leeway.
-        horizon = now + policy.max_token_lifetime + 2 * policy.leeway
-        if kind == "sid":
-            horizon = max(horizon, now + policy.session_retention)
+        horizon = revocation_horizon(kind, now, policy)
         revocations = [
             Revocation(
                 kind=kind,
@@ -353,7 +350,9 @@ class AdminAPI:
                 "tracked_by": policy.track_by,
                 "last_activity": last,
                 "idle_remaining_seconds": (
-                    None if last is None else max(0.0, policy.idle_timeout - (now - last))
+                    None
+                    if last is None
+                    else max(0.0, idle_remaining(last, now, policy.idle_timeout))
                 ),
                 "revoked": self._revocations.is_key_revoked("jti", key),
             }

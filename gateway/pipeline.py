@@ -387,7 +387,9 @@ class Pipeline:
         started_at = token.auth_time if token.auth_time is not None else token.iat
         idle_timeout = policy.idle_timeout_for(self._policy, SESSION_ROUTE)
         body = {
-            "idle_remaining_seconds": round(idle_timeout - (now - last_activity), 3),
+            "idle_remaining_seconds": round(
+                policy.idle_remaining(last_activity, now, idle_timeout), 3
+            ),
             "expires_in_seconds": round(token.exp - now, 3),
             "session_age_seconds": round(now - started_at, 3),
         }

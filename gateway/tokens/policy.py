@@ -13,13 +13,29 @@ from typing import Literal
 
 from gateway.config import Policy, Route
 from gateway.reasons import Reason, Refusal
-from gateway.store.base import Touch
+from gateway.store.base import RevocationKind, Touch
 from gateway.tokens.claims import VerifiedToken
 
 
 def is_idle(last_activity: float, now: float, idle_timeout: float) -> bool:
     """Idle iff strictly more than `idle_timeout` passed: exactly the timeout is still accepted."""
     return now - last_activity > idle_timeout
+
+
+def idle_remaining(last_activity: float, now: float, idle_timeout: float) -> float:
+    """Seconds until a token last active at `last_activity` is idle; below 0 once it is (what
+    the session route and `GET /admin/tokens/{jti}` report; the admin API clamps at 0)."""
+    return idle_timeout - (now - last_activity)
+
+
+def revocation_horizon(kind: RevocationKind, now: float, policy: Policy) -> float:
+    """How long a revocation made now must last. No token it covers can outlive this: exp <=
+    iat + max_token_lifetime, iat <= now + leeway, and exp itself is honoured with leeway. A
+    revoked session stays refused at least as long as an idled one (session_retention)."""
+    horizon = now + policy.max_token_lifetime + 2 * policy.leeway
+    if kind == "sid":
+        horizon = max(horizon, now + policy.session_retention)
+    return horizon
 
 
 def idle_timeout_for(policy: Policy, route: Route) -> float:

@@ -273,3 +273,17 @@ def test_recent_activity_keeps_the_latest_and_forgets_the_least_recent_past_capa
     recent.record("a", 3.0)  # a is now the most recent
     recent.record("c", 4.0)
     assert (recent.last("a"), recent.last("b"), recent.last("c")) == (3.0, None, 4.0)
+
+
+def test_idle_remaining_counts_down_to_the_idle_boundary_and_below():
+    assert policy.idle_remaining(IAT, IAT + 100, IDLE) == IDLE - 100
+    assert policy.idle_remaining(IAT, IAT + IDLE, IDLE) == 0  # still accepted (is_idle: False)
+    assert policy.idle_remaining(IAT, IAT + IDLE + 1, IDLE) == -1
+
+
+def test_a_revocation_outlasts_every_token_it_covers_and_a_session_its_retention():
+    rules = make_policy(max_token_lifetime=900, leeway=30, session_retention=86_400)
+    # A token issued now + leeway, living max_token_lifetime, honoured leeway past exp.
+    assert policy.revocation_horizon("jti", IAT, rules) == IAT + 900 + 60
+    assert policy.revocation_horizon("sub", IAT, rules) == IAT + 900 + 60
+    assert policy.revocation_horizon("sid", IAT, rules) == IAT + 86_400
