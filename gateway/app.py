@@ -27,6 +27,7 @@ from gateway.pipeline import Pipeline, Traffic
 from gateway.revocation import RevocationList
 from gateway.routing import Router
 from gateway.store.base import Store, StoreUnavailable
+from gateway.store.coalesce import coalescing
 from gateway.store.factory import StoreConfigError, hasher_from_config, open_store
 from gateway.tokens.keys import KeyRing
 from gateway.tokens.verify import Verifier
@@ -52,7 +53,8 @@ class Gateway:
         self.router = Router(config.routes)
         self.forwarder = Forwarder(config.forward)
         self.hasher = hasher_from_config(config.store, environ)
-        self.store: Store = open_store(config.store)
+        # store.coalesce > 0: wrapped to decide recently accepted tokens locally.
+        self.store: Store = coalescing(open_store(config.store), config.store, self.clock)
         self.revocations = RevocationList(self.store, self.clock, config.store.revocation_poll)
         self.deadlines = Deadlines(self.clock, self.revocations, config.policy)
         self.websockets = WebSockets(config, self.store, self.clock, self.deadlines)

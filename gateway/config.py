@@ -160,6 +160,11 @@ class Store(_Model):
     hash_key_env: str | None = None
     # How often each instance re-reads the shared revocation list (propagation delay bound).
     revocation_poll: Duration = 0.25
+    # 0: exact, one store round trip per request. D > 0: a token this instance accepted through
+    # the store less than D ago is decided locally and its activity written in batches (every
+    # D/2); other instances see it up to D late, so a token may be refused up to D early, never
+    # accepted late (docs/store.md, "Coalesced activity"). Must be below every idle timeout.
+    coalesce: Duration = 0.0
 
     @field_validator("url")
     @classmethod
@@ -494,9 +499,29 @@ class Config(_Model):
                     f"token whose deadlines could cut it; route {route.prefix})"
                 )
         problems.extend(self._listener_problems())
+        problems.extend(self._coalesce_problems())
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    def _coalesce_problems(self) -> list[str]:
+        """A local decision is safe only within the shortest idle timeout: the token was
+        accepted through the store less than store.coalesce ago, so it cannot have idled out."""
+        window = self.store.coalesce
+        if window <= 0:
+            return []
+        timeouts = [("policy.idle_timeout", self.policy.idle_timeout, "")]
+        timeouts += [
+            (f"routes.{i}.idle_timeout", route.idle_timeout, f", route {route.prefix}")
+            for i, route in enumerate(self.routes)
+            if route.idle_timeout is not None
+        ]
+        return [
+            f"store.coalesce: {window:g}s must be shorter than {name} ({timeout:g}s{where}): "
+            "a token may be refused up to store.coalesce early"
+            for name, timeout, where in timeouts
+            if window >= timeout
+        ]
 
     def _listener_problems(self) -> list[str]:
         """Two listeners clash on one port when they bind the same host or either binds every

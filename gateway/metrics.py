@@ -83,6 +83,21 @@ TOKEN_IDLE_GAP = Histogram(
     "On accepted requests: seconds since the token's (or session's) last activity.",
     buckets=IDLE_GAP_BUCKETS,
 )
+STORE_COALESCED = Counter(
+    "idlegate_store_coalesced_total",
+    "Activity checks decided locally with store.coalesce (no store call: the token was "
+    "accepted through the store less than store.coalesce ago).",
+)
+STORE_FLUSH_KEYS = Counter(
+    "idlegate_store_flush_keys_total",
+    "Activity records written by store.coalesce's batched flushes (op flush of "
+    "idlegate_store_duration_seconds / idlegate_store_errors_total).",
+)
+STORE_FLUSH_DROPPED = Counter(
+    "idlegate_store_flush_dropped_total",
+    "Locally decided activity writes dropped unwritten (the pending limit reached while the "
+    "store failed, or the last flush at shutdown timed out): those tokens may idle out early.",
+)
 STORE_FALLBACKS = Counter(
     "idlegate_store_fallbacks_total",
     "Requests decided without the store because it failed (on_error allow|grace), by mode.",
@@ -187,7 +202,39 @@ def batched(child: Any) -> BatchedHistogram:
     return front
 
 
+class BatchedCounter:
+    """A counter counted in a plain int on the request path and added to Prometheus by
+    `flush()` (before scrapes, every second, at shutdown), as BatchedHistogram does."""
+
+    __slots__ = ("_child", "_count")
+
+    def __init__(self, child: Any) -> None:
+        self._child = child
+        self._count = 0
+
+    def inc(self) -> None:
+        self._count += 1
+
+    def flush(self) -> None:
+        if self._count:
+            count, self._count = self._count, 0
+            self._child.inc(count)
+
+
+_batched_counters: dict[int, BatchedCounter] = {}
+
+
+def batched_counter(child: Any) -> BatchedCounter:
+    """The one batching front of a counter (or of one labelled child of it)."""
+    front = _batched_counters.get(id(child))
+    if front is None:
+        front = _batched_counters[id(child)] = BatchedCounter(child)
+    return front
+
+
 def flush() -> None:
-    """Every batched observation into the Prometheus histograms."""
+    """Every batched observation into the Prometheus histograms and counters."""
     for front in _batched.values():
         front.flush()
+    for counter in _batched_counters.values():
+        counter.flush()

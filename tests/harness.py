@@ -18,6 +18,7 @@ from gateway import config as config_module
 from gateway.app import Gateway
 from gateway.clock import Clock, ManualClock
 from gateway.serve import Running, start
+from gateway.store.coalesce import CoalescingStore
 from gateway.store.redis import RedisStore
 
 ISSUER = "https://issuer.test/"
@@ -196,11 +197,14 @@ async def start_gateway(
 ) -> GatewayUnderTest:
     config = config_module.from_data(data, environ={} if environ is None else environ)
     gateway = Gateway(config, clock=clock, environ=environ or {})
-    if isinstance(clock, ManualClock) and isinstance(gateway.store, RedisStore):
+    store = gateway.store
+    if isinstance(store, CoalescingStore):  # store.coalesce: the configured store inside
+        store = store.store
+    if isinstance(clock, ManualClock) and isinstance(store, RedisStore):
         # Simulated time: Redis decides idleness with the gateway's (fake) now instead of its
         # own TIME, so tests can move minutes in no time. Tests of the store's own clock use
         # real clocks (tests/integration/test_store_clock.py).
-        gateway.store.caller_time = True
+        store.caller_time = True
     running = await start(config, gateway=gateway)
     http = aiohttp.ClientSession(auto_decompress=False)
     return GatewayUnderTest(running=running, key=key, clock=clock, http=http)

@@ -11,8 +11,9 @@ import hmac
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 RevocationKind = Literal["jti", "sid", "sub"]
 
@@ -91,6 +92,22 @@ class TouchResult:
     idle: bool  # refused: nothing was updated
 
 
+@dataclass(slots=True)
+class Activity:
+    """A key's latest activity decided locally (`store.coalesce`), written by the next flush
+    as `check_and_touch` with `extend` would have written it, at the time it happened."""
+
+    key: str
+    at: float  # the caller's clock at the latest local acceptance (the memory store's time)
+    # Seconds from then until this flush, on the caller's monotonic clock: Redis writes the
+    # activity as TIME - age, on its own clock, so no replica's wall clock moves last_activity.
+    age: float
+    initial: float  # as Touch.initial: the last activity when the store holds none
+    idle_timeout: float  # the longest of the routes that saw it (each refused nothing)
+    expires_at: float
+    linger: float
+
+
 @dataclass(frozen=True, slots=True)
 class Revocation:
     kind: RevocationKind
@@ -145,6 +162,20 @@ class Store(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class BatchingStore(Store, Protocol):
+    """A store that can also write many keys' activity at once (for `coalesce.CoalescingStore`)."""
+
+    async def record_activity(self, batch: Sequence[Activity], now: float) -> list[Activity]:
+        """For each key: unless the store already considers it idle (idling out is terminal:
+        nothing revives it), last_activity = max(stored, the activity's time, never beyond the
+        store's now) and the record's lifetime extended as `check_and_touch` would. `now` is
+        the caller's clock (used where the store has none of its own). Returns the activities
+        not written because the store failed (the caller keeps them for the next flush); a
+        failure is counted and logged by the store as op `flush`."""
+        ...
 
 
 class KeyHasher:

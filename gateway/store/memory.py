@@ -11,9 +11,10 @@ from __future__ import annotations
 import heapq
 import math
 import time
+from collections.abc import Sequence
 
 from gateway.metrics import STORE_DURATION, batched
-from gateway.store.base import Revocation, RevocationKind, Touch, TouchResult
+from gateway.store.base import Activity, Revocation, RevocationKind, Touch, TouchResult
 
 # The expiry heap holds one entry per lifetime change; past this many stale entries per live
 # record it is rebuilt, so it stays proportional to the live records.
@@ -33,6 +34,7 @@ class MemoryStore:
         self._revocations: dict[tuple[RevocationKind, str], Revocation] = {}
         self._version = 0
         self._touch_duration = batched(STORE_DURATION.labels(op="check_and_touch"))
+        self._flush_duration = batched(STORE_DURATION.labels(op="flush"))
 
     def __len__(self) -> int:
         """Records held (live ones, plus any expired since the last write)."""
@@ -83,6 +85,24 @@ class MemoryStore:
             result = TouchResult(last_activity=last, idle=False)
         self._touch_duration.observe(time.perf_counter() - started)
         return result
+
+    async def record_activity(self, batch: Sequence[Activity], now: float) -> list[Activity]:
+        """Batched activity (store.coalesce), as record_activity.lua writes it in Redis."""
+        started = time.perf_counter()
+        self._sweep(now)
+        for activity in batch:
+            record = self._live(activity.key, now)
+            last = activity.initial if record is None else record[0]
+            if now - last > activity.idle_timeout:
+                continue  # idle already: idling out is terminal, nothing revives the token
+            new_last = max(last, min(activity.at, now))
+            keep_until = max(activity.expires_at, new_last + activity.idle_timeout)
+            keep_until += activity.linger
+            expires_at = keep_until if record is None else max(record[1], keep_until)
+            if record != (new_last, expires_at):
+                self._write(activity.key, new_last, expires_at)
+        self._flush_duration.observe(time.perf_counter() - started)
+        return []
 
     def expires_at(self, key: str) -> float | None:
         """When the record of `key` disappears (None: there is none)."""
