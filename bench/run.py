@@ -131,9 +131,11 @@ class Bench:
         wait_port(port)
         return Target(name, proc, f"http://127.0.0.1:{port}{PATH}")
 
-    def gateway_config(self, name: str, public_key: Path) -> tuple[Path, int, int]:
+    def gateway_config(
+        self, name: str, public_key: Path, coalesce: str | None = None
+    ) -> tuple[Path, int, int]:
         port, admin_port = free_port(), free_port()
-        config = {
+        config: dict[str, Any] = {
             "listen": {"host": "127.0.0.1", "port": port},
             "admin": {"host": "127.0.0.1", "port": admin_port},
             "server": {"access_log": False, "log_level": "warning", "shutdown_grace": "2s"},
@@ -150,17 +152,25 @@ class Bench:
             ],
             "routes": [{"prefix": "/api/", "upstream": self.upstream_url}],
         }
+        if coalesce is not None:
+            config["store"]["coalesce"] = coalesce
         path = self.out / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         return path, port, admin_port
 
     def start_gateway(
-        self, name: str, cpus: str | None, workers: int = 1, cwd: Path | None = None
+        self,
+        name: str,
+        cpus: str | None,
+        workers: int = 1,
+        cwd: Path | None = None,
+        coalesce: str | None = None,
     ) -> Target:
         """`python -m gateway serve` run from `cwd` (default: this checkout), so a copy of the
-        gateway with a candidate change can be measured side by side (`--variant`)."""
+        gateway with a candidate change can be measured side by side (`--variant`); with
+        `coalesce`, configured with that `store.coalesce` (`--coalesce`)."""
         _, public_key = write_key(OUT)
-        config, port, admin_port = self.gateway_config(name, public_key)
+        config, port, admin_port = self.gateway_config(name, public_key, coalesce)
         cmd = [PYTHON, "-m", "gateway", "serve", "-c", str(config)]
         if workers > 1:
             cmd += ["--workers", str(workers)]
@@ -391,11 +401,12 @@ class Bench:
                 )
             row["ratio_rps"] = row["ratio_gateway"]
             if "bare-lean" in row:
-                row["gateway_over_bare_lean"] = row["gateway"]["rps"] / row["bare-lean"]["rps"]
-                print(
-                    f"  round {index + 1} gateway/bare-lean = {row['gateway_over_bare_lean']:.3f}",
-                    flush=True,
-                )
+                for target in targets:
+                    if target.admin is None:
+                        continue  # the references themselves
+                    ratio = row[target.name]["rps"] / row["bare-lean"]["rps"]
+                    row[f"{target.name}_over_bare_lean"] = ratio
+                    print(f"  round {index + 1} {target.name}/bare-lean = {ratio:.3f}", flush=True)
             rounds.append(row)
         self.results["throughput"] = {
             "rounds": rounds,
@@ -775,6 +786,12 @@ def redis_accounting(before: dict[str, Any], after: dict[str, Any], wrk_requests
         "wrk_requests": wrk_requests,
         "round_trips_per_handled_request": (evalsha - polls) / max(1.0, handled),
         "round_trips_per_wrk_request": (evalsha - polls) / max(1, wrk_requests),
+        # Store commands the gateway sent (check_and_touch and, with store.coalesce, the
+        # batched flushes: one script call per 256 keys) per accepted request, polls aside.
+        "store_commands_per_allowed": (evalsha + calls.get("eval", 0) - polls) / max(1.0, allowed),
+        # Every command Redis ran, those inside the scripts included, polls aside (each poll
+        # is one EVALSHA running one HGET), per accepted request.
+        "redis_commands_per_allowed": (sum(calls.values()) - 2 * polls) / max(1.0, allowed),
     }
 
 
@@ -836,10 +853,10 @@ def medians(rounds: list[dict[str, Any]], names: list[str]) -> dict[str, float]:
             out[f"ratio_{name}"] = statistics.median(r[f"ratio_{name}"] for r in rounds)
             out[f"cpu_ratio_{name}"] = statistics.median(r[f"cpu_ratio_{name}"] for r in rounds)
     out["ratio_rps"] = out["ratio_gateway"]
-    if all("gateway_over_bare_lean" in r for r in rounds):
-        out["gateway_over_bare_lean"] = statistics.median(
-            r["gateway_over_bare_lean"] for r in rounds
-        )
+    for name in names:
+        key = f"{name}_over_bare_lean"
+        if all(key in r for r in rounds):
+            out[key] = statistics.median(r[key] for r in rounds)
     return out
 
 
@@ -898,6 +915,12 @@ def parse_args() -> argparse.Namespace:
         default=[],
         metavar="NAME=DIR",
         help="also measure (throughput phase) the gateway package found in DIR/gateway",
+    )
+    parser.add_argument(
+        "--coalesce",
+        metavar="DURATION",
+        help="also measure (throughput phase) this checkout's gateway with store.coalesce set "
+        "to DURATION (e.g. 5s), as target 'coalesce'",
     )
     parser.add_argument(
         "--lean-reference",
@@ -977,6 +1000,8 @@ def main() -> int:
                 bench.start_gateway(name, SUT_CPU, cwd=Path(directory))
                 for name, directory in args.variants
             ]
+            if args.coalesce is not None:
+                variants.insert(0, bench.start_gateway("coalesce", SUT_CPU, coalesce=args.coalesce))
             if args.lean_reference:
                 variants.insert(0, bench.start_bare(SUT_CPU, "bare-lean", client="lean"))
             if "throughput" in phases:
@@ -1031,15 +1056,23 @@ def summary(results: dict[str, Any]) -> str:
             f"  wrk latency p50 bare {tp['bare_p50_ms']:.2f} / gateway {tp['gateway_p50_ms']:.2f}"
             f" ms, p99 bare {tp['bare_p99_ms']:.2f} / gateway {tp['gateway_p99_ms']:.2f} ms"
         )
-        redis = [r["gateway"]["redis"] for r in results["throughput"]["rounds"]]
-        for item in redis:
-            lines.append(
-                f"  redis: evalsha {item['evalsha']} - polls {item['revocation_polls']} ="
-                f" {item['evalsha_minus_polls']} for {item['gateway_handled']:.0f} handled"
-                f" ({item['wrk_requests']} completed in wrk);"
-                f" {item['round_trips_per_handled_request']:.4f} per request;"
-                f" commands {item['commands']}"
-            )
+        for name, over_lean in tp.items():
+            if name.endswith("_over_bare_lean") and name != "gateway_over_bare_lean":
+                lines.append(f"  {name.removesuffix('_over_bare_lean')}/bare-lean {over_lean:.3f}")
+        for round_ in results["throughput"]["rounds"]:
+            for name, result in round_.items():
+                if not isinstance(result, dict) or "redis" not in result:
+                    continue
+                item = result["redis"]
+                lines.append(
+                    f"  redis ({name}): evalsha {item['evalsha']} - polls"
+                    f" {item['revocation_polls']} = {item['evalsha_minus_polls']} for"
+                    f" {item['gateway_handled']:.0f} handled ({item['wrk_requests']} completed"
+                    f" in wrk); {item['round_trips_per_handled_request']:.4f} per request; store"
+                    f" commands per accepted request {item['store_commands_per_allowed']:.4f}"
+                    f" (all Redis commands {item['redis_commands_per_allowed']:.4f});"
+                    f" commands {item['commands']}"
+                )
     for level in results.get("latency", {}).get("levels", []):
         lat = level["median"]
         lines.append(

@@ -58,6 +58,7 @@ REPLICA_WAIT = 1.0
 _KINDS: tuple[RevocationKind, ...] = ("jti", "sid", "sub")
 # Keys per record_activity.lua call: each call holds Redis for its duration (~1 µs per key).
 FLUSH_CHUNK = 256
+FLUSH_CONCURRENCY = 4  # script calls of one flush in flight at once
 
 
 def _script(name: str) -> str:
@@ -211,8 +212,9 @@ class RedisStore:
 
     async def record_activity(self, batch: Sequence[Activity], now: float) -> list[Activity]:
         """One script call per FLUSH_CHUNK keys (per hash slot with Cluster: a script's keys
-        must share one), sent concurrently: on a standalone Redis a flush of 1000 keys is four
-        commands. A chunk that fails is returned for the next flush; the others are written."""
+        must share one), FLUSH_CONCURRENCY at a time: on a standalone Redis a flush of 1000
+        keys is four commands. A chunk that fails is returned for the next flush; the others
+        are written."""
         client = self._client
         chunks: list[list[Activity]] = []
         if isinstance(client, RedisCluster):
@@ -227,6 +229,10 @@ class RedisStore:
             chunks.extend(group[i : i + FLUSH_CHUNK] for i in range(0, len(group), FLUSH_CHUNK))
         now_arg: float | str = now if self.caller_time else ""
 
+        # A few calls at a time: a flush of many slots must not take the connections (and
+        # the _slots) the request path's calls need meanwhile.
+        concurrent = asyncio.Semaphore(FLUSH_CONCURRENCY)
+
         async def write(chunk: list[Activity]) -> None:
             keys = [self.activity_key(activity.key) for activity in chunk]
             args: list[float | str] = [now_arg]
@@ -239,7 +245,8 @@ class RedisStore:
                     activity.expires_at,
                     activity.linger,
                 )
-            await self._call("flush", lambda: self._record_activity(keys=keys, args=args))
+            async with concurrent:
+                await self._call("flush", lambda: self._record_activity(keys=keys, args=args))
 
         outcomes = await asyncio.gather(*map(write, chunks), return_exceptions=True)
         failed: list[Activity] = []

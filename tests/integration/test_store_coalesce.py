@@ -77,12 +77,20 @@ def metric(name: str, labels: dict[str, str] | None = None) -> float:
     return REGISTRY.get_sample_value(name, labels or {}) or 0.0
 
 
-@pytest.fixture(params=["memory", "redis"])
+# As in test_store_redis.py: one redis-server, Sentinel and Cluster (a flush is one script call
+# per hash slot there).
+TOPOLOGIES = {"redis": "redis_server", "sentinel": "stable_sentinel", "cluster": "redis_cluster"}
+
+
+@pytest.fixture(params=["memory", *TOPOLOGIES])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[MemoryStore | RedisStore]:
     if request.param == "memory":
         yield MemoryStore()
         return
-    opened = redis_store(request.getfixturevalue("redis_server"), caller_time=True)
+    topology = request.getfixturevalue(TOPOLOGIES[request.param])
+    opened = open_store(StoreConfig(url=topology.url, key_prefix=PREFIX, timeout=1.0))
+    assert isinstance(opened, RedisStore)
+    opened.caller_time = True  # simulated time: Redis decides with the caller's now
     yield opened
     await opened.close()
 
@@ -136,9 +144,22 @@ async def test_a_batched_write_extends_the_record_as_an_accepted_request_would(
     if isinstance(store, MemoryStore):
         assert store.expires_at("a") == keep_until
     else:
-        server: RedisServer = request.getfixturevalue("redis_server")
+        topology = request.getfixturevalue(TOPOLOGIES[request.node.callspec.params["store"]])
+        server = getattr(topology, "master", topology)  # Sentinel: the master answers
         ms = int(server.command("PTTL", store.activity_key("a")).strip().lstrip(b":"))
         assert ms / 1000 == pytest.approx(keep_until - (at + 1), abs=0.01)
+
+
+async def test_a_batch_of_many_keys_is_written_whole(
+    store: MemoryStore | RedisStore, clock: ManualClock
+) -> None:
+    """1000 keys: chunks of FLUSH_CHUNK on one Redis; on Cluster one call per hash slot (each
+    script's keys in one slot), on all three masters."""
+    iat = clock.now()
+    batch = [activity(f"k{i}", iat + 1 + i / 1000, initial=iat) for i in range(1000)]
+    assert await store.record_activity(batch, iat + 2) == []
+    for i in (0, 1, 500, 999):
+        assert await store.last_activity(f"k{i}") == iat + 1 + i / 1000
 
 
 # --- Redis: its own clock, chunks, failures ---------------------------------------------------
