@@ -10,7 +10,7 @@ response is relayed the same way: a small body in one piece, anything else chunk
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -77,7 +77,7 @@ class Forwarder:
         self._upstreams: dict[str, _Upstream] = {}  # route upstream URL -> how it is reached
         self._upstream_durations: dict[str, Any] = {}
         self.failures = UpstreamFailureLog()
-        self.upstream_headers: Callable[..., CIMultiDict[str]] = RequestHeaders(config).for_request
+        self.upstream_headers = RequestHeaders(config).for_request  # what goes upstream
 
     async def start(self) -> None:
         await self._aiohttp.start()
