@@ -32,7 +32,9 @@ log = logging.getLogger("idlegate.admin")
 audit = logging.getLogger("idlegate.audit")
 _UNAUTHORIZED_LOG_INTERVAL = 10.0
 
-Readiness = Callable[[], Awaitable[tuple[bool, str]]]
+# (status, why): "ready" and "degraded" answer 200 (the pod serves: a degraded one refuses
+# only the tokens of a lost store shard), "not_ready" 503.
+Readiness = Callable[[], Awaitable[tuple[str, str]]]
 # Optional members of a revocation naming whose id it is (a token is its issuer and its id).
 _SCOPING = ("issuer", "provider")
 
@@ -176,10 +178,9 @@ class AdminAPI:
         return web.json_response({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        ready, why = await self._readiness()
+        status, why = await self._readiness()
         return web.json_response(
-            {"status": "ready" if ready else "not_ready", "reason": why},
-            status=200 if ready else 503,
+            {"status": status, "reason": why}, status=503 if status == "not_ready" else 200
         )
 
     def _authorize(self, request: web.Request) -> None:

@@ -176,22 +176,38 @@ class Gateway:
                     await self.traffic.quiet.wait()
         return self.traffic.in_flight
 
-    async def readiness(self) -> tuple[bool, str]:
-        """(ready, why not). Ready: not draining, every provider has keys, the store answers."""
+    async def readiness(self) -> tuple[str, str]:
+        """(status, why). "ready": not draining, every provider has keys, the store answers
+        and the revocation list is read. "degraded" (still 200: taking every pod out of the
+        Service would refuse every token, not only some): a Redis Cluster shard is lost (its
+        tokens get store.on_error), or the revocation list's shard does not answer (the list
+        last read is served). "not_ready" otherwise."""
         if self.traffic.draining:
-            return False, "draining"
+            return "not_ready", "draining"
         missing = [name for name, ring in self.rings.items() if not ring.ready]
         if missing or not self.rings:
-            return False, "no usable keys for provider(s): " + ", ".join(missing)
+            return "not_ready", "no usable keys for provider(s): " + ", ".join(missing)
         try:
-            await self.store.ping()
+            degraded = await self.store.ping()
             # The policy may have been changed since start (CONFIG SET, a failover).
             eviction = await self.store.eviction_problem()
         except StoreUnavailable:
-            return False, "the store does not answer"
+            return "not_ready", "the store does not answer"
         if eviction is not None:
-            return False, eviction
-        return True, "ready"
+            return "not_ready", eviction
+        revocations = self.revocations
+        if not revocations.loaded:
+            return "not_ready", "the revocation list was never read from the store"
+        problems = [degraded] if degraded else []
+        if revocations.failing_since is not None:
+            problems.append(
+                "the revocation list does not answer: serving the list read "
+                f"{self.clock.now() - revocations.failing_since:.0f} s ago "
+                "(new revocations are refused with 503 until it answers)"
+            )
+        if problems:
+            return "degraded", "; ".join(problems)
+        return "ready", "ready"
 
 
 def _client_limits(config: Config) -> dict[str, float]:

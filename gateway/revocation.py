@@ -36,6 +36,11 @@ class RevocationList:
         self._version = -1
         self._task: asyncio.Task[None] | None = None
         self._store_lost = False  # logged once per incident
+        # Readiness: whether the list was ever read from the store (without it, revoked tokens
+        # would pass), and since when (clock.now()) reading it fails: meanwhile the list last
+        # read is served, and complete, since a revocation the store refuses is refused (503).
+        self.loaded = False
+        self.failing_since: float | None = None
 
     def _live(self, kind: RevocationKind, key: str | None) -> Revocation | None:
         entry = self._entries.get((kind, key)) if key is not None else None
@@ -83,7 +88,13 @@ class RevocationList:
         metrics.REVOCATIONS.set(len(self._entries))
 
     async def refresh(self) -> None:
-        version, entries = await self._store.revocations(self._version)
+        try:
+            version, entries = await self._store.revocations(self._version)
+        except StoreUnavailable:
+            if self.failing_since is None:
+                self.failing_since = self._clock.now()
+            raise
+        self.loaded, self.failing_since = True, None
         if entries is not None:
             now = self._clock.now()
             listed = {(e.kind, e.key): e for e in entries if e.until >= now}

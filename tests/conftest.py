@@ -173,6 +173,7 @@ async def gateways(
 # Sentinel and Cluster fixtures (after RedisServer and free_port, which they build on).
 from redis_topologies import (  # noqa: E402, F401
     own_cluster,
+    partial_cluster,
     redis_cluster,
     redis_sentinel,
     shared_cluster,

@@ -200,6 +200,56 @@ class ClusterSet:
         for node in self.masters():
             node.command("FLUSHALL")
 
+    def live(self) -> RedisServer:
+        return next(n for n in self.nodes if n.process is not None)
+
+    def cluster_nodes(self) -> list[list[str]]:
+        """CLUSTER NODES of a live node, split: `<id> <ip:port@bus> <flags> <master> <ping>
+        <pong> <epoch> <link> <slot ranges...>` per node."""
+        text = self.live().command("CLUSTER", "NODES").decode()
+        return [line.split() for line in text.splitlines() if len(line.split()) >= 8]
+
+    def owner_of(self, slot: int) -> RedisServer:
+        """The master serving `slot` now, as a live node says."""
+        for fields in self.cluster_nodes():
+            if "master" not in fields[2]:
+                continue
+            for item in fields[8:]:
+                start, _, end = item.partition("-")
+                if start.isdigit() and int(start) <= slot <= int(end or start):
+                    port = int(fields[1].split("@")[0].rpartition(":")[2])
+                    return next(n for n in self.nodes if n.port == port)
+        raise RuntimeError(f"no master serves slot {slot}")
+
+    def node_id(self, node: RedisServer) -> str:
+        return node.command("CLUSTER", "MYID").decode().split("\r\n")[1]
+
+    def replicas_of(self, master: RedisServer) -> list[RedisServer]:
+        master_id = self.node_id(master)
+        ports = []
+        for fields in self.cluster_nodes():
+            if fields[3] == master_id:
+                ports.append(int(fields[1].split("@")[0].rpartition(":")[2]))
+        return [n for n in self.nodes if n.port in ports]
+
+    def lose_shard(self, master: RedisServer) -> None:
+        """SIGKILL `master` and its replicas (the replicas first: no failover can save the
+        shard), and wait until the other nodes call it failed."""
+        victims = [*self.replicas_of(master), master]
+        for node in victims:
+            assert node.process is not None
+            node.process.send_signal(signal.SIGKILL)
+            node.process.wait(timeout=10)
+            node.process = None
+        where = f":{master.port}@"
+        _wait(
+            lambda: any(
+                where in fields[1] and "fail" in fields[2].split(",")
+                for fields in self.cluster_nodes()
+            ),
+            "the others to mark the lost master failed",
+        )
+
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
@@ -210,7 +260,7 @@ def _cluster_ports() -> tuple[int, int]:
     return free_port(), free_port()
 
 
-def _start_cluster(workdir: Path) -> ClusterSet:
+def _start_cluster(workdir: Path, *, full_coverage: bool = True) -> ClusterSet:
     cli = shutil.which("redis-cli")
     if cli is None:
         pytest.fail("redis-cli is not installed (scripts/test installs redis-tools)")
@@ -226,6 +276,7 @@ def _start_cluster(workdir: Path) -> ClusterSet:
                 "--cluster-node-timeout", "1000",
                 "--cluster-port", str(bus),
                 "--repl-diskless-sync-delay", "0",
+                "--cluster-require-full-coverage", "yes" if full_coverage else "no",
             ),
         )  # fmt: skip
         node.workdir.mkdir(parents=True)
@@ -284,5 +335,14 @@ def redis_cluster(shared_cluster: ClusterSet) -> ClusterSet:
 @pytest.fixture
 def own_cluster(tmp_path: Path) -> Iterator[ClusterSet]:
     topology = _start_cluster(tmp_path / "cluster")
+    yield topology
+    topology.stop()
+
+
+@pytest.fixture
+def partial_cluster(tmp_path: Path) -> Iterator[ClusterSet]:
+    """A cluster of its own with `cluster-require-full-coverage no`: a lost shard leaves the
+    others serving their slots (the setting for partial availability)."""
+    topology = _start_cluster(tmp_path / "cluster", full_coverage=False)
     yield topology
     topology.stop()

@@ -151,8 +151,10 @@ class Store(Protocol):
         """(version, entries); entries is None when the version still equals `since`."""
         ...
 
-    async def ping(self) -> None:
-        """Raise StoreUnavailable unless the store answers."""
+    async def ping(self) -> str | None:
+        """Raise StoreUnavailable unless the store answers. A store that answers only in part
+        (a Redis Cluster with a shard lost: its keys' calls fail, the others' succeed) says
+        so in one line; None when all of it answers."""
         ...
 
     async def eviction_problem(self) -> str | None:

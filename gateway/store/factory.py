@@ -11,7 +11,7 @@ from gateway.config import mask_url
 from gateway.errors import StartupError
 from gateway.store.base import KeyHasher, Store
 from gateway.store.memory import MemoryStore
-from gateway.store.redis import RedisStore, client_from_url, pipelined_for
+from gateway.store.redis import RedisStore, client_from_url, cluster_for, pipelined_for
 
 
 class StoreConfigError(StartupError, ValueError):
@@ -34,6 +34,7 @@ def open_store(config: StoreConfig) -> Store:
         timeout=config.timeout,
         closing=closing,
         pipelined=pipelined_for(client, timeout=config.timeout),
+        cluster=cluster_for(client, timeout=config.timeout),
     )
 
 

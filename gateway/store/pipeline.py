@@ -27,6 +27,7 @@ def _pack(*args: Any) -> bytes:
     return packed
 
 
+_ASKING = _pack("ASKING")
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 
 
@@ -157,9 +158,25 @@ class PipelinedConnection:
             return self._connect_and_send(_pack(*args), deadline)
         return self._send(connection, _pack(*args), deadline)
 
-    async def _connect_and_send(self, command: bytes, deadline: float) -> Any:
-        async with asyncio.timeout_at(deadline):
-            connection = await self._connect()
+    def call_asking(
+        self, *args: str | bytes | int | float, deadline: float | None = None
+    ) -> Awaitable[Any]:
+        """`ASKING`, then the command, in one write (Redis Cluster's ASK redirection: the
+        node importing a slot serves a key of it only to a command that follows ASKING on the
+        same connection). The result is the command's."""
+        if deadline is None:
+            deadline = asyncio.get_running_loop().time() + self._call_timeout
+        return self._connect_and_send(_pack(*args), deadline, asking=True)
+
+    async def _connect_and_send(self, command: bytes, deadline: float, asking: bool = False) -> Any:
+        connection = self._connected()
+        if connection is None:
+            async with asyncio.timeout_at(deadline):
+                connection = await self._connect()
+        if asking:
+            # Its reply (+OK) is nobody's; a failure of it shows in the command's own reply.
+            ignored = self._send(connection, _ASKING, deadline)
+            ignored.add_done_callback(lambda done: done.cancelled() or done.exception())
         return await self._send(connection, command, deadline)
 
     def _send(self, connection: _Protocol, command: bytes, deadline: float) -> asyncio.Future[Any]:

@@ -37,6 +37,7 @@ from gateway.store.base import (
     Touch,
     TouchResult,
 )
+from gateway.store.cluster import Address, ClusterConnections, SlotUncovered
 from gateway.store.pipeline import ConnectionLost, PipelinedConnection, ReplyError
 
 log = logging.getLogger("idlegate.store")
@@ -77,6 +78,7 @@ class RedisStore:
         timeout: float,
         closing: tuple[RedisClient, ...] = (),
         pipelined: PipelinedConnection | None = None,
+        cluster: ClusterConnections | None = None,
     ) -> None:
         self._client = client
         # Idle decisions take `now` from Redis's clock (check_and_touch.lua), never from
@@ -84,8 +86,12 @@ class RedisStore:
         # a ManualClock set this to decide with Touch.now instead; open_store never does.
         self.caller_time = False
         # Standalone and Sentinel: the request path's one call goes over a pipelined connection
-        # (a fraction of redis-py's per-call CPU); everything else, and Cluster, via redis-py.
+        # (a fraction of redis-py's per-call CPU); everything else via redis-py.
         self._pipelined = pipelined
+        # Cluster: every call over pipelined connections, one per node, routed by slot; a
+        # lost shard fails its own keys' calls only (each node has its outage log).
+        self._cluster = cluster
+        self._node_outages: dict[Address, OutageLog] = {}
         self._closing = closing  # further clients to close with this one (Sentinel's)
         self._prefix = key_prefix
         self._timeout = timeout
@@ -95,13 +101,19 @@ class RedisStore:
         self._touch_source = _script("check_and_touch.lua")
         self._check_and_touch = client.register_script(self._touch_source)
         self._touch_duration = batched(STORE_DURATION.labels(op="check_and_touch"))
-        self._revoke = client.register_script(_script("revoke.lua"))
-        self._revocations = client.register_script(_script("revocations.lua"))
-        self._record_activity = client.register_script(_script("record_activity.lua"))
+        self._revoke_source = _script("revoke.lua")
+        self._revoke = client.register_script(self._revoke_source)
+        self._revocations_source = _script("revocations.lua")
+        self._revocations = client.register_script(self._revocations_source)
+        self._record_source = _script("record_activity.lua")
+        self._record_activity = client.register_script(self._record_source)
         self._eviction: str | None = None  # the last eviction problem found (logged once)
         self._eviction_checked = False
+        self._policies: dict[str, str | None] = {}  # maxmemory-policy by node, as last read
         if pipelined is not None:
             pipelined.on_connect = self._check_new_connection
+        if cluster is not None:
+            cluster.on_connect = self._check_new_connection
 
     @property
     def client(self) -> RedisClient:
@@ -110,14 +122,32 @@ class RedisStore:
     def activity_key(self, key: str) -> str:
         return f"{self._prefix}:a:{key}"
 
-    def _unavailable(self, op: str, exc: BaseException) -> StoreUnavailable:
+    def _outage(self, node: Address | None) -> OutageLog:
+        """The outage log of `node` (Cluster: one per node, so that a lost shard is one line
+        however the healthy shards' calls interleave), else the store's."""
+        if node is None:
+            return self.outage
+        outage = self._node_outages.get(node)
+        if outage is None:
+            name = f"store (redis cluster node {node[0]}:{node[1]})"
+            outage = self._node_outages[node] = OutageLog(log, name)
+        return outage
+
+    def _unavailable(
+        self, op: str, exc: BaseException, node: Address | None = None
+    ) -> StoreUnavailable:
         STORE_ERRORS.labels(op=op).inc()
         if isinstance(exc, TimeoutError):
             reason = f"timed out after {self._timeout:g}s"
         else:
             reason = f"{type(exc).__name__}: {exc}"
-        self.outage.failure(f"{op}: {reason}")
+        self._outage(node).failure(f"{op}: {reason}")
         return StoreUnavailable(f"redis {op}: {reason}")
+
+    def _answered(self, node: Address | None) -> None:
+        outage = self.outage if node is None else self._node_outages.get(node)
+        if outage is not None and outage.since is not None:
+            outage.success()
 
     async def _call(
         self,
@@ -126,18 +156,30 @@ class RedisStore:
         *,
         round_trips: int = 1,
         extra: float = 0.0,
+        node: Address | None = None,
     ) -> T:
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self._timeout * round_trips + extra), self._slots:
                 result = await call()
         except _FAILURES as exc:
-            raise self._unavailable(op, exc) from exc
+            raise self._unavailable(op, exc, node) from exc
         finally:
             STORE_DURATION.labels(op=op).observe(time.perf_counter() - started)
-        if self.outage.since is not None:
-            self.outage.success()
+        self._answered(node)
         return result
+
+    def _keyed(self, op: str, key: str, *args: str | bytes | int | float, script: str = "") -> Any:
+        """Cluster: one command about `key` on the master of its slot (redirections followed),
+        within store.timeout, as `_call` does it."""
+        cluster = self._cluster
+        assert cluster is not None
+
+        def send() -> Awaitable[Any]:
+            deadline = asyncio.get_running_loop().time() + self._timeout
+            return cluster.call(key, *args, deadline=deadline, script=script or None)
+
+        return self._call(op, send, node=cluster.owner(key))
 
     async def check_and_touch(self, touch: Touch) -> TouchResult:
         key = self.activity_key(touch.key)
@@ -150,6 +192,9 @@ class RedisStore:
             touch.linger,
             int(touch.remember_idle),
         )
+        cluster = self._cluster
+        if cluster is not None:
+            return await self._cluster_touch(cluster, key, args)
         if self._pipelined is None:
             reply = await self._call(
                 "check_and_touch", lambda: self._check_and_touch(keys=[key], args=args)
@@ -175,6 +220,41 @@ class RedisStore:
             self._touch_duration.observe(time.perf_counter() - started)
         if self.outage.since is not None:
             self.outage.success()
+        return TouchResult(last_activity=float(reply[0]), idle=bool(reply[1]))
+
+    async def _cluster_touch(
+        self, cluster: ClusterConnections, key: str, args: tuple[float | int | str, ...]
+    ) -> TouchResult:
+        """check_and_touch on the master of the key's slot: one command on its pipelined
+        connection; a redirection, NOSCRIPT or a lost node is followed by `cluster.call`."""
+        connection = cluster.for_key(key)
+        started = time.perf_counter()
+        deadline = asyncio.get_running_loop().time() + self._timeout
+        sha = self._check_and_touch.sha
+        try:
+            try:
+                if connection is None:  # the slot map is not known yet
+                    raise SlotUncovered("no slot map yet")
+                reply = await connection.call("EVALSHA", sha, 1, key, *args, deadline=deadline)
+            except (ReplyError, OSError, TimeoutError) as exc:
+                failed = None if connection is None else (connection, exc)
+                reply = await cluster.call(
+                    key,
+                    "EVALSHA",
+                    sha,
+                    1,
+                    key,
+                    *args,
+                    deadline=deadline,
+                    script=self._touch_source,
+                    failed=failed,
+                )
+        except _FAILURES as exc:
+            raise self._unavailable("check_and_touch", exc, cluster.owner(key)) from exc
+        finally:
+            self._touch_duration.observe(time.perf_counter() - started)
+        if self._node_outages:
+            self._answered(cluster.owner(key))
         return TouchResult(last_activity=float(reply[0]), idle=bool(reply[1]))
 
     async def _touch_again(
@@ -246,6 +326,15 @@ class RedisStore:
                     activity.linger,
                 )
             async with concurrent:
+                if self._cluster is not None:  # the chunk's keys share one slot
+                    sha = self._record_activity.sha
+                    await self._keyed(
+                        "flush",
+                        keys[0],
+                        *("EVALSHA", sha, len(keys), *keys, *args),
+                        script=self._record_source,
+                    )
+                    return
                 await self._call("flush", lambda: self._record_activity(keys=keys, args=args))
 
         outcomes = await asyncio.gather(*map(write, chunks), return_exceptions=True)
@@ -258,6 +347,11 @@ class RedisStore:
         return failed
 
     async def last_activity(self, key: str) -> float | None:
+        if self._cluster is not None:
+            found = await self._keyed(
+                "last_activity", self.activity_key(key), "GET", self.activity_key(key)
+            )
+            return None if found is None else float(found)
         value: bytes | str | None = await self._call(
             "last_activity", lambda: self._client.get(self.activity_key(key))
         )
@@ -274,9 +368,22 @@ class RedisStore:
         )
         keys = [self._revocation_key]
         client = self._client
+        if self._cluster is not None:
+            # Cluster: no WAIT (it would hold the node's shared pipelined connection for up to
+            # REPLICA_WAIT); the instances' write-back covers a lost write.
+            key = self._revocation_key
+            await self._keyed(
+                "revoke",
+                key,
+                "EVALSHA",
+                self._revoke.sha,
+                1,
+                key,
+                *args,
+                script=self._revoke_source,
+            )
+            return None
         if not isinstance(client, Redis):
-            # Cluster: WAIT must follow the write on the same node connection, which redis-py's
-            # cluster client does not promise; the instances' write-back covers a lost write.
             await self._call("revoke", lambda: self._revoke(keys=keys, args=args))
             return None
 
@@ -300,9 +407,22 @@ class RedisStore:
         """Entries whose `until` passed may still be listed until the next revoke prunes them;
         they cover no token that could still be valid."""
         keys = [self._revocation_key]
-        reply: list[bytes] = await self._call(
-            "revocations", lambda: self._revocations(keys=keys, args=(since,))
-        )
+        if self._cluster is not None:
+            key = self._revocation_key
+            reply: list[bytes] = await self._keyed(
+                "revocations",
+                key,
+                "EVALSHA",
+                self._revocations.sha,
+                1,
+                key,
+                since,
+                script=self._revocations_source,
+            )
+        else:
+            reply = await self._call(
+                "revocations", lambda: self._revocations(keys=keys, args=(since,))
+            )
         version = int(reply[0])
         if len(reply) == 1 and version == since:
             return version, None
@@ -322,8 +442,33 @@ class RedisStore:
             )
         return version, entries
 
-    async def ping(self) -> None:
-        await self._call("ping", self._client.ping)
+    async def ping(self) -> str | None:
+        """Cluster: every master is asked; the ones that do not answer are named (their
+        keys' calls fail, the others' go on), and StoreUnavailable only when none answers."""
+        if self._cluster is None:
+            await self._call("ping", self._client.ping)
+            return None
+        cluster = self._cluster
+
+        async def every_master() -> dict[Address, Any]:
+            deadline = asyncio.get_running_loop().time() + self._timeout
+            return await cluster.on_each_master(deadline, lambda node: node.call("PING"))
+
+        # The slot map (if not known), then the PINGs.
+        answers = await self._call("ping", every_master, round_trips=2)
+        down = sorted(
+            f"{host}:{port}" for (host, port), a in answers.items() if isinstance(a, BaseException)
+        )
+        if len(down) == len(answers):
+            raise self._unavailable(
+                "ping", ConnectionLost(f"no cluster master answers ({', '.join(down)})")
+            )
+        if down:
+            return (
+                f"{len(down)} of {len(answers)} cluster masters do not answer ({', '.join(down)}):"
+                " the tokens of their slots get store.on_error, the others are served"
+            )
+        return None
 
     async def eviction_problem(self) -> str | None:
         """Checked at start (an evicting Redis is refused), by every readiness probe, and on
@@ -334,8 +479,22 @@ class RedisStore:
         return self._note_policies(policies)
 
     async def _read_policies(self) -> dict[str, str | None]:
-        """maxmemory-policy by node (every primary of a Cluster); None where unreadable."""
+        """maxmemory-policy by node (every primary of a Cluster); None where unreadable. A
+        Cluster master that does not answer is left out (ping names it: a lost shard is a
+        degraded store, not an evicting one); StoreUnavailable when none answers."""
         client = self._client
+        cluster = self._cluster
+        if cluster is not None:
+            deadline = asyncio.get_running_loop().time() + 3 * self._timeout
+            found = await cluster.on_each_master(deadline, lambda node: _policy_of(node.call))
+            policies = {
+                f"{host}:{port}": policy
+                for (host, port), policy in found.items()
+                if not isinstance(policy, BaseException)
+            }
+            if not policies:
+                raise ConnectionLost("no cluster master answers")
+            return policies
         if isinstance(client, RedisCluster):
             await client.initialize()  # the slot map: which nodes are primaries (no-op once done)
             return {
@@ -347,7 +506,13 @@ class RedisStore:
         return {"": await _policy_of(client.execute_command)}
 
     async def _check_new_connection(self, connection: PipelinedConnection) -> None:
-        self._note_policies({"": await _policy_of(connection.call)})
+        """Every node a new connection goes to (Cluster: by node, merged with the others)."""
+        policy = await _policy_of(connection.call)
+        if self._cluster is None:
+            self._note_policies({"": policy})
+            return
+        host, port = connection.address
+        self._note_policies({**self._policies, f"{host}:{port}": policy})
 
     def _note_policies(self, policies: dict[str, str | None]) -> str | None:
         problems = []
@@ -365,6 +530,7 @@ class RedisStore:
                     "again); set maxmemory-policy noeviction"
                 )
         problem = "; ".join(problems) or None
+        self._policies = dict(policies)
         # The first check's caller reports it (start refuses, readiness answers 503 with it);
         # a change found later, e.g. by a reconnect, is logged once.
         if self._eviction_checked and problem != self._eviction:
@@ -378,6 +544,8 @@ class RedisStore:
     async def close(self) -> None:
         if self._pipelined is not None:
             self._pipelined.close()
+        if self._cluster is not None:
+            self._cluster.close()
         await self._client.aclose()
         for client in self._closing:
             await client.aclose()
@@ -555,6 +723,27 @@ def pipelined_for(
         call_timeout=timeout,
         on_connect=on_connect,
     )
+
+
+def cluster_for(client: RedisClient, *, timeout: float) -> ClusterConnections | None:
+    """Cluster: the request path's pipelined connections, one per node, with the URL's
+    credentials as redis-py parsed them; None for any other client."""
+    if not isinstance(client, RedisCluster):
+        return None
+    kwargs = client.get_connection_kwargs()
+
+    def connect(host: str, port: int) -> PipelinedConnection:
+        return PipelinedConnection(
+            host,
+            port,
+            username=kwargs.get("username"),
+            password=kwargs.get("password"),
+            connect_timeout=timeout,
+            call_timeout=timeout,
+        )
+
+    startup = [(node.host, int(node.port)) for node in client.startup_nodes]
+    return ClusterConnections(startup, connect, timeout=timeout)
 
 
 def client_from_url(url: str, *, timeout: float) -> tuple[RedisClient, tuple[RedisClient, ...]]:
