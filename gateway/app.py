@@ -54,7 +54,9 @@ class Gateway:
         self.forwarder = Forwarder(config.forward)
         self.hasher = hasher_from_config(config.store, environ)
         # store.coalesce > 0: wrapped to decide recently accepted tokens locally.
-        self.store: Store = coalescing(open_store(config.store), config.store, self.clock)
+        # Readiness asks the store itself (which of a Cluster's shards answer), not the wrapper.
+        self._backend: Store = open_store(config.store)
+        self.store: Store = coalescing(self._backend, config.store, self.clock)
         self.revocations = RevocationList(self.store, self.clock, config.store.revocation_poll)
         self.deadlines = Deadlines(self.clock, self.revocations, config.policy)
         self.websockets = WebSockets(config, self.store, self.clock, self.deadlines)
@@ -188,7 +190,7 @@ class Gateway:
         if missing or not self.rings:
             return "not_ready", "no usable keys for provider(s): " + ", ".join(missing)
         try:
-            degraded = await self.store.ping()
+            degraded = await self._backend.ping()
             # The policy may have been changed since start (CONFIG SET, a failover).
             eviction = await self.store.eviction_problem()
         except StoreUnavailable:

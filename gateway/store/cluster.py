@@ -91,6 +91,7 @@ class ClusterConnections:
         self._nodes: set[Address] = set(self._startup)  # every node ever named, and the URL's
         self._masters: list[Address] = []
         self._loading: asyncio.Future[None] | None = None
+        self._scheduled: asyncio.TimerHandle | None = None  # a background read, due
         self._loaded_at = -REFRESH_INTERVAL  # loop time
         self.refreshes = 0  # slot map reads that succeeded (tests, metrics)
         # Run on every new connection to a node (the store's eviction check), as
@@ -137,9 +138,18 @@ class ClusterConnections:
             await asyncio.shield(loading)
 
     def refresh_soon(self) -> None:
-        """A read of the slot map in the background (after a redirection or a lost node)."""
+        """A read of the slot map in the background (after a redirection or a lost node):
+        now, or as soon as REFRESH_INTERVAL has passed since the last one (never dropped: a
+        MOVED right after a read must still bring the rest of the new map)."""
+        if self._loading is not None or self._scheduled is not None:
+            return
         loop = asyncio.get_running_loop()
-        if self._loading is None and loop.time() - self._loaded_at >= REFRESH_INTERVAL:
+        delay = max(0.0, REFRESH_INTERVAL - (loop.time() - self._loaded_at))
+        self._scheduled = loop.call_later(delay, self._start_background_load)
+
+    def _start_background_load(self) -> None:
+        self._scheduled = None
+        if self._loading is None:
             self._loading = asyncio.ensure_future(self._load())
             # Its failure is seen by the next call that needs the map, not here.
             self._loading.add_done_callback(lambda done: done.cancelled() or done.exception())
@@ -260,5 +270,10 @@ class ClusterConnections:
         return dict(zip(masters, results, strict=True))
 
     def close(self) -> None:
+        if self._scheduled is not None:
+            self._scheduled.cancel()
+            self._scheduled = None
+        if self._loading is not None:
+            self._loading.cancel()
         for connection in self._connections.values():
             connection.close()

@@ -217,6 +217,9 @@ class PipelinedConnection:
     async def _connect(self) -> _Protocol:
         if self._connecting is None:
             self._connecting = asyncio.ensure_future(self._open())
+            # Every waiter may have given up (timeout, cancellation) before it fails: its
+            # failure is theirs, never an "exception was never retrieved" at exit.
+            self._connecting.add_done_callback(lambda done: done.cancelled() or done.exception())
         connecting = self._connecting
         try:
             await asyncio.shield(connecting)
