@@ -155,13 +155,25 @@ class CoalescingStore:
         return result
 
     def _note(self, touch: Touch, seen: float) -> None:
+        pending = self._pending.get(touch.key)
+        if pending is not None:
+            # The common case (a busy token), written out: no object per request.
+            if touch.now > pending.at:
+                pending.at = touch.now
+            if seen > pending.seen:
+                pending.seen = seen
+            if touch.idle_timeout > pending.idle_timeout:
+                pending.idle_timeout = touch.idle_timeout
+            if touch.expires_at > pending.expires_at:
+                pending.expires_at = touch.expires_at
+            if touch.initial > pending.initial:
+                pending.initial = touch.initial
+            if touch.linger > pending.linger:
+                pending.linger = touch.linger
+            return
         entry = _Pending(
             touch.now, seen, touch.initial, touch.idle_timeout, touch.expires_at, touch.linger
         )
-        pending = self._pending.get(touch.key)
-        if pending is not None:
-            pending.merge(entry)
-            return
         if len(self._pending) >= self._capacity:
             self._drop(1)
             return
