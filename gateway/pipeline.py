@@ -60,9 +60,9 @@ _NO_ROUTE_LABEL = "none"
 _NO_IDENTITY: Mapping[str, str] = MappingProxyType({})
 
 # The session status endpoint, as a route: decided like any (no activity recorded), then
-# answered by `_session_status` instead of an upstream.
+# answered by `_session_status` instead of an upstream. Its path is matched before the
+# configured routes, so a catch-all route does not take it.
 SESSION_ROUTE = Route(prefix=SESSION_PATH, activity="passive")
-_SESSION = Match(route=SESSION_ROUTE, label=SESSION_PATH, upstream_path=SESSION_PATH)
 
 
 @dataclass(slots=True)
@@ -200,16 +200,17 @@ class Pipeline:
         traffic = self.traffic
         traffic.in_flight += 1
         try:
-            match = _SESSION if raw_path == SESSION_PATH else self.router.match(raw_path)
-            route = match.route
-            record.route = match.label
-            if match is _SESSION:
+            if raw_path == SESSION_PATH:  # the built-in route, answered here
+                record.route = SESSION_PATH
                 response: web.StreamResponse = await self._session_status(request, record)
             else:
+                match = self.router.match(raw_path)
+                route = match.route
+                record.route = match.label
                 # Refusals the head alone decides come before the store touches activity.
                 if route.upstream is None:
                     raise Refusal(Reason.NO_ROUTE, "this route is decided for forward-auth only")
-                upgrade = _upgrade(route, request.headers)
+                upgrade = "Upgrade" in request.headers and _upgrade(route, request.headers)
                 self.forwarder.check_request(request)
                 identity = await self.decide(route, request.query_string, request.headers, record)
                 headers = self.forwarder.upstream_headers(
@@ -259,7 +260,8 @@ class Pipeline:
             record.route = match.label
             # As on the proxy port, when the edge passes the handshake's Upgrade/Connection on
             # (nginx does not: there its locations decide which requests may upgrade).
-            _upgrade(match.route, request.headers)
+            if "Upgrade" in request.headers:
+                _upgrade(match.route, request.headers)
             identity = await self.decide(match.route, original.query, request.headers, record)
             response: web.StreamResponse = web.Response(
                 headers={**identity, "X-Request-ID": request_id}
@@ -463,8 +465,9 @@ class Pipeline:
 
 
 def _upgrade(route: Route, headers: CIMultiDictProxy[str]) -> bool:
-    """Whether the request is a WebSocket handshake; refused on a route without websocket."""
-    upgrade = "Upgrade" in headers and wants_websocket(headers)
+    """Whether a request that has an Upgrade header (the callers check that much, the common
+    case being none) is a WebSocket handshake; refused on a route without websocket."""
+    upgrade = wants_websocket(headers)
     if upgrade and not route.websocket:
         raise Refusal(Reason.WEBSOCKET_NOT_ENABLED)
     return upgrade
