@@ -72,6 +72,8 @@ def _redirection(message: str) -> tuple[str, int, Address] | None:
         return None
     slot, _, target = rest.partition(" ")
     host, _, port = target.rpartition(":")
+    if not (slot.isdigit() and port.isdigit() and 0 <= int(slot) < SLOTS):
+        return None  # not a redirection we can follow: the error reply itself is the failure
     return kind, int(slot), (host.strip("[]"), int(port))
 
 

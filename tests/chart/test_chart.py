@@ -408,6 +408,46 @@ def test_external_redis_url_comes_from_the_existing_secret(render: Render) -> No
     assert gateway_container(manifests)["args"][-2:] == ["--workers", "2"]
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis+sentinel://s1.redis:26379,s2.redis:26379,s3.redis:26379/mymaster/0",
+        "redis+cluster://n1.redis:6379,n2.redis:6379,n3.redis:6379",
+    ],
+)
+def test_sentinel_and_cluster_urls_without_a_password_go_in_the_config(
+    render: Render, url: str, tmp_path: Path
+) -> None:
+    """docs/deployment.md's Helm values for each topology: a password-free URL may sit in
+    config.store.url (it renders as given and passes check-config)."""
+    manifests = render({"replicaCount": 2, "config": {"store": {"url": url}}})
+    assert gateway_config(manifests)["store"]["url"] == url
+    config_file = tmp_path / "gateway.yaml"
+    config_file.write_text(only(manifests, "ConfigMap", FULLNAME)["data"]["gateway.yaml"])
+    checked = subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config", "-c", str(config_file)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert checked.returncode == 0, checked.stderr
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis+sentinel://:hunter2@s1:26379,s2:26379/mymaster",
+        "redis+cluster://:hunter2@n1:6379,n2:6379",
+        "redis+cluster://default:hunter2@n1:6379",
+    ],
+)
+def test_a_sentinel_or_cluster_url_with_a_password_is_refused_in_the_config(
+    chart: helm.Chart, url: str
+) -> None:
+    assert "password" in refusal(chart, {"config": {"store": {"url": url}}})
+
+
 def test_admin_token_secret_is_mounted_where_token_file_points(render: Render) -> None:
     manifests = render(SCENARIOS["external-redis"])
     token_file = Path(gateway_config(manifests)["admin"]["token_file"])
