@@ -162,7 +162,7 @@ async def test_a_lost_shard_refuses_only_its_own_tokens(
     lost: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    gw = await gateways(store_url=partial_cluster.url, admin=admin)
+    gw = await gateways(store_url=partial_cluster.url, admin=admin, forward_auth={"enabled": True})
     rev_owner = partial_cluster.owner_of(revocation_slot(gw))
     if lost == "another shard":
         victim = next(n for n in partial_cluster.masters() if n.port != rev_owner.port)
@@ -189,6 +189,18 @@ async def test_a_lost_shard_refuses_only_its_own_tokens(
     assert time.monotonic() - started < 5
     response = await gw.get("/api/x", tokens[next(iter(on_victim))])
     assert (await response.json())["reason"] == "store_unavailable"
+    # Every other path through the store: the same answer, never a 500.
+    lost_jti = next(iter(on_victim))
+    healthy_jti = next(jti for jti in tokens if jti not in on_victim and jti != revoked)
+    for jti, status in ((lost_jti, 503), (healthy_jti, 200)):
+        session = await gw.get("/.idlegate/session", tokens[jti])
+        assert session.status == status, await session.text()
+        auth = await gw.get("/.idlegate/auth", tokens[jti], headers={"X-Original-URI": "/api/x"})
+        assert auth.status == status, await auth.text()
+        async with gw.http.get(
+            f"{gw.admin_url}/admin/tokens/{jti}", params={"issuer": ISSUER}, headers=ADMIN
+        ) as response:
+            assert response.status == status, await response.text()
     # The lost shard is one outage (one line), however the healthy shards' answers interleave.
     outages = [r for r in caplog.records if r.name == "idlegate.store"]
     assert [r.levelname for r in outages] == ["ERROR"], [r.getMessage() for r in outages]
