@@ -326,3 +326,23 @@ def test_without_parameters_is_the_path_a_servlet_container_routes():
     assert without_parameters("/;x/api/") == "/api/"
     assert without_parameters("/a%3Bb/c") == "/a/c"
     assert without_parameters("/") == "/"
+
+
+def test_a_path_matched_before_is_answered_from_the_bounded_cache_and_refusals_are_not_kept():
+    """The per-request fast path: the same raw path gets the same (frozen) Match without being
+    normalised again; the cache stays bounded under many distinct paths, and a refused path is
+    refused every time it is asked."""
+    router = Router([route("/api/"), route("/public/")])
+    first = router.match("/api/orders/1")
+    assert router.match("/api/orders/1") is first
+    assert first == Match(route=first.route, label="/api/", upstream_path="/api/orders/1")
+    for i in range(5000):
+        assert router.match(f"/api/orders/{i}").upstream_path == f"/api/orders/{i}"
+    assert len(router._matches) <= 1024
+    for _ in range(2):
+        assert refused(router, "/public/../api/x") is Reason.BAD_PATH
+        assert refused(router, "/nowhere") is Reason.NO_ROUTE
+    assert "/public/../api/x" not in router._matches
+    long_path = "/api/" + "a" * 300
+    assert router.match(long_path).upstream_path == long_path
+    assert long_path not in router._matches
