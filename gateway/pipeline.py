@@ -48,7 +48,7 @@ from gateway.routing import Match, Router
 from gateway.store.base import Store, StoreUnavailable, TouchResult
 from gateway.tokens import policy
 from gateway.tokens.claims import VerifiedToken
-from gateway.tokens.extract import bearer_token
+from gateway.tokens.extract import check_token68, presented_token
 from gateway.tokens.verify import Verifier
 
 log = logging.getLogger("idlegate")
@@ -295,9 +295,10 @@ class Pipeline:
         (for the log) whatever is decided after."""
         if route.auth != "required":
             return _NO_IDENTITY
-        presented = bearer_token(headers, query_string)
+        presented = presented_token(headers, query_string)
         verifier = self.verifier
-        token = verifier.cached(presented) or await verifier.verify(presented)
+        # A cache hit is a string verified before, so token68 already: checked on a miss only.
+        token = verifier.cached(presented) or await verifier.verify(check_token68(presented))
         record.token = token
         if self.revocations.is_revoked(token):
             raise Refusal(Reason.REVOKED)

@@ -22,6 +22,13 @@ def _has_query_token(query_string: str) -> bool:
 
 def bearer_token(headers: CIMultiDictProxy[str], query_string: str) -> str:
     """The bearer token of a request, or a Refusal saying why there is none usable."""
+    return check_token68(presented_token(headers, query_string))
+
+
+def presented_token(headers: CIMultiDictProxy[str], query_string: str) -> str:
+    """`bearer_token` but for the token68 syntax check (`check_token68`), which costs ~1.5 µs
+    on a typical token: a caller may skip it for a string it verified before, since every
+    verified token (three non-empty base64url parts, `tokens.verify`) is token68."""
     values = headers.getall("Authorization", ())
     in_query = _has_query_token(query_string)
     if len(values) > 1:
@@ -39,6 +46,11 @@ def bearer_token(headers: CIMultiDictProxy[str], query_string: str) -> str:
     token = token.strip(" ")
     if len(token) > MAX_TOKEN_BYTES:
         raise Refusal(Reason.MALFORMED_TOKEN, "the token is larger than 16 KiB")
+    return token
+
+
+def check_token68(token: str) -> str:
+    """The token itself, if it is RFC 6750's `token68`; else a Refusal."""
     if not _TOKEN68.fullmatch(token):
         raise Refusal(Reason.MALFORMED_REQUEST, "the Authorization header is not 'Bearer <token>'")
     return token

@@ -11,6 +11,7 @@ from gateway import config as config_module
 from gateway.clock import ManualClock
 from gateway.reasons import Reason, Refusal
 from gateway.store.base import KeyHasher
+from gateway.tokens.extract import check_token68
 from gateway.tokens.keys import KeyRing
 from gateway.tokens.verify import Verifier, claim_at, granted_scopes, identity_headers, token_id
 
@@ -60,6 +61,26 @@ async def test_a_cached_token_is_refused_and_forgotten_once_expired(
         await verifier.verify(token)
     assert refused.value.reason is Reason.EXPIRED
     assert token not in verifier._cache
+
+
+@pytest.mark.parametrize("junk", ["!", " ", "%2e", "\u00e9"])
+async def test_only_token68_strings_can_verify_so_a_cache_hit_needs_no_syntax_check(
+    key_file: Path, signing_key: SigningKey, clock: ManualClock, junk: str
+):
+    """The pipeline checks the token68 syntax on a cache miss only (`extract.check_token68`):
+    sound because whatever verifies, and so whatever the cache holds, is token68."""
+    verifier = await make_verifier(key_file, clock, cache_size=10)
+    token = signing_key.sign(claims(ISSUER, "api", now=clock.now()))
+    await verifier.verify(token)
+    assert check_token68(token) == token
+    header, payload, signature = token.split(".")
+    for bent in (f"{header}{junk}.{payload}.{signature}", f"{header}.{payload}.{signature}{junk}"):
+        with pytest.raises(Refusal):
+            check_token68(bent)
+        with pytest.raises(Refusal) as refused:
+            await verifier.verify(bent)
+        assert refused.value.reason is Reason.MALFORMED_TOKEN
+        assert bent not in verifier._cache
 
 
 # -- claim shapes of real IdPs (pure helpers) ---------------------------------------------
