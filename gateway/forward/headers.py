@@ -88,7 +88,9 @@ def _request_filtered(
     """`filtered` for request headers, in one pass: also without the names that are in
     `twins` once `_` is read as `-` (what nginx, WSGI and CGI upstreams do)."""
     if "Connection" in headers:
-        remove = remove | connection_tokens(headers)
+        named = connection_tokens(headers)
+        if not named <= remove:  # the common `keep-alive` is in already: no 35-name copy
+            remove = remove | named
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
         lower = name.lower()
