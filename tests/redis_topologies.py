@@ -7,8 +7,10 @@ links to); the cluster needs `redis-cli` (redis-tools), which scripts/test insta
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -255,9 +257,17 @@ class ClusterSet:
             node.stop()
 
 
-def _cluster_ports() -> tuple[int, int]:
-    """A free port and a free cluster bus port."""
-    return free_port(), free_port()
+def _distinct_free_ports(count: int) -> list[int]:
+    """`count` different free ports, all held until every one is chosen: free_port() called
+    in turn may give the same port twice (nothing holds it until its server starts), e.g. a
+    node's port equal to another node's bus port, and that node never starts."""
+    with contextlib.ExitStack() as held:
+        ports = []
+        for _ in range(count):
+            sock = held.enter_context(socket.socket())
+            sock.bind(("127.0.0.1", 0))
+            ports.append(int(sock.getsockname()[1]))
+    return ports
 
 
 def _start_cluster(workdir: Path, *, full_coverage: bool = True) -> ClusterSet:
@@ -265,8 +275,9 @@ def _start_cluster(workdir: Path, *, full_coverage: bool = True) -> ClusterSet:
     if cli is None:
         pytest.fail("redis-cli is not installed (scripts/test installs redis-tools)")
     nodes = []
+    ports = _distinct_free_ports(12)
     for i in range(6):
-        port, bus = _cluster_ports()
+        port, bus = ports[2 * i], ports[2 * i + 1]
         node = RedisServer(
             port=port,
             workdir=workdir / f"node-{i}",

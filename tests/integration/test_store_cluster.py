@@ -8,6 +8,8 @@ pod out of the Service."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -231,3 +233,34 @@ async def test_a_lost_shard_refuses_only_its_own_tokens(
         status, body = await readyz(late)
         assert (status, body["status"]) == (200, "degraded"), body
         assert (await late.get("/api/x", tokens[revoked])).status == 401
+
+
+async def test_a_stalled_master_holds_up_only_its_own_tokens(
+    gateways: GatewayFactory, own_cluster: ClusterSet
+) -> None:
+    """A master that accepts and never answers (SIGSTOP: a black-holed pod IP): its tokens
+    wait store.timeout and get 503; the other shards' answer at once meanwhile."""
+    gw = await gateways(store_url=own_cluster.url)
+    tokens = {f"stall-{i}": gw.token(jti=f"stall-{i}") for i in range(24)}
+    assert set((await statuses(gw, tokens)).values()) == {200}
+    victim = own_cluster.owner_of(slot_of(gw, "stall-0"))
+    stalled = [j for j in tokens if own_cluster.owner_of(slot_of(gw, j)).port == victim.port]
+    healthy = [j for j in tokens if j not in stalled]
+    assert victim.process is not None
+    os.kill(victim.process.pid, signal.SIGSTOP)
+    try:
+
+        async def timed(jti: str) -> tuple[int, float]:
+            started = time.monotonic()
+            status = (await gw.get("/api/x", tokens[jti])).status
+            return status, time.monotonic() - started
+
+        results = await asyncio.gather(*map(timed, stalled + healthy))
+    finally:
+        os.kill(victim.process.pid, signal.SIGCONT)
+    by_jti = dict(zip(stalled + healthy, results, strict=True))
+    assert {by_jti[j][0] for j in stalled} == {503}
+    assert {by_jti[j][0] for j in healthy} == {200}
+    # The healthy ones did not wait behind the stalled shard's store.timeout (250 ms).
+    assert max(by_jti[j][1] for j in healthy) < min(by_jti[j][1] for j in stalled), by_jti
+    assert min(by_jti[j][1] for j in stalled) >= 0.2
