@@ -264,3 +264,17 @@ async def test_a_stalled_master_holds_up_only_its_own_tokens(
     # The healthy ones did not wait behind the stalled shard's store.timeout (250 ms).
     assert max(by_jti[j][1] for j in healthy) < min(by_jti[j][1] for j in stalled), by_jti
     assert min(by_jti[j][1] for j in stalled) >= 0.2
+
+
+async def test_readiness_sees_a_lost_shard_through_store_coalesce(
+    gateways: GatewayFactory, partial_cluster: ClusterSet
+) -> None:
+    """The coalescing wrapper answers ping for itself; readiness asks the store behind it."""
+    gw = await gateways(store_url=partial_cluster.url, store={"coalesce": "1s"})
+    rev_owner = partial_cluster.owner_of(revocation_slot(gw))
+    victim = next(n for n in partial_cluster.masters() if n.port != rev_owner.port)
+    assert (await readyz(gw))[0] == 200
+    partial_cluster.lose_shard(victim)
+    status, body = await readyz(gw)
+    assert (status, body["status"]) == (200, "degraded"), body
+    assert f"127.0.0.1:{victim.port}" in body["reason"]
