@@ -113,8 +113,10 @@ class ForwardAuthBench(Bench):
 
     nginx: Proc | None = None
 
-    def gateway_config(self, name: str, public_key: Path) -> tuple[Path, int, int]:
-        path, port, admin_port = super().gateway_config(name, public_key)
+    def gateway_config(
+        self, name: str, public_key: Path, coalesce: str | None = None
+    ) -> tuple[Path, int, int]:
+        path, port, admin_port = super().gateway_config(name, public_key, coalesce)
         config = yaml.safe_load(path.read_text())
         config["forward_auth"] = {"enabled": True}
         path.write_text(yaml.safe_dump(config, sort_keys=False))
