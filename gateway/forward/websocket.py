@@ -377,53 +377,35 @@ class WebSockets:
         note = self._note_activity if socket.extend and socket.token is not None else None
         while True:
             msg = await client.receive()
-            kind = msg.type
             try:
-                if kind is WSMsgType.TEXT:
-                    await upstream.send_str(msg.data)
-                elif kind is WSMsgType.BINARY:
-                    await upstream.send_bytes(msg.data)
-                elif kind is WSMsgType.PING:
-                    await upstream.ping(msg.data)
-                    continue
-                elif kind is WSMsgType.PONG:
-                    await upstream.pong(msg.data)
-                    continue
-                elif kind is WSMsgType.CLOSE:
-                    code = _sendable(msg.data)
-                    return _End("client_closed", (code, ""), (code, msg.extra or ""))
-                else:
-                    return _broken(msg.data, "client")
+                relayed = await _pass_on(msg, upstream)
             except (ConnectionError, aiohttp.ClientError, RuntimeError):
                 return _End("upstream_closed", (WSCloseCode.BAD_GATEWAY, "upstream_closed"), None)
-            socket.messages_in += 1
-            if note is not None:
-                note(socket)
+            if relayed is None:
+                if msg.type is WSMsgType.CLOSE:
+                    code = _sendable(msg.data)
+                    return _End("client_closed", (code, ""), (code, msg.extra or ""))
+                return _broken(msg.data, "client")
+            if relayed:
+                socket.messages_in += 1
+                if note is not None:
+                    note(socket)
 
     async def _from_upstream(self, socket: _Socket) -> _End:
         client, upstream = socket.client, socket.upstream
         while True:
             msg = await upstream.receive()
-            kind = msg.type
             try:
-                if kind is WSMsgType.TEXT:
-                    await client.send_str(msg.data)
-                elif kind is WSMsgType.BINARY:
-                    await client.send_bytes(msg.data)
-                elif kind is WSMsgType.PING:
-                    await client.ping(msg.data)
-                    continue
-                elif kind is WSMsgType.PONG:
-                    await client.pong(msg.data)
-                    continue
-                elif kind is WSMsgType.CLOSE:
-                    code = _sendable(msg.data)
-                    return _End("upstream_closed", (code, msg.extra or ""), (code, ""))
-                else:
-                    return _broken(msg.data, "upstream")
+                relayed = await _pass_on(msg, client)
             except (ConnectionError, aiohttp.ClientError, RuntimeError):
                 return _End("client_closed", None, _going_away("client_closed"))
-            socket.messages_out += 1
+            if relayed is None:
+                if msg.type is WSMsgType.CLOSE:
+                    code = _sendable(msg.data)
+                    return _End("upstream_closed", (code, msg.extra or ""), (code, ""))
+                return _broken(msg.data, "upstream")
+            if relayed:
+                socket.messages_out += 1
 
     # -- activity and idleness -------------------------------------------------------------
 
@@ -550,3 +532,23 @@ def _broken(data: Any, side: str) -> _End:
     if side == "client":
         return _End("client_closed", None, _going_away("client_closed"))
     return _End("upstream_closed", (WSCloseCode.BAD_GATEWAY, "upstream_closed"), None)
+
+
+async def _pass_on(msg: aiohttp.WSMessage, sink: Any) -> bool | None:
+    """Relay one frame to the other side: True for a message (text or binary, as sent), False
+    for a ping or pong, None for a frame that ends this direction (close, error) and is the
+    caller's to answer."""
+    kind = msg.type
+    if kind is WSMsgType.TEXT:
+        await sink.send_str(msg.data)
+    elif kind is WSMsgType.BINARY:
+        await sink.send_bytes(msg.data)
+    elif kind is WSMsgType.PING:
+        await sink.ping(msg.data)
+        return False
+    elif kind is WSMsgType.PONG:
+        await sink.pong(msg.data)
+        return False
+    else:
+        return None
+    return True
