@@ -138,14 +138,20 @@ def granted_scopes(claims: Mapping[str, Any]) -> frozenset[str]:
     return frozenset(found)
 
 
-def identity_headers(claims: Mapping[str, Any], wanted: Mapping[str, str]) -> dict[str, str]:
+def identity_headers(
+    claims: Mapping[str, Any], wanted: Mapping[str, str], token_id: str | None = None
+) -> dict[str, str]:
     """Header -> claim value (a name or dotted path) as text; lists space-joined. A claim
-    holding a control character is left out: a claim can never smuggle a header line."""
+    holding a control character is left out: a claim can never smuggle a header line.
+    `jti` falls back to the id the token is tracked by (`uti`, `digest:…`: policy.token_id),
+    so the upstream's token id header is there for IdPs that mint no `jti`."""
     headers: dict[str, str] = {}
     for header, claim in wanted.items():
         value = claim_at(claims, claim)
         if claim == "scope" and value is None:
             value = claims.get("scp")
+        elif claim == "jti" and value is None:
+            value = token_id
         if value is None or isinstance(value, dict):
             continue
         if isinstance(value, list):
@@ -365,7 +371,7 @@ class Verifier:
             jti_key=jti_key,
             sid_key=sid_key,
             sub_key=hashed("sub", issuer, sub) if sub else None,
-            identity=identity_headers(claims, self._identity_claims),
+            identity=identity_headers(claims, self._identity_claims, jti),
         )
 
     def _check_time(self, token: VerifiedToken) -> None:

@@ -266,7 +266,13 @@ async def test_idp_token_end_to_end(
             "routes": routes(upstream.url, idp),
             "policy": {"idle_timeout": "2m"},  # Keycloak's access tokens live 5 min
             "admin": {"token_file": str(token_file)},
-            "forward": {"identity_headers": {"X-Auth-Subject": "sub", "X-Auth-Roles": roles_claim}},
+            "forward": {
+                "identity_headers": {
+                    "X-Auth-Subject": "sub",
+                    "X-Auth-Roles": roles_claim,
+                    "X-Auth-Token-Id": "jti",
+                }
+            },
         }
         a, b = await gateways(**overrides), await gateways(**overrides)
 
@@ -282,6 +288,9 @@ async def test_idp_token_end_to_end(
         roles_seen = [v for k, v in seen if k.lower() == "x-auth-roles"]
         assert len(roles_seen) == 1 and idp.role in roles_seen[0].split(" ")
         assert "superuser" not in roles_seen[0]
+        # Every IdP's token reaches the upstream with one token id (jti, uti or digest:...).
+        token_ids = [v for k, v in seen if k.lower() == "x-auth-token-id"]
+        assert len(token_ids) == 1 and token_ids[0], seen
 
         # One idle clock for both instances: used at A, then B 100 s later, then A again
         # 200 s after issue (alive only because B's use counted), then idle at both.

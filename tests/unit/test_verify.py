@@ -146,3 +146,15 @@ def test_token_id_tries_claims_in_order_and_digest_is_keyed_per_signature():
     assert token_id({}, "sig-2", names, hasher)[1] != one
     assert token_id({}, "sig-1", names, KeyHasher(b"other"))[1] != one
     assert token_id({}, "sig-1", ["jti", "uti"], hasher) == (None, None)
+
+
+def test_the_token_id_header_falls_back_to_the_id_the_token_is_tracked_by():
+    """Entra (`uti`), Auth0 and authentik (`digest`) mint no jti: the upstream still gets one."""
+    wanted = {"X-Auth-Token-Id": "jti", "X-Auth-Subject": "sub"}
+    no_jti = {"sub": "alice", "uti": "u-1"}
+    assert identity_headers(no_jti, wanted, "u-1") == {
+        "X-Auth-Token-Id": "u-1",
+        "X-Auth-Subject": "alice",
+    }
+    assert identity_headers({"jti": "j-1"}, wanted, "j-1") == {"X-Auth-Token-Id": "j-1"}
+    assert identity_headers({"sub": "alice"}, wanted) == {"X-Auth-Subject": "alice"}
