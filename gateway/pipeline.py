@@ -136,7 +136,10 @@ def render_refusal(refusal: Refusal, request_id: str) -> web.Response:
         "message": description,
         "request_id": request_id,
     }
-    return web.json_response(body, status=reason.status, headers=headers)
+    response = web.json_response(body, status=reason.status, headers=headers)
+    if refusal.close_connection:
+        response.force_close()
+    return response
 
 
 class Pipeline:

@@ -104,6 +104,12 @@ class Reason(enum.Enum):
         "invalid_request",
         "this route does not accept WebSocket upgrades",
     )
+    UNSUPPORTED_TRANSFER_CODING = _ReasonSpec(
+        "unsupported_transfer_coding",
+        400,  # RFC 9112 §6.1 suggests 501; 400 keeps a client's junk `rejected`, not `error`
+        "invalid_request",
+        "the request body's transfer coding is not supported (only chunked)",
+    )
     PAYLOAD_TOO_LARGE = _ReasonSpec("payload_too_large", 413, None, "the request body is too large")
     STORE_UNAVAILABLE = _ReasonSpec(
         "store_unavailable", 503, None, "the session store is unavailable, retry shortly"
@@ -152,12 +158,15 @@ class Refusal(Exception):
         *,
         scope: str | None = None,
         retry_after: int | None = None,
+        close_connection: bool = False,
     ) -> None:
         super().__init__(detail or reason.message)
         self.reason = reason
         self.detail = detail or reason.message
         self.scope = scope
         self.retry_after = retry_after
+        # The request's framing was in doubt: whatever follows it on the connection is too.
+        self.close_connection = close_connection
 
 
 # RFC 6750 §3: error_description and scope use %x20-21 / %x23-5B / %x5D-7E: printable ASCII

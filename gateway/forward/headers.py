@@ -25,6 +25,8 @@ HOP_BY_HOP = frozenset(
         "upgrade",
         "proxy-authenticate",
         "proxy-authorization",
+        # RFC 9113 §3.2.1 (the h2c upgrade's settings): connection-specific, even unnamed.
+        "http2-settings",
     }
 )
 # Set by the gateway itself, never taken from the client.

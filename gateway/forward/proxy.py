@@ -26,6 +26,7 @@ from gateway.forward.http1 import UpstreamPool
 from gateway.forward.transport import (
     CHUNK,
     Transport,
+    UpstreamBroken,
     UpstreamError,
     UpstreamFailureLog,
     UpstreamResponse,
@@ -52,6 +53,21 @@ class BodyLimit:
                 self.exceeded = True
                 raise Refusal(Reason.PAYLOAD_TOO_LARGE)
             yield chunk
+
+
+def _check_transfer_coding(request: web.BaseRequest) -> None:
+    """The body goes upstream de-chunked and re-framed, so a transfer coding other than
+    `chunked` (aiohttp accepts `gzip, chunked` and passes the body still gzip-coded) would
+    arrive applied but undeclared: refused, not mangled (RFC 9112 §6.1). In HTTP/1.0
+    Transfer-Encoding means faulty framing (same section). Either way the connection is closed
+    after the refusal: another hop may have framed the body, and so what follows, otherwise."""
+    codings = [
+        coding.strip(" \t").lower()
+        for value in request.headers.getall("Transfer-Encoding")
+        for coding in value.split(",")
+    ]
+    if request.version < (1, 1) or codings != ["chunked"]:
+        raise Refusal(Reason.UNSUPPORTED_TRANSFER_CODING, close_connection=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +140,8 @@ class Forwarder:
         declared = request.content_length
         if declared is not None and declared > self._config.max_body:
             raise Refusal(Reason.PAYLOAD_TOO_LARGE)
+        if "Transfer-Encoding" in request.headers:
+            _check_transfer_coding(request)
 
     async def forward(
         self,
@@ -160,6 +178,14 @@ class Forwarder:
                 raise Refusal(Reason.PAYLOAD_TOO_LARGE) from None
             raise self._failed(match, upstream, exc) from None
         self._observe_upstream(match.label, started)
+        if response.status == 101:
+            # Only the WebSocket relay asks to switch protocols (aiohttp's client hands a 101
+            # over as a response): relayed, the client's connection would become a tunnel to
+            # the upstream that no later request of it is decided on.
+            response.close()
+            raise self._failed(
+                match, upstream, UpstreamBroken("the upstream switched protocols unasked")
+            )
         if limit is not None and limit.exceeded:
             response.close()
             raise Refusal(Reason.PAYLOAD_TOO_LARGE)
