@@ -40,7 +40,12 @@ from gateway.clock import Clock
 from gateway.config import Config, Route
 from gateway.forward.deadlines import LOG_FIELDS, Deadlines
 from gateway.forward.proxy import Forwarder
-from gateway.forward.websocket import HANDSHAKE_SECONDS, WebSockets, wants_websocket
+from gateway.forward.websocket import (
+    HANDSHAKE_SECONDS,
+    WebSockets,
+    check_handshake,
+    wants_websocket,
+)
 from gateway.forward_auth import AUTH_PATH, TrustedPeers, original_request
 from gateway.reasons import Reason, Refusal, rfc6750_text
 from gateway.revocation import RevocationList
@@ -214,6 +219,8 @@ class Pipeline:
                 if route.upstream is None:
                     raise Refusal(Reason.NO_ROUTE, "this route is decided for forward-auth only")
                 upgrade = "Upgrade" in request.headers and _upgrade(route, request.headers)
+                if upgrade:
+                    check_handshake(request)
                 self.forwarder.check_request(request)
                 identity = await self.decide(route, request.query_string, request.headers, record)
                 headers = self.forwarder.upstream_headers(

@@ -15,8 +15,18 @@ def requests_counted(route: str, decision: str, reason: str) -> float:
     return REGISTRY.get_sample_value("idlegate_requests_total", labels) or 0.0
 
 
+def _complete(data: bytes) -> bool:
+    """Whether `data` holds a whole response with a Content-Length."""
+    head, found, body = data.partition(b"\r\n\r\n")
+    for line in head.lower().split(b"\r\n"):
+        if found and line.startswith(b"content-length:"):
+            return len(body) >= int(line.split(b":", 1)[1])
+    return False
+
+
 async def exchange(port: int, data: bytes, timeout: float = 2.0) -> bytes:
-    """Send `data` on a fresh connection and read until the peer closes it (or `timeout`)."""
+    """Send `data` on a fresh connection and read until the peer closes it, a response with a
+    Content-Length is complete (a refusal on a kept-alive connection), or `timeout`."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     received = b""
     try:
@@ -24,6 +34,8 @@ async def exchange(port: int, data: bytes, timeout: float = 2.0) -> bytes:
         async with asyncio.timeout(timeout):
             while chunk := await reader.read(65536):
                 received += chunk
+                if _complete(received):
+                    break
     except (TimeoutError, ConnectionResetError):
         pass
     finally:

@@ -25,10 +25,13 @@ timeout. At drain the sockets get 1001 one second before shutdown_grace ends.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import logging
 import math
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
@@ -54,7 +57,11 @@ CLOSE_HANDSHAKE = 1.0
 HANDSHAKE_SECONDS = web.ResponseKey("idlegate.handshake_seconds", float)
 # Close codes that may not be sent in a close frame (RFC 6455 §7.4.1).
 _UNSENDABLE = frozenset({1004, 1005, 1006, 1015})
+# Set by aiohttp's client on the upstream handshake, never taken from the client's. A handshake
+# has no body (`check_handshake`), so no Content-Length of the client's goes along either: an
+# upstream would wait for, or read WebSocket frames as, the body it announces.
 _HANDSHAKE_HEADERS = (
+    "Content-Length",
     "Sec-WebSocket-Key",
     "Sec-WebSocket-Version",
     "Sec-WebSocket-Extensions",
@@ -77,6 +84,33 @@ def wants_websocket(headers: MultiMapping[str]) -> bool:
     return _has_token(headers, "Upgrade", "websocket") and _has_token(
         headers, "Connection", "upgrade"
     )
+
+
+def check_handshake(request: web.BaseRequest) -> None:
+    """Refuse a request that asks to upgrade but is no WebSocket handshake (RFC 6455 §4.2.1):
+    not a bodyless HTTP/1.1 GET, Upgrade other than exactly `websocket` (what aiohttp upgrades
+    on), version other than 13, a key that is not 16 bytes in base64. Decided on the head
+    alone, so called before the store: a refused handshake is no activity. Nothing of the
+    client's text is echoed or logged (aiohttp's own check logs the offered subprotocols)."""
+    headers = request.headers
+    if request.method != "GET" or request.body_exists or request.version < (1, 1):
+        raise Refusal(Reason.MALFORMED_REQUEST, "a WebSocket handshake is a bodyless GET")
+    if (
+        len(headers.getall("Upgrade")) != 1
+        or headers["Upgrade"].strip(" \t").lower() != "websocket"
+        or headers.getall("Sec-WebSocket-Version", ()) != ["13"]
+        or not _valid_key(headers.getall("Sec-WebSocket-Key", ()))
+    ):
+        raise Refusal(Reason.MALFORMED_REQUEST, "not a valid WebSocket handshake")
+
+
+def _valid_key(keys: Sequence[str]) -> bool:
+    if len(keys) != 1:
+        return False
+    try:
+        return len(base64.b64decode(keys[0].strip(" \t"), validate=True)) == 16
+    except (binascii.Error, ValueError):
+        return False
 
 
 def _sendable(code: Any, fallback: int = WSCloseCode.OK) -> int:
@@ -235,8 +269,7 @@ class WebSockets:
         messages, until either side closes or the token meets a deadline."""
         assert self._session is not None, "WebSockets.start() was not awaited"
         started = time.perf_counter()
-        if not web.WebSocketResponse().can_prepare(request).ok:
-            raise Refusal(Reason.MALFORMED_REQUEST, "not a valid WebSocket handshake")
+        check_handshake(request)  # the pipeline has already; kept for any other caller
         upstream_headers = CIMultiDict(headers)
         for name in _HANDSHAKE_HEADERS:
             upstream_headers.popall(name, None)
