@@ -37,6 +37,37 @@ _UNAUTHORIZED_LOG_INTERVAL = 10.0
 Readiness = Callable[[], Awaitable[tuple[str, str]]]
 # Optional members of a revocation naming whose id it is (a token is its issuer and its id).
 _SCOPING = ("issuer", "provider")
+# The largest revocation body: {"token": ...} with a token of MAX_TOKEN_BYTES, and room to spare.
+MAX_BODY = 4 * MAX_TOKEN_BYTES
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        # {"jti": "a", "jti": "b"}: whatever reviewed the call saw one id, we would revoke another.
+        raise ValueError("duplicate member")
+    return result
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _api_method(path: str) -> str | None:
+    """The one method of the admin API path `path`, if it is one (else None)."""
+    if path == "/admin/revoke":
+        return "POST"
+    before, _, jti = path.partition("/admin/tokens/")
+    return "GET" if not before and jti and "/" not in jti else None
+
+
+def strict_json(data: bytes) -> object:
+    """RFC 8259 JSON only (no NaN/Infinity, no duplicate member); ValueError otherwise, also
+    for nesting too deep for the parser (a JSON bomb is a bad request, not a 500)."""
+    try:
+        return json.loads(data, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raise ValueError("not JSON") from None
 
 
 def _registry() -> CollectorRegistry:
@@ -166,7 +197,22 @@ class AdminAPI:
         app.router.add_get("/readyz", self.readyz)
         app.router.add_post("/admin/revoke", self.revoke)
         app.router.add_get("/admin/tokens/{jti}", self.token)
+        # Last, so it only gets what the two above do not: other methods, other paths.
+        app.router.add_route("*", "/admin/{tail:.*}", self.unknown)
         return app
+
+    async def unknown(self, request: web.Request) -> web.Response:
+        """Anything else under /admin/: 404 without a token file and 401 without the admin
+        token (as for the API's own paths: nothing tells a scanner which paths exist), then
+        405 for another method on an API path, else 404."""
+        self._authorize(request)
+        metrics.ADMIN_REQUESTS.labels("bad_request").inc()
+        method = _api_method(request.path)
+        if method is not None:
+            return web.json_response(
+                {"error": "method_not_allowed"}, status=405, headers={"Allow": method}
+            )
+        return web.json_response({"error": "not_found"}, status=404)
 
     async def metrics(self, request: web.Request) -> web.Response:
         if self._before_scrape is not None:
@@ -188,7 +234,9 @@ class AdminAPI:
         header carries the admin token (compared as the bytes sent, in constant time)."""
         if self._token is None:
             metrics.ADMIN_REQUESTS.labels("disabled").inc()
-            raise web.HTTPNotFound()
+            raise web.HTTPNotFound(
+                text=json.dumps({"error": "not_found"}), content_type="application/json"
+            )
         fields = request.headers.getall("Authorization", [])
         scheme, _, presented = fields[0].partition(" ") if len(fields) == 1 else ("", "", "")
         # aiohttp decodes header bytes as UTF-8 with surrogateescape: this gives back exactly
@@ -217,6 +265,25 @@ class AdminAPI:
             text=json.dumps({"error": "unauthorized"}),
             content_type="application/json",
             headers={"WWW-Authenticate": 'Bearer realm="idlegate-admin"'},
+        )
+
+    async def _body(self, request: web.Request) -> bytes:
+        """The request body, read only after authorization and only up to MAX_BODY."""
+        declared = request.content_length
+        body = bytearray()
+        if declared is None or declared <= MAX_BODY:
+            async for chunk in request.content.iter_chunked(MAX_BODY + 1):
+                body += chunk
+                if len(body) > MAX_BODY:
+                    break
+            else:
+                return bytes(body)
+        metrics.ADMIN_REQUESTS.labels("bad_request").inc()
+        raise web.HTTPRequestEntityTooLarge(
+            max_size=MAX_BODY,
+            actual_size=declared or len(body),
+            text=json.dumps({"error": "payload_too_large", "max_bytes": MAX_BODY}),
+            content_type="application/json",
         )
 
     def _bad_request(self, message: str) -> web.HTTPBadRequest:
@@ -287,7 +354,7 @@ class AdminAPI:
     async def revoke(self, request: web.Request) -> web.Response:
         self._authorize(request)
         try:
-            body = await request.json()
+            body = strict_json(await self._body(request))
         except ValueError:
             raise self._bad_request("the body must be JSON") from None
         if isinstance(body, dict) and set(body) == {"token"}:
