@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from urllib.parse import parse_qsl
+from urllib.parse import unquote_plus
 
 from multidict import CIMultiDictProxy
 
@@ -12,12 +12,22 @@ from gateway.reasons import Reason, Refusal
 MAX_TOKEN_BYTES = 16 * 1024
 # token68 (RFC 9110 §11.2); a JWS compact JWT is a subset of it.
 _TOKEN68 = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+_QUERY_SEPARATORS = re.compile(r"[&;]")
+_PHP_NAME = re.compile(r"[ .]")  # PHP reads both as `_` in a parameter name
 
 
 def _has_query_token(query_string: str) -> bool:
-    if "access_token" not in query_string:  # the common case, without parsing
+    """Whether any upstream could read an `access_token` parameter in the query: its name
+    also percent-encoded (`access%5Ftoken`), in another case (ASP.NET's query is case-blind),
+    after a `;` (servlet-era parsers split on it too), or as PHP spells `access.token`."""
+    lowered = query_string.lower()
+    if "token" not in lowered and "%" not in lowered:  # the common case, without parsing
         return False
-    return any(name == "access_token" for name, _ in parse_qsl(query_string, True))
+    for part in _QUERY_SEPARATORS.split(query_string):
+        name = unquote_plus(part.partition("=")[0]).strip().lower()
+        if _PHP_NAME.sub("_", name).partition("[")[0] == "access_token":
+            return True
+    return False
 
 
 def bearer_token(headers: CIMultiDictProxy[str], query_string: str) -> str:
