@@ -86,6 +86,25 @@ SCENARIOS: dict[str, dict[str, Any]] = {
             "forward_auth": {"trusted_proxies": ["10.244.0.0/16"]},
         },
     },
+    "forward-auth-port": {
+        "mode": "forward-auth",
+        "redis": {"enabled": True},
+        "replicaCount": 2,
+        "networkPolicy": {
+            "enabled": True,
+            "proxyFrom": [{"podSelector": {"matchLabels": {"app": "web"}}}],
+            "authFrom": [
+                {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress"}}}
+            ],
+        },
+        "config": {
+            "routes": [{"prefix": "/"}],
+            "forward_auth": {
+                "listen": {"host": "0.0.0.0", "port": 9091},
+                "trusted_proxies": ["10.244.0.0/16"],
+            },
+        },
+    },
     "load-balancer": {
         "service": {"type": "LoadBalancer", "annotations": {"example.com/lb": "internal"}},
         "metrics": {"podAnnotations": True},

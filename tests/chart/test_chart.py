@@ -580,7 +580,7 @@ def test_proxy_mode_still_requires_each_routes_upstream(chart: helm.Chart) -> No
         ({"mode": "forward-auth"}, "trusted_proxies"),
         ({"mode": "forward-auth", "config": {"forward_auth": {"trusted_proxies": ["::1/128"]}}},
          "trusted_proxies"),
-        ({"config": {"forward_auth": {"listen": {"port": 9091}}}}, "proxy port"),
+        ({"config": {"forward_auth": {"listen": {"port": 9091}}}}, "mode: forward-auth"),
     ],
 )  # fmt: skip
 def test_forward_auth_values_that_would_not_work_are_refused(
@@ -599,3 +599,122 @@ def test_notes_show_the_auth_url_and_ingress_annotations(chart: helm.Chart) -> N
         'X-Auth-Token-Id"' in notes
     )
     assert "10.244.0.0/16" in notes
+
+
+# ---- forward-auth on its own port (forward_auth.listen) ------------------------------------
+
+
+def with_auth_listen(listen: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    values: dict[str, Any] = {
+        "mode": "forward-auth",
+        "config": {"forward_auth": {"trusted_proxies": ["10.0.0.0/8"], "listen": listen}},
+    }
+    for key, value in extra.items():
+        if key == "config":
+            values["config"].update(value)
+        else:
+            values[key] = value
+    return values
+
+
+def test_dedicated_forward_auth_port_is_a_named_container_port(render: Render) -> None:
+    manifests = render(SCENARIOS["forward-auth-port"])
+    container = gateway_container(manifests)
+    ports = {p["name"]: (p["containerPort"], p["protocol"]) for p in container["ports"]}
+    assert ports == {"http": (8080, "TCP"), "metrics": (9090, "TCP"), "auth": (9091, "TCP")}
+    # The pod reads the same listener from its config, with forward-auth on.
+    forward_auth = gateway_config(manifests)["forward_auth"]
+    assert forward_auth["enabled"] is True
+    assert forward_auth["listen"] == {"host": "0.0.0.0", "port": 9091}
+
+
+def test_dedicated_forward_auth_port_is_on_the_proxy_service(render: Render) -> None:
+    manifests = render(SCENARIOS["forward-auth-port"])
+    service = only(manifests, "Service", FULLNAME)
+    assert [(p["name"], p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [
+        ("http", 8080, "http"),
+        ("auth", 9091, "auth"),
+    ]
+    metrics = only(manifests, "Service", f"{FULLNAME}-metrics")
+    assert [p["name"] for p in metrics["spec"]["ports"]] == ["metrics"]
+    moved = render(with_auth_listen({"port": 9091}, service={"authPort": 80}))
+    ports = only(moved, "Service", FULLNAME)["spec"]["ports"]
+    assert [(p["name"], p["port"], p["targetPort"]) for p in ports][1] == ("auth", 80, "auth")
+
+
+def test_probes_stay_on_the_admin_port_with_a_dedicated_forward_auth_port(
+    render: Render,
+) -> None:
+    container = gateway_container(render(SCENARIOS["forward-auth-port"]))
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+
+
+def test_only_the_ingress_controller_may_reach_the_forward_auth_port(render: Render) -> None:
+    manifests = render(SCENARIOS["forward-auth-port"])
+    policy = only(manifests, "NetworkPolicy", FULLNAME)
+    rules = {rule["ports"][0]["port"]: rule for rule in policy["spec"]["ingress"]}
+    assert set(rules) == {p["name"] for p in gateway_container(manifests)["ports"]}
+    network_policy = SCENARIOS["forward-auth-port"]["networkPolicy"]
+    assert rules["auth"]["from"] == network_policy["authFrom"]
+    assert rules["http"]["from"] == network_policy["proxyFrom"]
+    # Without authFrom the auth port has the proxy port's peers, never "everyone".
+    fallback = render(
+        with_auth_listen(
+            {"port": 9091},
+            networkPolicy={"enabled": True, "proxyFrom": network_policy["authFrom"]},
+        )
+    )
+    rules = {r["ports"][0]["port"]: r for r in only(fallback, "NetworkPolicy")["spec"]["ingress"]}
+    assert rules["auth"]["from"] == network_policy["authFrom"]
+
+
+def test_notes_point_the_auth_url_at_the_dedicated_port(chart: helm.Chart) -> None:
+    rendered = chart.render(SCENARIOS["forward-auth-port"], name=RELEASE, namespace=NAMESPACE)
+    notes = next(text for path, text in rendered.items() if path.endswith("NOTES.txt"))
+    url = f"http://{FULLNAME}.{NAMESPACE}.svc.cluster.local:9091/.idlegate/auth"
+    assert f'nginx.ingress.kubernetes.io/auth-url: "{url}"' in notes
+    assert f"address: {url}" in notes
+    assert "networkPolicy.authFrom" in notes
+
+
+def test_without_a_dedicated_port_nothing_extra_is_rendered(render: Render) -> None:
+    manifests = render(SCENARIOS["forward-auth"])
+    assert {p["name"] for p in gateway_container(manifests)["ports"]} == {"http", "metrics"}
+    assert [p["name"] for p in only(manifests, "Service", FULLNAME)["spec"]["ports"]] == ["http"]
+    assert "listen" not in gateway_config(manifests)["forward_auth"]
+
+
+@pytest.mark.parametrize(
+    ("values", "reason"),
+    [
+        # config.py's clash rule: each listener needs its own port (the gateway's default
+        # forward_auth.listen port is 8080, the proxy's).
+        (with_auth_listen({"port": 8080}), "is also config.listen.port"),
+        (with_auth_listen({"host": "0.0.0.0"}), "is also config.listen.port"),
+        (with_auth_listen({"port": 9090}), "is also config.admin.port"),
+        (with_auth_listen({"port": 9443}, config={"listen": {"port": 9443}}),
+         "is also config.listen.port"),
+        (with_auth_listen({"port": 9091}, service={"authPort": 8080}), "is also service.port"),
+        (with_auth_listen({"host": "127.0.0.1", "port": 9091}), "loopback"),
+    ],
+)  # fmt: skip
+def test_a_dedicated_forward_auth_port_that_would_not_work_is_refused(
+    chart: helm.Chart, values: dict[str, Any], reason: str
+) -> None:
+    assert reason in refusal(chart, values)
+
+
+@pytest.mark.parametrize(
+    ("values", "where"),
+    [
+        (with_auth_listen({"port": 0}), "/config/forward_auth/listen"),
+        (with_auth_listen({"port": "auth"}), "/config/forward_auth/listen"),
+        (with_auth_listen({"port": 9091, "tls": True}), "/config/forward_auth/listen"),
+        (with_auth_listen({"port": 9091}, service={"authPort": 70000}), "/service/authPort"),
+    ],
+)  # fmt: skip
+def test_schema_refuses_a_bad_forward_auth_listener(
+    chart: helm.Chart, values: dict[str, Any], where: str
+) -> None:
+    assert where in refusal(chart, values)

@@ -192,6 +192,47 @@ trial Redis, the admin token file, the hash key env name). Never holds a secret 
 {{- int (default 9090 (get $admin "port")) }}
 {{- end }}
 
+{{/* Does the gateway answer forward-auth (mode forward-auth, or config.forward_auth.enabled)? */}}
+{{- define "idlegate.forwardAuthEnabled" -}}
+{{- $forwardAuth := default (dict) .Values.config.forward_auth }}
+{{- if or (eq .Values.mode "forward-auth") (get $forwardAuth "enabled") }}true{{- end }}
+{{- end }}
+
+{{/*
+forward_auth.listen, the dedicated forward-auth port, when the gateway serves it ("true"):
+the container port `auth`, a Service port and a NetworkPolicy rule follow it.
+*/}}
+{{- define "idlegate.authListen" -}}
+{{- $forwardAuth := default (dict) .Values.config.forward_auth }}
+{{- if and (include "idlegate.forwardAuthEnabled" .) (kindIs "map" (get $forwardAuth "listen")) }}true{{- end }}
+{{- end }}
+
+{{/* The dedicated forward-auth port; the gateway's default port when only a host is given. */}}
+{{- define "idlegate.authPort" -}}
+{{- $forwardAuth := default (dict) .Values.config.forward_auth }}
+{{- $listen := default (dict) (get $forwardAuth "listen") }}
+{{- int (default 8080 (get $listen "port")) }}
+{{- end }}
+
+{{/* The proxy Service's port for `auth`: service.authPort, else the container's own. */}}
+{{- define "idlegate.authServicePort" -}}
+{{- if kindIs "invalid" .Values.service.authPort }}
+{{- include "idlegate.authPort" . }}
+{{- else }}
+{{- int .Values.service.authPort }}
+{{- end }}
+{{- end }}
+
+{{/*
+The ingress controller's auth URL: the dedicated port when there is one (it answers every
+path), else /.idlegate/auth on the proxy port.
+*/}}
+{{- define "idlegate.authUrl" -}}
+{{- $port := .Values.service.port }}
+{{- if include "idlegate.authListen" . }}{{ $port = include "idlegate.authServicePort" . }}{{ end }}
+{{- printf "http://%s.%s.svc.cluster.local:%v/.idlegate/auth" (include "idlegate.fullname" .) .Release.Namespace $port }}
+{{- end }}
+
 {{/*
 Refuse values that would install but not work, or would leak a secret. Rendered once,
 from the Deployment template.
@@ -248,7 +289,23 @@ from the Deployment template.
 {{- end }}
 {{- $forwardAuth := default (dict) .Values.config.forward_auth }}
 {{- if get $forwardAuth "listen" }}
-{{- fail "config.forward_auth.listen: the chart answers forward-auth on the proxy port (Service port http, path /.idlegate/auth); leave listen unset." }}
+{{- if not (include "idlegate.forwardAuthEnabled" .) }}
+{{- fail "config.forward_auth.listen is served only with forward-auth on: set mode: forward-auth (or config.forward_auth.enabled: true), or leave listen unset." }}
+{{- end }}
+{{- $authListen := get $forwardAuth "listen" }}
+{{- if has (toString (default "0.0.0.0" (get $authListen "host"))) (list "127.0.0.1" "localhost" "::1") }}
+{{- fail "config.forward_auth.listen.host must not be loopback in a pod: the ingress controller connects to the pod IP (use 0.0.0.0)." }}
+{{- end }}
+{{- $authPort := include "idlegate.authPort" . }}
+{{- if eq $authPort (include "idlegate.listenPort" .) }}
+{{- fail (printf "config.forward_auth.listen.port: %s is also config.listen.port; each listener needs its own port." $authPort) }}
+{{- end }}
+{{- if eq $authPort (include "idlegate.adminPort" .) }}
+{{- fail (printf "config.forward_auth.listen.port: %s is also config.admin.port; each listener needs its own port." $authPort) }}
+{{- end }}
+{{- if eq (include "idlegate.authServicePort" .) (toString (int .Values.service.port)) }}
+{{- fail (printf "service.authPort: %s is also service.port; the Service needs a port for each (set service.authPort)." (include "idlegate.authServicePort" .)) }}
+{{- end }}
 {{- end }}
 {{- if eq .Values.mode "forward-auth" }}
 {{- $trusted := default (list) (get $forwardAuth "trusted_proxies") }}
