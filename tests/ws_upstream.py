@@ -9,6 +9,7 @@ recorded and answered by hand (autoping off, so that the gateway's pass-through 
 from __future__ import annotations
 
 import asyncio
+import ssl
 from dataclasses import dataclass, field
 
 from aiohttp import WSMsgType, web
@@ -23,11 +24,14 @@ class WsUpstream:
     pongs: list[bytes] = field(default_factory=list)
     messages: int = 0
     closed: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set: the upstream serves https:// and wss:// with this server context.
+    ssl_context: ssl.SSLContext | None = None
     _runner: web.AppRunner | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "http" if self.ssl_context is None else "https"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         if request.path.endswith("/refuse"):
@@ -35,12 +39,14 @@ class WsUpstream:
         if request.path.endswith("/events"):
             return await self._events(request)
         if request.headers.get("Upgrade", "").lower() != "websocket":
-            return web.json_response({"path": request.raw_path})  # plain HTTP
+            return web.json_response({"path": request.raw_path, "tls": request.secure})
         ws = web.WebSocketResponse(
             protocols=("chat.v2", "chat.v1"), autoping=False, max_msg_size=16 * 1024 * 1024
         )
         await ws.prepare(request)
-        self.handshakes.append({"path": request.raw_path, **request.headers})
+        self.handshakes.append(
+            {"path": request.raw_path, "tls": str(request.secure), **request.headers}
+        )
         while True:
             msg = await ws.receive()
             if msg.type is WSMsgType.TEXT:
@@ -93,7 +99,9 @@ class WsUpstream:
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
         await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        await web.TCPSite(
+            self._runner, "127.0.0.1", self.port, ssl_context=self.ssl_context
+        ).start()
         self.port = int(self._runner.addresses[0][1])
 
     async def stop(self) -> None:

@@ -44,6 +44,7 @@ from gateway import metrics
 from gateway.clock import Clock
 from gateway.config import Config
 from gateway.forward.deadlines import LOG_FIELDS, Deadlines, Watched
+from gateway.forward.transport import UpstreamFailureLog, describe_failure
 from gateway.reasons import Reason, Refusal
 from gateway.store.base import Store, StoreUnavailable, TouchResult
 from gateway.tokens import policy
@@ -205,6 +206,9 @@ class WebSockets:
         self._users: dict[str, int] = {}
         self._drain: asyncio.Task[None] | None = None
         self._closes: dict[tuple[str, str], Any] = {}
+        # A handshake that cannot reach the upstream is logged like an HTTP request's failure
+        # (a wss:// certificate the trust store refuses would otherwise be a bare 502).
+        self.failures = UpstreamFailureLog()
 
     def __len__(self) -> int:
         return len(self._open)
@@ -254,6 +258,14 @@ class WebSockets:
         if self._session is not None:
             await self._session.close()
 
+    def _failed(
+        self, route: str, url: URL, reason: Reason, error: str, detail: str | None = None
+    ) -> Refusal:
+        """The handshake's refusal, logged with the route and the upstream's origin (no
+        credentials, path or query: the log never holds the request)."""
+        self.failures.failed(route, str(url.origin()), reason, error)
+        return Refusal(reason, detail)
+
     async def relay(
         self,
         request: web.BaseRequest,
@@ -273,11 +285,10 @@ class WebSockets:
         upstream_headers = CIMultiDict(headers)
         for name in _HANDSHAKE_HEADERS:
             upstream_headers.popall(name, None)
-        url = URL(target, encoded=True)
-        url = url.with_scheme("wss" if url.scheme == "https" else "ws")
+        url = URL(target, encoded=True)  # the route's http(s):// URL, as the log names it
         try:
             upstream = await self._session.ws_connect(
-                url,
+                url.with_scheme("wss" if url.scheme == "https" else "ws"),
                 protocols=_offered_protocols(request.headers),
                 headers=upstream_headers,
                 autoclose=False,
@@ -289,16 +300,21 @@ class WebSockets:
         except aiohttp.WSServerHandshakeError as exc:
             # The upstream answered, but not with a WebSocket: whatever it said (404, 403, a
             # plain 200), the client's socket cannot be relayed.
-            raise Refusal(
-                Reason.UPSTREAM_UNAVAILABLE,
-                f"the upstream refused the WebSocket handshake (status {exc.status})",
-            ) from None
+            said = f"the upstream refused the WebSocket handshake (status {exc.status})"
+            raise self._failed(route, url, Reason.UPSTREAM_UNAVAILABLE, said, said) from None
         except aiohttp.ServerTimeoutError as exc:
             if isinstance(exc, aiohttp.ConnectionTimeoutError):
-                raise Refusal(Reason.UPSTREAM_UNAVAILABLE, "connecting timed out") from None
-            raise Refusal(Reason.UPSTREAM_TIMEOUT) from None
-        except (TimeoutError, aiohttp.ClientError, OSError):
-            raise Refusal(Reason.UPSTREAM_UNAVAILABLE) from None
+                said = "connecting timed out"
+                error = f"{said}, connect_timeout {self._config.forward.connect_timeout:g}s"
+                raise self._failed(route, url, Reason.UPSTREAM_UNAVAILABLE, error, said) from None
+            error = (
+                f"handshake answer timed out, read_timeout {self._config.forward.read_timeout:g}s"
+            )
+            raise self._failed(route, url, Reason.UPSTREAM_TIMEOUT, error) from None
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            # Refused, reset, or TLS: an untrusted wss:// certificate or a wrong host name.
+            error = describe_failure(exc)
+            raise self._failed(route, url, Reason.UPSTREAM_UNAVAILABLE, error) from None
         chosen = upstream.protocol
         client = web.WebSocketResponse(
             protocols=(chosen,) if chosen is not None else (),  # the upstream's choice
