@@ -24,34 +24,32 @@ from gateway.forward.transport import (
     UpstreamUnreachable,
 )
 
+_FAILURES = (TimeoutError, aiohttp.ClientError, OSError)
 
-def _upstream_error(exc: BaseException, *, answered: bool) -> UpstreamError:
+
+def _upstream_error(exc: BaseException, config: Forward, *, answered: bool) -> UpstreamError:
     """The family member for an aiohttp (or socket) failure; `answered` once the response
     head has arrived, when a connection error means the response broke off."""
+    text = type(exc).__name__
+    # An OSError's text names host and port. aiohttp's timeouts (OSErrors too) name the request's
+    # URL, query and all, as do ClientResponseError, InvalidURL and ClientPayloadError.
     if isinstance(exc, aiohttp.ConnectionTimeoutError):  # covers waiting for a pool slot
-        return UpstreamConnectTimeout(_text(exc))
+        return UpstreamConnectTimeout(f"{text}, connect_timeout {config.connect_timeout:g}s")
     if isinstance(exc, TimeoutError):  # ServerTimeoutError (sock_read) is one
-        return UpstreamTimeout(_text(exc))
-    if answered:
-        return UpstreamBroken(_text(exc))
-    return UpstreamUnreachable(_text(exc))
-
-
-def _text(exc: BaseException) -> str:
-    # ClientConnectionError texts name host and port; ClientResponseError, InvalidURL and
-    # ClientPayloadError may name the request's URL: only their class is kept.
-    if isinstance(exc, (OSError, aiohttp.ClientConnectionError)) and str(exc):
-        return f"{type(exc).__name__}: {exc}"
-    return type(exc).__name__
+        return UpstreamTimeout(f"{text}, read_timeout {config.read_timeout:g}s")
+    if isinstance(exc, OSError) and str(exc):
+        text += f": {exc}"
+    return UpstreamBroken(text) if answered else UpstreamUnreachable(text)
 
 
 class AiohttpResponse:
     """An aiohttp response as an `UpstreamResponse`."""
 
-    __slots__ = ("_response", "body", "headers", "reason", "status")
+    __slots__ = ("_config", "_response", "body", "headers", "reason", "status")
 
-    def __init__(self, response: aiohttp.ClientResponse, body: bytes | None) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, body: bytes | None, config: Forward):
         self._response = response
+        self._config = config
         self.status = response.status
         self.reason = response.reason or ""
         self.headers: CIMultiDict[str] = CIMultiDict(response.headers)
@@ -61,8 +59,8 @@ class AiohttpResponse:
         try:
             async for chunk in self._response.content.iter_chunked(CHUNK):
                 yield chunk
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise _upstream_error(exc, answered=True) from exc
+        except _FAILURES as exc:
+            raise _upstream_error(exc, self._config, answered=True) from exc
 
     def close(self) -> None:
         self._response.release()
@@ -73,24 +71,21 @@ class AiohttpTransport:
 
     def __init__(self, config: Forward) -> None:
         self._config = config
-        # `connect` bounds waiting for a free pooled connection as well as connecting.
-        self._timeout = aiohttp.ClientTimeout(
-            total=None,
-            connect=config.connect_timeout,
-            sock_connect=config.connect_timeout,
-            sock_read=config.read_timeout,
-        )
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(
-            limit=self._config.pool_size,
-            keepalive_timeout=self._config.keepalive_timeout,
-            ttl_dns_cache=10,
-        )
+        config = self._config
         self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=self._timeout,
+            connector=aiohttp.TCPConnector(
+                limit=config.pool_size, keepalive_timeout=config.keepalive_timeout, ttl_dns_cache=10
+            ),
+            # `connect` bounds waiting for a free pooled connection as well as connecting.
+            timeout=aiohttp.ClientTimeout(
+                total=None,
+                connect=config.connect_timeout,
+                sock_connect=config.connect_timeout,
+                sock_read=config.read_timeout,
+            ),
             auto_decompress=False,  # pass bodies through exactly as the upstream sent them
             cookie_jar=aiohttp.DummyCookieJar(),
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
@@ -108,6 +103,7 @@ class AiohttpTransport:
         body: AsyncIterable[bytes] | None = None,
     ) -> AiohttpResponse:
         assert self._session is not None, "AiohttpTransport.start() was not awaited"
+        response = None
         try:
             response = await self._session.request(
                 method,
@@ -117,16 +113,20 @@ class AiohttpTransport:
                 allow_redirects=False,
                 compress=None,
             )
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise _upstream_error(exc, answered=False) from exc
-        length = response.content_length
-        bodiless = method == "HEAD" or response.status in (204, 304)
-        if length is None or length > SMALL_BODY or bodiless:
-            return AiohttpResponse(response, None)
-        try:
+            if response.status == 101:
+                # Only the WebSocket relay asks to switch protocols (aiohttp's client hands a 101
+                # over as a response): relayed, the client's connection would become a tunnel to
+                # the upstream that no later request of it is decided on.
+                response.close()
+                raise UpstreamBroken("the upstream switched protocols unasked")
+            length = response.content_length
+            bodiless = method == "HEAD" or response.status in (204, 304)
+            if length is None or length > SMALL_BODY or bodiless:
+                return AiohttpResponse(response, None, self._config)
             whole = await response.read()
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise _upstream_error(exc, answered=True) from exc
-        finally:
             response.release()
-        return AiohttpResponse(response, whole)
+            return AiohttpResponse(response, whole, self._config)
+        except _FAILURES as exc:
+            if response is not None:
+                response.release()
+            raise _upstream_error(exc, self._config, answered=response is not None) from exc

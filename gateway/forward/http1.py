@@ -21,7 +21,7 @@ import enum
 import re
 import socket
 from collections.abc import AsyncGenerator, AsyncIterable
-from typing import Final, cast
+from typing import Any, Final, cast
 
 import httptools
 from multidict import CIMultiDict
@@ -76,12 +76,9 @@ class ResponseReader:
         self._head_request = head_request
         self._record: bytearray | None = bytearray() if head_request else None
         self._interim = 0
-        self._interim_pending = False
         self._loose = 0  # bytes fed since the last head or chunk boundary, body not counted
-        self._trailer_bytes = 0
         self._new_head()
-        self.head_done = False  # the final (non-1xx) head is complete
-        self.done = False  # the whole response is
+        self.head_done = self.done = False  # the final (non-1xx) head is, the whole response is
         self.framing = "none"  # none | length | chunked | eof
         self.body.clear()
         self.buffered = 0
@@ -91,10 +88,9 @@ class ResponseReader:
         self.status = 0
         self._reason = b""
         self.fields: list[tuple[str, str]] = []
-        self._head_bytes = 0
+        self._field_bytes = 0  # of this head's status line and fields, then of the trailers
         self.length: int | None = None
-        self.codings: list[str] = []
-        self.keep_alive = True
+        self._codings: list[bytes] = []  # Transfer-Encoding field values
 
     @property
     def reason(self) -> str:
@@ -109,9 +105,7 @@ class ResponseReader:
             self._record += data
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._fail(UpstreamBroken("the upstream switched protocols unasked"))
-        except httptools.HttpParserError as exc:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             cause = exc.__context__
             if isinstance(cause, UpstreamBroken):
                 self._fail(cause)
@@ -132,10 +126,9 @@ class ResponseReader:
             return
         if self.head_done and self.framing == "eof":
             self.done = True
-        elif self.head_done:
-            self._fail(UpstreamBroken("the response body broke off"))
         else:
-            self._fail(UpstreamBroken("the upstream closed the connection"))
+            broke = "the response body broke off" if self.head_done else "the connection closed"
+            self._fail(UpstreamBroken(broke))
 
     def take_body(self) -> bytes:
         body = b"".join(self.body)
@@ -168,20 +161,14 @@ class ResponseReader:
 
     def on_status(self, status: bytes) -> None:
         self._reason += status  # llhttp may hand it over in pieces
-        self._head_bytes += len(status)
-        if self._head_bytes > MAX_HEAD:
-            raise UpstreamBroken("the response head is too large")
+        self.on_header(b"", status)  # counted as a field, one the final head skips
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        size = len(name) + len(value) + 4
-        if self.head_done:  # a trailer field: not relayed (nor are aiohttp's), only bounded
-            self._trailer_bytes += size
-            if self._trailer_bytes > MAX_HEAD:
-                raise UpstreamBroken("the trailer section is too large")
+        self._field_bytes += len(name) + len(value) + 4
+        if self._field_bytes > MAX_HEAD:
+            raise UpstreamBroken("the response head or its trailer section is too large")
+        if self.head_done or not name:  # a trailer field: not relayed (nor are aiohttp's)
             return
-        self._head_bytes += size
-        if self._head_bytes > MAX_HEAD:
-            raise UpstreamBroken("the response head is too large")
         if len(self.fields) >= MAX_HEADERS:
             raise UpstreamBroken("too many response headers")
         value = value.rstrip(b" \t")  # llhttp strips leading whitespace only
@@ -191,11 +178,11 @@ class ResponseReader:
                 raise UpstreamBroken("invalid Content-Length")
             self.length = int(value)  # digits only: llhttp checked
         elif lower == b"transfer-encoding":
-            self.codings += [c.strip(" \t").lower() for c in value.decode("latin-1").split(",")]
+            self._codings.append(value.lower())
         elif lower == b"connection" and b"close" in (
             t.strip(b" \t").lower() for t in value.split(b",")
         ):
-            self.keep_alive = False
+            self.reusable = False
         self.fields.append(
             (name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
         )  # field names are tokens (ASCII): llhttp checked
@@ -204,45 +191,34 @@ class ResponseReader:
         parser = self._parser
         status = parser.get_status_code()
         version = parser.get_http_version()
-        if version not in ("1.1", "1.0"):
-            raise UpstreamBroken(f"unsupported HTTP version {version}")
-        if status < 100:
-            raise UpstreamBroken("invalid status code")
-        if _BAD_REASON.search(self._reason):
-            raise UpstreamBroken("a control character in the reason phrase")
+        if version not in ("1.1", "1.0") or status < 100 or _BAD_REASON.search(self._reason):
+            raise UpstreamBroken(f"invalid status line (HTTP/{version} {status})")
         if status == 101:
             raise UpstreamBroken("the upstream switched protocols unasked")
         if status < 200:  # interim: read and dropped, its fields are not the final response's
             self._interim += 1
             if self._interim > _MAX_INTERIM:
                 raise UpstreamBroken("too many interim responses")
-            self._interim_pending = True
             self._new_head()
             self._loose = 0
             return
         self.status = status
-        if version == "1.0":
-            self.keep_alive = False
         if self._head_request or status in (204, 304):
             pass  # no body, whatever the headers say (RFC 9112 §6.3)
-        elif self.codings:
-            if version == "1.0":
-                raise UpstreamBroken("Transfer-Encoding in an HTTP/1.0 response")
-            if self.codings != ["chunked"]:
-                # Another coding (gzip, ...) would reach the client still applied but no
-                # longer declared (Transfer-Encoding is hop-by-hop): refused, not mangled.
-                # llhttp would read `gzip` to EOF and `gzip, chunked` de-chunked.
-                raise UpstreamBroken(f"unsupported transfer coding {', '.join(self.codings)!r}")
+        elif self._codings:
+            # Only `chunked` alone, and not in HTTP/1.0. Another coding (gzip, ...) would reach
+            # the client still applied but no longer declared (Transfer-Encoding is hop-by-hop):
+            # refused, not mangled. llhttp would read `gzip` to EOF and `gzip, chunked`
+            # de-chunked, and takes `chunked` twice.
+            if self._codings != [b"chunked"] or version == "1.0":
+                raise UpstreamBroken(f"unsupported transfer coding {self._codings} ({version})")
             self.framing = "chunked"
-        elif self.length is not None:
-            self.framing = "length"
         else:
-            self.framing = "eof"
-            self.keep_alive = False
-        if not self.keep_alive:
+            self.framing = "eof" if self.length is None else "length"
+        if version == "1.0" or self.framing == "eof":
             self.reusable = False
         self.head_done = True
-        self._loose = 0
+        self._loose = self._field_bytes = 0  # from now on, of the trailer section
         if self._head_request:
             self.done = True
             raise _Stop  # llhttp would wait for the body the headers announce
@@ -258,10 +234,7 @@ class ResponseReader:
     on_chunk_complete = on_chunk_header
 
     def on_message_complete(self) -> None:
-        if self._interim_pending:
-            self._interim_pending = False
-            return
-        self.done = True
+        self.done = self.head_done  # not after an interim response
 
 
 class _State(enum.Enum):
@@ -314,22 +287,15 @@ class _Connection(asyncio.Protocol):
             self.transport.pause_reading()
         self._wake()
 
-    def eof_received(self) -> bool:
-        self.reader.end_of_stream()
-        self._wake()
-        return False  # close our side too
-
     def connection_lost(self, exc: Exception | None) -> None:
+        """Also after the upstream's EOF (the transport then closes our side too)."""
         self.reader.end_of_stream()
         self._wake()
         self.close()
 
     def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     async def wait(self, read_timeout: float) -> None:
         """Until more of the response arrives or it fails (`UpstreamBroken`);
@@ -344,7 +310,7 @@ class _Connection(asyncio.Protocol):
             self.transport.resume_reading()
         loop = asyncio.get_running_loop()
         waiter = self._waiter = loop.create_future()
-        timer = loop.call_later(read_timeout, _expire, waiter)
+        timer = loop.call_later(read_timeout, _expire, waiter, read_timeout)
         try:
             await waiter
         finally:
@@ -365,9 +331,9 @@ class _Connection(asyncio.Protocol):
             self._pool._forget(self)
 
 
-def _expire(waiter: asyncio.Future[None]) -> None:
+def _expire(waiter: asyncio.Future[None], after: float) -> None:
     if not waiter.done():
-        waiter.set_exception(UpstreamTimeout())
+        waiter.set_exception(UpstreamTimeout(f"read_timeout {after:g}s"))
 
 
 class UpstreamResponse:
@@ -442,7 +408,7 @@ class UpstreamPool:
         self._connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self._keepalive_timeout = keepalive_timeout
-        self._idle: collections.deque[tuple[_Connection, float]] = collections.deque()
+        self._idle: dict[_Connection, float] = {}  # since when, oldest first
         self._open = 0  # connections open or being opened (the slots taken)
         # Oldest first; each gets a connection, or None: a slot of its own to connect with.
         self._waiters: collections.deque[asyncio.Future[_Connection | None]] = collections.deque()
@@ -464,46 +430,26 @@ class UpstreamPool:
         if body is not None:
             raise ValueError("the lean pool sends bodyless requests only")
         head = self._request_head(method, target, headers)
-        conn = await self._acquire()
-        try:
-            return await self._exchange(conn, method, head)
-        except UpstreamBroken:
-            conn.close()
-            if not (conn.reused and not conn.answered and method in IDEMPOTENT):
-                raise
-        except BaseException:
-            conn.close()
-            raise
-        # The upstream had closed a pooled connection without answering: once more, afresh.
-        conn = await self._acquire(fresh=True)
-        try:
-            return await self._exchange(conn, method, head)
-        except BaseException:
-            conn.close()
-            raise
+        fresh = False
+        while True:
+            conn = await self._acquire(fresh=fresh)
+            try:
+                return await self._exchange(conn, method, head)
+            except BaseException as exc:
+                conn.close()
+                # The upstream had closed a pooled connection without answering: once more,
+                # on a fresh one.
+                retry = isinstance(exc, UpstreamBroken) and conn.reused and not conn.answered
+                if fresh or not retry or method not in IDEMPOTENT:
+                    raise
+                fresh = True
 
     @classmethod
-    def for_url(
-        cls,
-        url: URL,
-        *,
-        limit: int,
-        connect_timeout: float,
-        read_timeout: float,
-        keepalive_timeout: float = 30.0,
-    ) -> UpstreamPool:
-        """A pool for an http:// URL's origin; `Host` as aiohttp writes it (no default port,
-        IPv6 in brackets, IDNA)."""
+    def for_url(cls, url: URL, **options: Any) -> UpstreamPool:
+        """A pool for an http:// URL's origin (`options` as for the constructor); `Host` as
+        aiohttp writes it (no default port, IPv6 in brackets, IDNA)."""
         assert url.raw_host is not None and url.port is not None
-        return cls(
-            url.raw_host,
-            url.port,
-            url.host_port_subcomponent or url.raw_host,
-            limit=limit,
-            connect_timeout=connect_timeout,
-            read_timeout=read_timeout,
-            keepalive_timeout=keepalive_timeout,
-        )
+        return cls(url.raw_host, url.port, url.host_port_subcomponent or url.raw_host, **options)
 
     def _request_head(self, method: str, target: str, headers: CIMultiDict[str]) -> bytes:
         lines = [f"{method} {target} HTTP/1.1\r\n", self._host_line]
@@ -539,7 +485,7 @@ class UpstreamPool:
             if conn is not None:
                 return conn
         elif self._open >= self._limit and self._idle:
-            self._idle.popleft()[0].close()  # its slot goes to the longest waiter, or to us
+            next(iter(self._idle)).close()  # the oldest: its slot goes to the longest waiter, or us
         if self._open < self._limit and not self._waiters:
             self._open += 1
             return await self._connect()
@@ -550,15 +496,16 @@ class UpstreamPool:
             async with asyncio.timeout(self._connect_timeout):
                 granted = await waiter
         except BaseException as exc:
-            if waiter.done() and not waiter.cancelled():
-                self._pass_on(waiter.result())  # granted as we gave up: the next in line's
-            else:
-                waiter.cancel()
+            if not waiter.done() or waiter.cancelled():
                 with contextlib.suppress(ValueError):
                     self._waiters.remove(waiter)
+            elif (granted := waiter.result()) is None:  # granted as we gave up: the next's
+                self._slot_freed()
+            else:
+                self._release(granted)
             if isinstance(exc, TimeoutError):
                 raise UpstreamPoolTimeout(
-                    f"all {self._limit} connections stayed busy for {self._connect_timeout:g}s"
+                    f"all {self._limit} stayed busy, connect_timeout {self._connect_timeout:g}s"
                 ) from None
             raise
         if granted is not None:
@@ -576,7 +523,9 @@ class UpstreamPool:
         except BaseException as exc:
             self._slot_freed()
             if isinstance(exc, TimeoutError):
-                raise UpstreamConnectTimeout() from None
+                raise UpstreamConnectTimeout(
+                    f"connect_timeout {self._connect_timeout:g}s"
+                ) from None
             if isinstance(exc, OSError):
                 raise UpstreamUnreachable(str(exc)) from None
             raise
@@ -591,7 +540,7 @@ class UpstreamPool:
             return None
         now = asyncio.get_running_loop().time()
         while self._idle:
-            conn, since = self._idle.pop()
+            conn, since = self._idle.popitem()
             if conn.state is _State.IDLE and now - since < self._keepalive_timeout:
                 conn.reused = True
                 return conn
@@ -611,21 +560,11 @@ class UpstreamPool:
                 conn.reused = True
                 waiter.set_result(conn)
                 return
-        self._idle.append((conn, asyncio.get_running_loop().time()))
-
-    def _pass_on(self, granted: _Connection | None) -> None:
-        """What a waiter was granted but no longer wants."""
-        if granted is None:
-            self._slot_freed()
-        else:
-            self._release(granted)
+        self._idle[conn] = asyncio.get_running_loop().time()
 
     def _forget(self, conn: _Connection) -> None:
-        """`conn` was closed: out of the idle list, and its slot to the longest waiter."""
-        for i, (idle, _) in enumerate(self._idle):
-            if idle is conn:
-                del self._idle[i]
-                break
+        """`conn` was closed: out of the idle ones, and its slot to the longest waiter."""
+        self._idle.pop(conn, None)
         self._slot_freed()
 
     def _slot_freed(self) -> None:
@@ -642,8 +581,9 @@ class UpstreamPool:
         self._sweeper = None
         loop = asyncio.get_running_loop()
         now = loop.time()
-        while self._idle and now - self._idle[0][1] >= self._keepalive_timeout:
-            conn, _ = self._idle.popleft()
+        for conn, since in list(self._idle.items()):  # oldest first
+            if now - since < self._keepalive_timeout:
+                break
             conn.close()
         if self._open and not self._closed:
             self._sweeper = loop.call_later(self._keepalive_timeout / 2, self._sweep)
@@ -654,6 +594,5 @@ class UpstreamPool:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
-        while self._idle:
-            conn, _ = self._idle.popleft()
+        for conn in list(self._idle):
             conn.close()

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -26,7 +25,6 @@ from gateway.forward.http1 import UpstreamPool
 from gateway.forward.transport import (
     CHUNK,
     Transport,
-    UpstreamBroken,
     UpstreamError,
     UpstreamFailureLog,
     UpstreamResponse,
@@ -70,15 +68,13 @@ def _check_transfer_coding(request: web.BaseRequest) -> None:
         raise Refusal(Reason.UNSUPPORTED_TRANSFER_CODING, close_connection=True)
 
 
-@dataclass(frozen=True, slots=True)
-class _Upstream:
-    """Where a route's upstream URL is sent: by which transport, and what the target starts
-    with, for bodyless requests and for requests with a body; its origin for the log."""
+class _Upstream(NamedTuple):
+    """How a route's upstream URL is reached by bodyless requests: the transport, and what the
+    target starts with (requests with a body go to aiohttp, the URL itself); its origin for
+    the log."""
 
     bodyless: Transport
     bodyless_base: str
-    with_body: Transport
-    with_body_base: str
     origin: str  # scheme://host:port, no credentials or path
     # The URL's credentials are the upstream's authorization: a client's Authorization
     # cannot go along with them (aiohttp refuses both, and they would contradict).
@@ -88,6 +84,12 @@ class _Upstream:
 class Forwarder:
     def __init__(self, config: Forward) -> None:
         self._config = config
+        self._pool_options = {
+            "limit": config.pool_size,
+            "connect_timeout": config.connect_timeout,
+            "read_timeout": config.read_timeout,
+            "keepalive_timeout": config.keepalive_timeout,
+        }
         self._aiohttp = AiohttpTransport(config)
         self._pools: dict[tuple[str, int], UpstreamPool] = {}
         self._upstreams: dict[str, _Upstream] = {}  # route upstream URL -> how it is reached
@@ -106,32 +108,20 @@ class Forwarder:
     def _upstream(self, upstream: str) -> _Upstream:
         """How a route's upstream URL is reached, worked out once per URL."""
         found = self._upstreams.get(upstream)
-        if found is not None:
-            return found
-        url = URL(upstream)
-        bodyless: Transport = self._aiohttp
-        bodyless_base = upstream
-        # https, and credentials in the URL (aiohttp sends them as Basic auth), stay on aiohttp.
-        if url.scheme == "http" and url.raw_host and url.port is not None and url.user is None:
-            key = (url.raw_host, url.port)
-            pool = self._pools.get(key)
-            if pool is None:
-                pool = self._pools[key] = UpstreamPool.for_url(
-                    url,
-                    limit=self._config.pool_size,
-                    connect_timeout=self._config.connect_timeout,
-                    read_timeout=self._config.read_timeout,
-                    keepalive_timeout=self._config.keepalive_timeout,
-                )
-            bodyless, bodyless_base = pool, ("" if url.raw_path == "/" else url.raw_path)
-        found = self._upstreams[upstream] = _Upstream(
-            bodyless=bodyless,
-            bodyless_base=bodyless_base,
-            with_body=self._aiohttp,
-            with_body_base=upstream,
-            origin=str(url.origin()),
-            drops_authorization=url.user is not None,
-        )
+        if found is None:
+            url = URL(upstream)
+            transport: Transport = self._aiohttp
+            base = upstream
+            # https, and credentials in the URL (aiohttp sends them as Basic auth), stay on aiohttp.
+            if url.scheme == "http" and url.raw_host and url.port is not None and url.user is None:
+                key = (url.raw_host, url.port)
+                if key not in self._pools:
+                    self._pools[key] = UpstreamPool.for_url(url, **self._pool_options)
+                transport, base = self._pools[key], "" if url.raw_path == "/" else url.raw_path
+            origin = str(url.origin())
+            found = self._upstreams[upstream] = _Upstream(
+                transport, base, origin, url.user is not None
+            )
         return found
 
     def check_request(self, request: web.BaseRequest) -> None:
@@ -150,7 +140,6 @@ class Forwarder:
         headers: CIMultiDict[str],
         request_id: str,
     ) -> web.StreamResponse:
-        self.check_request(request)  # the caller has already; kept for any other caller
         base_url = match.route.upstream
         assert base_url is not None, "Gateway.handle refuses routes without an upstream"
         upstream = self._upstream(base_url)
@@ -159,15 +148,16 @@ class Forwarder:
         if upstream.drops_authorization:
             headers.popall("Authorization", None)
         limit: BodyLimit | None = None
+        transport: Transport = upstream.bodyless
         if request.body_exists:
-            transport, target = upstream.with_body, upstream.with_body_base + target
+            transport, target = self._aiohttp, base_url + target
             limit = BodyLimit(request, self._config.max_body)
             if request.headers.get("Expect", "").lower() == "100-continue":
                 # Only now, with the request routed, authorised and within max_body, does the
                 # client get to send its body (RFC 9110 §10.1.1).
                 await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         else:
-            transport, target = upstream.bodyless, upstream.bodyless_base + target
+            target = upstream.bodyless_base + target
         started = time.perf_counter()
         try:
             response = await transport.request(
@@ -176,16 +166,8 @@ class Forwarder:
         except UpstreamError as exc:
             if limit is not None and limit.exceeded:
                 raise Refusal(Reason.PAYLOAD_TOO_LARGE) from None
-            raise self._failed(match, upstream, exc) from None
+            raise self.failures.refusal(match.label, upstream.origin, exc) from None
         self._observe_upstream(match.label, started)
-        if response.status == 101:
-            # Only the WebSocket relay asks to switch protocols (aiohttp's client hands a 101
-            # over as a response): relayed, the client's connection would become a tunnel to
-            # the upstream that no later request of it is decided on.
-            response.close()
-            raise self._failed(
-                match, upstream, UpstreamBroken("the upstream switched protocols unasked")
-            )
         if limit is not None and limit.exceeded:
             response.close()
             raise Refusal(Reason.PAYLOAD_TOO_LARGE)
@@ -203,18 +185,6 @@ class Forwarder:
             response,
             match,
             upstream,
-        )
-
-    def _failed(
-        self, match: Match, upstream: _Upstream, exc: UpstreamError, context: str | None = None
-    ) -> Refusal:
-        return self.failures.refusal(
-            match.label,
-            upstream.origin,
-            exc,
-            connect_timeout=self._config.connect_timeout,
-            read_timeout=self._config.read_timeout,
-            context=context,
         )
 
     def _observe_upstream(self, label: str, started: float) -> None:
@@ -243,7 +213,8 @@ class Forwarder:
             except UpstreamError as exc:
                 # Headers are gone already: the only honest signal left is to cut the
                 # connection; the log says why.
-                self._failed(match, upstream, exc, "the response broke off after its head")
+                context = "the response broke off after its head"
+                self.failures.refusal(match.label, upstream.origin, exc, context)
                 if request.transport is not None:
                     request.transport.close()
                 return out

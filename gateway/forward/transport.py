@@ -139,24 +139,11 @@ class UpstreamFailureLog:
         )
 
     def refusal(
-        self,
-        route: str,
-        origin: str,
-        exc: UpstreamError,
-        *,
-        connect_timeout: float,
-        read_timeout: float,
-        context: str | None = None,
+        self, route: str, origin: str, exc: UpstreamError, context: str | None = None
     ) -> Refusal:
         """The refusal for an upstream error (its class decides the reason code), logged
         rate-limited with the route and the upstream's origin: never the request's path,
         query or headers. `context` says where it happened when the client cannot be told."""
-        error = describe_failure(exc)
-        if isinstance(exc, UpstreamTimeout):
-            error += f", read_timeout {read_timeout:g}s"
-        elif isinstance(exc, UpstreamConnectTimeout):
-            error += f", connect_timeout {connect_timeout:g}s"
-        detail = exc.detail
-        said = context or detail
+        error, said = describe_failure(exc), context or exc.detail
         self.failed(route, origin, exc.reason, f"{said} ({error})" if said else error)
-        return Refusal(exc.reason, detail)
+        return Refusal(exc.reason, exc.detail)

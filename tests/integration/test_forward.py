@@ -139,3 +139,19 @@ async def test_no_free_upstream_connection_within_connect_timeout_is_502_and_log
     (line,) = [r.getMessage() for r in caplog.records if r.name == "idlegate.upstream"]
     assert "route=/public/" in line and "UpstreamPoolTimeout" in line
     assert "connect_timeout 0.2s" in line
+
+
+async def test_a_connect_timeout_on_the_aiohttp_transport_logs_no_request_url(
+    gateways: GatewayFactory, upstream: Upstream, caplog: pytest.LogCaptureFixture
+):
+    # aiohttp's ConnectionTimeoutError names the request's URL, query included.
+    caplog.set_level(logging.WARNING, logger="idlegate.upstream")
+    gw = await gateways(forward={"pool_size": 1, "connect_timeout": "200ms"})
+    holding = asyncio.ensure_future(gw.get("/public/slow?s=1", method="POST", data=b"x"))
+    await asyncio.sleep(0.1)
+    response = await gw.get("/public/queued?q=query-secret", method="POST", data=b"x")
+    assert response.status == 502
+    assert (await holding).status == 200
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "idlegate.upstream"]
+    assert "route=/public/" in line and "connect_timeout 0.2s" in line
+    assert "query-secret" not in caplog.text and "/queued" not in caplog.text
