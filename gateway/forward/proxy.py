@@ -27,7 +27,6 @@ from gateway.forward.transport import (
     Transport,
     UpstreamError,
     UpstreamFailureLog,
-    UpstreamResponse,
 )
 from gateway.reasons import Reason, Refusal
 
@@ -144,20 +143,18 @@ class Forwarder:
         assert base_url is not None, "Gateway.handle refuses routes without an upstream"
         upstream = self._upstream(base_url)
         query = request.raw_path.partition("?")[2]
-        target = match.upstream_path + ("?" + query if query else "")
+        path = match.upstream_path + ("?" + query if query else "")
         if upstream.drops_authorization:
             headers.popall("Authorization", None)
+        transport, target = upstream.bodyless, upstream.bodyless_base + path
         limit: BodyLimit | None = None
-        transport: Transport = upstream.bodyless
         if request.body_exists:
-            transport, target = self._aiohttp, base_url + target
+            transport, target = self._aiohttp, base_url + path
             limit = BodyLimit(request, self._config.max_body)
             if request.headers.get("Expect", "").lower() == "100-continue":
                 # Only now, with the request routed, authorised and within max_body, does the
                 # client get to send its body (RFC 9110 §10.1.1).
                 await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        else:
-            target = upstream.bodyless_base + target
         started = time.perf_counter()
         try:
             response = await transport.request(
@@ -171,39 +168,16 @@ class Forwarder:
         if limit is not None and limit.exceeded:
             response.close()
             raise Refusal(Reason.PAYLOAD_TOO_LARGE)
-        out = response_headers(response.headers, request_id)
+        fields = response_headers(response.headers, request_id)
         reason = response.reason or None  # none sent: aiohttp writes the standard phrase
         if response.body is not None:
             # Small bodies (the common case) are relayed here, without another coroutine level.
-            out.popall("Content-Length", None)
+            fields.popall("Content-Length", None)
             return web.Response(
-                status=response.status, reason=reason, headers=out, body=response.body
+                status=response.status, reason=reason, headers=fields, body=response.body
             )
-        return await self._stream(
-            request,
-            web.StreamResponse(status=response.status, reason=reason, headers=out),
-            response,
-            match,
-            upstream,
-        )
-
-    def _observe_upstream(self, label: str, started: float) -> None:
-        histogram = self._upstream_durations.get(label)
-        if histogram is None:
-            histogram = self._upstream_durations[label] = metrics.batched(
-                metrics.UPSTREAM_DURATION.labels(label)
-            )
-        histogram.observe(time.perf_counter() - started)
-
-    async def _stream(
-        self,
-        request: web.BaseRequest,
-        out: web.StreamResponse,
-        response: UpstreamResponse,
-        match: Match,
-        upstream: _Upstream,
-    ) -> web.StreamResponse:
-        """Large, unsized or bodiless responses: relayed chunk by chunk, never held whole."""
+        # Large, unsized or bodiless responses: relayed chunk by chunk, never held whole.
+        out = web.StreamResponse(status=response.status, reason=reason, headers=fields)
         chunks = response.chunks()
         try:
             await out.prepare(request)
@@ -223,3 +197,11 @@ class Forwarder:
         finally:
             await chunks.aclose()
             response.close()
+
+    def _observe_upstream(self, label: str, started: float) -> None:
+        histogram = self._upstream_durations.get(label)
+        if histogram is None:
+            histogram = self._upstream_durations[label] = metrics.batched(
+                metrics.UPSTREAM_DURATION.labels(label)
+            )
+        histogram.observe(time.perf_counter() - started)
