@@ -238,10 +238,10 @@ class ResponseReader:
 
 
 class _State(enum.Enum):
-    CONNECTING = "connecting"  # not yet counted as the pool's; its slot is the connect's
-    IDLE = "idle"  # in the pool (or being handed to a waiter), no request on it
-    ACTIVE = "active"  # a request was sent and its response is not read to its end
-    CLOSED = "closed"  # gone; its slot was given back when it got here
+    CONNECTING = "connecting"  # not yet the pool's; its slot is the connect's
+    IDLE = "idle"  # in the pool, no request on it, no slot taken
+    ACTIVE = "active"  # taken for a request, until its response is read to its end
+    CLOSED = "closed"  # gone; its slot (if it held one) was given back when it got here
 
 
 class _Connection(asyncio.Protocol):
@@ -323,12 +323,10 @@ class _Connection(asyncio.Protocol):
         """Close it, never to be reused; its pool slot is free from now."""
         if self.state is _State.CLOSED:
             return
-        counted = self.state is not _State.CONNECTING
-        self.state = _State.CLOSED
+        state, self.state = self.state, _State.CLOSED
         if self.transport is not None:
             self.transport.close()
-        if counted:
-            self._pool._forget(self)
+        self._pool._closed_conn(self, state)
 
 
 def _expire(waiter: asyncio.Future[None], after: float) -> None:
@@ -408,10 +406,10 @@ class UpstreamPool:
         self._connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self._keepalive_timeout = keepalive_timeout
+        # One per connection in use (from sending a request to the end of its response) or
+        # being opened; idle ones take none. Given out in the order asked for.
+        self._slots = asyncio.Semaphore(limit)
         self._idle: dict[_Connection, float] = {}  # since when, oldest first
-        self._open = 0  # connections open or being opened (the slots taken)
-        # Oldest first; each gets a connection, or None: a slot of its own to connect with.
-        self._waiters: collections.deque[asyncio.Future[_Connection | None]] = collections.deque()
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
 
@@ -480,40 +478,28 @@ class UpstreamPool:
         return response
 
     async def _acquire(self, *, fresh: bool = False) -> _Connection:
-        if not fresh:
-            conn = self._take_idle()  # an idle one means nobody is waiting
-            if conn is not None:
-                return conn
-        elif self._open >= self._limit and self._idle:
-            next(iter(self._idle)).close()  # the oldest: its slot goes to the longest waiter, or us
-        if self._open < self._limit and not self._waiters:
-            self._open += 1
-            return await self._connect()
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[_Connection | None] = loop.create_future()
-        self._waiters.append(waiter)
-        try:
-            async with asyncio.timeout(self._connect_timeout):
-                granted = await waiter
-        except BaseException as exc:
-            if not waiter.done() or waiter.cancelled():
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(waiter)
-            elif (granted := waiter.result()) is None:  # granted as we gave up: the next's
-                self._slot_freed()
-            else:
-                self._release(granted)
-            if isinstance(exc, TimeoutError):
+        """A slot (waiting in line for it, at most `connect_timeout`), then the newest idle
+        connection (unless `fresh`) or a new one."""
+        if self._slots.locked():  # a free slot is taken without a timer
+            try:
+                async with asyncio.timeout(self._connect_timeout):
+                    await self._slots.acquire()
+            except TimeoutError:
                 raise UpstreamPoolTimeout(
                     f"all {self._limit} stayed busy, connect_timeout {self._connect_timeout:g}s"
                 ) from None
-            raise
-        if granted is not None:
-            return granted
-        return await self._connect()  # the slot is ours (counted when granted)
+        else:
+            await self._slots.acquire()
+        if not fresh:
+            conn = self._take_idle()
+            if conn is not None:
+                return conn
+        elif self._idle:  # the slot we were given may have come with one, which we pass over
+            next(iter(self._idle)).close()  # the oldest, so the pool stays within its limit
+        return await self._connect()
 
     async def _connect(self) -> _Connection:
-        """A new connection on a slot already counted in `_open`."""
+        """A new connection on the slot just taken."""
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._connect_timeout):
@@ -521,7 +507,7 @@ class UpstreamPool:
                     lambda: _Connection(self), self._host, self._port
                 )
         except BaseException as exc:
-            self._slot_freed()
+            self._slots.release()
             if isinstance(exc, TimeoutError):
                 raise UpstreamConnectTimeout(
                     f"connect_timeout {self._connect_timeout:g}s"
@@ -529,9 +515,7 @@ class UpstreamPool:
             if isinstance(exc, OSError):
                 raise UpstreamUnreachable(str(exc)) from None
             raise
-        conn.state = _State.ACTIVE  # counted from now: closing it frees the slot
-        if self._sweeper is None and not self._closed:
-            self._sweeper = loop.call_later(self._keepalive_timeout, self._sweep)
+        conn.state = _State.ACTIVE  # from now, closing it gives the slot back
         return conn
 
     def _take_idle(self) -> _Connection | None:
@@ -542,39 +526,30 @@ class UpstreamPool:
         while self._idle:
             conn, since = self._idle.popitem()
             if conn.state is _State.IDLE and now - since < self._keepalive_timeout:
-                conn.reused = True
+                conn.state, conn.reused = _State.ACTIVE, True
                 return conn
             conn.close()
         return None
 
     def _release(self, conn: _Connection) -> None:
-        """A connection whose response was read to its end: to the longest waiter, pooled,
-        or closed if in doubt."""
+        """A connection whose response was read to its end: pooled, or closed if in doubt;
+        either way its slot goes to the longest waiter."""
         if conn.state is _State.CLOSED or not conn.reader.reusable or self._closed:
             conn.close()
             return
         conn.state = _State.IDLE
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                conn.reused = True
-                waiter.set_result(conn)
-                return
-        self._idle[conn] = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        self._idle[conn] = loop.time()
+        self._slots.release()
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(self._keepalive_timeout, self._sweep)
 
-    def _forget(self, conn: _Connection) -> None:
-        """`conn` was closed: out of the idle ones, and its slot to the longest waiter."""
-        self._idle.pop(conn, None)
-        self._slot_freed()
-
-    def _slot_freed(self) -> None:
-        self._open -= 1
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                self._open += 1  # taken for it now, so no later caller can take it first
-                waiter.set_result(None)
-                return
+    def _closed_conn(self, conn: _Connection, state: _State) -> None:
+        """`conn` was closed: out of the idle ones, or its slot to the longest waiter."""
+        if state is _State.IDLE:
+            self._idle.pop(conn, None)
+        elif state is _State.ACTIVE:
+            self._slots.release()
 
     def _sweep(self) -> None:
         """Close connections idle for longer than the keep-alive timeout (oldest first)."""
@@ -585,8 +560,9 @@ class UpstreamPool:
             if now - since < self._keepalive_timeout:
                 break
             conn.close()
-        if self._open and not self._closed:
-            self._sweeper = loop.call_later(self._keepalive_timeout / 2, self._sweep)
+        if self._idle and not self._closed:  # again when the oldest left expires
+            oldest = next(iter(self._idle.values()))
+            self._sweeper = loop.call_later(oldest + self._keepalive_timeout - now, self._sweep)
 
     def close(self) -> None:
         """Close every idle connection; busy ones are closed when released."""
