@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 from multidict import CIMultiDictProxy
 
-from gateway.config import ForwardAuth
+from gateway.config import Forward, ForwardAuth
 from gateway.reasons import Reason, Refusal
 
 AUTH_PATH = "/.idlegate/auth"
@@ -44,11 +44,13 @@ class OriginalRequest:
 
 
 class TrustedPeers:
-    """`forward_auth.trusted_proxies` as networks; answers are cached per peer address (an
-    edge proxy's few addresses ask again and again)."""
+    """`forward_auth.trusted_proxies` (or `forward.trusted_proxies`) as networks; answers are
+    cached per peer address (an edge proxy's few addresses ask again and again)."""
 
-    def __init__(self, config: ForwardAuth) -> None:
-        self._networks = config.networks()
+    def __init__(self, config: ForwardAuth | Forward) -> None:
+        self._networks = (
+            config.networks() if isinstance(config, ForwardAuth) else config.trusted_proxies
+        )
         self._known: dict[str, bool] = {}
 
     def __contains__(self, peer: str | None) -> bool:

@@ -7,7 +7,7 @@ them; their text is kept only where it names the connection, never the request's
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterable
+from collections.abc import AsyncGenerator
 
 import aiohttp
 from multidict import CIMultiDict
@@ -17,6 +17,7 @@ from gateway.config import Forward
 from gateway.forward.transport import (
     CHUNK,
     SMALL_BODY,
+    Body,
     UpstreamBroken,
     UpstreamConnectTimeout,
     UpstreamError,
@@ -96,11 +97,7 @@ class AiohttpTransport:
             await self._session.close()
 
     async def request(
-        self,
-        method: str,
-        target: str,
-        headers: CIMultiDict[str],
-        body: AsyncIterable[bytes] | None = None,
+        self, method: str, target: str, headers: CIMultiDict[str], body: Body = None
     ) -> AiohttpResponse:
         assert self._session is not None, "AiohttpTransport.start() was not awaited"
         response = None

@@ -5,13 +5,13 @@ trusted proxy."""
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Mapping
 
 from aiohttp import web
 from multidict import CIMultiDict, MultiMapping
 
 from gateway.config import Forward
+from gateway.forward_auth import TrustedPeers
 
 # RFC 9110 §7.6.1 plus the legacy ones proxies still meet.
 HOP_BY_HOP = frozenset(
@@ -58,18 +58,12 @@ _CLIENT_CLAIMS = frozenset(
         "x-rewrite-url",
     }
 )
-_TRUST_CACHE = 4096  # distinct peer addresses remembered (a gateway meets few proxies)
 
 
 def connection_tokens(headers: MultiMapping[str]) -> set[str]:
     """The lower-case names listed in Connection (RFC 9110 §7.6.1), empty items skipped."""
-    named: set[str] = set()
-    for value in headers.getall("Connection", ()):
-        for token in value.split(","):
-            token = token.strip(" \t")
-            if token:
-                named.add(token.lower())
-    return named
+    values = headers.getall("Connection", ())
+    return {t.strip(" \t").lower() for value in values for t in value.split(",")} - {""}
 
 
 def filtered(headers: MultiMapping[str], remove: frozenset[str] = HOP_BY_HOP) -> CIMultiDict[str]:
@@ -107,18 +101,20 @@ class RequestHeaders:
 
     def __init__(self, config: Forward) -> None:
         # Identity header names are dropped from every incoming request (client-sent copies).
-        self._drop = HOP_BY_HOP | _REQUEST_OWN | {n.lower() for n in config.identity_headers}
-        self._drop_with_auth = self._drop | {"authorization"}
-        # From a peer not in trusted_proxies, by `strip_authorization`.
-        self._drop_untrusted = {
-            False: self._drop | _CLIENT_CLAIMS,
-            True: self._drop_with_auth | _CLIENT_CLAIMS,
+        drop = HOP_BY_HOP | _REQUEST_OWN | {n.lower() for n in config.identity_headers}
+        with_auth = drop | {"authorization"}
+        # By (the peer is in trusted_proxies, `strip_authorization`).
+        self._drops = {
+            (True, False): drop,
+            (True, True): with_auth,
+            (False, False): drop | _CLIENT_CLAIMS,
+            (False, True): with_auth | _CLIENT_CLAIMS,
         }
         # nginx, WSGI and CGI upstreams read `X_Auth_Subject` as `X-Auth-Subject`: an incoming
         # name that is one of ours once `_` is `-` is dropped like the name itself.
-        self._underscore_twins = self._drop_with_auth | _CLIENT_CLAIMS
-        self._trusted = tuple(config.trusted_proxies)
-        self._trusted_peers: dict[str, bool] = {}
+        self._underscore_twins = with_auth | _CLIENT_CLAIMS
+        self._any_trusted = bool(config.trusted_proxies)
+        self._trusted = TrustedPeers(config)
 
     def for_request(
         self,
@@ -132,11 +128,8 @@ class RequestHeaders:
         (and their `_` twins), or, unless the peer is a trusted proxy, its claims about the
         client; then the identity headers and X-Forwarded-*, X-Real-IP, X-Request-ID."""
         peer = request.remote or ""
-        trusted = bool(self._trusted) and self.is_trusted(peer)
-        if trusted:
-            drop = self._drop_with_auth if strip_authorization else self._drop
-        else:
-            drop = self._drop_untrusted[strip_authorization]
+        trusted = self._any_trusted and peer in self._trusted
+        drop = self._drops[trusted, strip_authorization]
         headers = _request_filtered(request.headers, drop, self._underscore_twins)
         # Added after hop-by-hop removal, so `Connection: X-Auth-Subject` cannot strip them.
         headers.update(identity)
@@ -154,24 +147,6 @@ class RequestHeaders:
             headers["X-Forwarded-Host"] = request.host
         headers["X-Request-ID"] = request_id
         return headers
-
-    def is_trusted(self, peer: str) -> bool:
-        """Whether the peer address is in `trusted_proxies` (IPv4-mapped IPv6 as IPv4)."""
-        known = self._trusted_peers.get(peer)
-        if known is not None:
-            return known
-        try:
-            address = ipaddress.ip_address(peer)
-        except ValueError:
-            trusted = False  # no address (a Unix socket) is no proxy we trust
-        else:
-            if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-                address = address.ipv4_mapped
-            trusted = any(address in network for network in self._trusted)
-        if len(self._trusted_peers) >= _TRUST_CACHE:
-            self._trusted_peers.clear()
-        self._trusted_peers[peer] = trusted
-        return trusted
 
 
 def response_headers(headers: MultiMapping[str], request_id: str) -> CIMultiDict[str]:

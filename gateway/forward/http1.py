@@ -20,7 +20,7 @@ import contextlib
 import enum
 import re
 import socket
-from collections.abc import AsyncGenerator, AsyncIterable
+from collections.abc import AsyncGenerator
 from typing import Any, Final, cast
 
 import httptools
@@ -29,6 +29,7 @@ from yarl import URL
 
 from gateway.forward.transport import (
     SMALL_BODY,
+    Body,
     RequestHeadInvalid,
     UpstreamBroken,
     UpstreamConnectTimeout,
@@ -238,8 +239,7 @@ class ResponseReader:
 
 
 class _State(enum.Enum):
-    CONNECTING = "connecting"  # not yet the pool's; its slot is the connect's
-    IDLE = "idle"  # in the pool, no request on it, no slot taken
+    IDLE = "idle"  # in the pool (or still connecting), no request on it, no slot taken
     ACTIVE = "active"  # taken for a request, until its response is read to its end
     CLOSED = "closed"  # gone; its slot (if it held one) was given back when it got here
 
@@ -249,9 +249,9 @@ class _Connection(asyncio.Protocol):
     for what it needs (the head, the small body, the next piece of a streamed one)."""
 
     def __init__(self, pool: UpstreamPool) -> None:
-        self._pool = pool
+        self.pool = pool
         self.transport: asyncio.Transport | None = None
-        self.state = _State.CONNECTING
+        self.state = _State.IDLE  # the pool's once connected
         self.reader = ResponseReader()
         self.reused = False  # taken from the pool (it may have been closed meanwhile)
         self.answered = False  # bytes arrived since the current request was sent
@@ -326,7 +326,7 @@ class _Connection(asyncio.Protocol):
         state, self.state = self.state, _State.CLOSED
         if self.transport is not None:
             self.transport.close()
-        self._pool._closed_conn(self, state)
+        self.pool._closed_conn(self, state)
 
 
 def _expire(waiter: asyncio.Future[None], after: float) -> None:
@@ -338,11 +338,10 @@ class UpstreamResponse:
     """Status and headers of a response; `body` when it was small enough to be read whole,
     else `chunks()` yields it (and must be drained or `close()`d)."""
 
-    __slots__ = ("_conn", "_pool", "body", "headers", "reason", "status")
+    __slots__ = ("_conn", "body", "headers", "reason", "status")
 
-    def __init__(self, pool: UpstreamPool, conn: _Connection) -> None:
+    def __init__(self, conn: _Connection) -> None:
         reader = conn.reader
-        self._pool = pool
         self._conn: _Connection | None = conn
         self.status = reader.status
         self.reason = reader.reason
@@ -366,12 +365,12 @@ class UpstreamResponse:
                 elif reader.done:
                     break
                 else:
-                    await conn.wait(self._pool.read_timeout)
+                    await conn.wait(conn.pool.read_timeout)
         except BaseException:
             self.close()
             raise
         self._conn = None
-        self._pool._release(conn)
+        conn.pool._release(conn)
 
     def close(self) -> None:
         """Abandon the response: its connection is closed, never reused."""
@@ -414,11 +413,7 @@ class UpstreamPool:
         self._closed = False
 
     async def request(
-        self,
-        method: str,
-        target: str,
-        headers: CIMultiDict[str],
-        body: AsyncIterable[bytes] | None = None,
+        self, method: str, target: str, headers: CIMultiDict[str], body: Body = None
     ) -> UpstreamResponse:
         """Send a bodyless request and read the response head (and a small body whole).
 
@@ -465,7 +460,7 @@ class UpstreamPool:
         reader = conn.reader
         while not reader.head_done:
             await conn.wait(self.read_timeout)
-        response = UpstreamResponse(self, conn)
+        response = UpstreamResponse(conn)
         framing = reader.framing
         if framing == "length" and reader.length is not None and reader.length <= SMALL_BODY:
             while not reader.done:
@@ -546,10 +541,9 @@ class UpstreamPool:
 
     def _closed_conn(self, conn: _Connection, state: _State) -> None:
         """`conn` was closed: out of the idle ones, or its slot to the longest waiter."""
-        if state is _State.IDLE:
-            self._idle.pop(conn, None)
-        elif state is _State.ACTIVE:
+        if state is _State.ACTIVE:
             self._slots.release()
+        self._idle.pop(conn, None)
 
     def _sweep(self) -> None:
         """Close connections idle for longer than the keep-alive timeout (oldest first)."""

@@ -10,15 +10,17 @@ transport produced it.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, Callable
-from typing import ClassVar, Final, Protocol
+from typing import ClassVar, Final, Protocol, TypeAlias
 
 from multidict import CIMultiDict
 
 from gateway.reasons import Reason, Refusal
 
+Body: TypeAlias = AsyncIterable[bytes] | None  # a request body, streamed
 SMALL_BODY: Final = 64 * 1024  # a sized response body up to this is read whole, larger ones stream
 CHUNK: Final = 64 * 1024  # the most read or relayed at once
 
@@ -82,11 +84,7 @@ class Transport(Protocol):
     origin-form path for one origin's pool, an absolute URL for a general client)."""
 
     async def request(
-        self,
-        method: str,
-        target: str,
-        headers: CIMultiDict[str],
-        body: AsyncIterable[bytes] | None = None,
+        self, method: str, target: str, headers: CIMultiDict[str], body: Body = None
     ) -> UpstreamResponse: ...
 
 
@@ -121,22 +119,15 @@ class UpstreamFailureLog:
         self._last: dict[tuple[str, str, str], tuple[float, int]] = {}
 
     def failed(self, route: str, origin: str, reason: Reason, error: str) -> None:
-        key = (route, origin, reason.code)
-        now = self._now()
-        entry = self._last.get(key)
-        if entry is not None and now - entry[0] < self._every:
-            self._last[key] = (entry[0], entry[1] + 1)
+        key, now = (route, origin, reason.code), self._now()
+        logged, suppressed = self._last.get(key, (-math.inf, 0))
+        if now - logged < self._every:
+            self._last[key] = (logged, suppressed + 1)
             return
-        suppressed = entry[1] if entry is not None else 0
         self._last[key] = (now, 0)
-        log.warning(
-            "upstream failed: route=%s upstream=%s reason=%s error=%s%s",
-            route,
-            origin,
-            reason.code,
-            error,
-            f" (and {suppressed} more like it since the last line)" if suppressed else "",
-        )
+        more = f" (and {suppressed} more like it since the last line)" if suppressed else ""
+        line = "upstream failed: route=%s upstream=%s reason=%s error=%s%s"
+        log.warning(line, route, origin, reason.code, error, more)
 
     def refusal(
         self, route: str, origin: str, exc: UpstreamError, context: str | None = None
