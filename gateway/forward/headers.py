@@ -66,23 +66,12 @@ def connection_tokens(headers: MultiMapping[str]) -> set[str]:
     return {t.strip(" \t").lower() for value in values for t in value.split(",")} - {""}
 
 
-def filtered(headers: MultiMapping[str], remove: frozenset[str] = HOP_BY_HOP) -> CIMultiDict[str]:
-    """A copy without the (lower-case) names in `remove` (hop-by-hop ones by default) and
-    those named in Connection."""
-    if "Connection" in headers:
-        remove = remove | connection_tokens(headers)
-    out = CIMultiDict(headers)  # one copy in C, then only the names present are removed
-    for name in remove:
-        if name in out:
-            del out[name]
-    return out
-
-
 def _request_filtered(
     headers: MultiMapping[str], remove: frozenset[str], twins: frozenset[str]
 ) -> CIMultiDict[str]:
-    """`filtered` for request headers, in one pass: also without the names that are in
-    `twins` once `_` is read as `-` (what nginx, WSGI and CGI upstreams do)."""
+    """A copy without the (lower-case) names in `remove` and those named in Connection, in one
+    pass: also without the names that are in `twins` once `_` is read as `-` (what nginx, WSGI
+    and CGI upstreams do)."""
     if "Connection" in headers:
         named = connection_tokens(headers)
         if not named <= remove:  # the common `keep-alive` is in already: no 35-name copy
@@ -151,7 +140,12 @@ class RequestHeaders:
 
 def response_headers(headers: MultiMapping[str], request_id: str) -> CIMultiDict[str]:
     """What goes to the client from an upstream response's headers: without hop-by-hop
-    ones, with our X-Request-ID instead of any the upstream sent."""
-    out = filtered(headers)
+    ones (and those named in Connection), with our X-Request-ID instead of any the upstream
+    sent."""
+    remove = HOP_BY_HOP | connection_tokens(headers) if "Connection" in headers else HOP_BY_HOP
+    out = CIMultiDict(headers)  # one copy in C, then only the names present are removed
+    for name in remove:
+        if name in out:
+            del out[name]
     out["X-Request-ID"] = request_id
     return out

@@ -180,10 +180,6 @@ class ResponseReader:
             self.length = int(value)  # digits only: llhttp checked
         elif lower == b"transfer-encoding":
             self._codings.append(value.lower())
-        elif lower == b"connection" and b"close" in (
-            t.strip(b" \t").lower() for t in value.split(b",")
-        ):
-            self.reusable = False
         self.fields.append(
             (name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
         )  # field names are tokens (ASCII): llhttp checked
@@ -216,7 +212,9 @@ class ResponseReader:
             self.framing = "chunked"
         else:
             self.framing = "eof" if self.length is None else "length"
-        if version == "1.0" or self.framing == "eof":
+        # llhttp's keep-alive: no `Connection: close` (any item of any such field), and not
+        # delimited by the end of the stream (so neither is a HEAD answer without a length).
+        if version == "1.0" or not parser.should_keep_alive():
             self.reusable = False
         self.head_done = True
         self._loose = self._field_bytes = 0  # from now on, of the trailer section
