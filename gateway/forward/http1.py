@@ -70,12 +70,14 @@ class ResponseReader:
         self._parser = httptools.HttpResponseParser(self)
         self.body: collections.deque[bytes] = collections.deque()
         self.reusable = True  # False once anything rules out another request on the connection
+        self._head_request = False
         self.begin(head_request=False)
 
     def begin(self, *, head_request: bool) -> None:
         """Expect the response to a new request (`head_request`: to a HEAD, so bodiless)."""
+        if self._head_request:  # llhttp still waits for the last HEAD's body
+            self._parser = httptools.HttpResponseParser(self)
         self._head_request = head_request
-        self._record: bytearray | None = bytearray() if head_request else None
         self._interim = 0
         self._loose = 0  # bytes fed since the last head or chunk boundary, body not counted
         self._new_head()
@@ -102,16 +104,12 @@ class ResponseReader:
         if self.error is not None:
             return
         self._loose += len(data)
-        if self._record is not None:
-            self._record += data
         try:
             self._parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             cause = exc.__context__
             if isinstance(cause, UpstreamBroken):
                 self._fail(cause)
-            elif isinstance(cause, _Stop) and self._record is not None and self.done:
-                self._head_answered()
             elif self.done:
                 self.reusable = False  # bytes after the response: never read as the next one
             else:
@@ -140,19 +138,6 @@ class ResponseReader:
     def _fail(self, error: UpstreamBroken) -> None:
         self.error = error
         self.reusable = False
-
-    def _head_answered(self) -> None:
-        """A HEAD's answer ended with its head (llhttp cannot be told so and was stopped):
-        reusable only if nothing followed that head; the stopped parser is replaced."""
-        record = self._record
-        assert record is not None
-        end = 0
-        for _ in range(self._interim + 1):  # field values hold no CR LF: the first blank line
-            end = record.find(b"\r\n\r\n", end) + 4  # after each head ends it
-        if end < 4 or end < len(record):
-            self.reusable = False
-        self._record = None
-        self._parser = httptools.HttpResponseParser(self)
 
     # -- llhttp callbacks ------------------------------------------------------------------
 
@@ -218,11 +203,14 @@ class ResponseReader:
             self.reusable = False
         self.head_done = True
         self._loose = self._field_bytes = 0  # from now on, of the trailer section
-        if self._head_request:
-            self.done = True
-            raise _Stop  # llhttp would wait for the body the headers announce
+        # A HEAD's answer ends with its head: llhttp cannot be told so and reads on, into
+        # a body that `on_body` refuses; a new parser reads the next response.
+        self.done = self._head_request
 
     def on_body(self, body: bytes) -> None:
+        if self.done:  # bytes after a HEAD's answer: never read as the next one
+            self.reusable = False
+            return
         self.body.append(body)
         self.buffered += len(body)
         self._loose -= len(body)
@@ -266,7 +254,6 @@ class _Connection(asyncio.Protocol):
     def send(self, head: bytes, *, head_request: bool) -> None:
         if self.state is _State.CLOSED or self.transport is None:
             raise UpstreamBroken("the upstream closed the connection")
-        self.state = _State.ACTIVE
         self.answered = False
         self.reader.begin(head_request=head_request)
         self.transport.write(head)
@@ -513,12 +500,10 @@ class UpstreamPool:
 
     def _take_idle(self) -> _Connection | None:
         """The newest idle connection still open and within the keep-alive timeout."""
-        if not self._idle:
-            return None
         now = asyncio.get_running_loop().time()
-        while self._idle:
+        while self._idle:  # a connection that closes leaves it
             conn, since = self._idle.popitem()
-            if conn.state is _State.IDLE and now - since < self._keepalive_timeout:
+            if now - since < self._keepalive_timeout:
                 conn.state, conn.reused = _State.ACTIVE, True
                 return conn
             conn.close()
