@@ -165,9 +165,8 @@ class ResponseReader:
             self.length = int(value)  # digits only: llhttp checked
         elif lower == b"transfer-encoding":
             self._codings.append(value.lower())
-        self.fields.append(
-            (name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
-        )  # field names are tokens (ASCII): llhttp checked
+        # Field names are tokens (ASCII): llhttp checked.
+        self.fields.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
 
     def on_headers_complete(self) -> None:
         parser = self._parser

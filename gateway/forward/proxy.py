@@ -126,18 +126,13 @@ class Forwarder:
     def check_request(self, request: web.BaseRequest) -> None:
         """Refuse what the request head alone decides (a body declared over `max_body`).
         Called before any token or store work, so such a refused request is no activity."""
-        declared = request.content_length
-        if declared is not None and declared > self._config.max_body:
+        if (request.content_length or 0) > self._config.max_body:
             raise Refusal(Reason.PAYLOAD_TOO_LARGE)
         if "Transfer-Encoding" in request.headers:
             _check_transfer_coding(request)
 
     async def forward(
-        self,
-        request: web.BaseRequest,
-        match: Match,
-        headers: CIMultiDict[str],
-        request_id: str,
+        self, request: web.BaseRequest, match: Match, headers: CIMultiDict[str], request_id: str
     ) -> web.StreamResponse:
         base_url = match.route.upstream
         assert base_url is not None, "Gateway.handle refuses routes without an upstream"
