@@ -304,7 +304,7 @@ class _Connection(asyncio.Protocol):
             raise reader.error
 
     def close(self) -> None:
-        """Close it, never to be reused; its pool slot is free from now."""
+        """Close it, never to be reused; the slot it held (if any) is free from now."""
         if self.state is _State.CLOSED:
             return
         state, self.state = self.state, _State.CLOSED
@@ -367,8 +367,9 @@ class UpstreamPool:
     """Keep-alive connections to one upstream origin (`host`, `port`), at most `limit` open.
 
     Idle connections are reused newest first and closed after `keepalive_timeout` seconds.
-    Callers that find none free wait in line: a connection (or a free slot) goes to the one
-    that has waited longest, and none waits longer than `connect_timeout` for it.
+    A request takes one of `limit` slots until its response is read; callers that find none
+    free wait in line: a slot that comes free goes to the one that has waited longest (with
+    the connection just released, if any), and none waits longer than `connect_timeout`.
     """
 
     def __init__(
