@@ -21,12 +21,13 @@ from typing import Any, cast
 import hiredis
 
 
-def _pack(*args: Any) -> bytes:
+def pack_command(*args: Any) -> bytes:
     """RESP-encode one command (hiredis does it in C)."""
     packed: bytes = hiredis.pack_command(args)
     return packed
 
 
+_pack = pack_command
 _ASKING = _pack("ASKING")
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 
@@ -153,10 +154,14 @@ class PipelinedConnection:
         ReplyError. When connected it returns the reply's future itself (no coroutine)."""
         if deadline is None:
             deadline = asyncio.get_running_loop().time() + self._call_timeout
+        return self.send(_pack(*args), deadline)
+
+    def send(self, command: bytes, deadline: float) -> Awaitable[Any]:
+        """`call` for a command RESP-encoded already (`pack_command`)."""
         connection = self._connected()
         if connection is None:
-            return self._connect_and_send(_pack(*args), deadline)
-        return self._send(connection, _pack(*args), deadline)
+            return self._connect_and_send(command, deadline)
+        return self._send(connection, command, deadline)
 
     def call_asking(
         self, *args: str | bytes | int | float, deadline: float | None = None

@@ -38,12 +38,16 @@ from gateway.store.base import (
     TouchResult,
 )
 from gateway.store.cluster import Address, ClusterConnections, SlotUncovered
-from gateway.store.pipeline import ConnectionLost, PipelinedConnection, ReplyError
+from gateway.store.pipeline import ConnectionLost, PipelinedConnection, ReplyError, pack_command
 
 log = logging.getLogger("idlegate.store")
 RedisClient = Redis | RedisCluster
 # RedisClusterException is no RedisError (no reachable node, a slot not covered): a store
 # fault all the same, never a 500.
+# The touch commands kept packed (`RedisStore._packed_touch`): one per token and route seen,
+# about 450 bytes each; cleared when full.
+_PACKED_TOUCHES = 8192
+_TouchArgs = tuple[float | int | str, ...]
 _FAILURES = (RedisError, RedisClusterException, TimeoutError, OSError, ReplyError)
 T = TypeVar("T")
 
@@ -101,6 +105,9 @@ class RedisStore:
         self._touch_source = _script("check_and_touch.lua")
         self._check_and_touch = client.register_script(self._touch_source)
         self._touch_duration = batched(STORE_DURATION.labels(op="check_and_touch"))
+        self._packed_touches: dict[
+            tuple[str, float, float, bool, float, float, bool], tuple[bytes, str, _TouchArgs]
+        ] = {}
         self._revoke_source = _script("revoke.lua")
         self._revoke = client.register_script(self._revoke_source)
         self._revocations_source = _script("revocations.lua")
@@ -181,7 +188,7 @@ class RedisStore:
 
         return self._call(op, send, node=cluster.owner(key))
 
-    async def check_and_touch(self, touch: Touch) -> TouchResult:
+    def _touch_command(self, touch: Touch) -> tuple[str, _TouchArgs]:
         key = self.activity_key(touch.key)
         args = (
             touch.initial,
@@ -192,10 +199,38 @@ class RedisStore:
             touch.linger,
             int(touch.remember_idle),
         )
+        return key, args
+
+    def _packed_touch(self, touch: Touch) -> tuple[bytes, str, _TouchArgs]:
+        """The EVALSHA of a Touch, RESP-encoded. Redis's clock decides (`now` is not sent), so
+        the same token on the same route sends the same bytes every time: they are kept
+        (bounded), and a request of a token seen before formats and packs nothing."""
+        signature = (
+            touch.key,
+            touch.initial,
+            touch.idle_timeout,
+            touch.extend,
+            touch.expires_at,
+            touch.linger,
+            touch.remember_idle,
+        )
+        packed = self._packed_touches.get(signature)
+        if packed is None or self.caller_time:
+            key, args = self._touch_command(touch)
+            command = pack_command("EVALSHA", self._check_and_touch.sha, 1, key, *args)
+            packed = (command, key, args)
+            if not self.caller_time:
+                if len(self._packed_touches) >= _PACKED_TOUCHES:
+                    self._packed_touches.clear()
+                self._packed_touches[signature] = packed
+        return packed
+
+    async def check_and_touch(self, touch: Touch) -> TouchResult:
         cluster = self._cluster
         if cluster is not None:
-            return await self._cluster_touch(cluster, key, args)
+            return await self._cluster_touch(cluster, *self._touch_command(touch))
         if self._pipelined is None:
+            key, args = self._touch_command(touch)
             reply = await self._call(
                 "check_and_touch", lambda: self._check_and_touch(keys=[key], args=args)
             )
@@ -205,13 +240,12 @@ class RedisStore:
         # Bounded by store.timeout, retry included: the connection's watchdog fails the call
         # at `deadline`.
         connection = self._pipelined
+        command, key, args = self._packed_touch(touch)
         started = time.perf_counter()
         deadline = asyncio.get_running_loop().time() + self._timeout
         try:
             try:
-                reply = await connection.call(
-                    "EVALSHA", self._check_and_touch.sha, 1, key, *args, deadline=deadline
-                )
+                reply = await connection.send(command, deadline)
             except (ReplyError, ConnectionLost) as exc:
                 reply = await self._touch_again(key, args, deadline, exc)
         except _FAILURES as exc:

@@ -40,7 +40,7 @@ def presented_token(headers: CIMultiDictProxy[str], query_string: str) -> str:
     on a typical token: a caller may skip it for a string it verified before, since every
     verified token (three non-empty base64url parts, `tokens.verify`) is token68."""
     values = headers.getall("Authorization", ())
-    in_query = _has_query_token(query_string)
+    in_query = bool(query_string) and _has_query_token(query_string)
     if len(values) > 1:
         raise Refusal(Reason.MALFORMED_REQUEST, "more than one Authorization header")
     if in_query:

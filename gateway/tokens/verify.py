@@ -238,7 +238,11 @@ class Verifier:
         cached = self._cache.get(token)
         if cached is None or self._rings[cached.provider].lookup(cached.kid) is not cached.key:
             return None
-        if cached.exp + self._policy.leeway <= self._clock.now():
+        now = self._clock.now()
+        leeway = self._policy.leeway
+        if now < cached.exp + leeway and cached.iat <= now + leeway and cached.nbf is None:
+            return cached  # the common case, on one clock reading: _check_time's checks pass
+        if cached.exp + leeway <= now:
             del self._cache[token]  # never past exp: refused below, and forgotten
         self._check_time(cached)
         return cached
