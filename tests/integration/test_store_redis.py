@@ -558,3 +558,29 @@ async def test_requests_forwarded_through_an_outage_are_not_a_warning_each(
         assert (await gw.get("/api/x", token)).status == 200
     fallback = [r for r in caplog.records if "without idle check" in r.getMessage()]
     assert len(fallback) == 1, [r.getMessage() for r in caplog.records]
+
+
+async def test_a_kept_touch_command_decides_like_a_fresh_one(redis_server: RedisServer):
+    """On Redis's own clock the request path reuses each (token, route) touch command packed
+    (RedisStore._packed_touch). A passive and an extending route of one token, and a route
+    with another idle timeout, must each keep their own command, every time they repeat."""
+    store = redis_store(redis_server, caller_time=False)
+    try:
+        start = time.time()
+
+        def touch(*, extend: bool, idle: float = 1.0) -> Touch:
+            return Touch(
+                key="kept", initial=start, now=0.0, idle_timeout=idle, extend=extend,
+                expires_at=start + 60, linger=5.0, remember_idle=False,
+            )  # fmt: skip
+
+        assert not (await store.check_and_touch(touch(extend=True))).idle
+        for _ in range(2):  # the passive command, kept after its first use, extends nothing
+            await asyncio.sleep(0.6)
+            passive = await store.check_and_touch(touch(extend=False))
+        assert passive.idle  # 1.2 s after the only extending touch, with a 1 s timeout
+        # The same token on a route with a longer timeout: its own command, not the kept one.
+        assert not (await store.check_and_touch(touch(extend=False, idle=30.0))).idle
+        assert (await store.check_and_touch(touch(extend=True))).idle  # and never revived
+    finally:
+        await store.close()
