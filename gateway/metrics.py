@@ -6,6 +6,7 @@ each worker writes its samples to shared files and a scrape of any worker shows 
 
 from __future__ import annotations
 
+import asyncio
 import math
 from bisect import bisect_right
 from collections.abc import Callable
@@ -227,7 +228,46 @@ class BatchedCounter:
             self._child.inc(count)
 
 
+class TurnCounter(BatchedCounter):
+    """A BatchedCounter that also adds itself to Prometheus at the end of the event-loop turn
+    it was counted in: as prompt as a direct inc() for any scrape (every worker's, with
+    --workers), but one locked inc() per turn instead of one per request under load."""
+
+    __slots__ = ()
+
+    def inc(self) -> None:
+        if not self._count:
+            _turn_dirty.append(self)
+            if len(_turn_dirty) == 1:
+                try:
+                    asyncio.get_running_loop().call_soon(_flush_turn)
+                except RuntimeError:  # no loop (a script, a test): at once
+                    _flush_turn()
+                    self._child.inc()
+                    return
+        self._count += 1
+
+
+_turn_dirty: list[TurnCounter] = []
+
+
+def _flush_turn() -> None:
+    dirty = _turn_dirty[:]
+    _turn_dirty.clear()
+    for counter in dirty:
+        counter.flush()
+
+
 _batched_counters: dict[int, BatchedCounter] = {}
+_turn_counters: dict[int, TurnCounter] = {}
+
+
+def turn_counter(child: Any) -> TurnCounter:
+    """The one TurnCounter of a counter child (the request path's requests counters)."""
+    front = _turn_counters.get(id(child))
+    if front is None:
+        front = _turn_counters[id(child)] = TurnCounter(child)
+    return front
 
 
 def batched_counter(child: Any) -> BatchedCounter:
@@ -244,3 +284,4 @@ def flush() -> None:
         front.flush()
     for counter in _batched_counters.values():
         counter.flush()
+    _flush_turn()

@@ -442,8 +442,8 @@ class Pipeline:
             key = (record.route, record.decision, record.reason)
             counter = self._forward_auth_requests.get(key)
             if counter is None:
-                counter = self._forward_auth_requests[key] = metrics.FORWARD_AUTH_REQUESTS.labels(
-                    *key
+                counter = self._forward_auth_requests[key] = metrics.turn_counter(
+                    metrics.FORWARD_AUTH_REQUESTS.labels(*key)
                 )
             counter.inc()
         if self.access_log.enabled:
@@ -467,7 +467,7 @@ class Pipeline:
         key = (record.route, record.decision, record.reason)
         counter = self._requests.get(key)
         if counter is None:
-            counter = self._requests[key] = metrics.REQUESTS.labels(*key)
+            counter = self._requests[key] = metrics.turn_counter(metrics.REQUESTS.labels(*key))
         counter.inc()
         histogram = self._durations.get(record.route)
         if histogram is None:

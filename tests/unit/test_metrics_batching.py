@@ -38,3 +38,43 @@ def test_flushed_batches_equal_direct_observations() -> None:
     assert [s for s in samples if "_created" not in s] == [e for e in expected if e not in created]
     metrics.flush()  # a second flush adds nothing
     assert generate_latest(registry).decode().splitlines() == lines
+
+
+async def test_turn_counters_reach_prometheus_by_the_end_of_the_loop_turn() -> None:
+    """The requests counters: counted in an int, added to Prometheus once per event-loop turn
+    (so any scrape, every worker's included, sees every finished request)."""
+    import asyncio
+
+    from prometheus_client import Counter
+
+    registry = CollectorRegistry()
+    counter = Counter("turned", "t", ["route"], registry=registry)
+    front = metrics.turn_counter(counter.labels("/api/"))
+    assert metrics.turn_counter(counter.labels("/api/")) is front
+
+    def value() -> float | None:
+        return registry.get_sample_value("turned_total", {"route": "/api/"})
+
+    for _ in range(5):
+        front.inc()
+    assert value() == 0.0  # not yet: the turn is not over
+    await asyncio.sleep(0)
+    assert value() == 5.0
+    front.inc()
+    metrics.flush()  # a scrape in the same turn flushes it too
+    assert value() == 6.0
+    await asyncio.sleep(0)
+    assert value() == 6.0  # and the end of the turn adds nothing twice
+    front.inc()
+    await asyncio.sleep(0)
+    assert value() == 7.0
+
+
+def test_a_turn_counter_without_a_running_loop_counts_at_once() -> None:
+    from prometheus_client import Counter
+
+    registry = CollectorRegistry()
+    front = metrics.turn_counter(Counter("noloop", "n", registry=registry))
+    front.inc()
+    front.inc()
+    assert registry.get_sample_value("noloop_total") == 2.0
