@@ -71,23 +71,27 @@ def connection_tokens(headers: MultiMapping[str]) -> set[str]:
     return named
 
 
-def _request_filtered(
+def _request_drops(
     headers: MultiMapping[str], remove: frozenset[str], twins: frozenset[str]
-) -> CIMultiDict[str]:
-    """A copy without the (lower-case) names in `remove` and those named in Connection, in one
-    pass: also without the names that are in `twins` once `_` is read as `-` (what nginx, WSGI
-    and CGI upstreams do)."""
+) -> tuple[str, ...]:
+    """The (lower-case) names to take out of a copy of `headers`: those in `remove`, those
+    named in Connection, and those that are in `twins` once `_` is read as `-` (what nginx,
+    WSGI and CGI upstreams do)."""
     if "Connection" in headers:
-        named = connection_tokens(headers)
-        if not named <= remove:  # the common `keep-alive` is in already: no 35-name copy
-            remove = remove | named
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        lower = name.lower()
-        if lower in remove or ("_" in lower and lower.replace("_", "-") in twins):
-            continue
-        out.add(name, value)
-    return out
+        remove = remove | connection_tokens(headers)
+    drops = {name.lower() for name in headers}
+    return tuple(
+        name
+        for name in drops
+        if name in remove or ("_" in name and name.replace("_", "-") in twins)
+    )
+
+
+# Which names a request's headers lose depends only on the names it has (and Connection's
+# value): clients send the same few sets over and over, so the answer is kept, for sets of
+# modest size (a key holds the names), and forgotten all at once when the table is full.
+_PLANS = 1024
+_PLANNED_NAMES = 2048  # characters of header names in one key, at most
 
 
 class RequestHeaders:
@@ -109,6 +113,7 @@ class RequestHeaders:
         self._underscore_twins = with_auth | _CLIENT_CLAIMS
         self._any_trusted = bool(config.trusted_proxies)
         self._trusted = TrustedPeers(config)
+        self._plans: dict[tuple[object, ...], tuple[str, ...]] = {}
 
     def for_request(
         self,
@@ -123,8 +128,21 @@ class RequestHeaders:
         client; then the identity headers and X-Forwarded-*, X-Real-IP, X-Request-ID."""
         peer = request.remote or ""
         trusted = self._any_trusted and peer in self._trusted
-        drop = self._drops[trusted, strip_authorization]
-        headers = _request_filtered(request.headers, drop, self._underscore_twins)
+        incoming = request.headers
+        names = tuple(incoming.keys())
+        key = (trusted, strip_authorization, incoming.get("Connection"), names)
+        drops = self._plans.get(key)
+        if drops is None:
+            drops = _request_drops(
+                incoming, self._drops[trusted, strip_authorization], self._underscore_twins
+            )
+            if sum(map(len, names)) <= _PLANNED_NAMES:
+                if len(self._plans) >= _PLANS:
+                    self._plans.clear()
+                self._plans[key] = drops
+        headers = CIMultiDict(incoming)  # one copy in C, then only what must go is taken out
+        for name in drops:
+            headers.popall(name)
         # Added after hop-by-hop removal, so `Connection: X-Auth-Subject` cannot strip them.
         headers.update(identity)
         if trusted:
@@ -149,8 +167,7 @@ def response_headers(headers: MultiMapping[str], request_id: str) -> CIMultiDict
     sent."""
     remove = HOP_BY_HOP | connection_tokens(headers) if "Connection" in headers else HOP_BY_HOP
     out = CIMultiDict(headers)  # one copy in C, then only the names present are removed
-    for name in remove:
-        if name in out:
-            del out[name]
+    for name in remove.intersection(map(str.lower, headers.keys())):
+        out.popall(name)
     out["X-Request-ID"] = request_id
     return out

@@ -430,15 +430,15 @@ class UpstreamPool:
         return cls(url.raw_host, url.port, url.host_port_subcomponent or url.raw_host, **options)
 
     def _request_head(self, method: str, target: str, headers: CIMultiDict[str]) -> bytes:
-        lines = [f"{method} {target} HTTP/1.1\r\n", self._host_line]
-        for name, value in headers.items():
-            if "\r" in value or "\n" in value:
-                raise RequestHeadInvalid(f"newline in the value of request header {name}")
-            lines.append(f"{name}: {value}\r\n")
+        fields = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
+        # One CR and one LF per field, ours: any other came in a value (or a name).
+        if fields.count("\r") != len(headers) or fields.count("\n") != len(headers):
+            bad = next((n for n, v in headers.items() if "\r" in v or "\n" in v), None)
+            raise RequestHeadInvalid(f"newline in the value of request header {bad}")
         if method in _DECLARE_EMPTY_BODY and "Content-Length" not in headers:
-            lines.append("Content-Length: 0\r\n")
-        lines.append("\r\n")
-        return "".join(lines).encode("utf-8", "surrogateescape")
+            fields += "Content-Length: 0\r\n"
+        head = f"{method} {target} HTTP/1.1\r\n{self._host_line}{fields}\r\n"
+        return head.encode("utf-8", "surrogateescape")
 
     async def _exchange(self, conn: _Connection, method: str, head: bytes) -> UpstreamResponse:
         conn.send(head, head_request=method == "HEAD")
