@@ -167,7 +167,8 @@ def response_headers(headers: MultiMapping[str], request_id: str) -> CIMultiDict
     sent."""
     remove = HOP_BY_HOP | connection_tokens(headers) if "Connection" in headers else HOP_BY_HOP
     out = CIMultiDict(headers)  # one copy in C, then only the names present are removed
-    for name in remove.intersection(map(str.lower, headers.keys())):
-        out.popall(name)
+    for name in remove:
+        if name in out:
+            del out[name]
     out["X-Request-ID"] = request_id
     return out
