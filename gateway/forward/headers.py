@@ -130,7 +130,8 @@ class RequestHeaders:
         trusted = self._any_trusted and peer in self._trusted
         incoming = request.headers
         names = tuple(incoming.keys())
-        key = (trusted, strip_authorization, incoming.get("Connection"), names)
+        connection = tuple(incoming.getall("Connection", ()))  # each of them names drops
+        key = (trusted, strip_authorization, connection, names)
         drops = self._plans.get(key)
         if drops is None:
             drops = _request_drops(

@@ -183,3 +183,29 @@ async def test_chunked_body_in_http_1_0_is_refused(
     assert parse(raw).status == 400
     assert scripted.received == []
     assert requests_counted("/raw/", "rejected", "unsupported_transfer_coding") == before + 1
+
+
+async def test_every_connection_header_counts_whatever_was_seen_before(
+    gateways: GatewayFactory, upstream: Upstream
+):
+    """What a request loses is planned once per set of header names (forward/headers.py);
+    a request with the same names must still lose what its own Connection headers name,
+    the second of two included."""
+    gw = await gateways()
+    token = gw.token()
+    for second in ("keep-alive", "X-Private-Hop"):
+        raw = await exchange(
+            port(gw),
+            request(
+                "GET /api/x HTTP/1.1",
+                f"Authorization: Bearer {token}",
+                "Connection: keep-alive",
+                f"Connection: {second}",
+                "X-Private-Hop: for the next hop only",
+                "Connection: close",
+            ),
+        )
+        assert parse(raw).status == 200
+    first, then = upstream.received
+    assert first.headers["X-Private-Hop"] == "for the next hop only"
+    assert "X-Private-Hop" not in then.headers
