@@ -5,6 +5,7 @@ trusted proxy."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 from aiohttp import web
@@ -71,27 +72,23 @@ def connection_tokens(headers: MultiMapping[str]) -> set[str]:
     return named
 
 
+@functools.lru_cache(maxsize=1024)
 def _request_drops(
-    headers: MultiMapping[str], remove: frozenset[str], twins: frozenset[str]
+    names: tuple[str, ...],
+    connection: tuple[str, ...],
+    remove: frozenset[str],
+    twins: frozenset[str],
 ) -> tuple[str, ...]:
-    """The (lower-case) names to take out of a copy of `headers`: those in `remove`, those
-    named in Connection, and those that are in `twins` once `_` is read as `-` (what nginx,
-    WSGI and CGI upstreams do)."""
-    if "Connection" in headers:
-        remove = remove | connection_tokens(headers)
-    drops = {name.lower() for name in headers}
-    return tuple(
-        name
-        for name in drops
-        if name in remove or ("_" in name and name.replace("_", "-") in twins)
-    )
+    """The (lower-case) names to take out of a copy of a request's headers: those in `remove`,
+    those its Connection headers name, and those that are in `twins` once `_` is read as `-`
+    (what nginx, WSGI and CGI upstreams do). It depends on the names only: clients send the
+    same few sets over and over, so the answers are kept (for sets of modest size, below)."""
+    remove = remove.union(t.strip(" \t").lower() for value in connection for t in value.split(","))
+    lowered = {name.lower() for name in names}
+    return tuple(n for n in lowered if n in remove or ("_" in n and n.replace("_", "-") in twins))
 
 
-# Which names a request's headers lose depends only on the names it has (and Connection's
-# value): clients send the same few sets over and over, so the answer is kept, for sets of
-# modest size (a key holds the names), and forgotten all at once when the table is full.
-_PLANS = 1024
-_PLANNED_NAMES = 2048  # characters of header names in one key, at most
+_PLANNED_NAMES = 2048  # characters of header names in one kept key, at most
 
 
 class RequestHeaders:
@@ -113,7 +110,6 @@ class RequestHeaders:
         self._underscore_twins = with_auth | _CLIENT_CLAIMS
         self._any_trusted = bool(config.trusted_proxies)
         self._trusted = TrustedPeers(config)
-        self._plans: dict[tuple[object, ...], tuple[str, ...]] = {}
 
     def for_request(
         self,
@@ -130,17 +126,15 @@ class RequestHeaders:
         trusted = self._any_trusted and peer in self._trusted
         incoming = request.headers
         names = tuple(incoming.keys())
-        connection = tuple(incoming.getall("Connection", ()))  # each of them names drops
-        key = (trusted, strip_authorization, connection, names)
-        drops = self._plans.get(key)
-        if drops is None:
-            drops = _request_drops(
-                incoming, self._drops[trusted, strip_authorization], self._underscore_twins
-            )
-            if sum(map(len, names)) <= _PLANNED_NAMES:
-                if len(self._plans) >= _PLANS:
-                    self._plans.clear()
-                self._plans[key] = drops
+        plan = (
+            _request_drops if sum(map(len, names)) <= _PLANNED_NAMES else _request_drops.__wrapped__
+        )
+        drops = plan(
+            names,
+            tuple(incoming.getall("Connection", ())),  # each of them names drops
+            self._drops[trusted, strip_authorization],
+            self._underscore_twins,
+        )
         headers = CIMultiDict(incoming)  # one copy in C, then only what must go is taken out
         for name in drops:
             headers.popall(name)
