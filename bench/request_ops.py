@@ -87,6 +87,8 @@ class Client(asyncio.Protocol):
                 self.run.refused += 1  # counted and reported: a hang would hide it
             self.buffer = rest[length:]
             self.run.answered()
+            if self.run.done + self.run.connections <= self.run.target:
+                self.send()  # the next one, while the burst needs it
 
 
 class Run:
