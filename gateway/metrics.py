@@ -236,22 +236,29 @@ class TurnCounter(BatchedCounter):
     __slots__ = ()
 
     def inc(self) -> None:
-        if not self._count:
-            _turn_dirty.append(self)
-            if len(_turn_dirty) == 1:
-                try:
-                    asyncio.get_running_loop().call_soon(_flush_turn)
-                except RuntimeError:  # no loop (a script, a test): at once
-                    _flush_turn()
-                    self._child.inc()
-                    return
-        self._count += 1
+        if self._count:
+            self._count += 1
+            return
+        self._count = 1
+        _turn_dirty.append(self)
+        global _turn_loop
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a script, a test): at once
+            _flush_turn()
+            return
+        if _turn_loop is not loop:  # one flush per turn, on whichever loop counts now
+            _turn_loop = loop
+            loop.call_soon(_flush_turn)
 
 
 _turn_dirty: list[TurnCounter] = []
+_turn_loop: asyncio.AbstractEventLoop | None = None  # the loop a flush is scheduled on
 
 
 def _flush_turn() -> None:
+    global _turn_loop
+    _turn_loop = None
     dirty = _turn_dirty[:]
     _turn_dirty.clear()
     for counter in dirty:
