@@ -24,7 +24,7 @@ from gateway.revocation import RevocationList
 from gateway.store.base import KeyHasher, Revocation, RevocationKind, Store, StoreUnavailable
 from gateway.tokens.extract import MAX_TOKEN_BYTES
 from gateway.tokens.policy import idle_remaining, revocation_horizon
-from gateway.tokens.verify import unverified_id
+from gateway.tokens.verify import no_constant, no_duplicate_members, unverified_id
 
 log = logging.getLogger("idlegate.admin")
 # Who revoked what, from where, and who tried without the admin token. Kept at INFO whatever
@@ -41,18 +41,6 @@ _SCOPING = ("issuer", "provider")
 MAX_BODY = 4 * MAX_TOKEN_BYTES
 
 
-def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        # {"jti": "a", "jti": "b"}: whatever reviewed the call saw one id, we would revoke another.
-        raise ValueError("duplicate member")
-    return result
-
-
-def _no_constant(name: str) -> object:
-    raise ValueError(f"{name} is not JSON")
-
-
 def _api_method(path: str) -> str | None:
     """The one method of the admin API path `path`, if it is one (else None)."""
     if path == "/admin/revoke":
@@ -65,7 +53,7 @@ def strict_json(data: bytes) -> object:
     """RFC 8259 JSON only (no NaN/Infinity, no duplicate member); ValueError otherwise, also
     for nesting too deep for the parser (a JSON bomb is a bad request, not a 500)."""
     try:
-        return json.loads(data, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        return json.loads(data, object_pairs_hook=no_duplicate_members, parse_constant=no_constant)
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         raise ValueError("not JSON") from None
 

@@ -38,14 +38,18 @@ def _b64decode(part: str) -> bytes:
         raise Refusal(Reason.MALFORMED_TOKEN, "the token is not base64url") from None
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def no_duplicate_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads's object_pairs_hook for what the gateway decides on (token segments, admin
+    bodies): `{"jti": "a", "jti": "b"}` is refused, not read as whichever member came last
+    (what reviewed or logged the text saw one value, we would act on another)."""
     result = dict(pairs)
     if len(result) != len(pairs):
         raise ValueError("duplicate member")
     return result
 
 
-def _no_constant(name: str) -> Any:
+def no_constant(name: str) -> Any:
+    """json.loads's parse_constant: NaN and Infinity are not JSON."""
     raise ValueError(f"{name} is not JSON")
 
 
@@ -63,8 +67,8 @@ def _json_object(data: bytes, what: str) -> dict[str, Any]:
     try:
         value = json.loads(
             data,
-            object_pairs_hook=_no_duplicates,
-            parse_constant=_no_constant,
+            object_pairs_hook=no_duplicate_members,
+            parse_constant=no_constant,
             parse_float=_finite_float,
         )
     except (ValueError, UnicodeDecodeError, RecursionError):
