@@ -30,6 +30,8 @@ _URI_HEADERS = ("X-Original-URI", "X-Original-URL", "X-Forwarded-Uri")
 _METHOD_HEADERS = ("X-Original-Method", "X-Forwarded-Method")
 _METHOD = re.compile(r"[A-Z][A-Z0-9_-]{0,31}")
 _COMMON_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
+# Methods the proxy port refuses before deciding anything (`Reason.METHOD_NOT_ALLOWED`).
+NOT_FORWARDED_METHODS = frozenset(("TRACE", "TRACK", "CONNECT"))
 _PEER_CACHE_SIZE = 4096
 
 
@@ -131,6 +133,9 @@ def original_request(
             if named and value != original_method:
                 raise Refusal(Reason.NO_ORIGINAL_REQUEST, "the original method headers disagree")
             original_method, named = value, True
-    if original_method not in _COMMON_METHODS and not _METHOD.fullmatch(original_method):
-        raise Refusal(Reason.NO_ORIGINAL_REQUEST, "the original method is not an HTTP method")
+    if original_method not in _COMMON_METHODS:
+        if original_method in NOT_FORWARDED_METHODS:
+            raise Refusal(Reason.METHOD_NOT_ALLOWED)
+        if not _METHOD.fullmatch(original_method):
+            raise Refusal(Reason.NO_ORIGINAL_REQUEST, "the original method is not an HTTP method")
     return OriginalRequest(method=original_method, path=target[0], query=target[1])

@@ -45,7 +45,12 @@ from gateway.forward.websocket import (
     check_handshake,
     wants_websocket,
 )
-from gateway.forward_auth import AUTH_PATH, TrustedPeers, original_request
+from gateway.forward_auth import (
+    AUTH_PATH,
+    NOT_FORWARDED_METHODS,
+    TrustedPeers,
+    original_request,
+)
 from gateway.reasons import Reason, Refusal, rfc6750_text
 from gateway.revocation import RevocationList
 from gateway.routing import Match, Router
@@ -207,6 +212,9 @@ class Pipeline:
         traffic = self.traffic
         traffic.in_flight += 1
         try:
+            # From the head alone, before the token is even looked at: never activity.
+            if request.method in NOT_FORWARDED_METHODS:
+                raise Refusal(Reason.METHOD_NOT_ALLOWED)
             if raw_path == SESSION_PATH:  # the built-in route, answered here
                 record.route = SESSION_PATH
                 response: web.StreamResponse = await self._session_status(request, record)

@@ -86,6 +86,11 @@ class Reason(enum.Enum):
         "the token lacks a role this route requires",
     )
     NO_ROUTE = _ReasonSpec("no_route", 404, None, "no route matches this path")
+    # TRACE/TRACK (an upstream echoing them would send back the client's Authorization and the
+    # gateway's identity headers) and CONNECT (a tunnel, not a request): never forwarded.
+    METHOD_NOT_ALLOWED = _ReasonSpec(
+        "method_not_allowed", 405, None, "the gateway does not forward this method"
+    )
     BAD_PATH = _ReasonSpec("bad_path", 400, "invalid_request", "the request path is not acceptable")
     # Forward-auth (gateway/forward_auth.py): a peer not in forward_auth.trusted_proxies, and an
     # auth request that does not say, unambiguously, which request to decide.
