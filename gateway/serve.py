@@ -72,6 +72,14 @@ def install_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+def _url(runner: web.BaseRunner) -> str:
+    """The runner's first address as a URL one can paste (an IPv6 host in brackets)."""
+    host, port = runner.addresses[0][:2]
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
 @dataclass
 class Running:
     """A started gateway with both listeners; `drain()` is the SIGTERM path."""
@@ -83,18 +91,13 @@ class Running:
     forward_auth: web.BaseRunner | None = None
 
     def addresses(self) -> tuple[str, str]:
-        def first(runner: web.BaseRunner) -> str:
-            host, port = runner.addresses[0][:2]
-            return f"http://{host}:{port}"
-
-        return first(self.proxy), first(self.admin)
+        return _url(self.proxy), _url(self.admin)
 
     def forward_auth_address(self) -> str | None:
         """http://host:port of forward_auth.listen, when configured."""
         if self.forward_auth is None:
             return None
-        host, port = self.forward_auth.addresses[0][:2]
-        return f"http://{host}:{port}"
+        return _url(self.forward_auth)
 
     async def drain(self) -> None:
         """Readiness off at once, stop accepting, let in-flight requests finish (up to

@@ -501,3 +501,24 @@ async def test_expect_100_continue_is_answered_only_for_accepted_requests(
     assert (await reader.readline()).startswith(b"HTTP/1.1 401")
     writer.close()
     assert len(upstream.received) == 1
+
+
+async def test_ipv6_listen_addresses_are_urls_that_work(
+    gateways: GatewayFactory, upstream: Upstream
+):
+    # The addresses serve logs ("listening on ...") and the tests use: an IPv6 host bracketed.
+    assert socket.has_ipv6
+    gw = await gateways(
+        listen={"host": "::1", "port": 0},
+        admin={"host": "::1", "port": 0},
+        forward_auth={"enabled": True, "listen": {"host": "::1", "port": 0}},
+    )
+    proxy, admin = gw.running.addresses()
+    assert proxy.startswith("http://[::1]:") and admin.startswith("http://[::1]:")
+    assert (await gw.get("/public/x")).status == 200
+    async with gw.http.get(admin + "/healthz") as response:
+        assert response.status == 200
+    forward_auth = gw.running.forward_auth_address()
+    assert forward_auth is not None and forward_auth.startswith("http://[::1]:")
+    async with gw.http.get(forward_auth, headers={"X-Original-URI": "/public/x"}) as response:
+        assert response.status == 200
