@@ -8,6 +8,8 @@ the deadline ticker (0.25 s of real time) then closes the socket.
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -456,3 +458,34 @@ async def test_the_handshake_counts_as_activity(
     await ws.close()
     clock.advance(1.5)  # 3 s after iat, 1.5 s after the handshake
     assert (await gw.get("/api/x", token)).status == 200
+
+
+async def test_a_handshake_connect_timeout_logs_no_request_url(
+    gateways: GatewayFactory, caplog: pytest.LogCaptureFixture
+):
+    # aiohttp's ConnectionTimeoutError names the URL, query included: the log must not.
+    # An upstream that never accepts, its accept queue full: a new SYN goes unanswered.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    address = listener.getsockname()
+    fillers = []
+    for _ in range(4):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(address)
+        fillers.append(filler)
+    caplog.set_level(logging.WARNING, logger="idlegate.upstream")
+    try:
+        gw = await gateways(
+            routes=ws_routes(f"http://127.0.0.1:{address[1]}"), forward={"connect_timeout": "200ms"}
+        )
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await connect(gw, "/ws/hidden?q=query-secret", gw.token())
+    finally:
+        for sock in (*fillers, listener):
+            sock.close()
+    assert refused.value.status == 502
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "idlegate.upstream"]
+    assert "route=/ws/" in line and "connect_timeout 0.2s" in line
+    assert "query-secret" not in caplog.text and "/hidden" not in caplog.text
