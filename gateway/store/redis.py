@@ -42,12 +42,12 @@ from gateway.store.pipeline import ConnectionLost, PipelinedConnection, ReplyErr
 
 log = logging.getLogger("idlegate.store")
 RedisClient = Redis | RedisCluster
-# RedisClusterException is no RedisError (no reachable node, a slot not covered): a store
-# fault all the same, never a 500.
 # The touch commands kept packed (`RedisStore._packed_touch`): one per token and route seen,
 # about 450 bytes each; cleared when full.
 _PACKED_TOUCHES = 8192
 _TouchArgs = tuple[float | int | str, ...]
+# RedisClusterException is no RedisError (no reachable node, a slot not covered): a store
+# fault all the same, never a 500.
 _FAILURES = (RedisError, RedisClusterException, TimeoutError, OSError, ReplyError)
 T = TypeVar("T")
 
