@@ -33,7 +33,7 @@ import uvloop
 sys.path.insert(0, str(Path.cwd()))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tokens import AUDIENCE, ISSUER, write_key, write_tokens
+from tokens import provider, write_key, write_tokens
 
 RESPONSE = (
     b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 13\r\n\r\n{"orders":[]}'
@@ -134,15 +134,7 @@ async def start_proxy(kind: str, upstream: str, redis_port: int, key_dir: Path) 
         "server": {"access_log": False, "log_level": "warning"},
         "store": {"url": f"redis://127.0.0.1:{redis_port}/0", "timeout": "1s"},
         "policy": {"idle_timeout": "15m", "max_token_lifetime": "15m"},
-        "providers": [
-            {
-                "name": "bench",
-                "issuer": ISSUER,
-                "audiences": [AUDIENCE],
-                "algorithms": ["RS256"],
-                "public_key_file": str(public_key),
-            }
-        ],
+        "providers": [provider(public_key)],
         "routes": [{"prefix": "/api/", "upstream": upstream}],
     }
     if kind == "noauth":

@@ -67,7 +67,7 @@ from common import (
 )
 from profile_summary import load as load_profile
 from profile_summary import report as profile_report
-from tokens import AUDIENCE, ISSUER, write_key, write_tokens
+from tokens import provider, write_key, write_tokens
 
 PATH = "/api/orders"
 SUT_CPU = "0"
@@ -141,15 +141,7 @@ class Bench:
             "server": {"access_log": False, "log_level": "warning", "shutdown_grace": "2s"},
             "store": {"url": f"redis://127.0.0.1:{self.redis_port}/0", "timeout": "250ms"},
             "policy": {"idle_timeout": "15m", "max_token_lifetime": "15m"},
-            "providers": [
-                {
-                    "name": "bench",
-                    "issuer": ISSUER,
-                    "audiences": [AUDIENCE],
-                    "algorithms": ["RS256"],
-                    "public_key_file": str(public_key),
-                }
-            ],
+            "providers": [provider(public_key)],
             "routes": [{"prefix": "/api/", "upstream": self.upstream_url}],
         }
         if coalesce is not None:

@@ -23,6 +23,17 @@ TTL = 900  # the default max_token_lifetime (15m): the longest a token may be is
 _KEY: rsa.RSAPrivateKey | None = None
 
 
+def provider(public_key: Path) -> dict[str, object]:
+    """The bench issuer as one `providers` entry of a gateway config."""
+    return {
+        "name": "bench",
+        "issuer": ISSUER,
+        "audiences": [AUDIENCE],
+        "algorithms": ["RS256"],
+        "public_key_file": str(public_key),
+    }
+
+
 def write_key(key_dir: Path) -> tuple[Path, Path]:
     """(private PEM, public PEM), created once per directory."""
     private_path, public_path = key_dir / "bench-private.pem", key_dir / "bench-public.pem"

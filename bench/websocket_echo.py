@@ -29,7 +29,7 @@ from aiohttp import WSMsgType, web
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import OUT, PYTHON, ROOT, Proc, Procs, cpu_seconds, free_port, wait_port
-from tokens import AUDIENCE, ISSUER, mint, write_key
+from tokens import mint, provider, write_key
 
 # -- the two servers (run as subprocesses of this script) ----------------------------------
 
@@ -144,15 +144,7 @@ def gateway_config(
         "admin": {"host": "127.0.0.1", "port": admin_port},
         "server": {"access_log": False, "log_level": "warning", "shutdown_grace": "2s"},
         "store": {"url": "memory://"},
-        "providers": [
-            {
-                "name": "bench",
-                "issuer": ISSUER,
-                "audiences": [AUDIENCE],
-                "algorithms": ["RS256"],
-                "public_key_file": str(public_key),
-            }
-        ],
+        "providers": [provider(public_key)],
         "routes": [{"prefix": "/", "upstream": upstream, "websocket": True}],
     }
 
