@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from harness import GatewayUnderTest, Upstream, base_config, start_gateway
 from jwks_server import SigningKey, rsa_key
+from ws_upstream import WsUpstream
 
 from gateway.clock import Clock, ManualClock
 
@@ -180,3 +181,12 @@ from redis_topologies import (  # noqa: E402, F401
     shared_sentinel,
     stable_sentinel,
 )
+
+
+@pytest.fixture
+async def ws_upstream() -> AsyncIterator[WsUpstream]:
+    """A real aiohttp WebSocket server (tests/ws_upstream.py) for a test's upstream."""
+    server = WsUpstream()
+    await server.start()
+    yield server
+    await server.stop()

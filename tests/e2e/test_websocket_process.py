@@ -8,12 +8,10 @@ import asyncio
 import json
 import signal
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 from conftest import RedisServer
 from harness import Upstream
 from jwks_server import SigningKey
@@ -21,14 +19,6 @@ from ws_upstream import WsUpstream
 
 from .conftest import Spawn
 from .processes import GatewayProcess, bearer, e2e_config, mint
-
-
-@pytest.fixture
-async def ws_upstream() -> AsyncIterator[WsUpstream]:
-    server = WsUpstream()
-    await server.start()
-    yield server
-    await server.stop()
 
 
 async def ws_process(

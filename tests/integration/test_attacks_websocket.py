@@ -8,7 +8,7 @@ import asyncio
 import base64
 import hashlib
 import struct
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import aiohttp
 import pytest
@@ -21,14 +21,6 @@ from gateway.clock import ManualClock
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-
-
-@pytest.fixture
-async def ws_upstream() -> AsyncIterator[WsUpstream]:
-    server = WsUpstream()
-    await server.start()
-    yield server
-    await server.stop()
 
 
 async def ws_gateway(gateways: GatewayFactory, upstream_url: str, **overrides: object):

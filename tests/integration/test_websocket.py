@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +25,6 @@ from gateway.clock import ManualClock
 ADMIN_TOKEN = "ws-admin-token"
 # The ticker checks every 0.25 s; a close is expected within this much real time.
 CLOSE_WITHIN = 1.5
-
-
-@pytest.fixture
-async def ws_upstream() -> AsyncIterator[WsUpstream]:
-    server = WsUpstream()
-    await server.start()
-    yield server
-    await server.stop()
 
 
 def ws_routes(url: str, **ws_route: Any) -> list[dict[str, Any]]:
