@@ -8,6 +8,7 @@ import asyncio
 from dataclasses import dataclass, field
 
 from prometheus_client import REGISTRY
+from raw_server import RawServer
 
 
 def requests_counted(route: str, decision: str, reason: str) -> float:
@@ -70,7 +71,7 @@ def request(first_line: str, *header_lines: str, body: bytes = b"") -> bytes:
 
 
 @dataclass
-class ScriptedUpstream:
+class ScriptedUpstream(RawServer):
     """A TCP server that reads one request per connection (its head, then a Content-Length or
     chunked body), records the raw bytes, and answers with `reply`; the connection stays open
     for `linger` seconds after (an upstream that means to keep talking)."""
@@ -78,29 +79,8 @@ class ScriptedUpstream:
     reply: bytes = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
     linger: float = 0.0
     received: list[bytes] = field(default_factory=list)
-    port: int = 0
-    _server: asyncio.Server | None = None
-    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = int(self._server.sockets[0].getsockname()[1])
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await reader.readuntil(b"\r\n\r\n")
             lower = head.lower()
@@ -120,6 +100,3 @@ class ScriptedUpstream:
                 self.received.append(extra)
         except (asyncio.IncompleteReadError, OSError, TimeoutError, ValueError):
             pass
-        finally:
-            writer.close()
-            self._tasks.discard(task)

@@ -9,12 +9,14 @@ import base64
 import hashlib
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import aiohttp
 import pytest
 from attacks import exchange, parse, request, requests_counted
 from conftest import GatewayFactory
 from harness import GatewayUnderTest
+from raw_server import RawServer
 from ws_upstream import WsUpstream
 
 from gateway.clock import ManualClock
@@ -137,30 +139,16 @@ def _frame(opcode: int, payload: bytes, *, fin: bool = True, length: int | None 
     return bytes([first, 127]) + struct.pack("!Q", size) + payload
 
 
-class RawWsUpstream:
+@dataclass
+class RawWsUpstream(RawServer):
     """Answers the gateway's handshake with `accept(key)` as Sec-WebSocket-Accept, then writes
     `frames` and records whatever arrives."""
 
-    def __init__(self, frames: bytes, accept: Callable[[bytes], bytes]) -> None:
-        self.frames = frames
-        self.accept = accept
-        self.received = b""
-        self.port = 0
-        self._server: asyncio.Server | None = None
+    frames: bytes
+    accept: Callable[[bytes], bytes]
+    received: bytes = b""
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = int(self._server.sockets[0].getsockname()[1])
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await reader.readuntil(b"\r\n\r\n")
             start = head.lower().index(b"sec-websocket-key:") + len(b"sec-websocket-key:")

@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 from conftest import GatewayFactory
 from harness import GatewayUnderTest
+from raw_server import RawServer
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 LEAK = b"leak"  # every malformed response carries it in a header and in its body
@@ -30,7 +31,7 @@ class Reply:
 
 
 @dataclass
-class RawUpstream:
+class RawUpstream(RawServer):
     """A TCP server on 127.0.0.1 that reads each request head and answers it with the next
     scripted `Reply` (the last one repeats); it keeps every request head and counts
     connections."""
@@ -38,29 +39,8 @@ class RawUpstream:
     replies: list[Reply] = field(default_factory=lambda: [Reply((OK,))])
     received: list[bytes] = field(default_factory=list)
     connections: int = 0
-    port: int = 0
-    _server: asyncio.Server | None = None
-    _handlers: set[asyncio.Task[None]] = field(default_factory=set)
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = int(self._server.sockets[0].getsockname()[1])
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for handler in list(self._handlers):
-            handler.cancel()
-        await asyncio.gather(*self._handlers, return_exceptions=True)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        handler = asyncio.current_task()
-        assert handler is not None
-        self._handlers.add(handler)
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         try:
             while True:
@@ -80,9 +60,6 @@ class RawUpstream:
                     return
         except OSError:
             return
-        finally:
-            writer.close()
-            self._handlers.discard(handler)
 
 
 @dataclass
