@@ -242,13 +242,10 @@ class Verifier:
         cached = self._cache.get(token)
         if cached is None or self._rings[cached.provider].lookup(cached.kid) is not cached.key:
             return None
-        now = self._clock.now()
-        leeway = self._policy.leeway
-        if now < cached.exp + leeway and cached.iat <= now + leeway and cached.nbf is None:
-            return cached  # the common case, on one clock reading: _check_time's checks pass
-        if cached.exp + leeway <= now:
+        now = self._clock.now()  # one reading for both checks
+        if cached.exp + self._policy.leeway <= now:
             del self._cache[token]  # never past exp: refused below, and forgotten
-        self._check_time(cached)
+        self._check_time(cached, now)
         return cached
 
     async def verify(self, token: str) -> VerifiedToken:
@@ -256,7 +253,7 @@ class Verifier:
         if cached is not None:
             return cached
         verified = await self._verify_uncached(token)
-        self._check_time(verified)
+        self._check_time(verified, self._clock.now())
         self._remember(token, verified)
         return verified
 
@@ -382,8 +379,7 @@ class Verifier:
             identity=identity_headers(claims, self._identity_claims, jti),
         )
 
-    def _check_time(self, token: VerifiedToken) -> None:
-        now = self._clock.now()
+    def _check_time(self, token: VerifiedToken, now: float) -> None:
         leeway = self._policy.leeway
         if now >= token.exp + leeway:
             raise Refusal(Reason.EXPIRED)
