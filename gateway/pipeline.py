@@ -57,7 +57,7 @@ from gateway.routing import Match, Router
 from gateway.store.base import Store, StoreUnavailable, TouchResult
 from gateway.tokens import policy
 from gateway.tokens.claims import VerifiedToken
-from gateway.tokens.extract import check_token68, presented_token
+from gateway.tokens.extract import check_token68, credential, presented_token
 from gateway.tokens.verify import Verifier
 
 log = logging.getLogger("idlegate")
@@ -312,10 +312,15 @@ class Pipeline:
         (for the log) whatever is decided after."""
         if route.auth != "required":
             return _NO_IDENTITY
-        presented = presented_token(headers, query_string)
         verifier = self.verifier
-        # A cache hit is a string verified before, so token68 already: checked on a miss only.
-        token = verifier.cached(presented) or await verifier.verify(check_token68(presented))
+        # The Authorization value as sent is the cache key: a request that repeats one verified
+        # before is answered without parsing it again (nor the token68 check: it passed).
+        presented = credential(headers, query_string)
+        token = None if presented is None else verifier.cached(presented)
+        if token is None:
+            token = await verifier.verify(
+                check_token68(presented_token(headers, query_string)), credential=presented
+            )
         record.token = token
         if self.revocations.is_revoked(token):
             raise Refusal(Reason.REVOKED)

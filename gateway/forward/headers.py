@@ -61,34 +61,39 @@ _CLIENT_CLAIMS = frozenset(
 )
 
 
-def connection_tokens(headers: MultiMapping[str]) -> set[str]:
-    """The lower-case names listed in Connection (RFC 9110 §7.6.1), empty items skipped."""
-    named: set[str] = set()  # loops, not a comprehension: on every request, and faster
-    for value in headers.getall("Connection", ()):
-        for token in value.split(","):
-            token = token.strip(" \t")
-            if token:
-                named.add(token.lower())
-    return named
-
-
 @functools.lru_cache(maxsize=1024)
-def _request_drops(
+def _planned_drops(
     names: tuple[str, ...],
     connection: tuple[str, ...],
     remove: frozenset[str],
     twins: frozenset[str],
 ) -> tuple[str, ...]:
-    """The (lower-case) names to take out of a copy of a request's headers: those in `remove`,
+    """The (lower-case) names to take out of a copy of a message's headers: those in `remove`,
     those its Connection headers name, and those that are in `twins` once `_` is read as `-`
-    (what nginx, WSGI and CGI upstreams do). It depends on the names only: clients send the
-    same few sets over and over, so the answers are kept (for sets of modest size, below)."""
+    (what nginx, WSGI and CGI upstreams do). It depends on the names only: clients and
+    upstreams send the same few sets over and over, so the answers are kept (for sets of
+    modest size, below)."""
     remove = remove.union(t.strip(" \t").lower() for value in connection for t in value.split(","))
     lowered = {name.lower() for name in names}
     return tuple(n for n in lowered if n in remove or ("_" in n and n.replace("_", "-") in twins))
 
 
 _PLANNED_NAMES = 2048  # characters of header names in one kept key, at most
+
+
+def _drops(
+    headers: MultiMapping[str], remove: frozenset[str], twins: frozenset[str]
+) -> tuple[str, ...]:
+    names = tuple(headers.keys())
+    plan = _planned_drops if sum(map(len, names)) <= _PLANNED_NAMES else _planned_drops.__wrapped__
+    return plan(names, tuple(headers.getall("Connection", ())), remove, twins)
+
+
+# From upstream responses: hop-by-hop fields, and the upstream's X-Request-ID (ours replaces it);
+# with the body relayed whole, its Content-Length too (aiohttp writes the one it sends).
+_RESPONSE_DROPS = HOP_BY_HOP | {"x-request-id"}
+_WHOLE_RESPONSE_DROPS = _RESPONSE_DROPS | {"content-length"}
+_NONE: frozenset[str] = frozenset()
 
 
 class RequestHeaders:
@@ -125,16 +130,7 @@ class RequestHeaders:
         peer = request.remote or ""
         trusted = self._any_trusted and peer in self._trusted
         incoming = request.headers
-        names = tuple(incoming.keys())
-        plan = (
-            _request_drops if sum(map(len, names)) <= _PLANNED_NAMES else _request_drops.__wrapped__
-        )
-        drops = plan(
-            names,
-            tuple(incoming.getall("Connection", ())),  # each of them names drops
-            self._drops[trusted, strip_authorization],
-            self._underscore_twins,
-        )
+        drops = _drops(incoming, self._drops[trusted, strip_authorization], self._underscore_twins)
         headers = CIMultiDict(incoming)  # one copy in C, then only what must go is taken out
         for name in drops:
             headers.popall(name)
@@ -156,14 +152,15 @@ class RequestHeaders:
         return headers
 
 
-def response_headers(headers: MultiMapping[str], request_id: str) -> CIMultiDict[str]:
+def response_headers(
+    headers: MultiMapping[str], request_id: str, *, whole_body: bool
+) -> CIMultiDict[str]:
     """What goes to the client from an upstream response's headers: without hop-by-hop
     ones (and those named in Connection), with our X-Request-ID instead of any the upstream
-    sent."""
-    remove = HOP_BY_HOP | connection_tokens(headers) if "Connection" in headers else HOP_BY_HOP
+    sent; with `whole_body` (relayed in one piece) without its Content-Length."""
     out = CIMultiDict(headers)  # one copy in C, then only the names present are removed
-    for name in remove:
-        if name in out:
-            del out[name]
+    for name in _drops(headers, _WHOLE_RESPONSE_DROPS if whole_body else _RESPONSE_DROPS, _NONE):
+        out.popall(name)
     out["X-Request-ID"] = request_id
     return out
+

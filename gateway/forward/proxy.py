@@ -163,11 +163,11 @@ class Forwarder:
         if limit is not None and limit.exceeded:
             response.close()
             raise Refusal(Reason.PAYLOAD_TOO_LARGE)
-        fields = response_headers(response.headers, request_id)
+        whole = response.body is not None
+        fields = response_headers(response.headers, request_id, whole_body=whole)
         reason = response.reason or None  # none sent: aiohttp writes the standard phrase
-        if response.body is not None:
+        if whole:
             # Small bodies (the common case) are relayed here, without another coroutine level.
-            fields.popall("Content-Length", None)
             return web.Response(
                 status=response.status, reason=reason, headers=fields, body=response.body
             )

@@ -35,6 +35,16 @@ def bearer_token(headers: CIMultiDictProxy[str], query_string: str) -> str:
     return check_token68(presented_token(headers, query_string))
 
 
+def credential(headers: CIMultiDictProxy[str], query_string: str) -> str | None:
+    """The request's one Authorization value, as sent, when that value alone decides what
+    `presented_token` finds (one such header, no token in the query): a key under which a
+    verification may be remembered and found again. None: only `presented_token` can tell."""
+    values = headers.getall("Authorization", ())
+    if len(values) != 1 or (query_string and _has_query_token(query_string)):
+        return None
+    return values[0]
+
+
 def presented_token(headers: CIMultiDictProxy[str], query_string: str) -> str:
     """`bearer_token` but for the token68 syntax check (`check_token68`), which costs ~1.5 µs
     on a typical token: a caller may skip it for a string it verified before, since every

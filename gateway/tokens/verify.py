@@ -236,25 +236,30 @@ class Verifier:
         self._cache: dict[str, VerifiedToken] = {}
         self._cache_size = cache_size
 
-    def cached(self, token: str) -> VerifiedToken | None:
-        """The fast path, without a coroutine: a token verified before whose key still stands
-        (time claims re-checked; may raise Refusal). None: call `verify`."""
-        cached = self._cache.get(token)
+    def cached(self, presented: str) -> VerifiedToken | None:
+        """The fast path, without a coroutine: a token verified before (under the token, or
+        the `credential` it came in) whose key still stands, time claims re-checked (may
+        raise Refusal). None: call `verify`."""
+        cached = self._cache.get(presented)
         if cached is None or self._rings[cached.provider].lookup(cached.kid) is not cached.key:
             return None
         now = self._clock.now()  # one reading for both checks
         if cached.exp + self._policy.leeway <= now:
-            del self._cache[token]  # never past exp: refused below, and forgotten
+            del self._cache[presented]  # never past exp: refused below, and forgotten
         self._check_time(cached, now)
         return cached
 
-    async def verify(self, token: str) -> VerifiedToken:
-        cached = self.cached(token)
+    async def verify(self, token: str, *, credential: str | None = None) -> VerifiedToken:
+        """`token` verified; remembered under `credential` (the Authorization value it came
+        in, `extract.credential`) when given, so that the next request finds it without
+        parsing the header again, else under the token itself."""
+        key = token if credential is None else credential
+        cached = self.cached(key)
         if cached is not None:
             return cached
         verified = await self._verify_uncached(token)
         self._check_time(verified, self._clock.now())
-        self._remember(token, verified)
+        self._remember(key, verified)
         return verified
 
     def _remember(self, token: str, verified: VerifiedToken) -> None:

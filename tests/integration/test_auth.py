@@ -150,6 +150,42 @@ async def test_malformed_requests(gateways: GatewayFactory, upstream: Upstream):
     assert len(upstream.received) == before
 
 
+async def test_a_token_accepted_before_is_refused_in_a_malformed_request(
+    gateways: GatewayFactory, upstream: Upstream
+):
+    """What the verification cache answers (keyed by the Authorization value) never skips the
+    request's own checks: a second header, a token in the query, a spelling that is no bearer
+    credential. A spelling accepted once is accepted again."""
+    gw = await gateways()
+    token = gw.token()
+    assert (await gw.get("/api/x", token)).status == 200  # now cached
+    await assert_refused(
+        gw, upstream, token, "malformed_request", 400, path="/api/x?access_token=1"
+    )
+    await assert_refused(
+        gw, upstream, token, "malformed_request", 400, path="/api/x?a=1;Access%5FToken=1"
+    )
+    two = [("Authorization", f"Bearer {token}"), ("Authorization", f"Bearer {token}")]
+    response = await gw.http.get(gw.url + "/api/x", headers=two)
+    assert response.status == 400
+    assert (await response.json())["reason"] == "malformed_request"
+    await assert_refused(
+        gw, upstream, None, "missing_token", headers={"Authorization": f"Basic {token}"}
+    )
+    await assert_refused(
+        gw, upstream, None, "malformed_request", 400, headers={"Authorization": f"Bearer {token} x"}
+    )
+    before = len(upstream.received)
+    for value in (f"bearer {token}", f"Bearer {token}", f"BEARER  {token}"):
+        assert (
+            await gw.http.get(gw.url + "/api/x", headers={"Authorization": value})
+        ).status == 200
+        assert (
+            await gw.http.get(gw.url + "/api/x?q=1", headers={"Authorization": value})
+        ).status == 200
+    assert len(upstream.received) == before + 6
+
+
 @pytest.mark.parametrize(
     "token",
     [

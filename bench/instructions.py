@@ -1,0 +1,154 @@
+"""CPU instructions per request of the proxy process, counted by valgrind (callgrind), for the
+gateway (exact and `store.coalesce`) and the bare proxy on the same lean transport.
+
+Instruction counts do not move with the machine's load (wall-clock req/s on a shared 2-core VM
+swing by ±20 % between rounds), so two checkouts, or two targets, compare exactly; C work
+(multidict, llhttp, hiredis, uvloop) is in them, the kernel's is not. The serving process runs
+under `valgrind --tool=callgrind --instr-atstart=no`; wrk warms it up, then instrumentation is
+switched on for one wrk run of `--duration` seconds and the instructions divided by the
+requests wrk completed. Same upstream, Redis and token pool as bench/run.py.
+
+    python bench/instructions.py [--targets bare-lean,gateway,coalesce] [--duration 15]
+
+The ratio printed (bare-lean ÷ target, in instructions) is what issue 12 and 13's req/s
+ratios would be if only the proxy's own CPU counted; wall-clock ratios have come out ~0.03-0.05
+below it (cache misses, syscalls).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from common import BENCH, OUT, PYTHON, ROOT, Proc, Procs, free_port, pinned, start_redis, wait_port
+from tokens import provider, write_key, write_tokens
+
+SUT_CPU, LOAD_CPU = "0", "1"
+PATH = "/api/orders"
+
+
+def gateway_config(out: Path, name: str, redis_port: int, upstream: str, coalesce: str) -> Path:
+    _, public_key = write_key(OUT)
+    store: dict[str, object] = {"url": f"redis://127.0.0.1:{redis_port}/0", "timeout": "2s"}
+    if coalesce:
+        store["coalesce"] = coalesce
+    config = {
+        "listen": {"host": "127.0.0.1", "port": free_port()},
+        "admin": {"host": "127.0.0.1", "port": free_port()},
+        "server": {"access_log": False, "log_level": "warning", "shutdown_grace": "1s"},
+        "store": store,
+        "policy": {"idle_timeout": "15m", "max_token_lifetime": "15m"},
+        "providers": [provider(public_key)],
+        "routes": [{"prefix": "/api/", "upstream": upstream}],
+    }
+    path = out / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def wrk(port: int, tokens: Path, seconds: int, connections: int) -> int:
+    done = subprocess.run(
+        pinned(
+            ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s",
+             "-s", str(BENCH / "auth.lua"), f"http://127.0.0.1:{port}{PATH}", "--", str(tokens)],
+            LOAD_CPU,
+        ),
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    line = next(x for x in done.stdout.splitlines() if x.startswith("BENCH_JSON "))
+    result = json.loads(line.removeprefix("BENCH_JSON "))
+    if any(result["errors"].values()):
+        raise SystemExit(f"refused or failed requests: {line}")
+    return int(result["requests"])
+
+
+def measure(name: str, cmd: list[str], port: int, args: argparse.Namespace, tokens: Path) -> float:
+    out = args.out
+    prefix = out / f"callgrind.{name}"
+    valgrind = [
+        "valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={prefix}.%p",
+    ]  # fmt: skip
+    procs = Procs()
+    proc = procs.start(Proc(name, pinned(valgrind + cmd, SUT_CPU), out / f"{name}.log"))
+    try:
+        wait_port(port, timeout=180)
+        wrk(port, tokens, args.warmup, args.connections)
+        pid = proc.pid  # taskset execs valgrind, which stays the process started
+        control = ["callgrind_control", str(pid)]
+        subprocess.run([*control, "-i", "on"], check=True, capture_output=True)
+        requests = wrk(port, tokens, args.duration, args.connections)
+        subprocess.run([*control, "-d"], check=True, capture_output=True)
+        subprocess.run([*control, "-i", "off"], check=True, capture_output=True)
+        time.sleep(0.5)
+        dumps = sorted(out.glob(f"callgrind.{name}.{pid}.*"))
+        total = sum(_total(dump) for dump in dumps)
+        print(f"  {name:10} {total / requests / 1000:8.1f} k instructions/request"
+              f"  ({requests} requests)", flush=True)  # fmt: skip
+        return total / requests
+    finally:
+        procs.stop_all()
+
+
+def _total(dump: Path) -> int:
+    text = dump.read_text(errors="replace")
+    found = re.search(r"^(?:summary|totals): (\d+)", text, re.MULTILINE)
+    return int(found.group(1)) if found else 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--targets", default="bare-lean,gateway,coalesce")
+    parser.add_argument("--duration", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=8)
+    parser.add_argument("--connections", type=int, default=20)
+    parser.add_argument("--tokens", type=int, default=1000)
+    parser.add_argument("--coalesce", default="5s")
+    args = parser.parse_args()
+    for tool in ("valgrind", "callgrind_control", "wrk"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is missing: apt-get install -y valgrind wrk")
+    args.out = OUT / time.strftime("instructions-%Y%m%d-%H%M%S")
+    args.out.mkdir(parents=True)
+    procs = Procs()
+    try:
+        _, redis_port = start_redis(procs, args.out / "redis", LOAD_CPU)
+        upstream_port = free_port()
+        procs.start(Proc("upstream", pinned([PYTHON, str(BENCH / "upstream.py"), "--port",
+                    str(upstream_port)], LOAD_CPU), args.out / "upstream.log"))  # fmt: skip
+        wait_port(upstream_port)
+        upstream = f"http://127.0.0.1:{upstream_port}"
+        tokens = write_tokens(args.tokens, args.out / "tokens.txt", OUT)
+        results: dict[str, float] = {}
+        for name in args.targets.split(","):
+            if name == "bare-lean":
+                port = free_port()
+                cmd = [PYTHON, str(BENCH / "bare_proxy.py"), "--port", str(port),
+                       "--upstream", upstream, "--client", "lean"]  # fmt: skip
+            else:
+                coalesce = args.coalesce if name == "coalesce" else ""
+                config = gateway_config(args.out, name, redis_port, upstream, coalesce)
+                port = yaml.safe_load(config.read_text())["listen"]["port"]
+                cmd = [PYTHON, "-m", "gateway", "serve", "-c", str(config)]
+            results[name] = measure(name, cmd, port, args, tokens)
+        base = results.get("bare-lean")
+        if base:
+            for name, value in results.items():
+                if name != "bare-lean":
+                    print(f"  bare-lean ÷ {name}: {base / value:.3f}"
+                          f"  (gateway-only {(value - base) / 1000:.1f} k)")  # fmt: skip
+        (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    finally:
+        procs.stop_all()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    sys.exit(main())
