@@ -81,11 +81,15 @@ def measure(name: str, cmd: list[str], port: int, args: argparse.Namespace, toke
         wait_port(port, timeout=180)
         wrk(port, tokens, args.warmup, args.connections)
         pid = proc.pid  # taskset execs valgrind, which stays the process started
-        control = ["callgrind_control", str(pid)]
-        subprocess.run([*control, "-i", "on"], check=True, capture_output=True)
+
+        def control(*options: str) -> None:
+            command = ["callgrind_control", *options, str(pid)]
+            subprocess.run(command, check=True, capture_output=True)
+
+        control("-i", "on")
         requests = wrk(port, tokens, args.duration, args.connections)
-        subprocess.run([*control, "-d"], check=True, capture_output=True)
-        subprocess.run([*control, "-i", "off"], check=True, capture_output=True)
+        control("-d")
+        control("-i", "off")
         time.sleep(0.5)
         dumps = sorted(out.glob(f"callgrind.{name}.{pid}.*"))
         total = sum(_total(dump) for dump in dumps)
