@@ -54,7 +54,7 @@ from gateway.forward_auth import (
 from gateway.reasons import Reason, Refusal, rfc6750_text
 from gateway.revocation import RevocationList
 from gateway.routing import Match, Router
-from gateway.store.base import Store, StoreUnavailable, TouchResult
+from gateway.store.base import Store, StoreUnavailable
 from gateway.tokens import policy
 from gateway.tokens.claims import VerifiedToken
 from gateway.tokens.extract import check_token68, credential, presented_token
@@ -120,7 +120,12 @@ class Traffic:
 
     def leave(self) -> None:
         self.in_flight -= 1
-        if not self.in_flight and self.draining:
+        if self.draining:
+            self.leave_drained()
+
+    def leave_drained(self) -> None:
+        """After `in_flight` went down while draining (the front doors inline `leave`)."""
+        if not self.in_flight:
             self.quiet.set()
 
 
@@ -183,10 +188,13 @@ class Pipeline:
         self.recent = policy.RecentActivity()
         self._policy = config.policy
         self._on_error = config.store.on_error
+        self._grace = self._on_error == "grace"  # remembers recent activity for outages
+        self._idle_reason = policy.idle_reason(self._policy)
         # Through an outage every request falls back: one line per 10 s, not one per request
         # (each is counted in STORE_FALLBACKS and, with its jti, in the access log).
         self._fallback_log = RateLimitedLog(log, interval=10.0)
         self._strip_authorization = config.forward.strip_authorization
+        self._timed_upstream = access_log.enabled  # upstream_ms: a field of the access log
         self._idle_gap = metrics.batched(metrics.TOKEN_IDLE_GAP)
         self._requests: dict[tuple[str, str, str], Any] = {}
         self._durations: dict[str, Any] = {}
@@ -203,11 +211,12 @@ class Pipeline:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """The proxy port: decide, then forward (or relay the WebSocket, or answer locally)."""
-        raw_path = request.raw_path.partition("?")[0]
-        if self._forward_auth_on_proxy_port and self._is_forward_auth_path(raw_path):
+        path, _, query = request.raw_path.partition("?")
+        if self._forward_auth_on_proxy_port and self._is_forward_auth_path(path):
             return await self.handle_forward_auth(request)
         started = time.perf_counter()
-        request_id = self._request_id(request)
+        headers = request.headers
+        request_id = self._request_id(headers)
         record = _RequestRecord()
         traffic = self.traffic
         traffic.in_flight += 1
@@ -215,41 +224,49 @@ class Pipeline:
             # From the head alone, before the token is even looked at: never activity.
             if request.method in NOT_FORWARDED_METHODS:
                 raise Refusal(Reason.METHOD_NOT_ALLOWED)
-            if raw_path == SESSION_PATH:  # the built-in route, answered here
+            if path == SESSION_PATH:  # the built-in route, answered here
                 record.route = SESSION_PATH
-                response: web.StreamResponse = await self._session_status(request, record)
+                response: web.StreamResponse = await self._session_status(request, query, record)
             else:
-                match = self.router.match(raw_path)
+                match = self.router.match(path)
                 route = match.route
                 record.route = match.label
                 # Refusals the head alone decides come before the store touches activity.
                 if route.upstream is None:
                     raise Refusal(Reason.NO_ROUTE, "this route is decided for forward-auth only")
-                upgrade = "Upgrade" in request.headers and _upgrade(route, request.headers)
+                upgrade = "Upgrade" in headers and _upgrade(route, headers)
                 if upgrade:
                     check_handshake(request)
-                self.forwarder.check_request(request)
-                identity = await self.decide(route, request.query_string, request.headers, record)
-                headers = self.forwarder.upstream_headers(
+                if "Content-Length" in headers or "Transfer-Encoding" in headers:
+                    self.forwarder.check_request(request)
+                identity = await self.decide(route, query, headers, record)
+                upstream_headers = self.forwarder.upstream_headers(
                     request,
                     request_id,
                     identity,
                     strip_authorization=self._strip_authorization and route.auth == "required",
                 )
-                upstream_started = time.perf_counter()
-                try:
+                if self._timed_upstream:  # for the access log only
+                    upstream_started = time.perf_counter()
+                    try:
+                        response = await self._forwarding(
+                            request, match, query, upstream_headers, request_id, record, upgrade
+                        )
+                    finally:
+                        record.upstream_ms = (time.perf_counter() - upstream_started) * 1000
+                else:
                     response = await self._forwarding(
-                        request, match, headers, request_id, record.token, upgrade
+                        request, match, query, upstream_headers, request_id, record, upgrade
                     )
-                finally:
-                    record.upstream_ms = (time.perf_counter() - upstream_started) * 1000
         except Refusal as refusal:
             response = _refused(refusal, request_id, record)
         except Exception:
             log.exception("request %s failed", request_id)
             response = _refused(Refusal(Reason.INTERNAL_ERROR), request_id, record)
         finally:
-            traffic.leave()
+            traffic.in_flight -= 1
+            if traffic.draining:
+                traffic.leave_drained()
         self._finish(request.method, request_id, record, response, started, "proxy")
         return response
 
@@ -257,7 +274,7 @@ class Pipeline:
         """An edge proxy asks whether to forward a request: 200 with the identity headers (for
         it to copy upstream) if the proxy port would forward it, else the same refusal."""
         started = time.perf_counter()
-        request_id = self._request_id(request)
+        request_id = self._request_id(request.headers)
         record = _RequestRecord()
         method = request.method
         traffic = self.traffic
@@ -313,18 +330,19 @@ class Pipeline:
         if route.auth != "required":
             return _NO_IDENTITY
         verifier = self.verifier
+        now = self.clock.now()  # one reading for the whole decision
         # The Authorization value as sent is the cache key: a request that repeats one verified
         # before is answered without parsing it again (nor the token68 check: it passed).
         presented = credential(headers, query_string)
-        token = None if presented is None else verifier.cached(presented)
+        token = None if presented is None else verifier.cached(presented, now)
         if token is None:
             token = await verifier.verify(
                 check_token68(presented_token(headers, query_string)), credential=presented
             )
+            now = self.clock.now()  # after a key fetch, maybe
         record.token = token
         if self.revocations.is_revoked(token):
             raise Refusal(Reason.REVOKED)
-        now = self.clock.now()
         if self._policy.max_session_age is not None:
             policy.check_session_age(token, self._policy, now)
         if route.scopes:
@@ -338,20 +356,15 @@ class Pipeline:
             result = await self.store.check_and_touch(touch)
         except StoreUnavailable:
             record.last_activity = self._store_fallback(token, idle_timeout, now, record)
-        else:
-            self._record_activity(token, result, now, extend=extend)
-            record.last_activity = result.last_activity
-        return token.identity
-
-    def _record_activity(
-        self, token: VerifiedToken, result: TouchResult, now: float, *, extend: bool
-    ) -> None:
-        """After the store's answer: refuse an idle token, else count how close it came."""
+            return token.identity
+        # The store's answer: refuse an idle token, else count how close it came.
         if result.idle:
-            raise Refusal(policy.idle_reason(self._policy))
-        self._idle_gap.observe(max(0.0, now - result.last_activity))
-        if extend and self._on_error == "grace":
+            raise Refusal(self._idle_reason)
+        last = record.last_activity = result.last_activity
+        self._idle_gap.observe(now - last if now > last else 0.0)
+        if extend and self._grace:
             self.recent.record(token.track_key, now)
+        return token.identity
 
     def _store_fallback(
         self, token: VerifiedToken, idle_timeout: float, now: float, record: _RequestRecord
@@ -376,17 +389,18 @@ class Pipeline:
         self,
         request: web.BaseRequest,
         match: Match,
+        query: str,
         headers: CIMultiDict[str],
         request_id: str,
-        token: VerifiedToken | None,
+        record: _RequestRecord,
         upgrade: bool,
     ) -> Coroutine[Any, Any, web.StreamResponse]:
         """The forwarding step, as the coroutine to await (not wrapped in one more): the
         WebSocket relay, a relay cut at the token's deadlines, or a plain forward."""
         route = match.route
+        token = record.token
         if upgrade:
             assert route.upstream is not None, "handle refuses routes without an upstream"
-            query = request.raw_path.partition("?")[2]
             return self.websockets.relay(
                 request,
                 route.upstream + match.upstream_path + ("?" + query if query else ""),
@@ -396,19 +410,19 @@ class Pipeline:
                 policy.idle_timeout_for(self._policy, route),
                 extend=route.activity == "extend",
             )
-        forwarding = self.forwarder.forward(request, match, headers, request_id)
+        forwarding = self.forwarder.forward(request, match, query, headers, request_id)
         if route.stream_deadline and token is not None:
             return self.deadlines.stream(request, token, match.label, forwarding)
         return forwarding
 
     async def _session_status(
-        self, request: web.BaseRequest, record: _RequestRecord
+        self, request: web.BaseRequest, query: str, record: _RequestRecord
     ) -> web.StreamResponse:
         """The built-in route's responder: remaining idle time etc. for the presented token,
         decided like any request on a passive route (so never counted as activity)."""
         if request.method not in ("GET", "HEAD"):
             return web.json_response({"error": "method_not_allowed"}, status=405)
-        await self.decide(SESSION_ROUTE, request.query_string, request.headers, record)
+        await self.decide(SESSION_ROUTE, query, request.headers, record)
         token, last_activity = record.token, record.last_activity
         assert token is not None and last_activity is not None, "decide sets both"
         now = self.clock.now()
@@ -431,8 +445,8 @@ class Pipeline:
             prefix is not None and (raw_path == prefix or raw_path.startswith(prefix + "/"))
         )
 
-    def _request_id(self, request: web.BaseRequest) -> str:
-        sent_id = request.headers.get("X-Request-ID")
+    def _request_id(self, headers: CIMultiDictProxy[str]) -> str:
+        sent_id = headers.get("X-Request-ID")
         if sent_id and _SANE_REQUEST_ID.fullmatch(sent_id):
             return sent_id
         return f"{self._id_prefix}{next(self._id_counter):08x}"
@@ -478,16 +492,23 @@ class Pipeline:
 
     def _count(self, record: _RequestRecord, elapsed: float) -> None:
         key = (record.route, record.decision, record.reason)
-        counter = self._requests.get(key)
-        if counter is None:
-            counter = self._requests[key] = metrics.turn_counter(metrics.REQUESTS.labels(*key))
-        counter.inc()
-        histogram = self._durations.get(record.route)
-        if histogram is None:
-            histogram = self._durations[record.route] = metrics.batched(
-                metrics.REQUEST_DURATION.labels(record.route)
-            )
+        found = self._requests.get(key)
+        if found is None:
+            found = self._requests[key] = self._request_metrics(key)
+        count, histogram = found
+        count()
         histogram.observe(elapsed)
+
+    def _request_metrics(self, key: tuple[str, str, str]) -> tuple[Any, Any]:
+        """The requests counter's `inc` and the (batched) duration histogram for requests
+        ending as `key` (route, decision, reason): one lookup per request for both. Not the
+        histogram's `observe`: a flush rebinds it."""
+        histogram = self._durations.get(key[0])
+        if histogram is None:
+            histogram = self._durations[key[0]] = metrics.batched(
+                metrics.REQUEST_DURATION.labels(key[0])
+            )
+        return metrics.turn_counter(metrics.REQUESTS.labels(*key)).inc, histogram
 
 
 def _upgrade(route: Route, headers: CIMultiDictProxy[str]) -> bool:

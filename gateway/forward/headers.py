@@ -163,4 +163,3 @@ def response_headers(
         out.popall(name)
     out["X-Request-ID"] = request_id
     return out
-

@@ -132,12 +132,18 @@ class Forwarder:
             _check_transfer_coding(request)
 
     async def forward(
-        self, request: web.BaseRequest, match: Match, headers: CIMultiDict[str], request_id: str
+        self,
+        request: web.BaseRequest,
+        match: Match,
+        query: str,
+        headers: CIMultiDict[str],
+        request_id: str,
     ) -> web.StreamResponse:
+        """`request` to its route's upstream: `match.upstream_path`, `query` (raw, without
+        `?`), `headers` as `upstream_headers` made them."""
         base_url = match.route.upstream
         assert base_url is not None, "Gateway.handle refuses routes without an upstream"
         upstream = self._upstream(base_url)
-        query = request.raw_path.partition("?")[2]
         path = match.upstream_path + ("?" + query if query else "")
         if upstream.drops_authorization:
             headers.popall("Authorization", None)

@@ -236,17 +236,19 @@ class Verifier:
         self._cache: dict[str, VerifiedToken] = {}
         self._cache_size = cache_size
 
-    def cached(self, presented: str) -> VerifiedToken | None:
+    def cached(self, presented: str, now: float) -> VerifiedToken | None:
         """The fast path, without a coroutine: a token verified before (under the token, or
-        the `credential` it came in) whose key still stands, time claims re-checked (may
-        raise Refusal). None: call `verify`."""
+        the `credential` it came in) whose key still stands, time claims checked at `now`
+        (may raise Refusal). None: call `verify`."""
         cached = self._cache.get(presented)
         if cached is None or self._rings[cached.provider].lookup(cached.kid) is not cached.key:
             return None
-        now = self._clock.now()  # one reading for both checks
-        if cached.exp + self._policy.leeway <= now:
-            del self._cache[presented]  # never past exp: refused below, and forgotten
-        self._check_time(cached, now)
+        try:
+            self._check_time(cached, now)
+        except Refusal as refusal:
+            if refusal.reason is Reason.EXPIRED:
+                del self._cache[presented]  # never valid again: forgotten
+            raise
         return cached
 
     async def verify(self, token: str, *, credential: str | None = None) -> VerifiedToken:
@@ -254,11 +256,12 @@ class Verifier:
         in, `extract.credential`) when given, so that the next request finds it without
         parsing the header again, else under the token itself."""
         key = token if credential is None else credential
-        cached = self.cached(key)
+        now = self._clock.now()
+        cached = self.cached(key, now)
         if cached is not None:
             return cached
         verified = await self._verify_uncached(token)
-        self._check_time(verified, self._clock.now())
+        self._check_time(verified, self._clock.now())  # now: after the key fetch, if any
         self._remember(key, verified)
         return verified
 
