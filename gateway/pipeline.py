@@ -36,7 +36,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from gateway import metrics
 from gateway.accesslog import AccessLog
 from gateway.clock import Clock
-from gateway.config import Config, Route
+from gateway.config import Config, Policy, Route
 from gateway.forward.deadlines import LOG_FIELDS, Deadlines
 from gateway.forward.proxy import Forwarder
 from gateway.forward.websocket import (
@@ -54,10 +54,11 @@ from gateway.forward_auth import (
 from gateway.reasons import Reason, Refusal, rfc6750_text
 from gateway.revocation import RevocationList
 from gateway.routing import Match, Router
-from gateway.store.base import Store, StoreUnavailable
+from gateway.store.base import Store, StoreUnavailable, Touch
 from gateway.tokens import policy
 from gateway.tokens.claims import VerifiedToken
 from gateway.tokens.extract import check_token68, credential, presented_token
+from gateway.tokens.keys import KeyRing
 from gateway.tokens.verify import Verifier
 
 log = logging.getLogger("idlegate")
@@ -67,6 +68,8 @@ REASON_HEADER = "X-Idlegate-Reason"  # on forward-auth refusals
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _NO_ROUTE_LABEL = "none"
 _NO_IDENTITY: Mapping[str, str] = MappingProxyType({})
+# Authorization values (by route) whose decision before the store is kept; the oldest goes first.
+ADMITTED = 20_000
 
 # The session status endpoint, as a route: decided like any (no activity recorded), then
 # answered by `_session_status` instead of an upstream. Its path is matched before the
@@ -84,6 +87,33 @@ class _RequestRecord:
     token: VerifiedToken | None = None
     last_activity: float | None = None  # as the store (or its fallback) answered
     upstream_ms: float | None = None
+
+
+class _Admitted:
+    """A token the steps before the store accepted on one route (`Pipeline._admit`), and its
+    Touch: while its key stands and `now` is inside its time claims (and `max_session_age`),
+    the same Authorization value on that route is decided by revocation and the store alone.
+    Outside that window the steps run again, and refuse with the precise reason."""
+
+    __slots__ = ("_key", "_kid", "_ring", "_valid_from", "_valid_until", "token", "touch")
+
+    def __init__(self, token: VerifiedToken, touch: Touch, ring: KeyRing, rules: Policy) -> None:
+        self.token, self.touch = token, touch
+        self._ring, self._kid, self._key = ring, token.kid, token.key
+        leeway = rules.leeway
+        # Verifier._check_time: refused from exp + leeway on, or before iat (and nbf) - leeway.
+        self._valid_from = max(token.iat, token.nbf or -math.inf) - leeway
+        until = token.exp + leeway
+        if rules.max_session_age is not None and token.auth_time is not None:
+            # policy.check_session_age refuses after this; at it, the steps decide.
+            until = min(until, token.auth_time + rules.max_session_age + leeway)
+        self._valid_until = until
+
+    def holds(self, now: float) -> bool:
+        return (
+            self._valid_from <= now < self._valid_until
+            and self._ring.lookup(self._kid) is self._key
+        )
 
 
 class RateLimitedLog:
@@ -189,6 +219,9 @@ class Pipeline:
         self._policy = config.policy
         self._on_error = config.store.on_error
         self._grace = self._on_error == "grace"  # remembers recent activity for outages
+        # (Authorization value, id of the route) -> what the steps before the store decided.
+        self._admitted: dict[tuple[str, int], _Admitted] = {}
+        self._admitted_size = ADMITTED
         self._idle_reason = policy.idle_reason(self._policy)
         # Through an outage every request falls back: one line per 10 s, not one per request
         # (each is counted in STORE_FALLBACKS and, with its jti, in the access log).
@@ -329,11 +362,48 @@ class Pipeline:
         (for the log) whatever is decided after."""
         if route.auth != "required":
             return _NO_IDENTITY
-        verifier = self.verifier
         now = self.clock.now()  # one reading for the whole decision
-        # The Authorization value as sent is the cache key: a request that repeats one verified
-        # before is answered without parsing it again (nor the token68 check: it passed).
+        # The Authorization value as sent is the key of what was decided before: a request
+        # that repeats one parses nothing and re-checks only what time or revocation changes.
         presented = credential(headers, query_string)
+        admitted = None if presented is None else self._admitted.get((presented, id(route)))
+        if admitted is not None and admitted.holds(now):
+            token = record.token = admitted.token
+            if self.revocations.is_revoked(token):
+                raise Refusal(Reason.REVOKED)
+            touch = admitted.touch
+            touch.now = now
+            idle_timeout, extend = touch.idle_timeout, touch.extend
+        else:
+            token, touch = await self._admit(route, query_string, headers, presented, record)
+            now, idle_timeout, extend = touch.now, touch.idle_timeout, touch.extend
+        try:
+            result = await self.store.check_and_touch(touch)
+        except StoreUnavailable:
+            record.last_activity = self._store_fallback(token, idle_timeout, now, record)
+            return token.identity
+        # The store's answer: refuse an idle token, else count how close it came.
+        if result.idle:
+            raise Refusal(self._idle_reason)
+        last = record.last_activity = result.last_activity
+        self._idle_gap.observe(now - last if now > last else 0.0)
+        if extend and self._grace:
+            self.recent.record(token.track_key, now)
+        return token.identity
+
+    async def _admit(
+        self,
+        route: Route,
+        query_string: str,
+        headers: CIMultiDictProxy[str],
+        presented: str | None,
+        record: _RequestRecord,
+    ) -> tuple[VerifiedToken, Touch]:
+        """The steps before the store, each in full: bearer token -> signature and claims ->
+        revocation, session age -> scopes, roles. Their outcome is kept for `presented` (the
+        Authorization value) on this route, for the requests that repeat it."""
+        verifier = self.verifier
+        now = self.clock.now()
         token = None if presented is None else verifier.cached(presented, now)
         if token is None:
             token = await verifier.verify(
@@ -350,21 +420,17 @@ class Pipeline:
         if route.roles:
             policy.check_roles(route.roles, token.roles)
         idle_timeout = policy.idle_timeout_for(self._policy, route)
-        extend = route.activity == "extend"
-        touch = policy.touch_for(token, self._policy, idle_timeout, now, extend=extend)
-        try:
-            result = await self.store.check_and_touch(touch)
-        except StoreUnavailable:
-            record.last_activity = self._store_fallback(token, idle_timeout, now, record)
-            return token.identity
-        # The store's answer: refuse an idle token, else count how close it came.
-        if result.idle:
-            raise Refusal(self._idle_reason)
-        last = record.last_activity = result.last_activity
-        self._idle_gap.observe(now - last if now > last else 0.0)
-        if extend and self._grace:
-            self.recent.record(token.track_key, now)
-        return token.identity
+        touch = policy.touch_for(
+            token, self._policy, idle_timeout, now, extend=route.activity == "extend"
+        )
+        if presented is not None:
+            admitted = self._admitted
+            if len(admitted) >= self._admitted_size:
+                del admitted[next(iter(admitted))]  # the oldest
+            admitted[presented, id(route)] = _Admitted(
+                token, touch, self.verifier.ring_of(token), self._policy
+            )
+        return token, touch
 
     def _store_fallback(
         self, token: VerifiedToken, idle_timeout: float, now: float, record: _RequestRecord

@@ -30,6 +30,10 @@ HOP_BY_HOP = frozenset(
         "http2-settings",
     }
 )
+# What `for_request` sets about the client and the request.
+_WE_SET = frozenset(
+    {"x-forwarded-for", "x-real-ip", "x-forwarded-proto", "x-forwarded-host", "x-request-id"}
+)
 # Set by the gateway itself, never taken from the client.
 _REQUEST_OWN = frozenset({"host", "x-request-id", "expect"})
 # What a proxy in front says about the client and its request: taken from `trusted_proxies`
@@ -114,6 +118,8 @@ class RequestHeaders:
         # name that is one of ours once `_` is `-` is dropped like the name itself.
         self._underscore_twins = with_auth | _CLIENT_CLAIMS
         self._any_trusted = bool(config.trusted_proxies)
+        # No identity header is named like a field set below (else the general path decides).
+        self._identity_apart = not {n.lower() for n in config.identity_headers} & _WE_SET
         self._trusted = TrustedPeers(config)
 
     def for_request(
@@ -135,6 +141,21 @@ class RequestHeaders:
         for name in drops:
             headers.popall(name)
         # Added after hop-by-hop removal, so `Connection: X-Auth-Subject` cannot strip them.
+        host = request.host
+        if not trusted and peer and host and self._identity_apart:
+            # The common case in one C call: the client's claims about itself, our own fields
+            # and the identity names were all dropped above, so none is there to replace.
+            headers.extend(identity)
+            headers.extend(
+                (
+                    ("X-Forwarded-For", peer),
+                    ("X-Real-IP", peer),
+                    ("X-Forwarded-Proto", request.scheme),
+                    ("X-Forwarded-Host", host),
+                    ("X-Request-ID", request_id),
+                )
+            )
+            return headers
         headers.update(identity)
         if trusted:
             # Its view of the client passes; we add its hop to the chain.
@@ -146,8 +167,8 @@ class RequestHeaders:
             headers["X-Real-IP"] = peer
         if "X-Forwarded-Proto" not in headers:
             headers["X-Forwarded-Proto"] = request.scheme
-        if request.host and "X-Forwarded-Host" not in headers:
-            headers["X-Forwarded-Host"] = request.host
+        if host and "X-Forwarded-Host" not in headers:
+            headers["X-Forwarded-Host"] = host
         headers["X-Request-ID"] = request_id
         return headers
 

@@ -12,8 +12,8 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
 
 RevocationKind = Literal["jti", "sid", "sub"]
 
@@ -57,8 +57,8 @@ class OutageLog:
         self.since = None
 
 
-# Touch and TouchResult are made per request: not frozen, whose __init__ costs more
-# (bench/RESULTS.md).
+# Not frozen: a frozen dataclass's __init__ costs more, and the gateway sets `now` of the one
+# Touch it keeps per token and route on each request (bench/RESULTS.md).
 @dataclass(slots=True)
 class Touch:
     """One request's activity check, decided and recorded atomically by the store.
@@ -68,6 +68,9 @@ class Touch:
     `now - last_activity > idle_timeout` (see `tokens.policy.is_idle`), where `now` is the
     store's clock: Redis decides with its own TIME (one clock for every replica) and ignores
     `now` here; the memory store, one process's, uses it (the gateway's injected clock).
+
+    The gateway keeps one Touch per token and route and sets `now` before each call, so a
+    store reads what it needs of a Touch before its first `await`, never after.
     """
 
     key: str
@@ -84,6 +87,9 @@ class Touch:
     # With track_by sid, an idle refusal with no record writes one (last_activity = initial), so
     # that later tokens of the session are refused too. Never moves last_activity.
     remember_idle: bool
+    # A store's encoding of the fields above but `now` (which store, what), for the next call
+    # with this Touch: the store's own business, no part of the check.
+    encoded: tuple[object, Any] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(slots=True)

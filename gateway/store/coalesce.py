@@ -136,6 +136,7 @@ class CoalescingStore:
                     self._note(touch, seen)
                 return TouchResult(last_activity=last, idle=False)
         sent = self._monotonic()
+        now = touch.now  # read before the await (Touch: the gateway sets it per request)
         result = await self.store.check_and_touch(touch)
         if result.idle:
             # Terminal: nothing of this key is decided locally or written any more.
@@ -148,10 +149,10 @@ class CoalescingStore:
             window = self._windows.get(key)
             if window is None:
                 if len(self._windows) < self._capacity:
-                    self._windows[key] = _Window(sent, max(result.last_activity, touch.now))
+                    self._windows[key] = _Window(sent, max(result.last_activity, now))
             elif window.opened < sent:
                 window.opened = sent
-                window.last = max(window.last, result.last_activity, touch.now)
+                window.last = max(window.last, result.last_activity, now)
         return result
 
     def _note(self, touch: Touch, seen: float) -> None:

@@ -16,6 +16,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
+from time import monotonic, perf_counter
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -42,9 +43,6 @@ from gateway.store.pipeline import ConnectionLost, PipelinedConnection, ReplyErr
 
 log = logging.getLogger("idlegate.store")
 RedisClient = Redis | RedisCluster
-# The touch commands kept packed (`RedisStore._packed_touch`): one per token and route seen,
-# about 450 bytes each; cleared when full.
-_PACKED_TOUCHES = 8192
 _TouchArgs = tuple[float | int | str, ...]
 # RedisClusterException is no RedisError (no reachable node, a slot not covered): a store
 # fault all the same, never a 500.
@@ -105,9 +103,6 @@ class RedisStore:
         self._touch_source = _script("check_and_touch.lua")
         self._check_and_touch = client.register_script(self._touch_source)
         self._touch_duration = batched(STORE_DURATION.labels(op="check_and_touch"))
-        self._packed_touches: dict[
-            tuple[str, float, float, bool, float, float, bool], tuple[bytes, str, _TouchArgs]
-        ] = {}
         self._revoke_source = _script("revoke.lua")
         self._revoke = client.register_script(self._revoke_source)
         self._revocations_source = _script("revocations.lua")
@@ -203,26 +198,15 @@ class RedisStore:
 
     def _packed_touch(self, touch: Touch) -> tuple[bytes, str, _TouchArgs]:
         """The EVALSHA of a Touch, RESP-encoded. Redis's clock decides (`now` is not sent), so
-        the same token on the same route sends the same bytes every time: they are kept
-        (bounded), and a request of a token seen before formats and packs nothing."""
-        signature = (
-            touch.key,
-            touch.initial,
-            touch.idle_timeout,
-            touch.extend,
-            touch.expires_at,
-            touch.linger,
-            touch.remember_idle,
-        )
-        packed = self._packed_touches.get(signature)
-        if packed is None or self.caller_time:
-            key, args = self._touch_command(touch)
-            command = pack_command("EVALSHA", self._check_and_touch.sha, 1, key, *args)
-            packed = (command, key, args)
-            if not self.caller_time:
-                if len(self._packed_touches) >= _PACKED_TOUCHES:
-                    self._packed_touches.clear()
-                self._packed_touches[signature] = packed
+        a Touch kept for a token and route sends the same bytes every time: they are kept on
+        it (`Touch.encoded`), and a request of a token seen before formats and packs nothing."""
+        encoded = touch.encoded
+        if encoded is not None and encoded[0] is self and not self.caller_time:
+            packed: tuple[bytes, str, _TouchArgs] = encoded[1]
+            return packed
+        key, args = self._touch_command(touch)
+        packed = (pack_command("EVALSHA", self._check_and_touch.sha, 1, key, *args), key, args)
+        touch.encoded = (self, packed)
         return packed
 
     async def check_and_touch(self, touch: Touch) -> TouchResult:
@@ -234,27 +218,27 @@ class RedisStore:
             reply = await self._call(
                 "check_and_touch", lambda: self._check_and_touch(keys=[key], args=args)
             )
-            return TouchResult(last_activity=float(reply[0]), idle=bool(reply[1]))
+            return TouchResult(float(reply[0]), bool(reply[1]))
         # The request path: as few coroutine levels as possible between the request and the
         # pipelined reply (each one is walked again when the reply wakes the request up).
         # Bounded by store.timeout, retry included: the connection's watchdog fails the call
         # at `deadline`.
         connection = self._pipelined
-        command, key, args = self._packed_touch(touch)
-        started = time.perf_counter()
-        deadline = asyncio.get_running_loop().time() + self._timeout
+        packed = self._packed_touch(touch)
+        deadline = monotonic() + self._timeout  # the event loop's clock
+        started = perf_counter()
         try:
             try:
-                reply = await connection.send(command, deadline)
+                reply = await connection.send(packed[0], deadline)
             except (ReplyError, ConnectionLost) as exc:
-                reply = await self._touch_again(key, args, deadline, exc)
+                reply = await self._touch_again(packed[1], packed[2], deadline, exc)
         except _FAILURES as exc:
             raise self._unavailable("check_and_touch", exc) from exc
         finally:
-            self._touch_duration.observe(time.perf_counter() - started)
+            self._touch_duration.observe(perf_counter() - started)
         if self.outage.since is not None:
             self.outage.success()
-        return TouchResult(last_activity=float(reply[0]), idle=bool(reply[1]))
+        return TouchResult(float(reply[0]), bool(reply[1]))
 
     async def _cluster_touch(
         self, cluster: ClusterConnections, key: str, args: tuple[float | int | str, ...]
@@ -289,7 +273,7 @@ class RedisStore:
             self._touch_duration.observe(time.perf_counter() - started)
         if self._node_outages:
             self._answered(cluster.owner(key))
-        return TouchResult(last_activity=float(reply[0]), idle=bool(reply[1]))
+        return TouchResult(float(reply[0]), bool(reply[1]))
 
     async def _touch_again(
         self,

@@ -236,6 +236,11 @@ class Verifier:
         self._cache: dict[str, VerifiedToken] = {}
         self._cache_size = cache_size
 
+    def ring_of(self, token: VerifiedToken) -> KeyRing:
+        """The key ring a token verified with: while `ring.lookup(token.kid) is token.key`,
+        that verification stands."""
+        return self._rings[token.provider]
+
     def cached(self, presented: str, now: float) -> VerifiedToken | None:
         """The fast path, without a coroutine: a token verified before (under the token, or
         the `credential` it came in) whose key still stands, time claims checked at `now`

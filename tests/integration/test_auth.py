@@ -323,6 +323,70 @@ async def idp(signing_key: SigningKey) -> AsyncIterator[JwksServer]:
         yield server
 
 
+async def test_what_is_kept_of_an_accepted_token_ends_with_its_time_claims_and_session(
+    gateways: GatewayFactory, upstream: Upstream, clock: ManualClock
+):
+    """The gateway keeps what the steps before the store decided for a token on a route, for
+    the requests that repeat it: time moving past exp (+ leeway) or max_session_age still
+    refuses it, with the precise reason."""
+    gw = await gateways(policy={"max_session_age": "8h", "leeway": "30s"})
+    now = clock.now()
+    short = gw.token(iat=now, exp=now + 100, auth_time=now)
+    ageing = gw.token(auth_time=now - 8 * 3600 + 60)
+    for _ in range(2):
+        assert (await gw.get("/api/x", short)).status == 200
+        assert (await gw.get("/api/x", ageing)).status == 200
+    clock.advance(89)  # 29 s before the session is 8 h + leeway old
+    assert (await gw.get("/api/x", ageing)).status == 200
+    clock.advance(2)
+    await assert_refused(gw, upstream, ageing, "session_too_old")
+    assert (await gw.get("/api/x", short)).status == 200  # exp + leeway is 39 s away
+    clock.advance(39)
+    await assert_refused(gw, upstream, short, "expired")
+    await assert_refused(gw, upstream, short, "expired")
+
+
+async def test_a_token_accepted_on_one_route_is_decided_again_on_another(
+    gateways: GatewayFactory, upstream: Upstream
+):
+    gw = await gateways(
+        routes=[
+            {"prefix": "/open/", "upstream": upstream.url},
+            {"prefix": "/orders/", "upstream": upstream.url, "scopes": ["orders:write"]},
+        ]
+    )
+    token = gw.token(scope="orders:read")
+    for _ in range(2):
+        assert (await gw.get("/open/x", token)).status == 200
+    for _ in range(2):
+        await assert_refused(
+            gw, upstream, token, "insufficient_scope", 403, path="/orders/x", route="/orders/"
+        )
+
+
+async def test_a_token_accepted_before_is_refused_once_its_key_is_retired(
+    gateways: GatewayFactory, upstream: Upstream, idp: JwksServer, clock: ManualClock
+):
+    provider = {
+        "name": "idp",
+        "issuer": ISSUER,
+        "audiences": [AUDIENCE],
+        "algorithms": ["RS256"],
+        "jwks_uri": idp.jwks_uri,
+    }
+    gw = await gateways(providers=[provider])
+    old = gw.token()
+    for _ in range(2):
+        assert (await gw.get("/api/x", old)).status == 200
+    new_key = rsa_key(kid="main-2")
+    idp.rotate(new_key)
+    # A token of the new key makes the gateway fetch the set again: main-1 is gone from it.
+    assert (
+        await gw.get("/api/x", new_key.sign(claims(ISSUER, AUDIENCE, now=clock.now())))
+    ).status == 200
+    await assert_refused(gw, upstream, old, "unknown_key")
+
+
 async def test_unknown_kid_and_key_urls_in_the_token_are_never_fetched(
     gateways: GatewayFactory, upstream: Upstream, idp: JwksServer, clock: ManualClock
 ):
