@@ -26,7 +26,7 @@ import math
 import re
 import time
 import uuid
-from collections.abc import Coroutine, Mapping
+from collections.abc import Awaitable, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -95,11 +95,14 @@ class _Admitted:
     the same Authorization value on that route is decided by revocation and the store alone.
     Outside that window the steps run again, and refuse with the precise reason."""
 
-    __slots__ = ("_key", "_kid", "_ring", "_valid_from", "_valid_until", "token", "touch")
+    __slots__ = ("_generation", "_ring", "_valid_from", "_valid_until", "token", "touch")
 
     def __init__(self, token: VerifiedToken, touch: Touch, ring: KeyRing, rules: Policy) -> None:
         self.token, self.touch = token, touch
-        self._ring, self._kid, self._key = ring, token.kid, token.key
+        # The key set it verified with: while that is in place, `ring.lookup` answers the same.
+        self._ring, self._generation = ring, ring.generation
+        if ring.lookup(token.kid) is not token.key:  # replaced meanwhile: never holds
+            self._generation = -1
         leeway = rules.leeway
         # Verifier._check_time: refused from exp + leeway on, or before iat (and nbf) - leeway.
         self._valid_from = max(token.iat, token.nbf or -math.inf) - leeway
@@ -112,7 +115,7 @@ class _Admitted:
     def holds(self, now: float) -> bool:
         return (
             self._valid_from <= now < self._valid_until
-            and self._ring.lookup(self._kid) is self._key
+            and self._ring.generation == self._generation
         )
 
 
@@ -279,17 +282,13 @@ class Pipeline:
                     identity,
                     strip_authorization=self._strip_authorization and route.auth == "required",
                 )
-                if self._timed_upstream:  # for the access log only
-                    upstream_started = time.perf_counter()
-                    try:
-                        response = await self._forwarding(
-                            request, match, query, upstream_headers, request_id, record, upgrade
-                        )
-                    finally:
-                        record.upstream_ms = (time.perf_counter() - upstream_started) * 1000
-                else:
+                if upgrade or route.stream_deadline or self._timed_upstream:
                     response = await self._forwarding(
                         request, match, query, upstream_headers, request_id, record, upgrade
+                    )
+                else:  # the common case, without a coroutine level in between
+                    response = await self.forwarder.forward(
+                        request, match, query, upstream_headers, request_id
                     )
         except Refusal as refusal:
             response = _refused(refusal, request_id, record)
@@ -451,7 +450,7 @@ class Pipeline:
         record.reason = Reason.STORE_UNAVAILABLE.code
         return last_activity
 
-    def _forwarding(
+    async def _forwarding(
         self,
         request: web.BaseRequest,
         match: Match,
@@ -460,14 +459,16 @@ class Pipeline:
         request_id: str,
         record: _RequestRecord,
         upgrade: bool,
-    ) -> Coroutine[Any, Any, web.StreamResponse]:
-        """The forwarding step, as the coroutine to await (not wrapped in one more): the
-        WebSocket relay, a relay cut at the token's deadlines, or a plain forward."""
+    ) -> web.StreamResponse:
+        """The forwarding step but for a plain forward without the access log (`handle`
+        awaits that one itself): the WebSocket relay, a relay cut at the token's deadlines,
+        and the upstream's time taken for the log."""
         route = match.route
         token = record.token
+        forwarding: Awaitable[web.StreamResponse]
         if upgrade:
             assert route.upstream is not None, "handle refuses routes without an upstream"
-            return self.websockets.relay(
+            forwarding = self.websockets.relay(
                 request,
                 route.upstream + match.upstream_path + ("?" + query if query else ""),
                 headers,
@@ -476,10 +477,17 @@ class Pipeline:
                 policy.idle_timeout_for(self._policy, route),
                 extend=route.activity == "extend",
             )
-        forwarding = self.forwarder.forward(request, match, query, headers, request_id)
-        if route.stream_deadline and token is not None:
-            return self.deadlines.stream(request, token, match.label, forwarding)
-        return forwarding
+        else:
+            forwarding = self.forwarder.forward(request, match, query, headers, request_id)
+            if route.stream_deadline and token is not None:
+                forwarding = self.deadlines.stream(request, token, match.label, forwarding)
+        if not self._timed_upstream:
+            return await forwarding
+        started = time.perf_counter()
+        try:
+            return await forwarding
+        finally:
+            record.upstream_ms = (time.perf_counter() - started) * 1000
 
     async def _session_status(
         self, request: web.BaseRequest, query: str, record: _RequestRecord
@@ -530,9 +538,14 @@ class Pipeline:
         elapsed = time.perf_counter() - started
         if response.status == 101:  # a relayed WebSocket, now closed: its handshake's time
             elapsed = response.get(HANDSHAKE_SECONDS, elapsed)
-        self._count(record, elapsed)
+        key = (record.route, record.decision, record.reason)
+        found = self._requests.get(key)
+        if found is None:
+            found = self._requests[key] = self._request_metrics(key)
+        count, histogram = found
+        count()
+        histogram.observe(elapsed)
         if mode == "forward_auth":
-            key = (record.route, record.decision, record.reason)
             counter = self._forward_auth_requests.get(key)
             if counter is None:
                 counter = self._forward_auth_requests[key] = metrics.turn_counter(
@@ -555,15 +568,6 @@ class Pipeline:
                 mode=mode,
                 extra=response.get(LOG_FIELDS),
             )
-
-    def _count(self, record: _RequestRecord, elapsed: float) -> None:
-        key = (record.route, record.decision, record.reason)
-        found = self._requests.get(key)
-        if found is None:
-            found = self._requests[key] = self._request_metrics(key)
-        count, histogram = found
-        count()
-        histogram.observe(elapsed)
 
     def _request_metrics(self, key: tuple[str, str, str]) -> tuple[Any, Any]:
         """The requests counter's `inc` and the (batched) duration histogram for requests

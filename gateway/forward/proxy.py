@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -28,6 +28,7 @@ from gateway.forward.transport import (
     UpstreamError,
     UpstreamFailureLog,
 )
+from gateway.metrics import BatchedHistogram
 from gateway.reasons import Reason, Refusal
 
 if TYPE_CHECKING:
@@ -92,7 +93,7 @@ class Forwarder:
         self._aiohttp = AiohttpTransport(config)
         self._pools: dict[tuple[str, int], UpstreamPool] = {}
         self._upstreams: dict[str, _Upstream] = {}  # route upstream URL -> how it is reached
-        self._upstream_durations: dict[str, Any] = {}
+        self._upstream_durations: dict[str, BatchedHistogram] = {}
         self.failures = UpstreamFailureLog()
         self.upstream_headers = RequestHeaders(config).for_request  # what goes upstream
 
@@ -143,7 +144,7 @@ class Forwarder:
         `?`), `headers` as `upstream_headers` made them."""
         base_url = match.route.upstream
         assert base_url is not None, "Gateway.handle refuses routes without an upstream"
-        upstream = self._upstream(base_url)
+        upstream = self._upstreams.get(base_url) or self._upstream(base_url)
         path = match.upstream_path + ("?" + query if query else "")
         if upstream.drops_authorization:
             headers.popall("Authorization", None)
@@ -165,7 +166,10 @@ class Forwarder:
             if limit is not None and limit.exceeded:
                 raise Refusal(Reason.PAYLOAD_TOO_LARGE) from None
             raise self.failures.refusal(match.label, upstream.origin, exc) from None
-        self._observe_upstream(match.label, started)
+        histogram = self._upstream_durations.get(match.label)
+        if histogram is None:
+            histogram = self._upstream_histogram(match.label)
+        histogram.observe(time.perf_counter() - started)
         if limit is not None and limit.exceeded:
             response.close()
             raise Refusal(Reason.PAYLOAD_TOO_LARGE)
@@ -199,10 +203,8 @@ class Forwarder:
             await chunks.aclose()
             response.close()
 
-    def _observe_upstream(self, label: str, started: float) -> None:
-        histogram = self._upstream_durations.get(label)
-        if histogram is None:
-            histogram = self._upstream_durations[label] = metrics.batched(
-                metrics.UPSTREAM_DURATION.labels(label)
-            )
-        histogram.observe(time.perf_counter() - started)
+    def _upstream_histogram(self, label: str) -> BatchedHistogram:
+        histogram = self._upstream_durations[label] = metrics.batched(
+            metrics.UPSTREAM_DURATION.labels(label)
+        )
+        return histogram

@@ -364,6 +364,8 @@ class KeyRing:
         self._by_kid: dict[str, VerificationKey] = {}
         self._single: VerificationKey | None = None
         self._count = 0
+        # Bumped whenever the key set is replaced: what `lookup` answers changes only with it.
+        self.generation = 0
         # The key set URLs: jwks_uri, or one per listed issuer found by discovery.
         self._jwks_uris: list[str] | None = (
             [provider.jwks_uri] if provider.jwks_uri is not None else None
@@ -464,6 +466,7 @@ class KeyRing:
         self._by_kid = {key.kid: key for key in keys if key.kid is not None}
         self._single = keys[0] if len(keys) == 1 else None
         self._count = len(keys)
+        self.generation += 1
         self.last_success = self._clock.now()
         self.last_error = None
         JWKS_REFRESH.labels(provider=self.provider.name, result="ok").inc()
