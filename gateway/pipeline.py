@@ -55,6 +55,7 @@ from gateway.reasons import Reason, Refusal, rfc6750_text
 from gateway.revocation import RevocationList
 from gateway.routing import Match, Router
 from gateway.store.base import Store, StoreUnavailable, Touch
+from gateway.store.coalesce import CoalescingStore
 from gateway.tokens import policy
 from gateway.tokens.claims import VerifiedToken
 from gateway.tokens.extract import check_token68, credential, presented_token
@@ -222,6 +223,10 @@ class Pipeline:
         self._policy = config.policy
         self._on_error = config.store.on_error
         self._grace = self._on_error == "grace"  # remembers recent activity for outages
+        # store.coalesce: a request inside its token's window is answered without a coroutine.
+        self._decided_locally = (
+            store.decided_locally if isinstance(store, CoalescingStore) else None
+        )
         # (Authorization value, id of the route) -> what the steps before the store decided.
         self._admitted: dict[tuple[str, int], _Admitted] = {}
         self._admitted_size = ADMITTED
@@ -376,11 +381,14 @@ class Pipeline:
         else:
             token, touch = await self._admit(route, query_string, headers, presented, record)
             now, idle_timeout, extend = touch.now, touch.idle_timeout, touch.extend
-        try:
-            result = await self.store.check_and_touch(touch)
-        except StoreUnavailable:
-            record.last_activity = self._store_fallback(token, idle_timeout, now, record)
-            return token.identity
+        local = self._decided_locally
+        result = None if local is None else local(touch)
+        if result is None:
+            try:
+                result = await self.store.check_and_touch(touch)
+            except StoreUnavailable:
+                record.last_activity = self._store_fallback(token, idle_timeout, now, record)
+                return token.identity
         # The store's answer: refuse an idle token, else count how close it came.
         if result.idle:
             raise Refusal(self._idle_reason)

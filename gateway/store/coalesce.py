@@ -23,7 +23,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gateway.clock import Clock, SystemClock
 from gateway.config import Store as StoreConfig
@@ -68,6 +68,9 @@ class _Pending:
     idle_timeout: float
     expires_at: float
     linger: float
+    # The last Touch merged in: its fields but `now` never change (the gateway keeps one per
+    # token and route), so merging it again is only `now` and `seen`.
+    merged: Touch | None = field(default=None, compare=False, repr=False)
 
     def merge(self, other: _Pending) -> None:
         self.at = max(self.at, other.at)
@@ -123,18 +126,29 @@ class CoalescingStore:
         """Keys whose locally decided activity is not yet written."""
         return len(self._pending)
 
+    def decided_locally(self, touch: Touch) -> TouchResult | None:
+        """The answer inside the token's window, without a store call (and without a
+        coroutine: the gateway asks this first); None: `check_and_touch` must ask the store."""
+        window = self._windows.get(touch.key)
+        if window is None or touch.idle_timeout <= self.window:
+            return None
+        seen = self._monotonic()
+        if seen - window.opened >= self.window:
+            return None
+        self._coalesced.inc()
+        last = window.last
+        if touch.extend:
+            now = touch.now
+            if now > last:
+                window.last = now
+            self._note(touch, seen)
+        return TouchResult(last, False)
+
     async def check_and_touch(self, touch: Touch) -> TouchResult:
+        local = self.decided_locally(touch)
+        if local is not None:
+            return local
         key = touch.key
-        window = self._windows.get(key)
-        if window is not None and touch.idle_timeout > self.window:
-            seen = self._monotonic()
-            if seen - window.opened < self.window:
-                self._coalesced.inc()
-                last = window.last
-                if touch.extend:
-                    window.last = max(last, touch.now)
-                    self._note(touch, seen)
-                return TouchResult(last_activity=last, idle=False)
         sent = self._monotonic()
         now = touch.now  # read before the await (Touch: the gateway sets it per request)
         result = await self.store.check_and_touch(touch)
@@ -163,6 +177,9 @@ class CoalescingStore:
                 pending.at = touch.now
             if seen > pending.seen:
                 pending.seen = seen
+            if pending.merged is touch:  # the gateway's Touch for this token and route again:
+                return  # only `now` of it changes
+            pending.merged = touch
             if touch.idle_timeout > pending.idle_timeout:
                 pending.idle_timeout = touch.idle_timeout
             if touch.expires_at > pending.expires_at:
@@ -175,6 +192,7 @@ class CoalescingStore:
         entry = _Pending(
             touch.now, seen, touch.initial, touch.idle_timeout, touch.expires_at, touch.linger
         )
+        entry.merged = touch
         if len(self._pending) >= self._capacity:
             self._drop(1)
             return
