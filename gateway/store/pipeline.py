@@ -158,10 +158,10 @@ class PipelinedConnection:
 
     def send(self, command: bytes, deadline: float) -> Awaitable[Any]:
         """`call` for a command RESP-encoded already (`pack_command`)."""
-        connection = self._connected()
-        if connection is None:
+        current = self._current  # `_connected`, written out: once per request
+        if current is None or current.transport is None or current.transport.is_closing():
             return self._connect_and_send(command, deadline)
-        return self._send(connection, command, deadline)
+        return self._send(current, command, deadline)
 
     def call_asking(
         self, *args: str | bytes | int | float, deadline: float | None = None

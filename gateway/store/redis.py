@@ -199,11 +199,8 @@ class RedisStore:
     def _packed_touch(self, touch: Touch) -> tuple[bytes, str, _TouchArgs]:
         """The EVALSHA of a Touch, RESP-encoded. Redis's clock decides (`now` is not sent), so
         a Touch kept for a token and route sends the same bytes every time: they are kept on
-        it (`Touch.encoded`), and a request of a token seen before formats and packs nothing."""
-        encoded = touch.encoded
-        if encoded is not None and encoded[0] is self and not self.caller_time:
-            packed: tuple[bytes, str, _TouchArgs] = encoded[1]
-            return packed
+        it (`Touch.encoded`, read by `check_and_touch`), and a request of a token seen before
+        formats and packs nothing."""
         key, args = self._touch_command(touch)
         packed = (pack_command("EVALSHA", self._check_and_touch.sha, 1, key, *args), key, args)
         touch.encoded = (self, packed)
@@ -224,7 +221,11 @@ class RedisStore:
         # Bounded by store.timeout, retry included: the connection's watchdog fails the call
         # at `deadline`.
         connection = self._pipelined
-        packed = self._packed_touch(touch)
+        encoded = touch.encoded
+        if encoded is not None and encoded[0] is self and not self.caller_time:
+            packed: tuple[bytes, str, _TouchArgs] = encoded[1]  # `_packed_touch` made it
+        else:
+            packed = self._packed_touch(touch)
         deadline = monotonic() + self._timeout  # the event loop's clock
         started = perf_counter()
         try:
