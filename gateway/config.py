@@ -356,6 +356,20 @@ class Route(_Model):
         return upstream.rstrip("/")
 
 
+# Request headers the gateway sets or passes itself (forward/headers.py): no identity header.
+_GATEWAY_SET = frozenset(
+    {
+        "x-forwarded-for",
+        "x-real-ip",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-request-id",
+        "host",
+        "authorization",
+    }
+)
+
+
 class Forward(_Model):
     identity_headers: dict[str, str] = Field(
         default_factory=lambda: {
@@ -399,6 +413,8 @@ class Forward(_Model):
         for name in headers:
             if not re.fullmatch(r"[A-Za-z0-9-]+", name):
                 raise ValueError(f"{name!r} is not a valid header name")
+            if name.lower() in _GATEWAY_SET:
+                raise ValueError(f"{name!r} is set by the gateway itself, not an identity header")
         return headers
 
 

@@ -30,10 +30,6 @@ HOP_BY_HOP = frozenset(
         "http2-settings",
     }
 )
-# What `for_request` sets about the client and the request.
-_WE_SET = frozenset(
-    {"x-forwarded-for", "x-real-ip", "x-forwarded-proto", "x-forwarded-host", "x-request-id"}
-)
 # Set by the gateway itself, never taken from the client.
 _REQUEST_OWN = frozenset({"host", "x-request-id", "expect"})
 # What a proxy in front says about the client and its request: taken from `trusted_proxies`
@@ -118,8 +114,6 @@ class RequestHeaders:
         # name that is one of ours once `_` is `-` is dropped like the name itself.
         self._underscore_twins = with_auth | _CLIENT_CLAIMS
         self._any_trusted = bool(config.trusted_proxies)
-        # No identity header is named like a field set below (else the general path decides).
-        self._identity_apart = not {n.lower() for n in config.identity_headers} & _WE_SET
         self._trusted = TrustedPeers(config)
 
     def for_request(
@@ -140,36 +134,22 @@ class RequestHeaders:
         headers = CIMultiDict(incoming)  # one copy in C, then only what must go is taken out
         for name in drops:
             headers.popall(name)
-        # Added after hop-by-hop removal, so `Connection: X-Auth-Subject` cannot strip them.
-        host = request.host
-        if not trusted and peer and host and self._identity_apart:
-            # The common case in one C call: the client's claims about itself, our own fields
-            # and the identity names were all dropped above, so none is there to replace.
-            headers.extend(identity)
-            headers.extend(
-                (
-                    ("X-Forwarded-For", peer),
-                    ("X-Real-IP", peer),
-                    ("X-Forwarded-Proto", request.scheme),
-                    ("X-Forwarded-Host", host),
-                    ("X-Request-ID", request_id),
-                )
-            )
-            return headers
-        headers.update(identity)
+        # Added after hop-by-hop removal, so `Connection: X-Auth-Subject` cannot strip them;
+        # their names are none of ours below (config.Forward), and client copies went above.
+        headers.extend(identity)
         if trusted:
             # Its view of the client passes; we add its hop to the chain.
-            chain = ", ".join(request.headers.getall("X-Forwarded-For", ()))
+            chain = ", ".join(incoming.getall("X-Forwarded-For", ()))
             headers["X-Forwarded-For"] = f"{chain}, {peer}" if chain else peer
-        else:
-            headers["X-Forwarded-For"] = peer
-        if peer and "X-Real-IP" not in headers:
-            headers["X-Real-IP"] = peer
-        if "X-Forwarded-Proto" not in headers:
-            headers["X-Forwarded-Proto"] = request.scheme
-        if host and "X-Forwarded-Host" not in headers:
-            headers["X-Forwarded-Host"] = host
-        headers["X-Request-ID"] = request_id
+        else:  # the client's claims about itself went above: none of them is there
+            headers.add("X-Forwarded-For", peer)
+        if peer:
+            headers.setdefault("X-Real-IP", peer)
+        headers.setdefault("X-Forwarded-Proto", request.scheme)
+        host = request.host
+        if host:
+            headers.setdefault("X-Forwarded-Host", host)
+        headers.add("X-Request-ID", request_id)  # the client's went above
         return headers
 
 

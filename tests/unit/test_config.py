@@ -704,3 +704,15 @@ def test_an_env_variable_like_no_section_lists_the_sections():
 )
 def test_kubernetes_service_links_and_real_settings_are_not_warned_about(name: str):
     assert env_warnings({name: "tcp://10.0.0.1:8080"}) == []
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["X-Forwarded-For", "x-real-ip", "X-Forwarded-Host", "X-Request-ID", "Host", "Authorization"],
+)
+def test_an_identity_header_cannot_be_one_the_gateway_sets(name: str):
+    found = problems(forward={"identity_headers": {name: "sub"}})
+    assert len(found) == 1
+    assert found[0].startswith("forward.identity_headers")
+    assert "set by the gateway itself" in found[0]
+    assert config(forward={"identity_headers": {"X-Forwarded-User": "sub"}})
