@@ -88,6 +88,7 @@ class _RequestRecord:
     token: VerifiedToken | None = None
     last_activity: float | None = None  # as the store (or its fallback) answered
     upstream_ms: float | None = None
+    websocket: bool = False  # relayed: its duration is the handshake's (HANDSHAKE_SECONDS)
 
 
 class _Admitted:
@@ -278,6 +279,7 @@ class Pipeline:
                 upgrade = "Upgrade" in headers and _upgrade(route, headers)
                 if upgrade:
                     check_handshake(request)
+                    record.websocket = True
                 if "Content-Length" in headers or "Transfer-Encoding" in headers:
                     self.forwarder.check_request(request)
                 identity = await self.decide(route, query, headers, record)
@@ -544,7 +546,7 @@ class Pipeline:
     ) -> None:
         """Count the request (and, for forward-auth, in its own counter) and log it."""
         elapsed = time.perf_counter() - started
-        if response.status == 101:  # a relayed WebSocket, now closed: its handshake's time
+        if record.websocket and response.status == 101:  # relayed, now closed: the handshake's
             elapsed = response.get(HANDSHAKE_SECONDS, elapsed)
         key = (record.route, record.decision, record.reason)
         found = self._requests.get(key)
