@@ -58,11 +58,13 @@ class _Protocol(asyncio.Protocol):
         # A cast, not an isinstance check: uvloop's TCP transport is no asyncio.Transport
         # subclass, though it has every method of one.
         self.transport = cast(asyncio.Transport, transport)
+        # Kept: asyncio.get_running_loop() makes a getpid() syscall, and _send runs per request.
+        self.loop = asyncio.get_running_loop()
 
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)
         waiting = self.waiting
-        self.last_reply = asyncio.get_running_loop().time()
+        self.last_reply = self.loop.time()
         while (reply := self._reader.gets()) is not False:
             if not waiting:
                 break  # a reply nobody waits for: the connection is out of step
@@ -185,7 +187,7 @@ class PipelinedConnection:
         return await self._send(connection, command, deadline)
 
     def _send(self, connection: _Protocol, command: bytes, deadline: float) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
+        loop = connection.loop
         future: asyncio.Future[Any] = loop.create_future()
         connection.waiting.append((future, deadline))
         if self._watchdog is None:
