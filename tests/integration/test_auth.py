@@ -364,17 +364,21 @@ async def test_a_token_accepted_on_one_route_is_decided_again_on_another(
         )
 
 
-async def test_a_token_accepted_before_is_refused_once_its_key_is_retired(
-    gateways: GatewayFactory, upstream: Upstream, idp: JwksServer, clock: ManualClock
-):
-    provider = {
+def idp_provider(idp: JwksServer) -> dict[str, Any]:
+    """The test issuer's providers entry, its keys fetched from `idp`'s JWKS."""
+    return {
         "name": "idp",
         "issuer": ISSUER,
         "audiences": [AUDIENCE],
         "algorithms": ["RS256"],
         "jwks_uri": idp.jwks_uri,
     }
-    gw = await gateways(providers=[provider])
+
+
+async def test_a_token_accepted_before_is_refused_once_its_key_is_retired(
+    gateways: GatewayFactory, upstream: Upstream, idp: JwksServer, clock: ManualClock
+):
+    gw = await gateways(providers=[idp_provider(idp)])
     old = gw.token()
     for _ in range(2):
         assert (await gw.get("/api/x", old)).status == 200
@@ -390,14 +394,7 @@ async def test_a_token_accepted_before_is_refused_once_its_key_is_retired(
 async def test_unknown_kid_and_key_urls_in_the_token_are_never_fetched(
     gateways: GatewayFactory, upstream: Upstream, idp: JwksServer, clock: ManualClock
 ):
-    provider = {
-        "name": "idp",
-        "issuer": ISSUER,
-        "audiences": [AUDIENCE],
-        "algorithms": ["RS256"],
-        "jwks_uri": idp.jwks_uri,
-    }
-    gw = await gateways(providers=[provider])
+    gw = await gateways(providers=[idp_provider(idp)])
     attacker = rsa_key(kid="attacker")
     async with JwksServer([attacker]) as evil:
         token = attacker.sign(
