@@ -10,11 +10,17 @@ forwarding step is the relay, and `/.idlegate/session` is a built-in route (auth
 activity passive, no idle override) whose forwarding step is a local responder. Every step
 raises `Refusal`; the front door renders it once, counts it and logs it.
 
+What the steps before the store decide depends on the Authorization value, the route, the
+time and the key set only: it is kept per value and route (`_Admitted`), and a request that
+repeats one re-checks time, key set and revocation, then goes to the store. Anything else
+runs the steps in full.
+
 Coroutine budget: every coroutine level is walked again each time the request is woken up (by
 the store's reply, the upstream's head, its body; bench/RESULTS.md). So the steps are plain
 functions and a front door awaits two things: `decide` (the only coroutine step: verification
-on a cache miss, then the store round trip) and the forwarding coroutine that `_forwarding`
-picks without wrapping it.
+on a cache miss, then the store round trip, which `store.coalesce` answers without a
+coroutine inside a token's window) and the forwarding: `Forwarder.forward` itself for a plain
+request, `_forwarding` for a WebSocket, a stream cut at deadlines or a timed one.
 """
 
 from __future__ import annotations

@@ -47,10 +47,15 @@ def touch_for(
 ) -> Touch:
     """The store operation for this request: what counts as activity and how long to remember."""
     by_session = policy.track_by == "sid"
-    linger = policy.leeway + policy.session_retention if by_session else policy.leeway
-    # Positional: once per request, and keyword arguments cost more.
     return Touch(
-        token.track_key, token.iat, now, idle_timeout, extend, token.exp, linger, by_session
+        key=token.track_key,
+        initial=token.iat,
+        now=now,
+        idle_timeout=idle_timeout,
+        extend=extend,
+        expires_at=token.exp,
+        linger=policy.leeway + (policy.session_retention if by_session else 0.0),
+        remember_idle=by_session,
     )
 
 
