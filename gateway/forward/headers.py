@@ -5,7 +5,6 @@ trusted proxy."""
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 
 from aiohttp import web
@@ -61,7 +60,6 @@ _CLIENT_CLAIMS = frozenset(
 )
 
 
-@functools.lru_cache(maxsize=1024)
 def _planned_drops(
     names: tuple[str, ...],
     connection: tuple[str, ...],
@@ -70,30 +68,43 @@ def _planned_drops(
 ) -> tuple[str, ...]:
     """The (lower-case) names to take out of a copy of a message's headers: those in `remove`,
     those its Connection headers name, and those that are in `twins` once `_` is read as `-`
-    (what nginx, WSGI and CGI upstreams do). It depends on the names only: clients and
-    upstreams send the same few sets over and over, so the answers are kept (for sets of
-    modest size, below)."""
+    (what nginx, WSGI and CGI upstreams do)."""
     remove = remove.union(t.strip(" \t").lower() for value in connection for t in value.split(","))
     lowered = {name.lower() for name in names}
     return tuple(n for n in lowered if n in remove or ("_" in n and n.replace("_", "-") in twins))
 
 
-_PLANNED_NAMES = 2048  # characters of header names in one kept key, at most
+_PLANNED_NAMES = 2048  # characters of header names and Connection values in one kept key
+_KEPT_PLANS = 1024
 
 
-def _drops(
-    headers: MultiMapping[str], remove: frozenset[str], twins: frozenset[str]
-) -> tuple[str, ...]:
-    names = tuple(headers.keys())
-    plan = _planned_drops if sum(map(len, names)) <= _PLANNED_NAMES else _planned_drops.__wrapped__
-    return plan(names, tuple(headers.getall("Connection", ())), remove, twins)
+class _DropPlans:
+    """`_planned_drops` for one `remove` and `twins`, kept by header names and Connection
+    values: clients and upstreams send the same few sets over and over (bounded: sets of
+    modest size, at most _KEPT_PLANS of them, all forgotten when full)."""
+
+    __slots__ = ("_kept", "_remove", "_twins")
+
+    def __init__(self, remove: frozenset[str], twins: frozenset[str] = frozenset()) -> None:
+        self._remove, self._twins = remove, twins
+        self._kept: dict[tuple[tuple[str, ...], tuple[str, ...]], tuple[str, ...]] = {}
+
+    def of(self, headers: MultiMapping[str]) -> tuple[str, ...]:
+        key = (tuple(headers.keys()), tuple(headers.getall("Connection", ())))
+        found = self._kept.get(key)
+        if found is None:
+            found = _planned_drops(*key, self._remove, self._twins)
+            if sum(map(len, key[0])) + sum(map(len, key[1])) <= _PLANNED_NAMES:
+                if len(self._kept) >= _KEPT_PLANS:
+                    self._kept.clear()
+                self._kept[key] = found
+        return found
 
 
 # From upstream responses: hop-by-hop fields, and the upstream's X-Request-ID (ours replaces it);
 # with the body relayed whole, its Content-Length too (aiohttp writes the one it sends).
-_RESPONSE_DROPS = HOP_BY_HOP | {"x-request-id"}
-_WHOLE_RESPONSE_DROPS = _RESPONSE_DROPS | {"content-length"}
-_NONE: frozenset[str] = frozenset()
+_RESPONSE_DROPS = _DropPlans(HOP_BY_HOP | {"x-request-id"})
+_WHOLE_RESPONSE_DROPS = _DropPlans(HOP_BY_HOP | {"x-request-id", "content-length"})
 
 
 class RequestHeaders:
@@ -104,15 +115,15 @@ class RequestHeaders:
         drop = HOP_BY_HOP | _REQUEST_OWN | {n.lower() for n in config.identity_headers}
         with_auth = drop | {"authorization"}
         # By (the peer is in trusted_proxies, `strip_authorization`).
-        self._drops = {
-            (True, False): drop,
-            (True, True): with_auth,
-            (False, False): drop | _CLIENT_CLAIMS,
-            (False, True): with_auth | _CLIENT_CLAIMS,
-        }
         # nginx, WSGI and CGI upstreams read `X_Auth_Subject` as `X-Auth-Subject`: an incoming
         # name that is one of ours once `_` is `-` is dropped like the name itself.
-        self._underscore_twins = with_auth | _CLIENT_CLAIMS
+        twins = with_auth | _CLIENT_CLAIMS
+        self._drops = {
+            (True, False): _DropPlans(drop, twins),
+            (True, True): _DropPlans(with_auth, twins),
+            (False, False): _DropPlans(drop | _CLIENT_CLAIMS, twins),
+            (False, True): _DropPlans(with_auth | _CLIENT_CLAIMS, twins),
+        }
         self._any_trusted = bool(config.trusted_proxies)
         self._trusted = TrustedPeers(config)
 
@@ -130,7 +141,7 @@ class RequestHeaders:
         peer = request.remote or ""
         trusted = self._any_trusted and peer in self._trusted
         incoming = request.headers
-        drops = _drops(incoming, self._drops[trusted, strip_authorization], self._underscore_twins)
+        drops = self._drops[trusted, strip_authorization].of(incoming)
         headers = CIMultiDict(incoming)  # one copy in C, then only what must go is taken out
         for name in drops:
             headers.popall(name)
@@ -160,7 +171,7 @@ def response_headers(
     ones (and those named in Connection), with our X-Request-ID instead of any the upstream
     sent; with `whole_body` (relayed in one piece) without its Content-Length."""
     out = CIMultiDict(headers)  # one copy in C, then only the names present are removed
-    for name in _drops(headers, _WHOLE_RESPONSE_DROPS if whole_body else _RESPONSE_DROPS, _NONE):
+    for name in (_WHOLE_RESPONSE_DROPS if whole_body else _RESPONSE_DROPS).of(headers):
         out.popall(name)
     out["X-Request-ID"] = request_id
     return out

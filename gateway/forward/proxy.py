@@ -106,22 +106,20 @@ class Forwarder:
         await self._aiohttp.close()
 
     def _upstream(self, upstream: str) -> _Upstream:
-        """How a route's upstream URL is reached, worked out once per URL."""
-        found = self._upstreams.get(upstream)
-        if found is None:
-            url = URL(upstream)
-            transport: Transport = self._aiohttp
-            base = upstream
-            # https, and credentials in the URL (aiohttp sends them as Basic auth), stay on aiohttp.
-            if url.scheme == "http" and url.raw_host and url.port is not None and url.user is None:
-                key = (url.raw_host, url.port)
-                if key not in self._pools:
-                    self._pools[key] = UpstreamPool.for_url(url, **self._pool_options)
-                transport, base = self._pools[key], "" if url.raw_path == "/" else url.raw_path
-            origin = str(url.origin())
-            found = self._upstreams[upstream] = _Upstream(
-                transport, base, origin, url.user is not None
-            )
+        """How a route's upstream URL is reached, worked out the first time it is forwarded to
+        (then kept in `_upstreams`)."""
+        url = URL(upstream)
+        transport: Transport = self._aiohttp
+        base = upstream
+        # https, and credentials in the URL (aiohttp sends them as Basic auth), stay on aiohttp.
+        if url.scheme == "http" and url.raw_host and url.port is not None and url.user is None:
+            key = (url.raw_host, url.port)
+            if key not in self._pools:
+                self._pools[key] = UpstreamPool.for_url(url, **self._pool_options)
+            transport, base = self._pools[key], "" if url.raw_path == "/" else url.raw_path
+        found = self._upstreams[upstream] = _Upstream(
+            transport, base, str(url.origin()), url.user is not None
+        )
         return found
 
     def check_request(self, request: web.BaseRequest) -> None:
@@ -166,10 +164,8 @@ class Forwarder:
             if limit is not None and limit.exceeded:
                 raise Refusal(Reason.PAYLOAD_TOO_LARGE) from None
             raise self.failures.refusal(match.label, upstream.origin, exc) from None
-        histogram = self._upstream_durations.get(match.label)
-        if histogram is None:
-            histogram = self._upstream_histogram(match.label)
-        histogram.observe(time.perf_counter() - started)
+        durations = self._upstream_durations.get(match.label) or self._durations(match.label)
+        durations.observe(time.perf_counter() - started)
         if limit is not None and limit.exceeded:
             response.close()
             raise Refusal(Reason.PAYLOAD_TOO_LARGE)
@@ -203,8 +199,8 @@ class Forwarder:
             await chunks.aclose()
             response.close()
 
-    def _upstream_histogram(self, label: str) -> BatchedHistogram:
-        histogram = self._upstream_durations[label] = metrics.batched(
+    def _durations(self, label: str) -> BatchedHistogram:
+        found = self._upstream_durations[label] = metrics.batched(
             metrics.UPSTREAM_DURATION.labels(label)
         )
-        return histogram
+        return found
