@@ -5,8 +5,9 @@ Instruction counts do not move with the machine's load (wall-clock req/s on a sh
 swing by ±20 % between rounds), so two checkouts, or two targets, compare exactly; C work
 (multidict, llhttp, hiredis, uvloop) is in them, the kernel's is not. The serving process runs
 under `valgrind --tool=callgrind --instr-atstart=no`; wrk warms it up, then instrumentation is
-switched on for one wrk run of `--duration` seconds and the instructions divided by the
-requests wrk completed. Same upstream, Redis and token pool as bench/run.py.
+switched on for one wrk run of `--duration` seconds and the instructions, less those of as long
+a time with no requests (`--idle`: timers), divided by the requests wrk completed. Same
+upstream, Redis and token pool as bench/run.py.
 
     python bench/instructions.py [--targets bare-lean,gateway,coalesce] [--duration 15]
 
@@ -86,16 +87,32 @@ def measure(name: str, cmd: list[str], port: int, args: argparse.Namespace, toke
             command = ["callgrind_control", *options, str(pid)]
             subprocess.run(command, check=True, capture_output=True)
 
-        control("-i", "on")
-        requests = wrk(port, tokens, args.duration, args.connections)
-        control("-d")
-        control("-i", "off")
-        time.sleep(0.5)
-        dumps = sorted(out.glob(f"callgrind.{name}.{pid}.*"))
-        total = sum(_total(dump) for dump in dumps)
-        print(f"  {name:10} {total / requests / 1000:8.1f} k instructions/request"
-              f"  ({requests} requests)", flush=True)  # fmt: skip
-        return total / requests
+        def counted(seconds: int, load: bool) -> tuple[int, int]:
+            """Instructions of `seconds` with instrumentation on, and the requests served."""
+            before = set(out.glob(f"callgrind.{name}.{pid}.*"))
+            control("-z")  # zero the counters, then count
+            control("-i", "on")
+            if load:
+                requests = wrk(port, tokens, seconds, args.connections)
+            else:
+                time.sleep(seconds)
+                requests = 0
+            control("-d")
+            control("-i", "off")
+            time.sleep(0.5)
+            dumps = set(out.glob(f"callgrind.{name}.{pid}.*")) - before
+            return sum(_total(dump) for dump in dumps), requests
+
+        # What the process does with no requests (timers: revocation poll, metrics flush,
+        # watchdogs), per second: taken off, as under valgrind it would fall on ~60x fewer
+        # requests than at full speed.
+        idle, _ = counted(args.idle, load=False)
+        total, requests = counted(args.duration, load=True)
+        per_request = (total - idle / args.idle * args.duration) / requests
+        print(f"  {name:10} {per_request / 1000:8.1f} k instructions/request"
+              f"  ({requests} requests; idle {idle / args.idle / 1000:.0f} k/s taken off)",
+              flush=True)  # fmt: skip
+        return per_request
     finally:
         procs.stop_all()
 
@@ -111,6 +128,7 @@ def main() -> int:
     parser.add_argument("--targets", default="bare-lean,gateway,coalesce")
     parser.add_argument("--duration", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=8)
+    parser.add_argument("--idle", type=int, default=5, help="seconds of the idle measurement")
     parser.add_argument("--connections", type=int, default=20)
     parser.add_argument("--tokens", type=int, default=1000)
     # Long: under valgrind a 5 s window's flush would fall on ~60x fewer requests than at full
