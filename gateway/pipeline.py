@@ -165,7 +165,7 @@ class Traffic:
             self.leave_drained()
 
     def leave_drained(self) -> None:
-        """After `in_flight` went down while draining (the front doors inline `leave`)."""
+        """After `in_flight` went down while draining (the proxy port inlines `leave`)."""
         if not self.in_flight:
             self.quiet.set()
 
