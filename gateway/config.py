@@ -474,6 +474,20 @@ class Config(_Model):
             for i, value in enumerate(values):
                 if value in values[:i]:
                     problems.append(f"{field}.{i}.{what}: {value!r} is used twice; must be unique")
+        # An upstream that ignores letter case, or a trailing slash, cannot tell these apart
+        # (and the router refuses every path whose route such an upstream would see otherwise).
+        bases = [r.prefix.rstrip("/").lower() for r in self.routes]
+        for i, route in enumerate(self.routes):
+            same = [
+                r.prefix
+                for r, base in zip(self.routes[:i], bases, strict=False)
+                if base == bases[i]
+            ]
+            if same and route.prefix not in same:
+                problems.append(
+                    f"routes.{i}.prefix: {route.prefix!r} is the same route as {same[0]!r} to an "
+                    "upstream that ignores letter case or a trailing slash; must be unique"
+                )
         seen_issuers: set[str] = set()
         for i, provider in enumerate(self.providers):
             for issuer in provider.issuers:

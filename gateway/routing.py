@@ -10,6 +10,10 @@ resolve dot-segments, so `..;x` (or `..%3bx`, `%2e%2e;`) is `..` to them: it is 
 here too, resolved with its parameters. Parameters on other segments are forwarded verbatim
 (`jsessionid`, matrix variables), but the route must be the same with them cut off
 (`/api;x/orders` is `/api/orders` upstream), else the path is refused.
+
+Upstreams that match paths case-insensitively (IIS, ASP.NET, Spring with a case-insensitive
+matcher) route `/ADMIN/x` as `/admin/x`: a path whose route changes when its letters are
+folded to one case is refused too, whatever the upstream does with it.
 """
 
 from __future__ import annotations
@@ -98,13 +102,22 @@ class Router:
         # Longest first, so the first hit is the longest match.
         self._routes = sorted(routes, key=lambda r: len(r.prefix), reverse=True)
         self._bases = [r.prefix.rstrip("/") for r in self._routes]
+        self._folded_bases = [base.lower() for base in self._bases]
         self._matches: dict[str, Match] = {}  # raw path -> its match (refusals not kept)
 
     def find(self, path: str) -> tuple[Route, str] | None:
-        for route, base in zip(self._routes, self._bases, strict=True):
+        return self._find(path, self._bases)
+
+    def _find(self, path: str, bases: list[str]) -> tuple[Route, str] | None:
+        for route, base, own in zip(self._routes, bases, self._bases, strict=True):
             if base == "" or path == base or path.startswith(base + "/"):
-                return route, base
+                return route, own
         return None
+
+    def _folded_route(self, path: str) -> Route | None:
+        """The route of `path` to an upstream that ignores letter case."""
+        found = self._find(path.lower(), self._folded_bases)
+        return None if found is None else found[0]
 
     def match(self, raw_path: str) -> Match:
         """The route for a raw path (no query), or a Refusal: 400 bad path, 404 no route."""
@@ -128,11 +141,18 @@ class Router:
                 raise Refusal(
                     Reason.BAD_PATH, "the path's dot-segments or slashes change its route"
                 )
+        route = None if found is None else found[0]
         if ";" in path or "%3B" in path:
             # And so must a servlet upstream, which routes the path without its parameters.
-            servlet = self.find(without_parameters(path))
-            if (found and found[0]) is not (servlet and servlet[0]):
+            servlet_path = without_parameters(path)
+            servlet = self.find(servlet_path)
+            if route is not (servlet and servlet[0]) or route is not self._folded_route(
+                servlet_path
+            ):
                 raise Refusal(Reason.BAD_PATH, "the path's ;parameters change its route")
+        # And so must an upstream that ignores letter case (`/ADMIN/x` is `/admin/x` to IIS).
+        if route is not None and route is not self._folded_route(path):
+            raise Refusal(Reason.BAD_PATH, "the path's letter case changes its route")
         if found is None:
             raise Refusal(Reason.NO_ROUTE)
         route, base = found

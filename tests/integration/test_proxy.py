@@ -8,6 +8,7 @@ import logging
 import socket
 
 import pytest
+from attacks import requests_counted
 from conftest import GatewayFactory, free_port
 from harness import Upstream
 from multidict import CIMultiDict
@@ -109,6 +110,32 @@ async def test_parameters_cannot_move_a_protected_path_onto_a_public_catch_all(
     raw = await _raw_get(gw.running.proxy.addresses[0][1], path)
     assert raw.startswith(b"HTTP/1.1 400"), raw[:100]
     assert upstream.received == []
+
+
+@pytest.mark.parametrize(
+    "path", ["/API/orders", "/Api/orders", "/%41PI/orders", "/aPi;x/orders", "/API"]
+)
+async def test_letter_case_cannot_move_a_protected_path_onto_a_public_catch_all(
+    gateways: GatewayFactory, upstream: Upstream, path: str
+):
+    """`/API/orders` is `/api/orders` to an upstream that matches paths case-insensitively
+    (IIS, ASP.NET): matched as the public catch-all, it would reach /api/ without a token."""
+    gw = await gateways(
+        routes=[
+            {"prefix": "/api/", "upstream": upstream.url, "scopes": ["orders"]},
+            {"prefix": "/", "upstream": upstream.url, "auth": "none"},
+        ]
+    )
+    before = requests_counted("none", "rejected", "bad_path")
+    raw = await _raw_get(gw.running.proxy.addresses[0][1], path)
+    assert raw.startswith(b"HTTP/1.1 400"), raw[:100]
+    assert b'"reason": "bad_path"' in raw or b'"reason":"bad_path"' in raw
+    assert requests_counted("none", "rejected", "bad_path") == before + 1
+    assert upstream.received == []
+    # Letter case within one route is the upstream's business: forwarded as sent.
+    raw = await _raw_get(gw.running.proxy.addresses[0][1], "/Docs/Index.HTML")
+    assert raw.startswith(b"HTTP/1.1 200"), raw[:100]
+    assert upstream.received[-1].path_qs == "/Docs/Index.HTML"
 
 
 @pytest.mark.parametrize(

@@ -612,6 +612,18 @@ def test_scopes_or_roles_on_a_public_route_are_refused():
     )
 
 
+@pytest.mark.parametrize("second", ["/API/", "/Api", "/api"])
+def test_route_prefixes_differing_only_in_case_or_a_trailing_slash_are_refused(second: str):
+    routes = [
+        {"prefix": "/api/", "upstream": "http://orders:8000"},
+        {"prefix": second, "upstream": "http://other:8000", "auth": "none"},
+    ]
+    assert problems(routes=routes) == [
+        f"routes.1.prefix: {second!r} is the same route as '/api/' to an upstream that ignores "
+        "letter case or a trailing slash; must be unique"
+    ]
+
+
 def test_issuer_may_be_a_list_each_unique_across_providers():
     tenants = [
         "https://login.microsoftonline.com/t1/v2.0",

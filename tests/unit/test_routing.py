@@ -346,3 +346,38 @@ def test_a_path_matched_before_is_answered_from_the_bounded_cache_and_refusals_a
     long_path = "/api/" + "a" * 300
     assert router.match(long_path).upstream_path == long_path
     assert long_path not in router._matches
+
+
+@pytest.mark.parametrize(
+    "path", ["/API/orders", "/Api/orders", "/%41pi/orders", "/API", "/api;x/../API/x"]
+)
+def test_letter_case_cannot_dodge_a_protected_route(path: str):
+    """`/API/x` is `/api/x` to an upstream that matches case-insensitively (IIS, ASP.NET)."""
+    router = Router([route("/api/"), route("/", auth="none")])
+    assert refused(router, path) is Reason.BAD_PATH
+
+
+def test_a_route_prefix_in_capitals_is_guarded_from_lower_case_paths():
+    router = Router([route("/Admin/", scopes=["admin"]), route("/", auth="none")])
+    assert refused(router, "/admin/users") is Reason.BAD_PATH
+    assert refused(router, "/ADMIN;x/users") is Reason.BAD_PATH
+    assert router.match("/Admin/users").label == "/Admin/"
+
+
+@pytest.mark.parametrize(
+    ("path", "label"),
+    [
+        ("/api/Orders/ABC", "/api/"),  # case inside a route is the upstream's business
+        ("/Docs/Index.HTML", "/"),
+        ("/apiary/X", "/"),  # not on the segment boundary, in either case
+    ],
+)
+def test_letter_case_that_keeps_the_route_is_matched(path: str, label: str):
+    router = Router([route("/api/"), route("/", auth="none")])
+    match = router.match(path)
+    assert (match.label, match.upstream_path) == (label, path)
+
+
+def test_a_path_matching_no_route_in_its_own_case_is_no_route():
+    # Nothing would be forwarded either way: the plain 404, not a path refusal.
+    assert refused(Router([route("/api/")]), "/API/orders") is Reason.NO_ROUTE
