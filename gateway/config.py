@@ -169,7 +169,15 @@ class Store(_Model):
     @field_validator("url")
     @classmethod
     def _known_scheme(cls, url: str) -> str:
-        schemes = ("memory://", "redis://", "rediss://", "redis+sentinel://", "redis+cluster://")
+        schemes = (
+            "memory://",
+            "redis://",
+            "rediss://",
+            "redis+sentinel://",
+            "rediss+sentinel://",
+            "redis+cluster://",
+            "rediss+cluster://",
+        )
         if not url.startswith(schemes):
             raise ValueError("must start with one of " + ", ".join(schemes))
         return url

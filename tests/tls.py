@@ -69,6 +69,18 @@ class CertificateAuthority:
 
     def server_context(self, *hosts: str) -> ssl.SSLContext:
         """A server-side SSLContext with a certificate this CA issued for `hosts` (SANs)."""
+        cert_file, key_file = self.server_files(*hosts)
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(cert_file, key_file)
+        return context
+
+    def server_files(self, *hosts: str, client_too: bool = False) -> tuple[Path, Path]:
+        """A certificate this CA issued for `hosts` (SANs) and its key, as PEM files, for a
+        server configured by path (redis-server's tls-cert-file and tls-key-file);
+        `client_too` for a server that also presents it as a client (a Redis cluster bus)."""
+        usages = [ExtendedKeyUsageOID.SERVER_AUTH]
+        if client_too:
+            usages.append(ExtendedKeyUsageOID.CLIENT_AUTH)
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         certificate = (
@@ -81,7 +93,7 @@ class CertificateAuthority:
             .not_valid_after(now + datetime.timedelta(days=1))
             .add_extension(x509.SubjectAlternativeName([_san(h) for h in hosts]), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()),
                 critical=False,
@@ -99,6 +111,4 @@ class CertificateAuthority:
                 serialization.NoEncryption(),
             )
         )
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(cert_file, key_file)
-        return context
+        return cert_file, key_file

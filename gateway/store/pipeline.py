@@ -131,6 +131,9 @@ class PipelinedConnection:
         self._username = username
         self._password = password
         self._tls = tls
+        # The name the certificate must hold: the one given, else the host connected to (for
+        # Sentinel, the master's address as the sentinels name it, at every connect).
+        self._fixed_hostname = server_hostname
         self._server_hostname = server_hostname if server_hostname is not None else host
         self._connect_timeout = connect_timeout
         self.on_connect = on_connect  # run on every new connection, after AUTH/SELECT
@@ -249,7 +252,7 @@ class PipelinedConnection:
             if self._resolve is not None:
                 host, port = await self._resolve()
                 self._host, self._port = host, int(port)
-                if self._tls is None:
+                if self._fixed_hostname is None:
                     self._server_hostname = host
             _, connection = await loop.create_connection(
                 lambda: _Protocol(self),

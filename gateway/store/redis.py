@@ -718,6 +718,7 @@ def pipelined_for(
             db=int(kwargs.get("db") or 0),
             username=kwargs.get("username"),
             password=kwargs.get("password"),
+            tls=_tls_context(kwargs) if issubclass(pool.connection_class, SSLConnection) else None,
             connect_timeout=timeout,
             call_timeout=timeout,
             on_connect=on_connect,
@@ -750,6 +751,12 @@ def cluster_for(client: RedisClient, *, timeout: float) -> ClusterConnections | 
     if not isinstance(client, RedisCluster):
         return None
     kwargs = client.get_connection_kwargs()
+    connection_class = kwargs.get("connection_class")
+    tls = (
+        _tls_context(kwargs)
+        if isinstance(connection_class, type) and issubclass(connection_class, SSLConnection)
+        else None
+    )
 
     def connect(host: str, port: int) -> PipelinedConnection:
         return PipelinedConnection(
@@ -757,6 +764,7 @@ def cluster_for(client: RedisClient, *, timeout: float) -> ClusterConnections | 
             port,
             username=kwargs.get("username"),
             password=kwargs.get("password"),
+            tls=tls,
             connect_timeout=timeout,
             call_timeout=timeout,
         )
@@ -765,11 +773,44 @@ def cluster_for(client: RedisClient, *, timeout: float) -> ClusterConnections | 
     return ClusterConnections(startup, connect, timeout=timeout)
 
 
+_TLS_OPTIONS = frozenset(("ssl_ca_certs", "ssl_cert_reqs", "ssl_check_hostname"))
+
+
+def _tls_options(params: dict[str, str]) -> dict[str, Any]:
+    """`rediss+sentinel://`, `rediss+cluster://`: TLS to every node, the certificates verified
+    against the system's CAs or `ssl_ca_certs` (a PEM file), the options named and meant as
+    redis-py's for `rediss://`. `ssl_cert_reqs=none` turns verification off (and with it the
+    host name check, unless `ssl_check_hostname=true` asks for it)."""
+    options: dict[str, Any] = {"ssl": True}
+    if "ssl_ca_certs" in params:
+        if not params["ssl_ca_certs"]:
+            raise ValueError("ssl_ca_certs needs the path of a PEM file")
+        options["ssl_ca_certs"] = params["ssl_ca_certs"]
+    cert_reqs = params.get("ssl_cert_reqs", "required")
+    if cert_reqs not in ("none", "optional", "required"):
+        raise ValueError("ssl_cert_reqs must be none, optional or required")
+    options["ssl_cert_reqs"] = cert_reqs
+    check_hostname = params.get("ssl_check_hostname", "false" if cert_reqs == "none" else "true")
+    if check_hostname.lower() not in ("true", "false"):
+        raise ValueError("ssl_check_hostname must be true or false")
+    options["ssl_check_hostname"] = check_hostname.lower() == "true"
+    if options["ssl_check_hostname"] and cert_reqs == "none":
+        raise ValueError("ssl_check_hostname=true needs the certificate verified (ssl_cert_reqs)")
+    return options
+
+
+def _tls_context(kwargs: dict[str, Any]) -> ssl.SSLContext:
+    """The TLS context redis-py builds from a client's connection options, for the request
+    path's pipelined connections to the same nodes."""
+    return SSLConnection(**{k: v for k, v in kwargs.items() if k in _TLS_OPTIONS}).ssl_context.get()
+
+
 def client_from_url(url: str, *, timeout: float) -> tuple[RedisClient, tuple[RedisClient, ...]]:
     """Build (without connecting) the client for a `redis://`, `rediss://`,
-    `redis+sentinel://[:password@]h:p[,h:p]/<service>[/<db>][?sentinel_password=…]` or
-    `redis+cluster://[:password@]h:p[,h:p]` URL. Returns the client and any further clients to
-    close with it. Raises ValueError with a message that never repeats the password."""
+    `redis[s]+sentinel://[:password@]h:p[,h:p]/<service>[/<db>][?sentinel_password=…]` or
+    `redis[s]+cluster://[:password@]h:p[,h:p]` URL (`rediss+`: TLS to every node, with the
+    `ssl_*` options of `_tls_options`). Returns the client and any further clients to close
+    with it. Raises ValueError with a message that never repeats the password."""
     options = _connection_options(timeout)
     scheme, _, rest = url.partition("://")
     if scheme in ("redis", "rediss"):
@@ -793,14 +834,24 @@ def client_from_url(url: str, *, timeout: float) -> tuple[RedisClient, tuple[Red
         )
         return Redis.from_pool(pool), ()
 
-    netloc, _, path_and_query = rest.partition("/")
-    path, _, query = path_and_query.partition("?")
+    # The hosts end at the first `/` or `?` after the credentials (a password is taken whole).
+    userinfo, at, located = rest.rpartition("@")
+    located, _, query = located.partition("?")
+    hosts, _, path = located.partition("/")
+    netloc = userinfo + at + hosts
     params: dict[str, str] = {}
     for pair in filter(None, query.split("&")):
         name, _, value = pair.partition("=")
         params[name] = unquote(value)
     if not netloc:
         raise ValueError(f"no host given, e.g. {scheme}://host:port")
+    tls: dict[str, Any] = {}
+    if scheme in ("rediss+sentinel", "rediss+cluster"):
+        tls = _tls_options(params)
+        scheme = scheme.replace("rediss+", "redis+")
+    elif _TLS_OPTIONS & set(params):
+        raise ValueError(f"ssl_* options need TLS: rediss+{scheme.removeprefix('redis+')}://")
+    params = {name: value for name, value in params.items() if name not in _TLS_OPTIONS}
 
     if scheme == "redis+sentinel":
         username, password, sentinels = _split_hosts(netloc, default_port=26379)
@@ -826,6 +877,7 @@ def client_from_url(url: str, *, timeout: float) -> tuple[RedisClient, tuple[Red
         }
         if "sentinel_password" in params:
             sentinel_options["password"] = params["sentinel_password"]
+        sentinel_options.update(tls)  # the sentinels speak TLS like the master
         sentinel = ConcurrentSentinel(
             sentinels, query_timeout=query_timeout, sentinel_kwargs=sentinel_options
         )
@@ -836,6 +888,7 @@ def client_from_url(url: str, *, timeout: float) -> tuple[RedisClient, tuple[Red
             db=int(db_text or 0),
             max_connections=MAX_CONNECTIONS,
             **options,
+            **tls,
         )
         return master, tuple(sentinel.sentinels)
 
@@ -851,6 +904,7 @@ def client_from_url(url: str, *, timeout: float) -> tuple[RedisClient, tuple[Red
             password=password,
             max_connections=MAX_CONNECTIONS,
             **options,
+            **tls,
         )
         return cluster, ()
 

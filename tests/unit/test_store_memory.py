@@ -6,18 +6,22 @@ tests/integration/test_store_redis.py."""
 
 from __future__ import annotations
 
+import ssl
+from pathlib import Path
+
 import pytest
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import SSLConnection
 from redis.asyncio.sentinel import SentinelConnectionPool
+from tls import CertificateAuthority
 
 from gateway.clock import ManualClock
 from gateway.config import Store as StoreConfig
 from gateway.store import KeyHasher, Revocation, Touch, TouchResult
 from gateway.store.factory import StoreConfigError, hasher_from_config, open_store
 from gateway.store.memory import MemoryStore
-from gateway.store.redis import RedisStore
+from gateway.store.redis import RedisStore, cluster_for, pipelined_for
 
 IDLE = 900.0
 LINGER = 30.0
@@ -157,6 +161,46 @@ async def test_sentinel_url_names_the_sentinels_service_and_db() -> None:
     await store.close()
 
 
+@pytest.mark.parametrize(
+    ("query", "verify_mode", "check_hostname"),
+    [
+        ("", ssl.CERT_REQUIRED, True),
+        ("?ssl_ca_certs=CA", ssl.CERT_REQUIRED, True),
+        ("?ssl_cert_reqs=none", ssl.CERT_NONE, False),
+        ("?ssl_check_hostname=false&ssl_ca_certs=CA", ssl.CERT_REQUIRED, False),
+    ],
+)
+async def test_tls_sentinel_and_cluster_urls_speak_tls_to_every_node(
+    tmp_path: Path, query: str, verify_mode: ssl.VerifyMode, check_hostname: bool
+) -> None:
+    """rediss+sentinel:// and rediss+cluster://: redis-py's connections (sentinels, master,
+    nodes) and the request path's pipelined ones, with the URL's verification settings."""
+    ca = CertificateAuthority(tmp_path / "ca")
+    query = query.replace("CA", str(ca.ca_file))
+    sentinel = open_store(StoreConfig(url=f"rediss+sentinel://:pw@s1,s2/mymaster/2{query}"))
+    cluster = open_store(StoreConfig(url=f"rediss+cluster://:pw@n1:7000,n2:7001{query}"))
+    assert isinstance(sentinel, RedisStore) and isinstance(cluster, RedisStore)
+    assert isinstance(sentinel.client, Redis) and isinstance(cluster.client, RedisCluster)
+    pool = sentinel.client.connection_pool
+    assert isinstance(pool, SentinelConnectionPool)
+    assert issubclass(pool.connection_class, SSLConnection)
+    for each in pool.sentinel_manager.sentinels:
+        assert each.connection_pool.connection_class is SSLConnection
+    assert cluster.client.get_connection_kwargs()["connection_class"] is SSLConnection
+    pipelined = pipelined_for(sentinel.client, timeout=1)
+    connections = cluster_for(cluster.client, timeout=1)
+    assert pipelined is not None and connections is not None
+    for connection in (pipelined, connections._connect("n1", 7000)):
+        assert connection._tls is not None
+        assert connection._tls.verify_mode == verify_mode
+        assert connection._tls.check_hostname is check_hostname
+    if "ssl_ca_certs" in query:  # the CA given is the one trusted
+        subjects = [cert["subject"] for cert in pipelined._tls.get_ca_certs()]  # type: ignore[union-attr]
+        assert ((("commonName", "idlegate test CA"),),) in subjects
+    await sentinel.close()
+    await cluster.close()
+
+
 async def test_cluster_url_lists_every_startup_node() -> None:
     store = open_store(StoreConfig(url="redis+cluster://:pw@n1:7000,n2:7001,[::1]:7002"))
     assert isinstance(store, RedisStore)
@@ -180,6 +224,13 @@ async def test_cluster_url_lists_every_startup_node() -> None:
         ("redis+cluster://n1:7000/2", "only database 0"),
         ("redis+cluster://n1:99999", "invalid port"),
         ("redis+cluster://n1:7000,", "host is missing"),
+        ("redis+cluster://n1:7000?ssl_cert_reqs=none", "need TLS: rediss\\+cluster://"),
+        ("redis+sentinel://s1/mymaster?ssl_ca_certs=/ca.pem", "need TLS: rediss\\+sentinel://"),
+        ("rediss+cluster://n1:7000?ssl_cert_reqs=maybe", "none, optional or required"),
+        ("rediss+cluster://n1:7000?ssl_ca_certs=", "path of a PEM file"),
+        ("rediss+sentinel://s1/mymaster?ssl_check_hostname=yes", "true or false"),
+        ("rediss+cluster://n1?ssl_cert_reqs=none&ssl_check_hostname=true", "needs the cert"),
+        ("rediss+cluster://:s3cret@n1:7000?colour=blue", "unknown option"),
     ],
 )
 def test_bad_urls_are_refused_with_a_clear_message(url: str, message: str) -> None:
