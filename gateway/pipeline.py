@@ -36,7 +36,7 @@ from collections.abc import Awaitable, Mapping
 from types import MappingProxyType
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway import metrics
@@ -44,6 +44,7 @@ from gateway.accesslog import AccessLog
 from gateway.clock import Clock
 from gateway.config import Config, Policy, Route
 from gateway.forward.deadlines import LOG_FIELDS, Deadlines
+from gateway.forward.headers import X_REQUEST_ID
 from gateway.forward.proxy import Forwarder
 from gateway.forward.websocket import (
     HANDSHAKE_SECONDS,
@@ -282,11 +283,11 @@ class Pipeline:
                 # Refusals the head alone decides come before the store touches activity.
                 if route.upstream is None:
                     raise Refusal(Reason.NO_ROUTE, "this route is decided for forward-auth only")
-                upgrade = "Upgrade" in headers and _upgrade(route, headers)
+                upgrade = hdrs.UPGRADE in headers and _upgrade(route, headers)
                 if upgrade:
                     check_handshake(request)
                     record.websocket = True
-                if "Content-Length" in headers or "Transfer-Encoding" in headers:
+                if hdrs.CONTENT_LENGTH in headers or hdrs.TRANSFER_ENCODING in headers:
                     self.forwarder.check_request(request)
                 identity = await self.decide(route, query, headers, record)
                 upstream_headers = self.forwarder.upstream_headers(
@@ -536,7 +537,7 @@ class Pipeline:
         )
 
     def _request_id(self, headers: CIMultiDictProxy[str]) -> str:
-        sent_id = headers.get("X-Request-ID")
+        sent_id = headers.get(X_REQUEST_ID)
         if sent_id and _SANE_REQUEST_ID.fullmatch(sent_id):
             return sent_id
         return f"{self._id_prefix}{next(self._id_counter):08x}"

@@ -7,11 +7,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from aiohttp import web
-from multidict import CIMultiDict, MultiMapping
+from aiohttp import hdrs, web
+from multidict import CIMultiDict, MultiMapping, istr
 
 from gateway.config import Forward
 from gateway.forward_auth import TrustedPeers
+
+# Names looked up or set on every request are `istr`s: a multidict takes their case-folded
+# identity from them instead of folding (and hashing) a new copy each time.
+X_REQUEST_ID = istr("X-Request-ID")
+X_REAL_IP = istr("X-Real-IP")
 
 # RFC 9110 §7.6.1 plus the legacy ones proxies still meet.
 HOP_BY_HOP = frozenset(
@@ -71,7 +76,9 @@ def _planned_drops(
     (what nginx, WSGI and CGI upstreams do)."""
     remove = remove.union(t.strip(" \t").lower() for value in connection for t in value.split(","))
     lowered = {name.lower() for name in names}
-    return tuple(n for n in lowered if n in remove or ("_" in n and n.replace("_", "-") in twins))
+    return tuple(
+        istr(n) for n in lowered if n in remove or ("_" in n and n.replace("_", "-") in twins)
+    )
 
 
 _PLANNED_NAMES = 2048  # characters of header names and Connection values in one kept key
@@ -90,7 +97,7 @@ class _DropPlans:
         self._kept: dict[tuple[tuple[str, ...], tuple[str, ...]], tuple[str, ...]] = {}
 
     def of(self, headers: MultiMapping[str]) -> tuple[str, ...]:
-        key = (tuple(headers.keys()), tuple(headers.getall("Connection", ())))
+        key = (tuple(headers.keys()), tuple(headers.getall(hdrs.CONNECTION, ())))
         found = self._kept.get(key)
         if found is None:
             found = _planned_drops(*key, self._remove, self._twins)
@@ -150,28 +157,28 @@ class RequestHeaders:
         headers.extend(identity)
         if trusted:
             # Its view of the client passes; we add its hop to the chain.
-            chain = ", ".join(incoming.getall("X-Forwarded-For", ()))
-            headers["X-Forwarded-For"] = f"{chain}, {peer}" if chain else peer
+            chain = ", ".join(incoming.getall(hdrs.X_FORWARDED_FOR, ()))
+            headers[hdrs.X_FORWARDED_FOR] = f"{chain}, {peer}" if chain else peer
         else:  # the client's claims about itself went above: none of them is there
-            headers.add("X-Forwarded-For", peer)
+            headers.add(hdrs.X_FORWARDED_FOR, peer)
         if peer:
-            headers.setdefault("X-Real-IP", peer)
-        headers.setdefault("X-Forwarded-Proto", request.scheme)
+            headers.setdefault(X_REAL_IP, peer)
+        headers.setdefault(hdrs.X_FORWARDED_PROTO, request.scheme)
         host = request.host
         if host:
-            headers.setdefault("X-Forwarded-Host", host)
-        headers.add("X-Request-ID", request_id)  # the client's went above
+            headers.setdefault(hdrs.X_FORWARDED_HOST, host)
+        headers.add(X_REQUEST_ID, request_id)  # the client's went above
         return headers
 
 
 def response_headers(
-    headers: MultiMapping[str], request_id: str, *, whole_body: bool
+    headers: CIMultiDict[str], request_id: str, *, whole_body: bool
 ) -> CIMultiDict[str]:
-    """What goes to the client from an upstream response's headers: without hop-by-hop
-    ones (and those named in Connection), with our X-Request-ID instead of any the upstream
-    sent; with `whole_body` (relayed in one piece) without its Content-Length."""
-    out = CIMultiDict(headers)  # one copy in C, then only the names present are removed
+    """What goes to the client from an upstream response's headers, made of them in place
+    (a transport's response owns its headers: `transport.UpstreamResponse`): without
+    hop-by-hop ones (and those named in Connection), with our X-Request-ID instead of any the
+    upstream sent; with `whole_body` (relayed in one piece) without its Content-Length."""
     for name in (_WHOLE_RESPONSE_DROPS if whole_body else _RESPONSE_DROPS).of(headers):
-        out.popall(name)
-    out["X-Request-ID"] = request_id
-    return out
+        headers.popall(name)
+    headers[X_REQUEST_ID] = request_id
+    return headers

@@ -70,7 +70,7 @@ class UpstreamResponse(Protocol):
 
     status: int
     reason: str
-    headers: CIMultiDict[str]
+    headers: CIMultiDict[str]  # this response's own: the relay may change them in place
     body: bytes | None
 
     def chunks(self) -> AsyncGenerator[bytes, None]: ...

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from urllib.parse import unquote_plus
 
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDictProxy, istr
 
 from gateway.reasons import Reason, Refusal
 
@@ -35,11 +35,14 @@ def bearer_token(headers: CIMultiDictProxy[str], query_string: str) -> str:
     return check_token68(presented_token(headers, query_string))
 
 
+AUTHORIZATION = istr("Authorization")  # its case-folded identity made once, not per request
+
+
 def credential(headers: CIMultiDictProxy[str], query_string: str) -> str | None:
     """The request's one Authorization value, as sent, when that value alone decides what
     `presented_token` finds (one such header, no token in the query): a key under which a
     verification may be remembered and found again. None: only `presented_token` can tell."""
-    values = headers.getall("Authorization", ())
+    values = headers.getall(AUTHORIZATION, ())
     if len(values) != 1 or (query_string and _has_query_token(query_string)):
         return None
     return values[0]
@@ -49,7 +52,7 @@ def presented_token(headers: CIMultiDictProxy[str], query_string: str) -> str:
     """`bearer_token` but for the token68 syntax check (`check_token68`), which costs ~1.5 µs
     on a typical token: a caller may skip it for a string it verified before, since every
     verified token (three non-empty base64url parts, `tokens.verify`) is token68."""
-    values = headers.getall("Authorization", ())
+    values = headers.getall(AUTHORIZATION, ())
     in_query = bool(query_string) and _has_query_token(query_string)
     if len(values) > 1:
         raise Refusal(Reason.MALFORMED_REQUEST, "more than one Authorization header")

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from jwt.algorithms import Algorithm, get_default_algorithms
+from multidict import istr
 
 from gateway.clock import Clock
 from gateway.config import Config, Provider
@@ -230,7 +231,10 @@ class Verifier:
         self._providers = {issuer: p for p in config.providers for issuer in p.issuers}
         self._rings = rings
         self._policy = config.policy
-        self._identity_claims = config.forward.identity_headers
+        # istr names: the forwarded headers take their case-folded identity from them.
+        self._identity_claims: dict[str, str] = {
+            istr(h): c for h, c in config.forward.identity_headers.items()
+        }
         self._hasher = hasher
         self._clock = clock
         self._cache: dict[str, VerifiedToken] = {}

@@ -204,9 +204,14 @@ async def test_a_lost_shard_refuses_only_its_own_tokens(
         ) as response:
             assert response.status == status, await response.text()
     # The lost shard is one outage (one line), however the healthy shards' answers interleave.
-    outages = [r for r in caplog.records if r.name == "idlegate.store"]
+    # (A healthy node's own slow answer on a loaded machine is its own outage, not this one.)
+    outages = [
+        r
+        for r in caplog.records
+        if r.name == "idlegate.store" and f"127.0.0.1:{victim.port}" in r.getMessage()
+    ]
     assert [r.levelname for r in outages] == ["ERROR"], [r.getMessage() for r in outages]
-    assert f"127.0.0.1:{victim.port}" in outages[0].getMessage()
+    assert "unavailable" in outages[0].getMessage()
 
     status, body = await readyz(gw)
     assert (status, body["status"]) == (200, "degraded"), body
