@@ -340,11 +340,11 @@ class Pipeline:
             record.route = match.label
             # As on the proxy port, when the edge passes the handshake's Upgrade/Connection on
             # (nginx does not: there its locations decide which requests may upgrade).
-            if "Upgrade" in request.headers:
+            if hdrs.UPGRADE in request.headers:
                 _upgrade(match.route, request.headers)
             identity = await self.decide(match.route, original.query, request.headers, record)
             response: web.StreamResponse = web.Response(
-                headers={**identity, "X-Request-ID": request_id}
+                headers={**identity, X_REQUEST_ID: request_id}
             )
         except Refusal as refusal:
             response = _refused(refusal, request_id, record)
