@@ -26,6 +26,9 @@ def open_store(config: StoreConfig) -> Store:
         return MemoryStore()
     try:
         client, closing = client_from_url(config.url, timeout=config.timeout)
+        # The request path's own connections: their TLS context loads the URL's files now.
+        pipelined = pipelined_for(client, timeout=config.timeout)
+        cluster = cluster_for(client, timeout=config.timeout)
     except ValueError as exc:
         raise StoreConfigError(f"store.url: {exc} (in {mask_url(config.url)})") from None
     return RedisStore(
@@ -33,8 +36,8 @@ def open_store(config: StoreConfig) -> Store:
         key_prefix=config.key_prefix,
         timeout=config.timeout,
         closing=closing,
-        pipelined=pipelined_for(client, timeout=config.timeout),
-        cluster=cluster_for(client, timeout=config.timeout),
+        pipelined=pipelined,
+        cluster=cluster,
     )
 
 

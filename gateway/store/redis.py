@@ -729,7 +729,7 @@ def pipelined_for(
     kwargs = pool.connection_kwargs
     tls: ssl.SSLContext | None = None
     if issubclass(pool.connection_class, SSLConnection):
-        tls = SSLConnection(**kwargs).ssl_context.get()
+        tls = _tls_context(kwargs, every_option=True)
     elif pool.connection_class is not Connection:
         return None  # a unix socket: redis-py alone
     return PipelinedConnection(
@@ -799,10 +799,23 @@ def _tls_options(params: dict[str, str]) -> dict[str, Any]:
     return options
 
 
-def _tls_context(kwargs: dict[str, Any]) -> ssl.SSLContext:
-    """The TLS context redis-py builds from a client's connection options, for the request
-    path's pipelined connections to the same nodes."""
-    return SSLConnection(**{k: v for k, v in kwargs.items() if k in _TLS_OPTIONS}).ssl_context.get()
+def _tls_context(kwargs: dict[str, Any], *, every_option: bool = False) -> ssl.SSLContext:
+    """The TLS context redis-py builds from a client's connection options (`rediss://`: all of
+    them; else the `_TLS_OPTIONS`), for the request path's pipelined connections to the same
+    nodes. A file it cannot load is a ValueError naming it, as a config problem."""
+    options = kwargs if every_option else {k: v for k, v in kwargs.items() if k in _TLS_OPTIONS}
+    try:
+        return SSLConnection(**options).ssl_context.get()
+    except (OSError, ssl.SSLError) as exc:
+        files = [
+            f"{name} {value!r}"
+            for name, value in sorted(kwargs.items())
+            if name in ("ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile") and value
+        ]
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ValueError(
+            f"the TLS settings cannot be used ({', '.join(files)}): {reason}"
+        ) from None
 
 
 def client_from_url(url: str, *, timeout: float) -> tuple[RedisClient, tuple[RedisClient, ...]]:

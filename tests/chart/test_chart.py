@@ -413,6 +413,8 @@ def test_external_redis_url_comes_from_the_existing_secret(render: Render) -> No
     [
         "redis+sentinel://s1.redis:26379,s2.redis:26379,s3.redis:26379/mymaster/0",
         "redis+cluster://n1.redis:6379,n2.redis:6379,n3.redis:6379",
+        "rediss+sentinel://s1.redis:26379,s2.redis:26379/mymaster/0",
+        "rediss+cluster://n1.redis:6379,n2.redis:6379?ssl_check_hostname=false",
     ],
 )
 def test_sentinel_and_cluster_urls_without_a_password_go_in_the_config(
@@ -440,12 +442,39 @@ def test_sentinel_and_cluster_urls_without_a_password_go_in_the_config(
         "redis+sentinel://:hunter2@s1:26379,s2:26379/mymaster",
         "redis+cluster://:hunter2@n1:6379,n2:6379",
         "redis+cluster://default:hunter2@n1:6379",
+        "rediss+cluster://:hunter2@n1:6379?ssl_ca_certs=/etc/idlegate/redis-ca/ca.pem",
+        "rediss+sentinel://s1:26379/mymaster?sentinel_password=hunter2",
     ],
 )
 def test_a_sentinel_or_cluster_url_with_a_password_is_refused_in_the_config(
     chart: helm.Chart, url: str
 ) -> None:
     assert "password" in refusal(chart, {"config": {"store": {"url": url}}})
+
+
+def test_a_tls_cluster_url_and_its_ca_mounted_from_a_configmap_render_and_validate(
+    render: Render,
+) -> None:
+    """docs/deployment.md's recipe: `rediss+cluster://` with `ssl_ca_certs` pointing into an
+    extraVolumes mount. (Not a SCENARIO: check-config would look for the CA file here.)"""
+    url = "rediss+cluster://n1:6379,n2:6379?ssl_ca_certs=/etc/idlegate/redis-ca/ca.pem"
+    manifests = render(
+        {
+            "replicaCount": 3,
+            "config": {"store": {"url": url}},
+            "extraVolumes": [{"name": "redis-ca", "configMap": {"name": "redis-ca"}}],
+            "extraVolumeMounts": [
+                {"name": "redis-ca", "mountPath": "/etc/idlegate/redis-ca", "readOnly": True}
+            ],
+        }
+    )
+    assert gateway_config(manifests)["store"]["url"] == url
+    mounts = {m["name"]: m for m in gateway_container(manifests)["volumeMounts"]}
+    assert mounts["redis-ca"]["mountPath"] == "/etc/idlegate/redis-ca"
+    volumes = gateway_deployment(manifests)["spec"]["template"]["spec"]["volumes"]
+    assert {"name": "redis-ca", "configMap": {"name": "redis-ca"}} in volumes
+    for version in KUBE_VERSIONS:
+        kubernetes_validate.validate(gateway_deployment(manifests), version, strict=True)
 
 
 def test_admin_token_secret_is_mounted_where_token_file_points(render: Render) -> None:

@@ -201,6 +201,28 @@ async def test_tls_sentinel_and_cluster_urls_speak_tls_to_every_node(
     await cluster.close()
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "rediss://redis:6380/0?ssl_ca_certs={path}",
+        "rediss+sentinel://s1/mymaster?ssl_ca_certs={path}",
+        "rediss+cluster://:s3cret@n1:7000?ssl_ca_certs={path}",
+    ],
+)
+@pytest.mark.parametrize("problem", ["missing", "not a certificate"])
+def test_a_ca_file_that_cannot_be_loaded_is_a_config_error_naming_it(
+    tmp_path: Path, url: str, problem: str
+) -> None:
+    path = tmp_path / "ca.pem"
+    if problem == "not a certificate":
+        path.write_text("not a certificate\n")
+    with pytest.raises(StoreConfigError) as refused:
+        open_store(StoreConfig(url=url.format(path=path)))
+    message = str(refused.value)
+    assert message.startswith("store.url: the TLS settings cannot be used (ssl_ca_certs ")
+    assert str(path) in message and "s3cret" not in message
+
+
 async def test_cluster_url_lists_every_startup_node() -> None:
     store = open_store(StoreConfig(url="redis+cluster://:pw@n1:7000,n2:7001,[::1]:7002"))
     assert isinstance(store, RedisStore)
