@@ -9,7 +9,7 @@ switched on for one wrk run of `--duration` seconds and the instructions, less t
 a time with no requests (`--idle`: timers), divided by the requests wrk completed. Same
 upstream, Redis and token pool as bench/run.py.
 
-    python bench/instructions.py [--targets bare-lean,gateway,coalesce] [--duration 15]
+    python bench/instructions.py [--targets bare-lean,gateway,coalesce,access-log] [--duration 15]
 
 The ratio printed (bare-lean ÷ target, in instructions) is what issue 12 and 13's req/s
 ratios would be if only the proxy's own CPU counted; wall-clock ratios have come out ~0.03-0.05
@@ -35,15 +35,18 @@ SUT_CPU, LOAD_CPU = "0", "1"
 PATH = "/api/orders"
 
 
-def gateway_config(out: Path, name: str, redis_port: int, upstream: str, coalesce: str) -> Path:
+def gateway_config(
+    out: Path, name: str, redis_port: int, upstream: str, coalesce: str, access_log: bool = False
+) -> Path:
     _, public_key = write_key(OUT)
     store: dict[str, object] = {"url": f"redis://127.0.0.1:{redis_port}/0", "timeout": "2s"}
     if coalesce:
         store["coalesce"] = coalesce
+    server = {"access_log": access_log, "log_level": "warning", "shutdown_grace": "1s"}
     config = {
         "listen": {"host": "127.0.0.1", "port": free_port()},
         "admin": {"host": "127.0.0.1", "port": free_port()},
-        "server": {"access_log": False, "log_level": "warning", "shutdown_grace": "1s"},
+        "server": server,
         "store": store,
         "policy": {"idle_timeout": "15m", "max_token_lifetime": "15m"},
         "providers": [provider(public_key)],
@@ -157,7 +160,11 @@ def main() -> int:
                        "--upstream", upstream, "--client", "lean"]  # fmt: skip
             else:
                 coalesce = args.coalesce if name == "coalesce" else ""
-                config = gateway_config(args.out, name, redis_port, upstream, coalesce)
+                # `access-log`: exact mode with the access log on (the default config's), its
+                # lines going to the process's log file.
+                config = gateway_config(
+                    args.out, name, redis_port, upstream, coalesce, name == "access-log"
+                )
                 port = yaml.safe_load(config.read_text())["listen"]["port"]
                 cmd = [PYTHON, "-m", "gateway", "serve", "-c", str(config)]
             results[name] = measure(name, cmd, port, args, tokens)

@@ -10,14 +10,24 @@ import time
 from collections.abc import Mapping
 from typing import TextIO
 
+# json.dumps with arguments builds a new encoder per call; one, made once, does the same.
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode
+_QUOTE = json.encoder.encode_basestring_ascii  # a JSON string literal, escaped (the C one)
+_KNOWN = 256  # quoted labels kept (routes, methods, decisions, reasons: a bounded set)
+
 
 class AccessLog:
-    """Buffered; flushed once per event-loop turn (cheap under load, prompt when idle)."""
+    """Lines are collected and written once per event-loop turn, in one write: stdout is
+    unbuffered where PYTHONUNBUFFERED is set (the image sets it), and a write per line would
+    be a syscall per request. Prompt when idle: a line is out by the end of its loop turn."""
 
     def __init__(self, stream: TextIO | None = None, *, enabled: bool = True) -> None:
         self._stream = stream or sys.stdout
         self.enabled = enabled
-        self._flush_scheduled = False
+        self._pending: list[str] = []
+        self._second = -1  # the whole second `_stamp` shows
+        self._stamp = ""
+        self._quoted: dict[str, str] = {}  # label -> its JSON literal
 
     def write(
         self,
@@ -38,8 +48,61 @@ class AccessLog:
         """`extra`: more fields for this line (a WebSocket's close: duration, messages, reason)."""
         if not self.enabled:
             return
+        second = int(time.time())
+        if second != self._second:  # formatted once a second, not once a request
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
+        if extra:
+            line = self._line_with(extra, request_id, method, route, status, decision, reason,
+                                   jti, sub, upstream_ms, total_ms, mode)  # fmt: skip
+        else:
+            # The common line, formatted directly: the same JSON, the keys and labels quoted
+            # once (a label is a route, method, decision, reason or mode), milliseconds with
+            # three decimals.
+            label = self._label
+            line = (
+                f'{{"time":"{self._stamp}","request_id":{_QUOTE(request_id)},'
+                f'"method":{label(method)},"route":{label(route)},"status":{status:d},'
+                f'"decision":{label(decision)},"reason":{label(reason)},'
+                f'"jti":{"null" if jti is None else _QUOTE(jti)},'
+                f'"sub":{"null" if sub is None else _QUOTE(sub)},'
+                f'"upstream_ms":{"null" if upstream_ms is None else f"{upstream_ms:.3f}"},'
+                f'"total_ms":{total_ms:.3f},"mode":{label(mode)}}}'
+            )
+        pending = self._pending
+        pending.append(line)
+        if len(pending) == 1:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:
+                self.flush()
+
+    def _label(self, text: str) -> str:
+        quoted = self._quoted.get(text)
+        if quoted is None:
+            quoted = _QUOTE(text)
+            if len(self._quoted) < _KNOWN:
+                self._quoted[text] = quoted
+        return quoted
+
+    def _line_with(
+        self,
+        extra: Mapping[str, object],
+        request_id: str,
+        method: str,
+        route: str,
+        status: int,
+        decision: str,
+        reason: str,
+        jti: str | None,
+        sub: str | None,
+        upstream_ms: float | None,
+        total_ms: float,
+        mode: str,
+    ) -> str:
+        """A line with more fields (a WebSocket's close): the record, JSON-encoded."""
         record: dict[str, object] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z",
+            "time": self._stamp,
             "request_id": request_id,
             "method": method,
             "route": route,
@@ -52,18 +115,15 @@ class AccessLog:
             "total_ms": round(total_ms, 3),
             "mode": mode,  # the front door: proxy | forward_auth
         }
-        if extra:
-            record.update(extra)
-        line = json.dumps(record, separators=(",", ":"))
-        self._stream.write(line + "\n")
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            try:
-                asyncio.get_running_loop().call_soon(self._flush)
-            except RuntimeError:
-                self._flush()
+        record.update(extra)
+        return _ENCODE(record)
 
-    def _flush(self) -> None:
-        self._flush_scheduled = False
+    def flush(self) -> None:
+        """Write out the lines collected (the loop runs it each turn; `Gateway.close` last)."""
+        lines, self._pending = self._pending, []
+        if not lines:
+            return
+        lines.append("")
         with contextlib.suppress(OSError, ValueError):  # stdout closed: nothing to do about it
+            self._stream.write("\n".join(lines))
             self._stream.flush()

@@ -66,6 +66,7 @@ class Gateway:
         self._pipeline: Pipeline | None = None
         # Closed in reverse order by `close`; the store and forwarder exist from here on.
         self._closing = contextlib.AsyncExitStack()
+        self._closing.callback(self.access_log.flush)  # the last lines, after everything else
         self._closing.push_async_callback(self.store.close)
         self._closing.push_async_callback(self.forwarder.close)
 

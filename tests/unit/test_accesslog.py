@@ -1,0 +1,114 @@
+"""The access log's lines: valid JSON whatever a token's claims hold, the same fields with and
+without extra ones, one write per event-loop turn, and nothing lost at close."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from typing import Any
+
+import pytest
+
+from gateway.accesslog import AccessLog
+
+FIELDS = {
+    "request_id": "0123456789abcdef00000001",
+    "method": "GET",
+    "route": "/api/",
+    "status": 200,
+    "decision": "allowed",
+    "reason": "ok",
+    "jti": "j-1",
+    "sub": "alice",
+    "upstream_ms": 1.23456,
+    "total_ms": 2.5,
+    "mode": "proxy",
+}
+
+
+class CountingStream(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+def logged(**fields: Any) -> list[dict[str, Any]]:
+    stream = io.StringIO()
+    log = AccessLog(stream)
+    log.write(**{**FIELDS, **fields})  # no loop running: written at once
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        'quote" and \\backslash',
+        "new\nline\r\ttab\x00nul\x1fend",
+        "unicode é ü 你好 \u2028 \U0001f600",
+        "</script>",
+        "",
+    ],
+)
+def test_claims_and_labels_of_any_text_are_valid_json_and_read_back(text: str) -> None:
+    (line,) = logged(jti=text, sub=text, route=text, request_id=text)
+    assert (line["jti"], line["sub"], line["route"], line["request_id"]) == (text,) * 4
+
+
+def test_the_common_line_and_a_line_with_extra_fields_agree() -> None:
+    (plain,) = logged()
+    (extended,) = logged(extra={"close_reason": "token_expired", "messages_in": 3})
+    assert list(plain) == [
+        "time",
+        "request_id",
+        "method",
+        "route",
+        "status",
+        "decision",
+        "reason",
+        "jti",
+        "sub",
+        "upstream_ms",
+        "total_ms",
+        "mode",
+    ]
+    assert {k: v for k, v in extended.items() if k in plain and k != "time"} == {
+        k: v for k, v in plain.items() if k != "time"
+    }
+    assert (extended["close_reason"], extended["messages_in"]) == ("token_expired", 3)
+    assert plain["upstream_ms"] == 1.235 and plain["total_ms"] == 2.5
+    assert plain["time"].endswith("Z") and len(plain["time"]) == 20
+
+
+def test_missing_token_fields_are_null() -> None:
+    (line,) = logged(jti=None, sub=None, upstream_ms=None)
+    assert (line["jti"], line["sub"], line["upstream_ms"]) == (None, None, None)
+
+
+async def test_lines_of_one_loop_turn_go_out_in_one_write_and_close_flushes_the_rest() -> None:
+    stream = CountingStream()
+    log = AccessLog(stream)
+    for i in range(50):
+        log.write(**{**FIELDS, "request_id": f"r{i}"})
+    assert stream.writes == 0  # collected, not yet written
+    await asyncio.sleep(0)
+    assert stream.writes == 1
+    assert [json.loads(x)["request_id"] for x in stream.getvalue().splitlines()] == [
+        f"r{i}" for i in range(50)
+    ]
+    log.write(**{**FIELDS, "request_id": "last"})
+    log.flush()  # what Gateway.close does last
+    assert stream.getvalue().splitlines()[-1].startswith('{"time":')
+    assert json.loads(stream.getvalue().splitlines()[-1])["request_id"] == "last"
+    await asyncio.sleep(0)  # the turn's own flush finds nothing left
+    assert stream.writes == 2
+
+
+def test_a_disabled_log_writes_nothing() -> None:
+    stream = io.StringIO()
+    AccessLog(stream, enabled=False).write(**FIELDS)
+    assert stream.getvalue() == ""
