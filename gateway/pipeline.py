@@ -296,14 +296,19 @@ class Pipeline:
                     identity,
                     strip_authorization=self._strip_authorization and route.auth == "required",
                 )
-                if upgrade or route.stream_deadline or self._timed_upstream:
-                    response = await self._forwarding(
-                        request, match, query, upstream_headers, request_id, record, upgrade
-                    )
-                else:  # the common case, without a coroutine level in between
-                    response = await self.forwarder.forward(
-                        request, match, query, upstream_headers, request_id
-                    )
+                forwarding = (
+                    self._relay(request, match, query, upstream_headers, request_id, record)
+                    if upgrade or route.stream_deadline
+                    else self.forwarder.forward(request, match, query, upstream_headers, request_id)
+                )
+                if self._timed_upstream:  # upstream_ms, for the access log
+                    forwarded = time.perf_counter()
+                    try:
+                        response = await forwarding
+                    finally:
+                        record.upstream_ms = (time.perf_counter() - forwarded) * 1000
+                else:  # awaited here: no coroutine level in between
+                    response = await forwarding
         except Refusal as refusal:
             response = _refused(refusal, request_id, record)
         except Exception:
@@ -467,7 +472,7 @@ class Pipeline:
         record.reason = Reason.STORE_UNAVAILABLE.code
         return last_activity
 
-    async def _forwarding(
+    def _relay(
         self,
         request: web.BaseRequest,
         match: Match,
@@ -475,15 +480,13 @@ class Pipeline:
         headers: CIMultiDict[str],
         request_id: str,
         record: _RequestRecord,
-        upgrade: bool,
-    ) -> web.StreamResponse:
-        """The forwarding step but for a plain forward without the access log (`handle`
-        awaits that one itself): the WebSocket relay, a relay cut at the token's deadlines,
-        and the upstream's time taken for the log."""
+    ) -> Awaitable[web.StreamResponse]:
+        """The forwarding step for what outlives a plain response (`handle` awaits it): the
+        WebSocket relay (`record.websocket`), or a forward cut at the token's deadlines."""
         route = match.route
         token = record.token
         forwarding: Awaitable[web.StreamResponse]
-        if upgrade:
+        if record.websocket:
             assert route.upstream is not None, "handle refuses routes without an upstream"
             forwarding = self.websockets.relay(
                 request,
@@ -498,13 +501,7 @@ class Pipeline:
             forwarding = self.forwarder.forward(request, match, query, headers, request_id)
             if route.stream_deadline and token is not None:
                 forwarding = self.deadlines.stream(request, token, match.label, forwarding)
-        if not self._timed_upstream:
-            return await forwarding
-        started = time.perf_counter()
-        try:
-            return await forwarding
-        finally:
-            record.upstream_ms = (time.perf_counter() - started) * 1000
+        return forwarding
 
     async def _session_status(
         self, request: web.BaseRequest, query: str, record: _RequestRecord
