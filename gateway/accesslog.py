@@ -52,9 +52,24 @@ class AccessLog:
         if second != self._second:  # formatted once a second, not once a request
             self._second = second
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
-        if extra:
-            line = self._line_with(extra, request_id, method, route, status, decision, reason,
-                                   jti, sub, upstream_ms, total_ms, mode)  # fmt: skip
+        if extra:  # more fields (a WebSocket's close): the record, JSON-encoded
+            line = _ENCODE(
+                {
+                    "time": self._stamp,
+                    "request_id": request_id,
+                    "method": method,
+                    "route": route,
+                    "status": status,
+                    "decision": decision,
+                    "reason": reason,
+                    "jti": jti,
+                    "sub": sub,
+                    "upstream_ms": None if upstream_ms is None else round(upstream_ms, 3),
+                    "total_ms": round(total_ms, 3),
+                    "mode": mode,  # the front door: proxy | forward_auth
+                    **extra,
+                }
+            )
         else:
             # The common line, formatted directly: the same JSON, the keys and labels quoted
             # once (a label is a route, method, decision, reason or mode), milliseconds with
@@ -84,39 +99,6 @@ class AccessLog:
             if len(self._quoted) < _KNOWN:
                 self._quoted[text] = quoted
         return quoted
-
-    def _line_with(
-        self,
-        extra: Mapping[str, object],
-        request_id: str,
-        method: str,
-        route: str,
-        status: int,
-        decision: str,
-        reason: str,
-        jti: str | None,
-        sub: str | None,
-        upstream_ms: float | None,
-        total_ms: float,
-        mode: str,
-    ) -> str:
-        """A line with more fields (a WebSocket's close): the record, JSON-encoded."""
-        record: dict[str, object] = {
-            "time": self._stamp,
-            "request_id": request_id,
-            "method": method,
-            "route": route,
-            "status": status,
-            "decision": decision,
-            "reason": reason,
-            "jti": jti,
-            "sub": sub,
-            "upstream_ms": None if upstream_ms is None else round(upstream_ms, 3),
-            "total_ms": round(total_ms, 3),
-            "mode": mode,  # the front door: proxy | forward_auth
-        }
-        record.update(extra)
-        return _ENCODE(record)
 
     def flush(self) -> None:
         """Write out the lines collected (the loop runs it each turn; `Gateway.close` last)."""
