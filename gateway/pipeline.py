@@ -186,6 +186,8 @@ def render_refusal(refusal: Refusal, request_id: str) -> web.Response:
         headers["WWW-Authenticate"] = challenge
     if refusal.retry_after is not None:
         headers["Retry-After"] = str(refusal.retry_after)
+    if refusal.allow is not None:
+        headers["Allow"] = refusal.allow
     body = {
         "error": reason.oauth_error or reason.code,
         "reason": reason.code,
@@ -509,7 +511,11 @@ class Pipeline:
         """The built-in route's responder: remaining idle time etc. for the presented token,
         decided like any request on a passive route (so never counted as activity)."""
         if request.method not in ("GET", "HEAD"):
-            return web.json_response({"error": "method_not_allowed"}, status=405)
+            raise Refusal(
+                Reason.METHOD_NOT_ALLOWED,
+                "the session endpoint answers GET and HEAD only",
+                allow="GET, HEAD",
+            )
         await self.decide(SESSION_ROUTE, query, request.headers, record)
         token, last_activity = record.token, record.last_activity
         assert token is not None and last_activity is not None, "decide sets both"

@@ -164,6 +164,7 @@ class Refusal(Exception):
         scope: str | None = None,
         retry_after: int | None = None,
         close_connection: bool = False,
+        allow: str | None = None,
     ) -> None:
         super().__init__(detail or reason.message)
         self.reason = reason
@@ -172,6 +173,7 @@ class Refusal(Exception):
         self.retry_after = retry_after
         # The request's framing was in doubt: whatever follows it on the connection is too.
         self.close_connection = close_connection
+        self.allow = allow  # a 405's Allow header: the methods the target answers
 
 
 # RFC 6750 §3: error_description and scope use %x20-21 / %x23-5B / %x5D-7E: printable ASCII

@@ -725,14 +725,21 @@ async def test_session_status_answers_get_and_head_only(
     gw = await gateways()
     token = gw.token()
     before = session_count("allowed", "ok")
+    refused_before = session_count("rejected", "method_not_allowed")
     response = await gw.get("/.idlegate/session", token, method="POST")
     assert response.status == 405
-    assert await response.json() == {"error": "method_not_allowed"}
-    assert (await gw.get("/.idlegate/session", method="DELETE")).status == 405  # before auth
+    assert response.headers["Allow"] == "GET, HEAD"  # RFC 9110 §15.5.6
+    body = await response.json()
+    assert (body["error"], body["reason"]) == ("method_not_allowed", "method_not_allowed")
+    assert body["request_id"] == response.headers["X-Request-ID"]
+    deleted = await gw.get("/.idlegate/session", method="DELETE")  # before auth
+    assert (deleted.status, deleted.headers["Allow"]) == (405, "GET, HEAD")
     head = await gw.get("/.idlegate/session", token, method="HEAD")
     assert head.status == 200
     assert head.headers["Cache-Control"] == "no-store"
-    assert session_count("allowed", "ok") == before + 3
+    # Counted as what they are: two refusals, one answer.
+    assert session_count("rejected", "method_not_allowed") == refused_before + 2
+    assert session_count("allowed", "ok") == before + 1
     assert upstream.received == []
 
 
