@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import collections
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -134,7 +135,13 @@ async def start_proxy(kind: str, upstream: str, redis_port: int, key_dir: Path) 
         "listen": {"host": "127.0.0.1", "port": port},
         "admin": {"host": "127.0.0.1", "port": 0},
         "server": {"access_log": False, "log_level": "warning"},
-        "store": {"url": f"redis://127.0.0.1:{redis_port}/0", "timeout": "1s"},
+        # No revocation poll in the burst: it is no request's work, and how many fall into a
+        # burst depends on how long it lasts (`--instructions`: ~5 k a request).
+        "store": {
+            "url": f"redis://127.0.0.1:{redis_port}/0",
+            "timeout": "1s",
+            "revocation_poll": "1h",
+        },
         "policy": {"idle_timeout": "15m", "max_token_lifetime": "15m"},
         "providers": [provider(public_key)],
         "routes": [{"prefix": "/api/", "upstream": upstream}],
@@ -192,12 +199,15 @@ async def main_async(args: argparse.Namespace) -> None:
                 opcodes[where] += 1
             return tracer
 
+        n = args.requests
+        if args.instructions:
+            await counted_burst(run, n, args.kind)
+            return
         sys.settrace(tracer)
         try:
             await run.burst(args.requests)
         finally:
             sys.settrace(None)
-        n = args.requests
         print(
             f"{args.kind}: {sum(opcodes.values()) / n:.0f} opcodes and "
             f"{sum(calls.values()) / n:.1f} calls per request ({n} requests, "
@@ -210,13 +220,52 @@ async def main_async(args: argparse.Namespace) -> None:
         redis.kill()
 
 
+async def counted_burst(run: Run, n: int, kind: str) -> None:
+    """The burst's CPU instructions (this process runs under callgrind, instrumentation off
+    until here): clients, upstream and proxy are all this process, and it is one event loop,
+    so a run repeats itself turn for turn and two checkouts' counts differ by exactly what
+    their code does differently (with `coalesce` and `noauth` no Redis reply is in the
+    burst; `gateway`'s replies come from the redis-server process, as they are ready)."""
+    pid = str(os.getpid())
+
+    def control(*options: str) -> None:
+        subprocess.run(["callgrind_control", *options, pid], check=True, capture_output=True)
+
+    out = Path(os.environ["REQUEST_OPS_DUMPS"])
+    before = set(out.glob("callgrind.*"))
+    control("-z")
+    control("-i", "on")
+    await run.burst(n)
+    control("-d")
+    control("-i", "off")
+    total = 0
+    for dump in set(out.glob("callgrind.*")) - before:
+        found = re.search(r"^(?:summary|totals): (\d+)", dump.read_text(), re.MULTILINE)
+        total += int(found.group(1)) if found else 0
+    print(f"{kind}: {total / n / 1000:.1f} k instructions per request, the whole process "
+          f"({n} requests, {run.refused} refused; dumps in {out})")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("kind", choices=("gateway", "coalesce", "noauth", "lean"))
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--connections", type=int, default=20)
     parser.add_argument("--top", type=int, default=30)
-    uvloop.run(main_async(parser.parse_args()))
+    parser.add_argument(
+        "--instructions", action="store_true",
+        help="count CPU instructions (valgrind) instead of opcodes: runs itself under callgrind",
+    )  # fmt: skip
+    args = parser.parse_args()
+    if args.instructions and "REQUEST_OPS_DUMPS" not in os.environ:
+        out = Path(tempfile.mkdtemp(prefix="request-ops-"))
+        command = [
+            "valgrind", "--tool=callgrind", "--instr-atstart=no",
+            f"--callgrind-out-file={out}/callgrind.%p", sys.executable, *sys.argv,
+        ]  # fmt: skip
+        env = {**os.environ, "REQUEST_OPS_DUMPS": str(out)}
+        sys.exit(subprocess.run(command, env=env, stderr=subprocess.DEVNULL).returncode)
+    uvloop.run(main_async(args))
 
 
 if __name__ == "__main__":

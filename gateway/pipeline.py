@@ -78,6 +78,10 @@ _NO_ROUTE_LABEL = "none"
 _NO_IDENTITY: Mapping[str, str] = MappingProxyType({})
 # Authorization values (by route) whose decision before the store is kept; the oldest goes first.
 ADMITTED = 20_000
+# Admitted tokens are found by the tail of their Authorization value: a JWS ends in its
+# signature, so 32 characters tell tokens apart, and hashing them (a new string per request)
+# costs a tenth of hashing the whole value. The whole value is then compared (memcmp).
+_TAIL = 32
 
 # The session status endpoint, as a route: decided like any (no activity recorded), then
 # answered by `_session_status` instead of an upstream. Its path is matched before the
@@ -104,10 +108,14 @@ class _Admitted:
     the same Authorization value on that route is decided by revocation and the store alone.
     Outside that window the steps run again, and refuse with the precise reason."""
 
-    __slots__ = ("_generation", "_ring", "_valid_from", "_valid_until", "token", "touch")
+    __slots__ = (
+        "_generation", "_ring", "_valid_from", "_valid_until", "presented", "token", "touch",
+    )  # fmt: skip
 
-    def __init__(self, token: VerifiedToken, touch: Touch, ring: KeyRing, rules: Policy) -> None:
-        self.token, self.touch = token, touch
+    def __init__(
+        self, presented: str, token: VerifiedToken, touch: Touch, ring: KeyRing, rules: Policy
+    ) -> None:
+        self.presented, self.token, self.touch = presented, token, touch
         # The key set it verified with: while that is in place, `ring.lookup` answers the same.
         self._ring, self._generation = ring, ring.generation
         if ring.lookup(token.kid) is not token.key:  # replaced meanwhile: never holds
@@ -237,7 +245,8 @@ class Pipeline:
         self._decided_locally = (
             store.decided_locally if isinstance(store, CoalescingStore) else None
         )
-        # (Authorization value, id of the route) -> what the steps before the store decided.
+        # (the Authorization value's last _TAIL characters, id of the route) -> what the steps
+        # before the store decided for that value (`_Admitted.presented`, compared in full).
         self._admitted: dict[tuple[str, int], _Admitted] = {}
         self._admitted_size = ADMITTED
         self._idle_reason = policy.idle_reason(self._policy)
@@ -386,8 +395,10 @@ class Pipeline:
         # The Authorization value as sent is the key of what was decided before: a request
         # that repeats one parses nothing and re-checks only what time or revocation changes.
         presented = credential(headers, query_string)
-        admitted = None if presented is None else self._admitted.get((presented, id(route)))
-        if admitted is not None and admitted.holds(now):
+        admitted = (
+            None if presented is None else self._admitted.get((presented[-_TAIL:], id(route)))
+        )
+        if admitted is not None and admitted.presented == presented and admitted.holds(now):
             token = record.token = admitted.token
             if self.revocations.is_revoked(token):
                 raise Refusal(Reason.REVOKED)
@@ -450,8 +461,8 @@ class Pipeline:
             admitted = self._admitted
             if len(admitted) >= self._admitted_size:
                 del admitted[next(iter(admitted))]  # the oldest
-            admitted[presented, id(route)] = _Admitted(
-                token, touch, self.verifier.ring_of(token), self._policy
+            admitted[presented[-_TAIL:], id(route)] = _Admitted(
+                presented, token, touch, self.verifier.ring_of(token), self._policy
             )
         return token, touch
 

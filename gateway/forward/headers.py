@@ -90,21 +90,30 @@ class _DropPlans:
     values: clients and upstreams send the same few sets over and over (bounded: sets of
     modest size, at most _KEPT_PLANS of them, all forgotten when full)."""
 
-    __slots__ = ("_kept", "_remove", "_twins")
+    __slots__ = ("_kept", "_last", "_last_key", "_remove", "_twins")
 
     def __init__(self, remove: frozenset[str], twins: frozenset[str] = frozenset()) -> None:
         self._remove, self._twins = remove, twins
         self._kept: dict[tuple[tuple[str, ...], tuple[str, ...]], tuple[str, ...]] = {}
+        # The plan found last, and its key: the same set again (one client, one upstream, a
+        # load balancer's health checks) is then a comparison of names (the strings a parser
+        # made for this message are new ones: looking them up would hash every one).
+        self._last_key: tuple[tuple[str, ...], tuple[str, ...]] | None = None
+        self._last: tuple[str, ...] = ()
 
     def of(self, headers: MultiMapping[str]) -> tuple[str, ...]:
         key = (tuple(headers.keys()), tuple(headers.getall(hdrs.CONNECTION, ())))
+        if key == self._last_key:
+            return self._last
         found = self._kept.get(key)
         if found is None:
             found = _planned_drops(*key, self._remove, self._twins)
-            if sum(map(len, key[0])) + sum(map(len, key[1])) <= _PLANNED_NAMES:
-                if len(self._kept) >= _KEPT_PLANS:
-                    self._kept.clear()
-                self._kept[key] = found
+            if sum(map(len, key[0])) + sum(map(len, key[1])) > _PLANNED_NAMES:
+                return found  # neither kept nor the last: a key that size is not compared
+            if len(self._kept) >= _KEPT_PLANS:
+                self._kept.clear()
+            self._kept[key] = found
+        self._last_key, self._last = key, found
         return found
 
 

@@ -310,6 +310,27 @@ async def test_tampered_payload_is_bad_signature(gateways: GatewayFactory, upstr
     await assert_refused(gw, upstream, forged, "bad_signature")
 
 
+async def test_a_forgery_ending_like_an_accepted_token_is_verified_afresh(
+    gateways: GatewayFactory, upstream: Upstream
+):
+    """What was decided for an accepted token is found again by the tail of its Authorization
+    value (its signature): a value that ends the same but differs anywhere before it (claims
+    swapped under the genuine signature, another header) is never taken for it."""
+    gw = await gateways()
+    genuine = gw.token(sub="alice")
+    assert (await gw.get("/api/orders", genuine)).status == 200  # admitted, kept
+    header, _, signature = genuine.split(".")
+    forged_claims = claims(ISSUER, AUDIENCE, now=gw.clock.now(), sub="admin")
+    forged = f"{header}.{b64(json.dumps(forged_claims))}.{signature}"
+    await assert_refused(gw, upstream, forged, "bad_signature")
+    fields = json.loads(base64.urlsafe_b64decode(header + "=" * (-len(header) % 4)))
+    other_header = b64(json.dumps({**fields, "cty": "other"}))
+    other = f"{other_header}.{genuine.split('.')[1]}.{signature}"
+    await assert_refused(gw, upstream, other, "bad_signature")
+    assert (await gw.get("/api/orders", genuine)).status == 200  # still itself
+    assert [r.headers.get("X-Auth-Subject") for r in upstream.received] == ["alice", "alice"]
+
+
 async def test_token_from_another_key_is_bad_signature(
     gateways: GatewayFactory, upstream: Upstream
 ):

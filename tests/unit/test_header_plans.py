@@ -34,3 +34,24 @@ def test_huge_sets_of_names_are_planned_but_not_kept_and_the_store_is_bounded(mo
     for i in range(7):
         assert plans.of(CIMultiDict([(f"X-{i}", "v"), ("Upgrade", "h2c")])) == ("upgrade",)
         assert len(plans._kept) <= 3
+
+
+def test_the_last_plan_is_reused_only_for_the_same_names_and_connection_values():
+    """The plan found last is answered again without a lookup: only for exactly the same names
+    (case included) and the same Connection values, whatever came in between."""
+    plans = _DropPlans(HOP_BY_HOP)
+    plain = CIMultiDict([("Host", "a"), ("Accept", "*/*")])
+    named = CIMultiDict([("Host", "a"), ("Accept", "*/*"), ("Connection", "X-Secret")])
+    named.add("X-Secret", "1")
+    other_value = CIMultiDict([("Host", "a"), ("Accept", "*/*"), ("Connection", "X-Other")])
+    other_value.add("X-Secret", "1")
+    for _ in range(2):  # alternating, then each twice in a row
+        assert plans.of(plain) == ()
+        assert set(plans.of(named)) == {"connection", "x-secret"}
+        assert set(plans.of(named)) == {"connection", "x-secret"}
+        assert plans.of(other_value) == ("connection",)  # X-Secret stays: not named here
+        assert plans.of(plain) == ()
+    huge = CIMultiDict([(f"X-{'n' * 300}-{i}", "v") for i in range(10)] + [("TE", "x")])
+    assert plans.of(huge) == ("te",)
+    assert plans.of(plain) == ()  # a key too large to keep did not become the last one
+    assert plans._last_key is not None and plans._last_key[0] == ("Host", "Accept")
