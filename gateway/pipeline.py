@@ -261,7 +261,7 @@ class Pipeline:
         self._forward_auth_requests: dict[tuple[str, str, str], Any] = {}
         # Request ids: a random per-process prefix and a counter; unique without a syscall.
         self._id_prefix = uuid.uuid4().hex[:16]
-        self._id_counter = itertools.count()
+        self._id_counter = itertools.count(1 << 32)
         forward_auth = config.forward_auth
         self._forward_auth_on_proxy_port = forward_auth.enabled
         self._envoy_path_prefix = forward_auth.envoy_path_prefix
@@ -554,7 +554,9 @@ class Pipeline:
         sent_id = headers.get(X_REQUEST_ID)
         if sent_id and _SANE_REQUEST_ID.fullmatch(sent_id):
             return sent_id
-        return f"{self._id_prefix}{next(self._id_counter):08x}"
+        # hex(): no format spec to interpret; the counter starts at 2**32, so ids are of one
+        # length (25 characters) for the first four billion.
+        return self._id_prefix + hex(next(self._id_counter))[2:]
 
     def _finish(
         self,
