@@ -6,7 +6,7 @@ Opcode counts do not move with the machine's load, so two checkouts compare exac
 change added or removed per request), where req/s on a shared 2-core VM swing by more than
 the change. C work (multidict, llhttp, hiredis, the kernel) is not in them.
 
-    python bench/request_ops.py gateway|coalesce|noauth|lean [--requests 3000] [--top 40]
+    python bench/request_ops.py gateway|coalesce|noauth|lean|access-log [--requests 3000] [--top 40]
 
 (`coalesce` runs with `store.coalesce: 10m`, so that no flush falls into the traced burst: under
 the tracer a flush overruns the store timeout. At full speed a flush costs ~0.02 store writes
@@ -150,6 +150,14 @@ async def start_proxy(kind: str, upstream: str, redis_port: int, key_dir: Path) 
         data["routes"][0]["auth"] = "none"
     if kind == "coalesce":
         data["store"]["coalesce"] = "10m"
+    if kind == "access-log":  # exact, with the access log on (the default config's), to nowhere
+        data["server"]["access_log"] = True
+        stdout, sys.stdout = sys.stdout, open(os.devnull, "w")  # noqa: SIM115 (kept open)
+        try:
+            await serve.start(config_module.from_data(data))
+        finally:
+            sys.stdout = stdout
+        return port
     await serve.start(config_module.from_data(data))
     return port
 
@@ -248,7 +256,7 @@ async def counted_burst(run: Run, n: int, kind: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("kind", choices=("gateway", "coalesce", "noauth", "lean"))
+    parser.add_argument("kind", choices=("gateway", "coalesce", "noauth", "lean", "access-log"))
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--connections", type=int, default=20)
     parser.add_argument("--top", type=int, default=30)

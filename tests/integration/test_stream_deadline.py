@@ -6,6 +6,8 @@ complete chunk, so that the client sees an incomplete response and never a compl
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -84,6 +86,33 @@ async def test_sse_is_cut_at_exp_after_the_last_complete_event(
     events = data.count(b"\n\n")
     assert 3 <= events < 100
     assert cuts("/live/", "expired") == before + 1
+
+
+async def test_the_access_log_line_of_a_cut_stream_says_why_and_a_plain_one_is_plain(
+    gateways: GatewayFactory, events_upstream: WsUpstream, clock: ManualClock
+):
+    gw = await stream_gateway(gateways, events_upstream)
+    stream = io.StringIO()
+    log = gw.gateway.access_log
+    log._stream, log.enabled = stream, True
+    token = gw.token(ttl=60, jti="cut-1")
+    assert (await gw.get("/live/events?n=2", token)).status == 200  # ends by itself
+    async with gw.http.get(
+        gw.url + "/live/events?n=1000&every=0.05", headers={"Authorization": f"Bearer {token}"}
+    ) as response:
+        flowing = asyncio.Event()
+        reading = asyncio.create_task(read_events(response, flowing))
+        await asyncio.wait_for(flowing.wait(), 2)
+        clock.advance(60)
+        _, complete = await reading
+    assert not complete
+    log.flush()
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(line["route"], line["jti"], line.get("cut")) for line in lines] == [
+        ("/live/", "cut-1", None),
+        ("/live/", "cut-1", "expired"),
+    ]
+    assert token not in stream.getvalue()
 
 
 async def test_a_pending_long_poll_is_refused_at_exp(

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from gateway import accesslog
 from gateway.accesslog import AccessLog
 
 FIELDS = {
@@ -112,3 +113,23 @@ def test_a_disabled_log_writes_nothing() -> None:
     stream = io.StringIO()
     AccessLog(stream, enabled=False).write(**FIELDS)
     assert stream.getvalue() == ""
+
+
+def test_kept_parts_of_lines_stay_bounded_and_every_line_stays_its_own(monkeypatch) -> None:
+    """Methods and statuses come from clients and upstreams, ids from tokens: what the log
+    keeps of them is bounded, and a line made from kept parts reads back exactly as one made
+    from scratch."""
+    monkeypatch.setattr(accesslog, "_KEPT", 8)
+    stream = io.StringIO()
+    log = AccessLog(stream)
+    sent = []
+    for i in range(40):
+        fields = {**FIELDS, "method": f"M{i % 13}", "status": 200 + i % 11, "jti": f"j{i % 17}"}
+        fields["sub"] = None if i % 5 == 0 else f"s{i % 3}"
+        log.write(**fields)
+        sent.append(fields)
+        assert len(log._outcomes) <= 8 and len(log._ids) <= 8
+    lines = [json.loads(x) for x in stream.getvalue().splitlines()]
+    assert [{k: v for k, v in line.items() if k != "time"} for line in lines] == [
+        {**fields, "upstream_ms": 1.235} for fields in sent
+    ]
