@@ -7,7 +7,6 @@ each worker writes its samples to shared files and a scrape of any worker shows 
 from __future__ import annotations
 
 import asyncio
-import math
 from bisect import bisect_right
 from collections.abc import Callable
 from typing import Any
@@ -183,6 +182,9 @@ class BatchedHistogram:
             return
         self._pending = []
         self.observe = self._pending.append
+        # Summed in the order observed, as Histogram.observe adds each value (math.fsum's
+        # exact sum costs ~8x as much, for digits no dashboard shows).
+        total = sum(pending)
         # Sorted once (in C), each bucket is a difference of two bisections: no Python step per
         # observation. Prometheus's buckets hold each value in the first bound >= it.
         pending.sort()
@@ -193,7 +195,7 @@ class BatchedHistogram:
             if upto > below:
                 buckets[index].inc(upto - below)
                 below = upto
-        self._child._sum.inc(math.fsum(pending))
+        self._child._sum.inc(total)
 
 
 # By the id of the Prometheus child (children live as long as their metric: the process).
