@@ -66,21 +66,28 @@ async def read_events(
     return data, True
 
 
+async def stream_past(
+    gw: GatewayUnderTest, clock: ManualClock, path: str, token: str, seconds: float
+) -> tuple[bytes, bool]:
+    """GET `path` (200), and once events flow, move the clock `seconds` on; then read it out:
+    (what arrived, whether it ended complete)."""
+    async with gw.http.get(gw.url + path, headers={"Authorization": f"Bearer {token}"}) as response:
+        assert response.status == 200
+        flowing = asyncio.Event()
+        reading = asyncio.create_task(read_events(response, flowing))
+        await asyncio.wait_for(flowing.wait(), 2)
+        clock.advance(seconds)
+        return await reading
+
+
 async def test_sse_is_cut_at_exp_after_the_last_complete_event(
     gateways: GatewayFactory, events_upstream: WsUpstream, clock: ManualClock
 ):
     gw = await stream_gateway(gateways, events_upstream)
     before = cuts("/live/", "expired")
     token = gw.token(ttl=60)
-    async with gw.http.get(
-        gw.url + "/live/events?n=1000&every=0.05", headers={"Authorization": f"Bearer {token}"}
-    ) as response:
-        assert response.status == 200
-        flowing = asyncio.Event()
-        reading = asyncio.create_task(read_events(response, flowing))
-        await asyncio.wait_for(flowing.wait(), 2)
-        clock.advance(60)  # exp (leeway 0): a request would now be refused
-        data, complete = await reading
+    # Past exp (leeway 0): a request would now be refused.
+    data, complete = await stream_past(gw, clock, "/live/events?n=1000&every=0.05", token, 60)
     assert not complete  # no terminating chunk: the client knows the stream was cut
     assert data.endswith(b"\n\n")  # ... after the last complete event
     events = data.count(b"\n\n")
@@ -97,14 +104,7 @@ async def test_the_access_log_line_of_a_cut_stream_says_why_and_a_plain_one_is_p
     log._stream, log.enabled = stream, True
     token = gw.token(ttl=60, jti="cut-1")
     assert (await gw.get("/live/events?n=2", token)).status == 200  # ends by itself
-    async with gw.http.get(
-        gw.url + "/live/events?n=1000&every=0.05", headers={"Authorization": f"Bearer {token}"}
-    ) as response:
-        flowing = asyncio.Event()
-        reading = asyncio.create_task(read_events(response, flowing))
-        await asyncio.wait_for(flowing.wait(), 2)
-        clock.advance(60)
-        _, complete = await reading
+    _, complete = await stream_past(gw, clock, "/live/events?n=1000&every=0.05", token, 60)
     assert not complete
     log.flush()
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
@@ -159,12 +159,5 @@ async def test_without_stream_deadline_a_stream_outlives_exp(
 ):
     gw = await stream_gateway(gateways, events_upstream)
     token = gw.token(ttl=60)
-    async with gw.http.get(
-        gw.url + "/plain/events?n=20&every=0.05", headers={"Authorization": f"Bearer {token}"}
-    ) as response:
-        flowing = asyncio.Event()
-        reading = asyncio.create_task(read_events(response, flowing))
-        await asyncio.wait_for(flowing.wait(), 2)
-        clock.advance(61)
-        data, complete = await reading
+    data, complete = await stream_past(gw, clock, "/plain/events?n=20&every=0.05", token, 61)
     assert complete and data.count(b"\n\n") == 20
