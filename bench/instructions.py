@@ -111,7 +111,7 @@ def measure(name: str, cmd: list[str], port: int, args: argparse.Namespace, toke
             control("-i", "off")
             time.sleep(0.5)
             dumps = set(out.glob(f"callgrind.{name}.{pid}.*")) - before
-            return sum(_total(dump) for dump in dumps), requests
+            return sum(dump_total(dump) for dump in dumps), requests
 
         # What the process does with no requests (timers: revocation poll, metrics flush,
         # watchdogs), per second: taken off, as under valgrind it would fall on ~60x fewer
@@ -127,7 +127,8 @@ def measure(name: str, cmd: list[str], port: int, args: argparse.Namespace, toke
         procs.stop_all()
 
 
-def _total(dump: Path) -> int:
+def dump_total(dump: Path) -> int:
+    """The instructions a callgrind dump counted (its summary line)."""
     text = dump.read_text(errors="replace")
     found = re.search(r"^(?:summary|totals): (\d+)", text, re.MULTILINE)
     return int(found.group(1)) if found else 0

@@ -20,8 +20,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -36,6 +36,7 @@ import uvloop
 sys.path.insert(0, str(Path.cwd()))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from instructions import dump_total
 from tokens import provider, write_key, write_tokens
 
 RESPONSE = (
@@ -150,15 +151,13 @@ async def start_proxy(kind: str, upstream: str, redis_port: int, key_dir: Path) 
         data["routes"][0]["auth"] = "none"
     if kind == "coalesce":
         data["store"]["coalesce"] = "10m"
+    quiet = contextlib.nullcontext()
     if kind == "access-log":  # exact, with the access log on (the default config's), to nowhere
         data["server"]["access_log"] = True
-        stdout, sys.stdout = sys.stdout, open(os.devnull, "w")  # noqa: SIM115 (kept open)
-        try:
-            await serve.start(config_module.from_data(data))
-        finally:
-            sys.stdout = stdout
-        return port
-    await serve.start(config_module.from_data(data))
+        # The log takes sys.stdout as it starts, and keeps it.
+        quiet = contextlib.redirect_stdout(open(os.devnull, "w"))  # noqa: SIM115 (kept open)
+    with quiet:
+        await serve.start(config_module.from_data(data))
     return port
 
 
@@ -246,10 +245,7 @@ async def counted_burst(run: Run, n: int, kind: str) -> None:
     await run.burst(n)
     control("-d")
     control("-i", "off")
-    total = 0
-    for dump in set(out.glob("callgrind.*")) - before:
-        found = re.search(r"^(?:summary|totals): (\d+)", dump.read_text(), re.MULTILINE)
-        total += int(found.group(1)) if found else 0
+    total = sum(dump_total(dump) for dump in set(out.glob("callgrind.*")) - before)
     print(f"{kind}: {total / n / 1000:.1f} k instructions per request, the whole process "
           f"({n} requests, {run.refused} refused; dumps in {out})")  # fmt: skip
 
