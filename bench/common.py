@@ -148,14 +148,20 @@ def descendants(pid: int) -> list[int]:
 
 def cpu_seconds(pids: list[int]) -> float:
     """utime + stime of these processes (not of their reaped children)."""
-    total = 0
+    return sum(cpu_split(pids))
+
+
+def cpu_split(pids: list[int]) -> tuple[float, float]:
+    """(utime, stime) of these processes in seconds: user space and the kernel apart."""
+    user = system = 0
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])
-    return total / CLK_TCK
+        user += int(fields[11])
+        system += int(fields[12])
+    return user / CLK_TCK, system / CLK_TCK
 
 
 def system_busy_seconds() -> float:

@@ -53,6 +53,7 @@ from common import (
     command_calls,
     cpu_model,
     cpu_seconds,
+    cpu_split,
     descendants,
     free_port,
     have_taskset,
@@ -212,9 +213,12 @@ class Bench:
         return {"waited_s": time.monotonic() - waited_from - 1.0, "idle_busy_cores": busy}
 
     def snapshot(self, target: Target) -> dict[str, Any]:
+        sut_user, sut_system = cpu_split(target.pids())
         snap: dict[str, Any] = {
             "t": time.monotonic(),
-            "sut_cpu": cpu_seconds(target.pids()),
+            "sut_cpu": sut_user + sut_system,
+            "sut_user": sut_user,
+            "sut_system": sut_system,
             "aux_cpu": cpu_seconds(self.aux_pids()),
             "system_busy": system_busy_seconds(),
         }
@@ -285,6 +289,10 @@ class Bench:
             "p999_ms": report["latency_us"]["p999"] / 1000,
             "errors": report["errors"],
             "sut_cpu_util": (after["sut_cpu"] - before["sut_cpu"]) / wall,
+            # CPU µs per request of the system under test, user space and kernel apart: the
+            # kernel's share (socket syscalls, wake-ups) is what an instruction count misses.
+            "sut_user_us": (after["sut_user"] - before["sut_user"]) * 1e6 / report["requests"],
+            "sut_system_us": (after["sut_system"] - before["sut_system"]) * 1e6 / report["requests"],
             "aux_cpu_util": (after["aux_cpu"] - before["aux_cpu"]) / wall,
             "wrk_cpu_util": wrk_cpu,
             # Busy CPU on the machine not used by the SUT, redis, the upstream or wrk (other
@@ -350,6 +358,10 @@ class Bench:
             "max_ms": report["latency_us"]["max"] / 1000,
             "generator_lag_max_ms": report["generator_lag_us"]["max"] / 1000,
             "sut_cpu_util": (after["sut_cpu"] - before["sut_cpu"]) / wall,
+            # CPU µs per request of the system under test, user space and kernel apart: the
+            # kernel's share (socket syscalls, wake-ups) is what an instruction count misses.
+            "sut_user_us": (after["sut_user"] - before["sut_user"]) * 1e6 / report["requests"],
+            "sut_system_us": (after["sut_system"] - before["sut_system"]) * 1e6 / report["requests"],
             # CPU the system under test spent per request (warm-up requests included).
             "cpu_us_per_request": (after["sut_cpu"] - before["sut_cpu"])
             / max(1, report["sent_total"])
@@ -825,7 +837,8 @@ def describe(result: dict[str, Any]) -> str:
         f"{result['target']:10s} {result['rps']:8.0f} req/s  p50 {result['p50_ms']:.2f} ms"
         f"  p99 {result['p99_ms']:.2f} ms  cpu sut {result['sut_cpu_util']:.0%}"
         f" aux {result['aux_cpu_util']:.0%} wrk {result['wrk_cpu_util']:.0%}"
-        f" other {result['foreign_cpu_util']:.0%}{extra}"
+        f" other {result['foreign_cpu_util']:.0%}"
+        f"  sut µs/req user {result['sut_user_us']:.1f} sys {result['sut_system_us']:.1f}{extra}"
     )
 
 

@@ -215,18 +215,21 @@ class BatchedCounter:
     """A counter counted in a plain int on the request path and added to Prometheus by
     `flush()` (before scrapes, every second, at shutdown), as BatchedHistogram does."""
 
-    __slots__ = ("_child", "_count")
+    __slots__ = ("_child", "count")
 
     def __init__(self, child: Any) -> None:
         self._child = child
-        self._count = 0
+        # Not yet added to Prometheus. A hot path may add to it in place (`counter.count += 1`,
+        # no call); `inc` is that as a method. (Not so a TurnCounter's: its `inc` schedules
+        # the flush.)
+        self.count = 0
 
     def inc(self) -> None:
-        self._count += 1
+        self.count += 1
 
     def flush(self) -> None:
-        if self._count:
-            count, self._count = self._count, 0
+        if self.count:
+            count, self.count = self.count, 0
             self._child.inc(count)
 
 
@@ -238,10 +241,10 @@ class TurnCounter(BatchedCounter):
     __slots__ = ()
 
     def inc(self) -> None:
-        if self._count:
-            self._count += 1
+        if self.count:
+            self.count += 1
             return
-        self._count = 1
+        self.count = 1
         _turn_dirty.append(self)
         global _turn_loop
         try:

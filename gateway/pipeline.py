@@ -417,17 +417,18 @@ class Pipeline:
             token, touch = await self._admit(route, query_string, headers, presented, record)
             now, idle_timeout, extend = touch.now, touch.idle_timeout, touch.extend
         local = self._decided_locally
-        result = None if local is None else local(touch)
-        if result is None:
+        last = None if local is None else local(touch)  # decided inside the window: not idle
+        if last is None:
             try:
                 result = await self.store.check_and_touch(touch)
             except StoreUnavailable:
                 record.last_activity = self._store_fallback(token, idle_timeout, now, record)
                 return token.identity
-        # The store's answer: refuse an idle token, else count how close it came.
-        if result.idle:
-            raise Refusal(self._idle_reason)
-        last = record.last_activity = result.last_activity
+            # The store's answer: refuse an idle token, else count how close it came.
+            if result.idle:
+                raise Refusal(self._idle_reason)
+            last = result.last_activity
+        record.last_activity = last
         self._idle_gap.observe(now - last if now > last else 0.0)
         if extend and self._grace:
             self.recent.record(token.track_key, now)
