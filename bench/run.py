@@ -292,7 +292,9 @@ class Bench:
             # CPU µs per request of the system under test, user space and kernel apart: the
             # kernel's share (socket syscalls, wake-ups) is what an instruction count misses.
             "sut_user_us": (after["sut_user"] - before["sut_user"]) * 1e6 / report["requests"],
-            "sut_system_us": (after["sut_system"] - before["sut_system"]) * 1e6 / report["requests"],
+            "sut_system_us": (after["sut_system"] - before["sut_system"])
+            * 1e6
+            / report["requests"],
             "aux_cpu_util": (after["aux_cpu"] - before["aux_cpu"]) / wall,
             "wrk_cpu_util": wrk_cpu,
             # Busy CPU on the machine not used by the SUT, redis, the upstream or wrk (other
@@ -361,7 +363,9 @@ class Bench:
             # CPU µs per request of the system under test, user space and kernel apart: the
             # kernel's share (socket syscalls, wake-ups) is what an instruction count misses.
             "sut_user_us": (after["sut_user"] - before["sut_user"]) * 1e6 / report["requests"],
-            "sut_system_us": (after["sut_system"] - before["sut_system"]) * 1e6 / report["requests"],
+            "sut_system_us": (after["sut_system"] - before["sut_system"])
+            * 1e6
+            / report["requests"],
             # CPU the system under test spent per request (warm-up requests included).
             "cpu_us_per_request": (after["sut_cpu"] - before["sut_cpu"])
             / max(1, report["sent_total"])

@@ -8,10 +8,11 @@ revocation list and the deadlines can name it without importing the verifier's k
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # only a type here; keys.py imports aiohttp for its key rings
+if TYPE_CHECKING:  # only types here; keys.py imports aiohttp for its key rings
+    from gateway.store.base import RevocationKind
     from gateway.tokens.keys import VerificationKey
 
 
@@ -42,3 +43,15 @@ class VerifiedToken:
     sub_key: str | None
     # The identity headers for the upstream, computed once per token (forward.identity_headers).
     identity: Mapping[str, str]
+    # The revocation list's keys that name this token, (kind, keyed hash) for each id it has:
+    # derived from the three above, so that a check of a non-empty list is one C call.
+    revocation_index: tuple[tuple[RevocationKind, str], ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        ids: tuple[tuple[RevocationKind, str | None], ...] = (
+            ("jti", self.jti_key),
+            ("sid", self.sid_key),
+            ("sub", self.sub_key),
+        )
+        index = tuple((kind, key) for kind, key in ids if key is not None)
+        object.__setattr__(self, "revocation_index", index)  # frozen: set once, here
