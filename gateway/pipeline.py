@@ -37,14 +37,14 @@ from types import MappingProxyType
 from typing import Any
 
 from aiohttp import hdrs, web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDictProxy
 
 from gateway import metrics
 from gateway.accesslog import AccessLog
 from gateway.clock import Clock
 from gateway.config import Config, Policy, Route
 from gateway.forward.deadlines import LOG_FIELDS, Deadlines
-from gateway.forward.headers import X_REQUEST_ID
+from gateway.forward.headers import X_REQUEST_ID, UpstreamHeaders
 from gateway.forward.proxy import Forwarder
 from gateway.forward.websocket import (
     HANDSHAKE_SECONDS,
@@ -499,7 +499,7 @@ class Pipeline:
         request: web.BaseRequest,
         match: Match,
         query: str,
-        headers: CIMultiDict[str],
+        headers: UpstreamHeaders,
         request_id: str,
         record: _RequestRecord,
     ) -> Awaitable[web.StreamResponse]:

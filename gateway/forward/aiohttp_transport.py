@@ -14,10 +14,12 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.config import Forward
+from gateway.forward.headers import UpstreamHeaders
 from gateway.forward.transport import (
     CHUNK,
     SMALL_BODY,
     Body,
+    RequestFields,
     UpstreamBroken,
     UpstreamConnectTimeout,
     UpstreamError,
@@ -97,9 +99,11 @@ class AiohttpTransport:
             await self._session.close()
 
     async def request(
-        self, method: str, target: str, headers: CIMultiDict[str], body: Body = None
+        self, method: str, target: str, headers: RequestFields, body: Body = None
     ) -> AiohttpResponse:
         assert self._session is not None, "AiohttpTransport.start() was not awaited"
+        if isinstance(headers, UpstreamHeaders):
+            headers = headers.merged()
         response = None
         try:
             response = await self._session.request(

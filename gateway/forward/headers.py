@@ -8,10 +8,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from aiohttp import hdrs, web
-from multidict import CIMultiDict, MultiMapping, istr
+from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping, istr
 
 from gateway.config import Forward
 from gateway.forward_auth import TrustedPeers
+from gateway.reasons import Reason, Refusal
 
 # Names looked up or set on every request are `istr`s: a multidict takes their case-folded
 # identity from them instead of folding (and hashing) a new copy each time.
@@ -123,6 +124,52 @@ _RESPONSE_DROPS = _DropPlans(HOP_BY_HOP | {"x-request-id"})
 _WHOLE_RESPONSE_DROPS = _DropPlans(HOP_BY_HOP | {"x-request-id", "content-length"})
 
 
+_KEPT_OURS = 4096  # rendered sets of our fields (by identity, peer, scheme, Host) at most
+
+
+class UpstreamHeaders:
+    """What goes upstream, in two parts: `client`, the client's fields that pass (a copy of
+    its own), and ours after them: `ours` (identity, X-Forwarded-For, X-Real-IP,
+    X-Forwarded-Proto/-Host), then X-Request-ID. Ours are also header lines (`ours_lines`),
+    rendered once per token, peer and Host: the lean transport writes those as they are;
+    anything else takes `merged()`. Nothing in either part holds a CR or LF: the client's are
+    llhttp's (and the lean transport checks them again), ours are checked where rendered."""
+
+    __slots__ = ("client", "ours", "ours_lines", "request_id")
+
+    def __init__(
+        self,
+        client: CIMultiDict[str],
+        ours: tuple[tuple[str, str], ...],
+        ours_lines: str,
+        request_id: str,
+    ) -> None:
+        self.client, self.ours, self.ours_lines = client, ours, ours_lines
+        self.request_id = request_id
+
+    def merged(self) -> CIMultiDict[str]:
+        """Both parts as one multidict: the client part itself, extended (so: once)."""
+        headers = self.client
+        headers.extend(self.ours)
+        headers.add(X_REQUEST_ID, self.request_id)
+        return headers
+
+    def lines(self) -> str:
+        """Ours as header lines, each ending in CRLF, X-Request-ID last."""
+        return f"{self.ours_lines}X-Request-ID: {self.request_id}\r\n"
+
+
+def _rendered(ours: tuple[tuple[str, str], ...]) -> str:
+    """Our fields as header lines. Identity values hold no control character
+    (tokens.verify.identity_headers), the peer is an address, a Host value is llhttp's:
+    checked here all the same, once per rendering."""
+    for field in ours:
+        for text in field:
+            if "\r" in text or "\n" in text:
+                raise Refusal(Reason.MALFORMED_REQUEST, "a newline in a header field")
+    return "".join([f"{name}: {value}\r\n" for name, value in ours])
+
+
 class RequestHeaders:
     """Builds what goes upstream from a client's request (see `for_request`)."""
 
@@ -142,6 +189,12 @@ class RequestHeaders:
         }
         self._any_trusted = bool(config.trusted_proxies)
         self._trusted = TrustedPeers(config)
+        # (id of the identity mapping, peer, scheme, Host) -> (that mapping, ours, rendered).
+        # The mapping is held, so its id cannot name another while kept. Bounded: forgotten
+        # when full (Host is the client's to choose).
+        self._ours: dict[
+            tuple[int, str, str, str], tuple[Mapping[str, str], tuple[tuple[str, str], ...], str]
+        ] = {}
 
     def for_request(
         self,
@@ -150,7 +203,7 @@ class RequestHeaders:
         identity: Mapping[str, str],
         *,
         strip_authorization: bool,
-    ) -> CIMultiDict[str]:
+    ) -> UpstreamHeaders:
         """What goes upstream: the client's headers without hop-by-hop ones, identity copies
         (and their `_` twins), or, unless the peer is a trusted proxy, its claims about the
         client; then the identity headers and X-Forwarded-*, X-Real-IP, X-Request-ID."""
@@ -158,26 +211,52 @@ class RequestHeaders:
         trusted = self._any_trusted and peer in self._trusted
         incoming = request.headers
         drops = self._drops[trusted, strip_authorization].of(incoming)
-        headers = CIMultiDict(incoming)  # one copy in C, then only what must go is taken out
+        client = CIMultiDict(incoming)  # one copy in C, then only what must go is taken out
         for name in drops:
-            headers.popall(name)
-        # Added after hop-by-hop removal, so `Connection: X-Auth-Subject` cannot strip them;
-        # their names are none of ours below (config.Forward), and client copies went above.
-        headers.extend(identity)
-        if trusted:
-            # Its view of the client passes; we add its hop to the chain.
-            chain = ", ".join(incoming.getall(hdrs.X_FORWARDED_FOR, ()))
-            headers[hdrs.X_FORWARDED_FOR] = f"{chain}, {peer}" if chain else peer
-        else:  # the client's claims about itself went above: none of them is there
-            headers.add(hdrs.X_FORWARDED_FOR, peer)
-        if peer:
-            headers.setdefault(X_REAL_IP, peer)
-        headers.setdefault(hdrs.X_FORWARDED_PROTO, request.scheme)
+            client.popall(name)
+        # Ours come after hop-by-hop removal, so `Connection: X-Auth-Subject` cannot strip
+        # them; their names are none of ours below (config.Forward), and client copies went.
         host = request.host
-        if host:
-            headers.setdefault(hdrs.X_FORWARDED_HOST, host)
-        headers.add(X_REQUEST_ID, request_id)  # the client's went above
-        return headers
+        if trusted:
+            ours = self._trusted_ours(client, incoming, identity, peer, request.scheme, host)
+            return UpstreamHeaders(client, ours, _rendered(ours), request_id)
+        # The client's claims about itself went above, so ours are only a function of these:
+        key = (id(identity), peer, request.scheme, host)
+        kept = self._ours.get(key)
+        if kept is None or kept[0] is not identity:
+            ours = (*identity.items(), (hdrs.X_FORWARDED_FOR, peer))
+            if peer:
+                ours += ((X_REAL_IP, peer),)
+            ours += ((hdrs.X_FORWARDED_PROTO, request.scheme),)
+            if host:
+                ours += ((hdrs.X_FORWARDED_HOST, host),)
+            kept = (identity, ours, _rendered(ours))
+            if len(self._ours) >= _KEPT_OURS:
+                self._ours.clear()
+            self._ours[key] = kept
+        return UpstreamHeaders(client, kept[1], kept[2], request_id)
+
+    @staticmethod
+    def _trusted_ours(
+        client: CIMultiDict[str],
+        incoming: CIMultiDictProxy[str],
+        identity: Mapping[str, str],
+        peer: str,
+        scheme: str,
+        host: str,
+    ) -> tuple[tuple[str, str], ...]:
+        """Ours behind a trusted proxy: its view of the client passes, and we add its hop to
+        the X-Forwarded-For chain (which leaves the client part for ours)."""
+        chain = ", ".join(incoming.getall(hdrs.X_FORWARDED_FOR, ()))
+        client.popall(hdrs.X_FORWARDED_FOR, None)
+        ours = (*identity.items(), (hdrs.X_FORWARDED_FOR, f"{chain}, {peer}" if chain else peer))
+        if peer and X_REAL_IP not in client:
+            ours += ((X_REAL_IP, peer),)
+        if hdrs.X_FORWARDED_PROTO not in client:
+            ours += ((hdrs.X_FORWARDED_PROTO, scheme),)
+        if host and hdrs.X_FORWARDED_HOST not in client:
+            ours += ((hdrs.X_FORWARDED_HOST, host),)
+        return ours
 
 
 def response_headers(

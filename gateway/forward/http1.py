@@ -27,9 +27,11 @@ import httptools
 from multidict import CIMultiDict
 from yarl import URL
 
+from gateway.forward.headers import UpstreamHeaders
 from gateway.forward.transport import (
     SMALL_BODY,
     Body,
+    RequestFields,
     RequestHeadInvalid,
     UpstreamBroken,
     UpstreamConnectTimeout,
@@ -398,7 +400,7 @@ class UpstreamPool:
         self._closed = False
 
     async def request(
-        self, method: str, target: str, headers: CIMultiDict[str], body: Body = None
+        self, method: str, target: str, headers: RequestFields, body: Body = None
     ) -> UpstreamResponse:
         """Send a bodyless request and read the response head (and a small body whole).
 
@@ -429,7 +431,11 @@ class UpstreamPool:
         assert url.raw_host is not None and url.port is not None
         return cls(url.raw_host, url.port, url.host_port_subcomponent or url.raw_host, **options)
 
-    def _request_head(self, method: str, target: str, headers: CIMultiDict[str]) -> bytes:
+    def _request_head(self, method: str, target: str, headers: RequestFields) -> bytes:
+        if isinstance(headers, UpstreamHeaders):  # ours are rendered and checked already
+            ours, headers = headers.lines(), headers.client
+        else:
+            ours = ""
         lines = list(map(": ".join, headers.items()))  # joined in C, field by field
         # A CR or LF in any name or value, found by memchr over them all.
         if "\r" in (probe := "".join(lines)) or "\n" in probe:
@@ -438,7 +444,7 @@ class UpstreamPool:
             lines.append("Content-Length: 0")
         lines.append("")
         fields = "\r\n".join(lines)
-        head = f"{method} {target} HTTP/1.1\r\n{self._host_line}{fields}\r\n"
+        head = f"{method} {target} HTTP/1.1\r\n{self._host_line}{fields}{ours}\r\n"
         return head.encode("utf-8", "surrogateescape")
 
     async def _exchange(self, conn: _Connection, method: str, head: bytes) -> UpstreamResponse:

@@ -14,13 +14,12 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, NamedTuple
 
 from aiohttp import web
-from multidict import CIMultiDict
 from yarl import URL
 
 from gateway import metrics
 from gateway.config import Forward
 from gateway.forward.aiohttp_transport import AiohttpTransport
-from gateway.forward.headers import RequestHeaders, response_headers
+from gateway.forward.headers import RequestHeaders, UpstreamHeaders, response_headers
 from gateway.forward.http1 import UpstreamPool
 from gateway.forward.transport import (
     CHUNK,
@@ -135,7 +134,7 @@ class Forwarder:
         request: web.BaseRequest,
         match: Match,
         query: str,
-        headers: CIMultiDict[str],
+        headers: UpstreamHeaders,
         request_id: str,
     ) -> web.StreamResponse:
         """`request` to its route's upstream: `match.upstream_path`, `query` (raw, without
@@ -145,7 +144,7 @@ class Forwarder:
         upstream = self._upstreams.get(base_url) or self._upstream(base_url)
         path = match.upstream_path + ("?" + query if query else "")
         if upstream.drops_authorization:
-            headers.popall("Authorization", None)
+            headers.client.popall("Authorization", None)
         transport, target = upstream.bodyless, upstream.bodyless_base + path
         limit: BodyLimit | None = None
         if request.body_exists:

@@ -18,9 +18,12 @@ from typing import ClassVar, Final, Protocol, TypeAlias
 
 from multidict import CIMultiDict
 
+from gateway.forward.headers import UpstreamHeaders
 from gateway.reasons import Reason, Refusal
 
 Body: TypeAlias = AsyncIterable[bytes] | None  # a request body, streamed
+# A request's header fields: as one multidict, or as `RequestHeaders` made them (in two parts).
+RequestFields: TypeAlias = CIMultiDict[str] | UpstreamHeaders
 SMALL_BODY: Final = 64 * 1024  # a sized response body up to this is read whole, larger ones stream
 CHUNK: Final = 64 * 1024  # the most read or relayed at once
 
@@ -79,12 +82,13 @@ class UpstreamResponse(Protocol):
 
 
 class Transport(Protocol):
-    """Sends one request and reads the response head (and a small body whole). Every failure
-    is an `UpstreamError`; `target` is what the transport was built to understand (an
-    origin-form path for one origin's pool, an absolute URL for a general client)."""
+    """Sends one request and reads the response head (and a small body whole); `headers` are
+    the transport's to change. Every failure is an `UpstreamError`; `target` is what the
+    transport was built to understand (an origin-form path for one origin's pool, an absolute
+    URL for a general client)."""
 
     async def request(
-        self, method: str, target: str, headers: CIMultiDict[str], body: Body = None
+        self, method: str, target: str, headers: RequestFields, body: Body = None
     ) -> UpstreamResponse: ...
 
 

@@ -37,13 +37,14 @@ from typing import Any
 import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, web
 from aiohttp.http_websocket import WebSocketError
-from multidict import CIMultiDict, MultiMapping
+from multidict import MultiMapping
 from yarl import URL
 
 from gateway import metrics
 from gateway.clock import Clock
 from gateway.config import Config
 from gateway.forward.deadlines import LOG_FIELDS, Deadlines, Watched
+from gateway.forward.headers import UpstreamHeaders
 from gateway.forward.transport import UpstreamFailureLog, describe_failure
 from gateway.reasons import Reason, Refusal
 from gateway.store.base import Store, StoreUnavailable, TouchResult
@@ -270,7 +271,7 @@ class WebSockets:
         self,
         request: web.BaseRequest,
         target: str,
-        headers: CIMultiDict[str],
+        headers: UpstreamHeaders,
         route: str,
         token: VerifiedToken | None,
         idle_timeout: float,
@@ -282,7 +283,7 @@ class WebSockets:
         assert self._session is not None, "WebSockets.start() was not awaited"
         started = time.perf_counter()
         check_handshake(request)  # the pipeline has already; kept for any other caller
-        upstream_headers = CIMultiDict(headers)
+        upstream_headers = headers.merged()
         for name in _HANDSHAKE_HEADERS:
             upstream_headers.popall(name, None)
         url = URL(target, encoded=True)  # the route's http(s):// URL, as the log names it
