@@ -164,6 +164,28 @@ def cpu_split(pids: list[int]) -> tuple[float, float]:
     return user / CLK_TCK, system / CLK_TCK
 
 
+def syscalls(pids: list[int]) -> tuple[int, int, int, int]:
+    """(read-type syscalls, write-type syscalls, voluntary context switches, minor page faults)
+    of these processes: /proc/<pid>/io's syscr and syscw (recv, read, send, write...), the
+    times they slept, and the pages the kernel had to map in for them (memory given back and
+    taken again: kernel time that no syscall count shows)."""
+    reads = writes = sleeps = faults = 0
+    for pid in pids:
+        try:
+            io = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+            status = Path(f"/proc/{pid}/status").read_text()
+            stat = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        reads += int(io["syscr"])
+        writes += int(io["syscw"])
+        faults += int(stat[7])
+        for line in status.splitlines():
+            if line.startswith("voluntary_ctxt_switches:"):
+                sleeps += int(line.split()[1])
+    return reads, writes, sleeps, faults
+
+
 def system_busy_seconds() -> float:
     """CPU time all cores spent busy since boot (/proc/stat: everything but idle and iowait)."""
     fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]

@@ -63,6 +63,7 @@ from common import (
     resp_command,
     rss_kib,
     start_redis,
+    syscalls,
     system_busy_seconds,
     wait_port,
 )
@@ -219,6 +220,7 @@ class Bench:
             "sut_cpu": sut_user + sut_system,
             "sut_user": sut_user,
             "sut_system": sut_system,
+            "sut_syscalls": syscalls(target.pids()),
             "aux_cpu": cpu_seconds(self.aux_pids()),
             "system_busy": system_busy_seconds(),
         }
@@ -289,12 +291,7 @@ class Bench:
             "p999_ms": report["latency_us"]["p999"] / 1000,
             "errors": report["errors"],
             "sut_cpu_util": (after["sut_cpu"] - before["sut_cpu"]) / wall,
-            # CPU µs per request of the system under test, user space and kernel apart: the
-            # kernel's share (socket syscalls, wake-ups) is what an instruction count misses.
-            "sut_user_us": (after["sut_user"] - before["sut_user"]) * 1e6 / report["requests"],
-            "sut_system_us": (after["sut_system"] - before["sut_system"])
-            * 1e6
-            / report["requests"],
+            **per_request_costs(before, after, report["requests"]),
             "aux_cpu_util": (after["aux_cpu"] - before["aux_cpu"]) / wall,
             "wrk_cpu_util": wrk_cpu,
             # Busy CPU on the machine not used by the SUT, redis, the upstream or wrk (other
@@ -360,12 +357,6 @@ class Bench:
             "max_ms": report["latency_us"]["max"] / 1000,
             "generator_lag_max_ms": report["generator_lag_us"]["max"] / 1000,
             "sut_cpu_util": (after["sut_cpu"] - before["sut_cpu"]) / wall,
-            # CPU µs per request of the system under test, user space and kernel apart: the
-            # kernel's share (socket syscalls, wake-ups) is what an instruction count misses.
-            "sut_user_us": (after["sut_user"] - before["sut_user"]) * 1e6 / report["requests"],
-            "sut_system_us": (after["sut_system"] - before["sut_system"])
-            * 1e6
-            / report["requests"],
             # CPU the system under test spent per request (warm-up requests included).
             "cpu_us_per_request": (after["sut_cpu"] - before["sut_cpu"])
             / max(1, report["sent_total"])
@@ -826,6 +817,22 @@ def sample_memory_usage(port: int, count: int) -> dict[str, float]:
     }
 
 
+def per_request_costs(before: dict[str, Any], after: dict[str, Any], requests: int) -> dict:
+    """CPU µs per request of the system under test, user space and kernel apart (the kernel's
+    share, socket syscalls and wake-ups, is what an instruction count misses); its read- and
+    write-type syscalls, its sleeps in epoll (fewer when the event loop finds more to do per
+    turn) and its minor page faults per request."""
+    requests = max(1, requests)
+    return {
+        "sut_user_us": (after["sut_user"] - before["sut_user"]) * 1e6 / requests,
+        "sut_system_us": (after["sut_system"] - before["sut_system"]) * 1e6 / requests,
+        "sut_syscalls_per_request": [
+            (a - b) / requests
+            for a, b in zip(after["sut_syscalls"], before["sut_syscalls"], strict=True)
+        ],
+    }
+
+
 def describe(result: dict[str, Any]) -> str:
     errors = {k: v for k, v in result["errors"].items() if v}
     extra = f"  errors {errors}" if errors else ""
@@ -842,7 +849,11 @@ def describe(result: dict[str, Any]) -> str:
         f"  p99 {result['p99_ms']:.2f} ms  cpu sut {result['sut_cpu_util']:.0%}"
         f" aux {result['aux_cpu_util']:.0%} wrk {result['wrk_cpu_util']:.0%}"
         f" other {result['foreign_cpu_util']:.0%}"
-        f"  sut µs/req user {result['sut_user_us']:.1f} sys {result['sut_system_us']:.1f}{extra}"
+        f"  sut µs/req user {result['sut_user_us']:.1f} sys {result['sut_system_us']:.1f}"
+        + " syscalls/req r {:.2f} w {:.2f} sleeps {:.2f} faults {:.2f}".format(
+            *result["sut_syscalls_per_request"]
+        )
+        + extra
     )
 
 

@@ -40,8 +40,11 @@ def _upstream_error(exc: BaseException, config: Forward, *, answered: bool) -> U
         return UpstreamConnectTimeout(f"{text}, connect_timeout {config.connect_timeout:g}s")
     if isinstance(exc, TimeoutError):  # ServerTimeoutError (sock_read) is one
         return UpstreamTimeout(f"{text}, read_timeout {config.read_timeout:g}s")
-    if isinstance(exc, OSError) and str(exc):
-        text += f": {exc}"
+    if isinstance(exc, aiohttp.ClientConnectorError):  # "Cannot connect to host h:p ..."
+        text += f": {exc.os_error}"
+    elif isinstance(exc, OSError) and not isinstance(exc, aiohttp.ClientError) and str(exc):
+        text += f": {exc}"  # a socket's own error: errno and text, no URL
+    # Any other ClientOSError goes by class: "Can not write request body for <the URL>".
     return UpstreamBroken(text) if answered else UpstreamUnreachable(text)
 
 

@@ -98,13 +98,16 @@ _FAILURE_LOG_EVERY = 10.0  # seconds between two lines for one route, upstream a
 # and InvalidURL carry the URL, whose query may hold an access_token): others go by class.
 _TELLING = (UpstreamError, OSError, TimeoutError)
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]")
+# A URL in an exception's text (a library naming the request it failed on): its path and query
+# may hold secrets (reset codes, signed-URL signatures), so none is ever logged.
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S*")
 
 
 def describe_failure(exc: BaseException) -> str:
     """`Class: message` of an upstream error, safe to log: no request text, one short line."""
     name = type(exc).__name__
     text = str(exc) if isinstance(exc, _TELLING) else ""
-    text = _UNPRINTABLE.sub(" ", text).strip()[:200]
+    text = _URL.sub("<url>", _UNPRINTABLE.sub(" ", text)).strip()[:200]
     return f"{name}: {text}" if text else name
 
 

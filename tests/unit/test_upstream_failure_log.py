@@ -4,6 +4,7 @@ of those suppressed, and error text that can never carry the request's URL or he
 from __future__ import annotations
 
 import logging
+from unittest import mock
 
 import aiohttp
 import pytest
@@ -82,3 +83,26 @@ def test_error_text_is_kept_only_where_it_cannot_hold_the_request():
     assert "eyJsecret" in str(response_error)  # aiohttp's own text names the URL ...
     assert describe_failure(response_error) == "ClientResponseError"  # ... ours never does
     assert len(describe_failure(OSError("x" * 1000))) < 250
+
+
+def test_a_client_os_error_naming_the_request_url_is_logged_without_it():
+    """aiohttp raises ClientOSError("Can not write request body for <URL>") when the client
+    aborts its body: an OSError whose text is the request's URL, query and all."""
+    from gateway.config import Forward
+    from gateway.forward.aiohttp_transport import _upstream_error
+
+    secret = "http://orders:8000/api/orders/4711?reset_code=SECRET-123"
+    aborted = aiohttp.ClientOSError(None, f"Can not write request body for {secret}")
+    error = _upstream_error(aborted, Forward(), answered=False)
+    assert "SECRET" not in str(error) and "/api/orders" not in str(error)
+    assert str(error) == "ClientOSError"
+    refused = aiohttp.ClientConnectorError(
+        mock.Mock(host="orders", port=8000, ssl="default"),
+        ConnectionRefusedError(111, "Connection refused"),
+    )
+    assert "Connection refused" in str(_upstream_error(refused, Forward(), answered=False))
+    # And whatever text an error holds, a URL in it is never logged.
+    assert (
+        describe_failure(OSError(f"failed for {secret} today")) == "OSError: failed for <url> today"
+    )
+    assert "SECRET" not in describe_failure(UpstreamBroken(f"at {secret}"))
