@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -223,17 +224,25 @@ def _client_limits(config: Config) -> dict[str, float]:
 def build_proxy_server(gateway: Gateway, **handler_options: Any) -> web.Server:
     """The proxy port: aiohttp's low-level server calling `Pipeline.handle` directly (no router,
     middleware or signals on the request path: the pipeline routes itself), with the slow-client
-    limits of `server.*`."""
+    limits of `server.*`; a request its parser refuses is the pipeline's to answer too."""
+    pipeline = gateway.pipeline
     return GuardedServer(
-        gateway.pipeline.handle, **_client_limits(gateway.config), **handler_options
+        pipeline.handle,
+        on_unparsed=functools.partial(pipeline.refuse_unparsed, mode="proxy"),
+        **_client_limits(gateway.config),
+        **handler_options,
     )
 
 
 def build_forward_auth_server(gateway: Gateway, **handler_options: Any) -> web.Server:
     """forward_auth.listen: every request on it is a forward-auth request, whatever its path
     (Traefik's `address`, Envoy's `path_prefix` and nginx's `auth_request` all pick their own)."""
+    pipeline = gateway.pipeline
     return GuardedServer(
-        gateway.pipeline.handle_forward_auth, **_client_limits(gateway.config), **handler_options
+        pipeline.handle_forward_auth,
+        on_unparsed=functools.partial(pipeline.refuse_unparsed, mode="forward_auth"),
+        **_client_limits(gateway.config),
+        **handler_options,
     )
 
 

@@ -11,15 +11,18 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import re
 import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
 from gateway import metrics
+from gateway.logs import RateLimitedLog
 
 log = logging.getLogger("idlegate")
 
@@ -37,20 +40,61 @@ _ACCEPTS_PER_WAKEUP = 64  # like asyncio's batch: fair to the connections alread
 _WARNING_INTERVAL = 10.0
 
 
+# How a server answers a request its HTTP parser refused (`GuardedRequestHandler.handle_error`).
+Unparsed = Callable[[web.BaseRequest], web.StreamResponse]
+_QUOTED = re.compile(r"""\s*(?::\s*)?b?['"].*""")
+
+
+def parser_complaint(exc: BaseException | None) -> str:
+    """What aiohttp's parser said, without what it quotes: its messages repeat the bytes they
+    refused (`Invalid header value char: b'Authorization: Bearer eyJ...'`, a request line with
+    its query), and those may be a token. The first line, cut where a quotation starts."""
+    if not isinstance(exc, HttpProcessingError):
+        return type(exc).__name__
+    first = str(exc.message or "").splitlines()[0] if exc.message else ""
+    said = _QUOTED.sub("", first).strip(" :")[:120]
+    return f"{type(exc).__name__}: {said}" if said else type(exc).__name__
+
+
+def _plain_refusal(request: web.BaseRequest) -> web.StreamResponse:
+    """The answer to an unparsed request where no pipeline renders one (the admin port)."""
+    body = {"error": "malformed_http", "reason": "malformed_http", "message": "malformed request"}
+    return web.json_response(body, status=400, headers={"Cache-Control": "no-store"})
+
+
 class GuardedRequestHandler(RequestHandler):
-    """aiohttp's per-connection protocol with a deadline for the request head.
+    """aiohttp's per-connection protocol with a deadline for the request head, and its own
+    answer to a request the HTTP parser refused.
 
     The timer starts when the connection is made, and again at the first byte of the next
     request on a kept-alive connection (the wait before it is keepalive_timeout's). It is not
     reset by further bytes (a slowloris drips them), and it stops when a whole head has been
     parsed: a slow request body and a long upstream response are read_timeout's business.
+
+    aiohttp answers a malformed request with a text page quoting the bytes it refused (a
+    bearer token among them) and counts it nowhere; here `on_unparsed` answers it (the
+    pipeline: the contract's refusal, counted and in the access log) and the log gets one line
+    naming the peer and the parser's complaint without its quotation.
     """
 
-    __slots__ = ("_head_started", "_head_timer", "_header_timeout", "_slot")
+    __slots__ = (
+        "_head_started", "_head_timer", "_header_timeout", "_on_unparsed", "_slot",
+        "_unparsed_log",
+    )  # fmt: skip
 
-    def __init__(self, manager: web.Server, *, header_timeout: float, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        manager: web.Server,
+        *,
+        header_timeout: float,
+        on_unparsed: Unparsed | None = None,
+        unparsed_log: RateLimitedLog | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(manager, **kwargs)
         self._header_timeout = header_timeout
+        self._on_unparsed = on_unparsed or _plain_refusal
+        self._unparsed_log = unparsed_log or RateLimitedLog(log, interval=1.0)
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_started = False  # bytes of the awaited head have arrived
         self._slot: Slot | None = None  # set by a CappedSite: released when the connection ends
@@ -92,6 +136,26 @@ class GuardedRequestHandler(RequestHandler):
             self._head_timer.cancel()
             self._head_timer = None
 
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status >= 500:  # a handler's exception (the pipeline's are its own): aiohttp's
+            return super().handle_error(request, status, exc, message)
+        if request.writer.output_size > 0:  # as aiohttp: a response is on its way already
+            raise ConnectionError("cannot answer a malformed request after a response began")
+        self._unparsed_log.warning(
+            "refused a malformed HTTP request (400) from %s: %s",
+            request.remote,
+            parser_complaint(exc),
+        )
+        response = self._on_unparsed(request)
+        response.force_close()  # what follows a misparsed head cannot be trusted either
+        return response
+
     def _head_overdue(self) -> None:
         self._head_timer = None
         transport = self.transport
@@ -111,14 +175,24 @@ class GuardedServer(web.Server):
         handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
         *,
         header_timeout: float,
+        on_unparsed: Unparsed | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(handler, **kwargs)
         self._header_timeout = header_timeout
+        self._on_unparsed = on_unparsed
+        # A flood of malformed requests is a line a second in the log, for all connections
+        # (each is counted, and with the access log on, a line there).
+        self._unparsed_log = RateLimitedLog(log, interval=1.0)
 
     def __call__(self) -> RequestHandler:
         return GuardedRequestHandler(
-            self, loop=self._loop, header_timeout=self._header_timeout, **self._kwargs
+            self,
+            loop=self._loop,
+            header_timeout=self._header_timeout,
+            on_unparsed=self._on_unparsed,
+            unparsed_log=self._unparsed_log,
+            **self._kwargs,
         )
 
 

@@ -58,6 +58,7 @@ from gateway.forward_auth import (
     TrustedPeers,
     original_request,
 )
+from gateway.logs import RateLimitedLog
 from gateway.reasons import Reason, Refusal, rfc6750_text
 from gateway.revocation import RevocationList
 from gateway.routing import Match, Router
@@ -138,27 +139,6 @@ class _Admitted:
             self._valid_from <= now < self._valid_until
             and self._ring.generation == self._generation
         )
-
-
-class RateLimitedLog:
-    """At most one WARNING per `interval`; the next line says how many were folded away."""
-
-    def __init__(self, logger: logging.Logger, *, interval: float) -> None:
-        self._log = logger
-        self._interval = interval
-        self._last = -math.inf
-        self._folded = 0
-
-    def warning(self, message: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._last < self._interval:
-            self._folded += 1
-            return
-        if self._folded:
-            message += " (and %d more like it since the last such line)"
-            args = (*args, self._folded)
-        self._last, self._folded = now, 0
-        self._log.warning(message, *args)
 
 
 class Traffic:
@@ -381,6 +361,19 @@ class Pipeline:
         finally:
             traffic.leave()
         self._finish(method, request_id, record, response, started, "forward_auth")
+        return response
+
+    def refuse_unparsed(self, request: web.BaseRequest, *, mode: str) -> web.StreamResponse:
+        """A request the HTTP parser refused (`connections.GuardedRequestHandler`): the
+        contract's refusal, `malformed_http`, counted and logged like any other. Nothing of the
+        parser's complaint goes into it: that quotes the bytes it refused, a token among them."""
+        started = time.perf_counter()
+        request_id = self._id_prefix + hex(next(self._id_counter))[2:]  # the head is unread
+        record = _RequestRecord()
+        response = _refused(Refusal(Reason.MALFORMED_HTTP), request_id, record)
+        if mode == "forward_auth":
+            response.headers[REASON_HEADER] = Reason.MALFORMED_HTTP.code
+        self._finish("-", request_id, record, response, started, mode)
         return response
 
     # -- the steps -------------------------------------------------------------------------

@@ -115,6 +115,13 @@ class Reason(enum.Enum):
         "invalid_request",
         "the request body's transfer coding is not supported (only chunked)",
     )
+    # Refused by the HTTP parser before any of the gateway's steps (smuggling attempts,
+    # scanners, oversized or garbled heads): the connection is closed after the answer.
+    MALFORMED_HTTP = _ReasonSpec("malformed_http", 400, None, "the HTTP request is malformed")
+    # The client stopped sending a request body it announced (server.body_timeout).
+    REQUEST_TIMEOUT = _ReasonSpec(
+        "request_timeout", 408, None, "the request body did not arrive in time"
+    )
     PAYLOAD_TOO_LARGE = _ReasonSpec("payload_too_large", 413, None, "the request body is too large")
     STORE_UNAVAILABLE = _ReasonSpec(
         "store_unavailable", 503, None, "the session store is unavailable, retry shortly"

@@ -23,7 +23,7 @@ from gateway import __version__
 from gateway.admin import load_admin_token
 from gateway.app import Gateway, build_admin_app, build_forward_auth_server, build_proxy_server
 from gateway.config import Config, mask_url
-from gateway.connections import CappedSite, ConnectionLimit, GuardedAppRunner
+from gateway.connections import CappedSite, ConnectionLimit, GuardedAppRunner, parser_complaint
 from gateway.errors import StartupError
 
 log = logging.getLogger("idlegate")
@@ -45,7 +45,7 @@ class _BadRequestLine(logging.Filter):
         if isinstance(exc, HttpProcessingError):
             record.levelno, record.levelname = logging.WARNING, "WARNING"
             record.msg = "refused a malformed HTTP request (400): %s"
-            record.args = (str(exc.message).splitlines()[0] if exc.message else exc.code,)
+            record.args = (parser_complaint(exc),)  # never the bytes it quotes
             record.exc_info = None
             record.exc_text = None
         return True
