@@ -3,13 +3,20 @@ https upstreams and upstream URLs with credentials (everything the lean pool doe
 
 aiohttp's exceptions become the one `UpstreamError` family here, so the relay never sees
 them; their text is kept only where it names the connection, never the request's URL.
+
+aiohttp's response parser is lenient where the lean pool's is not: each response head is held
+to the lean pool's rules (the checks in `transport`) as far as aiohttp hands it over, so a
+response gets one answer whichever transport carried it.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import AsyncGenerator
+from typing import TYPE_CHECKING
 
 import aiohttp
+from aiohttp import hdrs
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -17,6 +24,7 @@ from gateway.config import Forward
 from gateway.forward.headers import UpstreamHeaders
 from gateway.forward.transport import (
     CHUNK,
+    CONTROLS,
     SMALL_BODY,
     Body,
     RequestFields,
@@ -25,7 +33,13 @@ from gateway.forward.transport import (
     UpstreamError,
     UpstreamTimeout,
     UpstreamUnreachable,
+    check_status_line,
+    check_transfer_codings,
+    content_length,
 )
+
+if TYPE_CHECKING:
+    from aiohttp.connector import Connection
 
 _FAILURES = (TimeoutError, aiohttp.ClientError, OSError)
 
@@ -46,6 +60,50 @@ def _upstream_error(exc: BaseException, config: Forward, *, answered: bool) -> U
         text += f": {exc}"  # a socket's own error: errno and text, no URL
     # Any other ClientOSError goes by class: "Can not write request body for <the URL>".
     return UpstreamBroken(text) if answered else UpstreamUnreachable(text)
+
+
+def _check_head(response: aiohttp.ClientResponse) -> None:
+    """Refuse (`UpstreamBroken`) what the lean pool refuses and aiohttp's parser lets through,
+    as far as a `ClientResponse` shows it. It does not show, so this path passes: an obs-fold
+    (aiohttp joins the lines, keeping the whitespace, as RFC 9112 §5.2 allows a proxy to),
+    bare LF line ends, and how many interim responses came first."""
+    version = response.version
+    release = "?" if version is None else f"{version.major}.{version.minor}"
+    check_status_line(release, response.status, response.reason or "")
+    if response.status < 200:
+        raise UpstreamBroken("a 1xx status as the final response")
+    headers = response.headers
+    # Every name and value in one scan, HTAB (allowed in values) between them.
+    if CONTROLS.search("\t".join(itertools.chain.from_iterable(headers.items()))):
+        raise UpstreamBroken("a control character in a response header")
+    lengths = headers.getall(hdrs.CONTENT_LENGTH, [])
+    codings = headers.getall(hdrs.TRANSFER_ENCODING, [])
+    # aiohttp's C parser refuses both as llhttp does; its pure-Python one takes repeats.
+    if len(lengths) > 1:
+        raise UpstreamBroken("repeated Content-Length")
+    if lengths and codings:
+        raise UpstreamBroken("Content-Length with Transfer-Encoding")
+    if lengths:
+        content_length(lengths[0])
+    if codings and response.method != "HEAD" and response.status not in (204, 304):
+        check_transfer_codings(release, codings)
+
+
+class _CheckedResponse(aiohttp.ClientResponse):
+    """A `ClientResponse` whose head is checked as soon as it is parsed. aiohttp has pooled
+    the connection again by then if the body was complete already: a refused response's is
+    closed here, before another request can take it (and read what follows as its answer)."""
+
+    async def start(self, connection: Connection) -> aiohttp.ClientResponse:
+        protocol = connection.protocol  # `connection` lets go of it once released
+        await super().start(connection)
+        try:
+            _check_head(self)
+        except UpstreamBroken:
+            if protocol is not None:
+                protocol.close()
+            raise  # and aiohttp closes the response, and the connection if still held
+        return self
 
 
 class AiohttpResponse:
@@ -93,6 +151,7 @@ class AiohttpTransport:
                 sock_read=config.read_timeout,
             ),
             auto_decompress=False,  # pass bodies through exactly as the upstream sent them
+            response_class=_CheckedResponse,
             cookie_jar=aiohttp.DummyCookieJar(),
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
         )
@@ -117,12 +176,6 @@ class AiohttpTransport:
                 allow_redirects=False,
                 compress=None,
             )
-            if response.status == 101:
-                # Only the WebSocket relay asks to switch protocols (aiohttp's client hands a 101
-                # over as a response): relayed, the client's connection would become a tunnel to
-                # the upstream that no later request of it is decided on.
-                response.close()
-                raise UpstreamBroken("the upstream switched protocols unasked")
             length = response.content_length
             bodiless = method == "HEAD" or response.status in (204, 304)
             if length is None or length > SMALL_BODY or bodiless:

@@ -18,7 +18,6 @@ import asyncio
 import collections
 import contextlib
 import enum
-import re
 import socket
 from collections.abc import AsyncGenerator
 from typing import Any, Final, cast
@@ -29,6 +28,7 @@ from yarl import URL
 
 from gateway.forward.headers import UpstreamHeaders
 from gateway.forward.transport import (
+    MAX_LENGTH_DIGITS,
     SMALL_BODY,
     Body,
     RequestFields,
@@ -38,18 +38,17 @@ from gateway.forward.transport import (
     UpstreamPoolTimeout,
     UpstreamTimeout,
     UpstreamUnreachable,
+    check_status_line,
+    check_transfer_codings,
 )
 
 MAX_HEAD: Final = 64 * 1024  # status line and header lines together (and the trailers apart)
 MAX_HEADERS: Final = 200
 _HIGH_WATER: Final = 256 * 1024  # stop reading from the upstream while this much is unread
 _MAX_INTERIM: Final = 8  # 1xx responses before the final one
-_MAX_LENGTH_DIGITS: Final = 18  # a Content-Length that fits in a signed 64-bit integer
 IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # RFC 9110 §9.3: a bodyless request with these methods still declares its (empty) body.
 _DECLARE_EMPTY_BODY: Final = frozenset({"POST", "PUT", "PATCH"})
-# A reason phrase is HTAB, SP, VCHAR and obs-text (RFC 9112 §4); llhttp lets controls through.
-_BAD_REASON = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class _Stop(Exception):
@@ -61,10 +60,11 @@ class ResponseReader:
 
     llhttp checks the syntax (status line, field lines, Content-Length, chunked framing, no
     obs-fold, no bare CR or LF, no Content-Length with Transfer-Encoding). On top, the gateway
-    refuses what llhttp accepts but a proxy should not pass on: versions other than 1.0 and
-    1.1, status below 100, 101 unasked, more than 8 interim responses, controls in the reason,
-    transfer codings other than `chunked` (or any in HTTP/1.0), Content-Length over 18
-    digits, more than `MAX_HEADERS` fields, and more than `MAX_HEAD` bytes of a head, of
+    refuses what llhttp accepts but a proxy should not pass on: by the rules in `transport`
+    that aiohttp's responses are held to as well, versions other than 1.0 and 1.1, status
+    outside 100..599, 101 unasked, controls in the reason, transfer codings other than
+    `chunked` (or any in HTTP/1.0), Content-Length over 18 digits; and more than 8 interim
+    responses, more than `MAX_HEADERS` fields, and more than `MAX_HEAD` bytes of a head, of
     trailers or of framing between two chunks (llhttp's binding collects a field whole).
     """
 
@@ -95,7 +95,7 @@ class ResponseReader:
         self.fields: list[tuple[str, str]] = []
         self._field_bytes = 0  # of this head's status line and fields, then of the trailers
         self.length: int | None = None
-        self._codings: list[bytes] = []  # Transfer-Encoding field values
+        self._codings: list[str] = []  # Transfer-Encoding field values
 
     @property
     def reason(self) -> str:
@@ -162,11 +162,12 @@ class ResponseReader:
         value = value.rstrip(b" \t")  # llhttp strips leading whitespace only
         lower = name.lower()
         if lower == b"content-length":
-            if len(value) > _MAX_LENGTH_DIGITS:
+            # llhttp checked it is digits (what `transport.content_length` checks on aiohttp's).
+            if len(value) > MAX_LENGTH_DIGITS:
                 raise UpstreamBroken("invalid Content-Length")
-            self.length = int(value)  # digits only: llhttp checked
+            self.length = int(value)
         elif lower == b"transfer-encoding":
-            self._codings.append(value.lower())
+            self._codings.append(value.decode("latin-1"))
         # Field names are tokens (ASCII): llhttp checked.
         self.fields.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
 
@@ -174,10 +175,7 @@ class ResponseReader:
         parser = self._parser
         status = parser.get_status_code()
         version = parser.get_http_version()
-        if version not in ("1.1", "1.0") or status < 100 or _BAD_REASON.search(self._reason):
-            raise UpstreamBroken(f"invalid status line (HTTP/{version} {status})")
-        if status == 101:
-            raise UpstreamBroken("the upstream switched protocols unasked")
+        check_status_line(version, status, self._reason)
         if status < 200:  # interim: read and dropped, its fields are not the final response's
             self._interim += 1
             if self._interim > _MAX_INTERIM:
@@ -189,12 +187,9 @@ class ResponseReader:
         if self._head_request or status in (204, 304):
             pass  # no body, whatever the headers say (RFC 9112 §6.3)
         elif self._codings:
-            # Only `chunked` alone, and not in HTTP/1.0. Another coding (gzip, ...) would reach
-            # the client still applied but no longer declared (Transfer-Encoding is hop-by-hop):
-            # refused, not mangled. llhttp would read `gzip` to EOF and `gzip, chunked`
-            # de-chunked, and takes `chunked` twice.
-            if self._codings != [b"chunked"] or version == "1.0":
-                raise UpstreamBroken(f"unsupported transfer coding {self._codings} ({version})")
+            # llhttp would read `gzip` to EOF and `gzip, chunked` de-chunked, and takes
+            # `chunked` twice.
+            check_transfer_codings(version, self._codings)
             self.framing = "chunked"
         else:
             self.framing = "eof" if self.length is None else "length"

@@ -21,7 +21,7 @@ from multidict import CIMultiDict
 from gateway.forward.headers import UpstreamHeaders
 from gateway.reasons import Reason, Refusal
 
-Body: TypeAlias = AsyncIterable[bytes] | None  # a request body, streamed
+Body: TypeAlias = bytes | AsyncIterable[bytes] | None  # a request body: whole, or streamed
 # A request's header fields: as one multidict, or as `RequestHeaders` made them (in two parts).
 RequestFields: TypeAlias = CIMultiDict[str] | UpstreamHeaders
 SMALL_BODY: Final = 64 * 1024  # a sized response body up to this is read whole, larger ones stream
@@ -66,10 +66,54 @@ class RequestHeadInvalid(UpstreamError, ValueError):
     sent, so nothing the upstream could misread."""
 
 
+# Controls but HTAB: in no reason phrase (RFC 9112 §4) nor field (RFC 9110 §5.5), and what
+# aiohttp's writer refuses to send on, once the handler has returned.
+_CONTROL_CHARACTERS = r"[\x00-\x08\x0a-\x1f\x7f]"
+CONTROLS: Final = re.compile(_CONTROL_CHARACTERS)
+_CONTROL_BYTES: Final = re.compile(_CONTROL_CHARACTERS.encode())  # the same, in bytes
+MAX_LENGTH_DIGITS: Final = 18  # a Content-Length that fits in a signed 64-bit integer
+_CONTENT_LENGTH = re.compile(rf"[0-9]{{1,{MAX_LENGTH_DIGITS}}}")
+
+
+def check_status_line(version: str, status: int, reason: str | bytes) -> None:
+    """Refuse (`UpstreamBroken`) a status line, interim or final, that is not relayed: a
+    version other than 1.0 and 1.1, a status outside 100..599 (RFC 9110 §15), controls in the
+    reason phrase, and 101: no request a transport sends asks to switch protocols, and
+    relayed, the client's connection would become a tunnel no later request is decided on."""
+    controls = (
+        _CONTROL_BYTES.search(reason) if isinstance(reason, bytes) else CONTROLS.search(reason)
+    )
+    if version not in ("1.1", "1.0") or not 100 <= status <= 599 or controls:
+        raise UpstreamBroken(f"invalid status line (HTTP/{version} {status})")
+    if status == 101:
+        raise UpstreamBroken("the upstream switched protocols unasked")
+
+
+def check_transfer_codings(version: str, values: list[str]) -> None:
+    """Refuse (`UpstreamBroken`) the Transfer-Encoding field values of a response with a body
+    unless they are one `chunked`, and any in HTTP/1.0 (RFC 9112 §6.1). Another coding (gzip,
+    ...) would reach the client still applied but no longer declared (Transfer-Encoding is
+    hop-by-hop, the relay frames the body anew): refused, not mangled."""
+    # ASCII only: "chun\u212aed".lower() (a Kelvin sign) is "chunked" too.
+    chunked = len(values) == 1 and values[0].isascii() and values[0].lower() == "chunked"
+    if not chunked or version == "1.0":
+        raise UpstreamBroken(f"unsupported transfer coding {values} (HTTP/{version})")
+
+
+def content_length(value: str) -> int:
+    """A Content-Length field's value: at most 18 digits and nothing else, else
+    `UpstreamBroken`."""
+    if _CONTENT_LENGTH.fullmatch(value) is None:
+        raise UpstreamBroken("invalid Content-Length")
+    return int(value)
+
+
 class UpstreamResponse(Protocol):
     """Status and headers of a response; `body` when it was small enough to be read whole
     (and for no bodiless one), else `chunks()` yields it. `close()` gives the connection up
-    (back to its pool if the body was read to its end, else closed)."""
+    (back to its pool if the body was read to its end, else closed). Its status line passed
+    `check_status_line` and no field holds a control but HTAB, whichever transport read it:
+    nothing the relay's writer would refuse."""
 
     status: int
     reason: str
