@@ -52,7 +52,7 @@ class Gateway:
         self.admin_token = admin.AdminToken(token_file) if token_file is not None else None
         self._environ = environ
         self.router = Router(config.routes)
-        self.forwarder = Forwarder(config.forward)
+        self.forwarder = Forwarder(config.forward, body_timeout=config.server.body_timeout)
         self.hasher = hasher_from_config(config.store, environ)
         # store.coalesce > 0: wrapped to decide recently accepted tokens locally.
         # Readiness asks the store itself (which of a Cluster's shards answer), not the wrapper.

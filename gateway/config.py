@@ -134,6 +134,9 @@ class Server(_Model):
     # The whole request head (request line and headers) must arrive within this, counted from
     # the connection's start or the first byte of a keep-alive connection's next request.
     header_timeout: Duration = 10.0
+    # A request body may go this long without a byte (as nginx's client_body_timeout); then
+    # 408 request_timeout and the connection closed.
+    body_timeout: Duration = 15.0
     # An idle client connection (no request in progress) is closed after this.
     keepalive_timeout: Duration = 75.0
     # Per process, over the proxy (and forward-auth) listeners: at the cap the gateway stops
@@ -142,7 +145,7 @@ class Server(_Model):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = True
 
-    @field_validator("header_timeout", "keepalive_timeout")
+    @field_validator("header_timeout", "body_timeout", "keepalive_timeout")
     @classmethod
     def _positive(cls, seconds: float) -> float:
         if seconds <= 0:  # 0 would not mean "no limit": that is the hole these keys close

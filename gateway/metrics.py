@@ -137,7 +137,7 @@ CONNECTION_LIMIT_REACHED = Counter(
 CLIENT_TIMEOUTS = Counter(
     "idlegate_client_timeouts_total",
     "Client connections the gateway closed for slowness: header_timeout (request head not "
-    "complete in time).",
+    "complete in time), body_timeout (no byte of a request body for that long).",
     ["timeout"],
 )
 WEBSOCKETS_OPEN = Gauge(

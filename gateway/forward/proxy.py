@@ -9,6 +9,7 @@ response is relayed the same way: a small body in one piece, anything else chunk
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, NamedTuple
@@ -23,6 +24,7 @@ from gateway.forward.headers import RequestHeaders, UpstreamHeaders, response_he
 from gateway.forward.http1 import UpstreamPool
 from gateway.forward.transport import (
     CHUNK,
+    SMALL_BODY,
     Transport,
     UpstreamError,
     UpstreamFailureLog,
@@ -35,20 +37,53 @@ if TYPE_CHECKING:
 
 
 class BodyLimit:
-    """Streams a request body and stops it once it grows past `max_body`."""
+    """Reads a request body: cut off once it grows past `max_body` (413), or once it goes
+    `timeout` seconds without a byte (408, as nginx's client_body_timeout). A body that ends
+    within SMALL_BODY is read whole before anything goes upstream (`read_small`), so a client
+    that dribbles it holds no upstream connection meanwhile; a larger one streams on."""
 
-    def __init__(self, request: web.BaseRequest, max_body: int) -> None:
+    def __init__(self, request: web.BaseRequest, max_body: int, timeout: float) -> None:
         self._content = request.content
         self._max_body = max_body
-        self.exceeded = False
+        self._timeout = timeout
+        self._read: list[bytes] = []  # what read_small took, for chunks() to send first
+        self._total = 0
+        self.refusal: Refusal | None = None  # why the body was cut off, once it was
+
+    async def _next(self) -> bytes:
+        """The next piece (b"" at the end), within the limits."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                chunk = await self._content.read(CHUNK)
+        except TimeoutError:
+            # The body is dead: so marked, aiohttp sends the 408 and closes, instead of lingering
+            # (up to 10 s) to read what the client stopped sending.
+            self._content.set_exception(TimeoutError("server.body_timeout"))
+            metrics.CLIENT_TIMEOUTS.labels("body_timeout").inc()
+            self.refusal = Refusal(Reason.REQUEST_TIMEOUT, close_connection=True)
+            raise self.refusal from None
+        self._total += len(chunk)
+        if self._total > self._max_body:
+            self.refusal = Refusal(Reason.PAYLOAD_TOO_LARGE)
+            raise self.refusal
+        return chunk
+
+    async def read_small(self) -> bytes | None:
+        """The whole body when it ends within SMALL_BODY bytes, else None (what was read is
+        then the start of `chunks()`). Raises the refusal."""
+        while self._total <= SMALL_BODY:
+            chunk = await self._next()
+            if not chunk:
+                body, self._read = b"".join(self._read), []
+                return body
+            self._read.append(chunk)
+        return None
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        total = 0
-        async for chunk in self._content.iter_chunked(CHUNK):
-            total += len(chunk)
-            if total > self._max_body:
-                self.exceeded = True
-                raise Refusal(Reason.PAYLOAD_TOO_LARGE)
+        read, self._read = self._read, []
+        for chunk in read:
+            yield chunk
+        while chunk := await self._next():
             yield chunk
 
 
@@ -81,7 +116,7 @@ class _Upstream(NamedTuple):
 
 
 class Forwarder:
-    def __init__(self, config: Forward) -> None:
+    def __init__(self, config: Forward, *, body_timeout: float = 15.0) -> None:
         self._config = config
         self._pool_options = {
             "limit": config.pool_size,
@@ -89,6 +124,7 @@ class Forwarder:
             "read_timeout": config.read_timeout,
             "keepalive_timeout": config.keepalive_timeout,
         }
+        self._body_timeout = body_timeout
         self._aiohttp = AiohttpTransport(config)
         self._pools: dict[tuple[str, int], UpstreamPool] = {}
         self._upstreams: dict[str, _Upstream] = {}  # route upstream URL -> how it is reached
@@ -147,27 +183,29 @@ class Forwarder:
             headers.client.popall("Authorization", None)
         transport, target = upstream.bodyless, upstream.bodyless_base + path
         limit: BodyLimit | None = None
+        body: bytes | AsyncIterator[bytes] | None = None
         if request.body_exists:
             transport, target = self._aiohttp, base_url + path
-            limit = BodyLimit(request, self._config.max_body)
+            limit = BodyLimit(request, self._config.max_body, self._body_timeout)
             if request.headers.get("Expect", "").lower() == "100-continue":
                 # Only now, with the request routed, authorised and within max_body, does the
                 # client get to send its body (RFC 9110 §10.1.1).
                 await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            body = await limit.read_small()  # before any upstream connection is taken
+            if body is None:
+                body = limit.chunks()
         started = time.perf_counter()
         try:
-            response = await transport.request(
-                request.method, target, headers, None if limit is None else limit.chunks()
-            )
+            response = await transport.request(request.method, target, headers, body)
         except UpstreamError as exc:
-            if limit is not None and limit.exceeded:
-                raise Refusal(Reason.PAYLOAD_TOO_LARGE) from None
+            if limit is not None and limit.refusal is not None:  # the client's body, cut off
+                raise limit.refusal from None
             raise self.failures.refusal(match.label, upstream.origin, exc) from None
         durations = self._upstream_durations.get(match.label) or self._durations(match.label)
         durations.observe(time.perf_counter() - started)
-        if limit is not None and limit.exceeded:
+        if limit is not None and limit.refusal is not None:
             response.close()
-            raise Refusal(Reason.PAYLOAD_TOO_LARGE)
+            raise limit.refusal
         whole = response.body is not None
         fields = response_headers(response.headers, request_id, whole_body=whole)
         reason = response.reason or None  # none sent: aiohttp writes the standard phrase

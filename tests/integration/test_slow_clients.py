@@ -182,3 +182,90 @@ async def test_the_admin_port_cuts_a_slowloris_too(gateways: GatewayFactory):
     writer.close()
     assert 0.9 <= took <= 2.0, took
     assert received.startswith(b"HTTP/1.1 408 "), received
+
+
+def _timeouts(kind: str) -> float:
+    return REGISTRY.get_sample_value("idlegate_client_timeouts_total", {"timeout": kind}) or 0.0
+
+
+def _counted(route: str, reason: str) -> float:
+    labels = {"route": route, "decision": "rejected", "reason": reason}
+    return REGISTRY.get_sample_value("idlegate_requests_total", labels) or 0.0
+
+
+async def test_a_request_body_that_stops_is_cut_at_body_timeout_with_408(
+    gateways: GatewayFactory, upstream: Upstream
+):
+    """One byte of a declared megabyte, then nothing: 408 request_timeout and close after
+    body_timeout, counted; the upstream never gets the request."""
+    gw = await gateways(server={"body_timeout": "1s", "keepalive_timeout": "60s"})
+    before, counted = _timeouts("body_timeout"), _counted("/public/", "request_timeout")
+    reader, writer = await _connect(gw)
+    writer.write(
+        b"POST /public/upload HTTP/1.1\r\nHost: gateway\r\nContent-Length: 1000000\r\n\r\nx"
+    )
+    took, received = await _closed_after(reader, limit=2.5)
+    writer.close()
+    assert received.startswith(b"HTTP/1.1 408 "), received
+    assert b'"reason": "request_timeout"' in received
+    assert 0.9 <= took <= 2.0, took
+    assert _timeouts("body_timeout") == before + 1
+    assert _counted("/public/", "request_timeout") == counted + 1
+    assert upstream.received == []
+
+
+async def test_a_large_body_that_stops_midway_is_cut_at_body_timeout(
+    gateways: GatewayFactory, upstream: Upstream
+):
+    """Past the part read whole (64 KiB) the body streams upstream; a stall there is cut too."""
+    gw = await gateways(server={"body_timeout": "1s"})
+    before = _timeouts("body_timeout")
+    reader, writer = await _connect(gw)
+    writer.write(
+        b"POST /public/upload HTTP/1.1\r\nHost: gateway\r\nContent-Length: 1000000\r\n\r\n"
+        + b"x" * 200_000
+    )
+    took, received = await _closed_after(reader, limit=2.5)
+    writer.close()
+    assert received.startswith(b"HTTP/1.1 408 "), received
+    assert 0.9 <= took <= 2.0, took
+    assert _timeouts("body_timeout") == before + 1
+    assert [r.body_length for r in upstream.received if r.body_length == 1000000] == []
+
+
+async def test_a_small_body_is_read_whole_before_an_upstream_connection_is_taken(
+    gateways: GatewayFactory, upstream: Upstream
+):
+    """With one upstream connection for bodies, three clients dribbling small bodies do not
+    hold it: a fourth request gets through at once, and each body arrives whole, re-framed
+    with a Content-Length."""
+    gw = await gateways(server={"body_timeout": "5s"}, forward={"pool_size": 1})
+    dribblers = []
+    for _ in range(3):
+        reader, writer = await _connect(gw)
+        writer.write(
+            b"POST /public/upload HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+        )
+        dribblers.append((reader, writer))
+    await asyncio.sleep(0.3)
+    reader, writer = await _connect(gw)
+    writer.write(
+        b"POST /public/upload HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n"
+        b"Content-Length: 3\r\n\r\nabc"
+    )
+    async with asyncio.timeout(1.5):
+        received = await reader.read()
+    writer.close()
+    assert received.startswith(b"HTTP/1.1 200 "), received
+    for _, writer in dribblers:  # now they finish
+        writer.write(b"6\r\n world\r\n0\r\n\r\n")
+    for reader, writer in dribblers:
+        async with asyncio.timeout(2):
+            assert (await reader.read()).startswith(b"HTTP/1.1 200 ")
+        writer.close()
+    assert sorted(r.body_length for r in upstream.received) == [3, 11, 11, 11]
+    framed = [r.headers.get("Content-Length") for r in upstream.received]
+    assert framed.count("11") == 3 and not any(
+        "Transfer-Encoding" in r.headers for r in upstream.received
+    )
