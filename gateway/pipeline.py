@@ -36,7 +36,7 @@ from collections.abc import Awaitable, Mapping
 from types import MappingProxyType
 from typing import Any
 
-from aiohttp import hdrs, web
+from aiohttp import HttpVersion10, HttpVersion11, hdrs, web
 from multidict import CIMultiDictProxy
 
 from gateway import metrics
@@ -44,7 +44,7 @@ from gateway.accesslog import AccessLog
 from gateway.clock import Clock
 from gateway.config import Config, Policy, Route
 from gateway.forward.deadlines import LOG_FIELDS, Deadlines
-from gateway.forward.headers import X_REQUEST_ID, UpstreamHeaders
+from gateway.forward.headers import METHOD_OVERRIDES, X_REQUEST_ID, UpstreamHeaders
 from gateway.forward.proxy import Forwarder
 from gateway.forward.websocket import (
     HANDSHAKE_SECONDS,
@@ -250,6 +250,7 @@ class Pipeline:
         self._forward_auth_on_proxy_port = forward_auth.enabled
         self._envoy_path_prefix = forward_auth.envoy_path_prefix
         self._trusted_proxies = TrustedPeers(forward_auth)
+        self._good_hosts: set[str] = set()  # Host values found well-formed (`_check_head`)
 
     # -- front doors -----------------------------------------------------------------------
 
@@ -268,6 +269,7 @@ class Pipeline:
             # From the head alone, before the token is even looked at: never activity.
             if request.method in NOT_FORWARDED_METHODS:
                 raise Refusal(Reason.METHOD_NOT_ALLOWED)
+            _check_head(request, headers, self._good_hosts)
             if path == SESSION_PATH:  # the built-in route, answered here
                 record.route = SESSION_PATH
                 response: web.StreamResponse = await self._session_status(request, query, record)
@@ -340,6 +342,7 @@ class Pipeline:
                 request.method, raw_path, query, request.headers, self._envoy_path_prefix
             )
             method = original.method
+            _check_overrides(request.headers)
             match = self.router.match(original.path)
             record.route = match.label
             # As on the proxy port, when the edge passes the handshake's Upgrade/Connection on
@@ -614,6 +617,43 @@ class Pipeline:
                 metrics.REQUEST_DURATION.labels(key[0])
             )
         return metrics.turn_counter(metrics.REQUESTS.labels(*key)).inc, histogram
+
+
+_HTTP_1 = frozenset({HttpVersion10, HttpVersion11})
+# RFC 9110 §7.2: uri-host [ ":" port ]; a reg-name (letters, digits, `-`, `.`, `_`, `~`), an
+# IPv4 address or an IPv6 one in brackets. No userinfo, no spaces, no path.
+_HOST = re.compile(r"(?:[A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+_GOOD_HOSTS = 1024  # Host values remembered as checked; the set is emptied when full
+
+
+def _check_head(
+    request: web.BaseRequest, headers: CIMultiDictProxy[str], good_hosts: set[str]
+) -> None:
+    """What the head alone refuses, before the token is looked at: an HTTP version other than
+    1.0 and 1.1 (aiohttp's parser passes `HTTP/2.0` and HTTP/0.9), a Host that is no host
+    (the upstream builds URLs from X-Forwarded-Host), a method override to a method never
+    forwarded."""
+    version = request.version  # aiohttp's C parser hands HTTP/1.1 over as HttpVersion11 itself
+    if version is not HttpVersion11 and version not in _HTTP_1:
+        raise Refusal(Reason.MALFORMED_HTTP, "only HTTP/1.0 and HTTP/1.1 are served")
+    host = request.host
+    if host not in good_hosts:
+        if not _HOST.fullmatch(host):
+            raise Refusal(Reason.MALFORMED_HTTP, "the Host header is not a host")
+        if len(good_hosts) >= _GOOD_HOSTS:
+            good_hosts.clear()
+        good_hosts.add(host)
+    if not headers.keys().isdisjoint(METHOD_OVERRIDES):  # case-insensitively: the view's
+        _check_overrides(headers)
+
+
+def _check_overrides(headers: CIMultiDictProxy[str]) -> None:
+    """A method override naming TRACE, TRACK or CONNECT is refused like that method: an
+    upstream that honours it would echo Authorization and the identity headers back."""
+    for name in METHOD_OVERRIDES:
+        for value in headers.getall(name, ()):
+            if value.strip(" \t").upper() in NOT_FORWARDED_METHODS:
+                raise Refusal(Reason.METHOD_NOT_ALLOWED, f"{name} names a method never forwarded")
 
 
 def _upgrade(route: Route, headers: CIMultiDictProxy[str]) -> bool:

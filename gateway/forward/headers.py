@@ -62,7 +62,22 @@ _CLIENT_CLAIMS = frozenset(
         "x-original-url",
         "x-original-uri",
         "x-rewrite-url",
+        # Forward-auth's and other proxies' names for the original request and the client
+        # (Traefik, Caddy; Akamai, Azure, F5 ...).
+        "x-forwarded-uri",
+        "x-forwarded-method",
+        "x-original-method",
+        "x-forwarded",
+        "x-host",
+        "x-originating-ip",
+        "x-remote-ip",
+        "x-remote-addr",
+        "x-proxyuser-ip",
     }
+)
+# Method overrides (Rails, Express, Symfony, ...): the upstream runs the method they name.
+METHOD_OVERRIDES = frozenset(
+    {istr("X-HTTP-Method-Override"), istr("X-HTTP-Method"), istr("X-Method-Override")}
 )
 
 

@@ -26,7 +26,10 @@ from gateway.tokens.claims import VerifiedToken
 from gateway.tokens.keys import KeyRing, VerificationKey
 
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# C0 and C1 controls (NEL, U+0085, among them) and the Unicode line and paragraph separators:
+# an upstream that decodes a header value as Latin-1 or splits it with `str.splitlines()`
+# would break a line at any of them.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _ALGORITHMS: dict[str, Algorithm] = get_default_algorithms()
 
 

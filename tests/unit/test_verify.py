@@ -136,6 +136,17 @@ def test_identity_headers_follow_dotted_paths_and_skip_what_is_no_text():
     assert identity_headers(claims, wanted) == {"X-Roles": "a b", "X-Tenant": "tenant-1"}
 
 
+@pytest.mark.parametrize("value", ["a\x85X-Admin: 1", "x\u2028y", "x\u2029y", "x\x9fy", "t\x0bb"])
+def test_a_claim_holding_a_line_break_of_any_kind_is_no_identity_header(value: str):
+    """C1 controls (NEL) and Unicode line separators break lines for an upstream that decodes
+    header values as Latin-1 or splits them with `str.splitlines()`."""
+    assert value.splitlines() != [value] or "\x9f" in value
+    assert identity_headers({"sub": value}, {"X-Auth-Subject": "sub"}) == {}
+    assert identity_headers({"sub": "caf\u00e9 \u00fcber"}, {"X-Auth-Subject": "sub"}) == {
+        "X-Auth-Subject": "caf\u00e9 \u00fcber"
+    }
+
+
 def test_token_id_tries_claims_in_order_and_digest_is_keyed_per_signature():
     hasher = KeyHasher(b"k")
     names = ["jti", "uti", "digest"]
