@@ -145,12 +145,13 @@ _KEPT_OURS = 4096  # rendered sets of our fields (by identity, peer, scheme, Hos
 class UpstreamHeaders:
     """What goes upstream, in two parts: `client`, the client's fields that pass (a copy of
     its own), and ours after them: `ours` (identity, X-Forwarded-For, X-Real-IP,
-    X-Forwarded-Proto/-Host), then X-Request-ID. Ours are also header lines (`ours_lines`),
+    X-Forwarded-Proto/-Host), then X-Request-ID. Ours are also header lines (`lines`),
     rendered once per token, peer and Host: the lean transport writes those as they are;
     anything else takes `merged()`. Nothing in either part holds a CR or LF: the client's are
-    llhttp's (and the lean transport checks them again), ours are checked where rendered."""
+    llhttp's (and the lean transport checks them again), ours are checked where rendered, and
+    the request id is one of ours (`Pipeline._request_id`)."""
 
-    __slots__ = ("client", "ours", "ours_lines", "request_id")
+    __slots__ = ("client", "lines", "ours", "request_id")
 
     def __init__(
         self,
@@ -159,8 +160,9 @@ class UpstreamHeaders:
         ours_lines: str,
         request_id: str,
     ) -> None:
-        self.client, self.ours, self.ours_lines = client, ours, ours_lines
-        self.request_id = request_id
+        self.client, self.ours, self.request_id = client, ours, request_id
+        # Ours as header lines, each ending in CRLF, X-Request-ID last.
+        self.lines = f"{ours_lines}X-Request-ID: {request_id}\r\n"
 
     def merged(self) -> CIMultiDict[str]:
         """Both parts as one multidict: the client part itself, extended (so: once)."""
@@ -168,10 +170,6 @@ class UpstreamHeaders:
         headers.extend(self.ours)
         headers.add(X_REQUEST_ID, self.request_id)
         return headers
-
-    def lines(self) -> str:
-        """Ours as header lines, each ending in CRLF, X-Request-ID last."""
-        return f"{self.ours_lines}X-Request-ID: {self.request_id}\r\n"
 
 
 def _rendered(ours: tuple[tuple[str, str], ...]) -> str:

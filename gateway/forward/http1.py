@@ -428,7 +428,7 @@ class UpstreamPool:
 
     def _request_head(self, method: str, target: str, headers: RequestFields) -> bytes:
         if isinstance(headers, UpstreamHeaders):  # ours are rendered and checked already
-            ours, headers = headers.lines(), headers.client
+            ours, headers = headers.lines, headers.client
         else:
             ours = ""
         lines = list(map(": ".join, headers.items()))  # joined in C, field by field
