@@ -269,7 +269,19 @@ class Pipeline:
             # From the head alone, before the token is even looked at: never activity.
             if request.method in NOT_FORWARDED_METHODS:
                 raise Refusal(Reason.METHOD_NOT_ALLOWED)
-            _check_head(request, headers, self._good_hosts)
+            # The rest of what the head alone refuses (`_check_head`), its common case here:
+            # HTTP/1.1 (aiohttp's C parser hands over HttpVersion11 itself), a Host seen
+            # well-formed before, no method override.
+            host, good_hosts = request.host, self._good_hosts
+            if (
+                request.version is not HttpVersion11
+                or host not in good_hosts
+                or not headers.keys().isdisjoint(METHOD_OVERRIDES)  # case-insensitively
+            ):
+                _check_head(request, headers, host)
+                if len(good_hosts) >= _GOOD_HOSTS:
+                    good_hosts.clear()
+                good_hosts.add(host)
             if path == SESSION_PATH:  # the built-in route, answered here
                 record.route = SESSION_PATH
                 response: web.StreamResponse = await self._session_status(request, query, record)
@@ -626,25 +638,16 @@ _HOST = re.compile(r"(?:[A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 _GOOD_HOSTS = 1024  # Host values remembered as checked; the set is emptied when full
 
 
-def _check_head(
-    request: web.BaseRequest, headers: CIMultiDictProxy[str], good_hosts: set[str]
-) -> None:
-    """What the head alone refuses, before the token is looked at: an HTTP version other than
-    1.0 and 1.1 (aiohttp's parser passes `HTTP/2.0` and HTTP/0.9), a Host that is no host
-    (the upstream builds URLs from X-Forwarded-Host), a method override to a method never
-    forwarded."""
-    version = request.version  # aiohttp's C parser hands HTTP/1.1 over as HttpVersion11 itself
-    if version is not HttpVersion11 and version not in _HTTP_1:
+def _check_head(request: web.BaseRequest, headers: CIMultiDictProxy[str], host: str) -> None:
+    """`Pipeline.handle`'s head checks past its common case (written out there): an HTTP
+    version other than 1.0 and 1.1 (aiohttp's parser passes `HTTP/2.0` and HTTP/0.9), a Host
+    that is no host (the upstream builds URLs from X-Forwarded-Host), a method override to a
+    method never forwarded."""
+    if request.version not in _HTTP_1:
         raise Refusal(Reason.MALFORMED_HTTP, "only HTTP/1.0 and HTTP/1.1 are served")
-    host = request.host
-    if host not in good_hosts:
-        if not _HOST.fullmatch(host):
-            raise Refusal(Reason.MALFORMED_HTTP, "the Host header is not a host")
-        if len(good_hosts) >= _GOOD_HOSTS:
-            good_hosts.clear()
-        good_hosts.add(host)
-    if not headers.keys().isdisjoint(METHOD_OVERRIDES):  # case-insensitively: the view's
-        _check_overrides(headers)
+    if not _HOST.fullmatch(host):
+        raise Refusal(Reason.MALFORMED_HTTP, "the Host header is not a host")
+    _check_overrides(headers)
 
 
 def _check_overrides(headers: CIMultiDictProxy[str]) -> None:
