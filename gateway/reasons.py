@@ -122,6 +122,11 @@ class Reason(enum.Enum):
     REQUEST_TIMEOUT = _ReasonSpec(
         "request_timeout", 408, None, "the request body did not arrive in time"
     )
+    # The client closed its connection before its request body was complete (nginx logs
+    # such a request as 499): nobody reads the answer, the count and the log say what happened.
+    CLIENT_CLOSED = _ReasonSpec(
+        "client_closed", 400, None, "the client closed the connection during its request body"
+    )
     PAYLOAD_TOO_LARGE = _ReasonSpec("payload_too_large", 413, None, "the request body is too large")
     STORE_UNAVAILABLE = _ReasonSpec(
         "store_unavailable", 503, None, "the session store is unavailable, retry shortly"

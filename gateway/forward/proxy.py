@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, NamedTuple
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from yarl import URL
 
 from gateway import metrics
@@ -61,6 +62,11 @@ class BodyLimit:
             self._content.set_exception(TimeoutError("server.body_timeout"))
             metrics.CLIENT_TIMEOUTS.labels("body_timeout").inc()
             self.refusal = Refusal(Reason.REQUEST_TIMEOUT, close_connection=True)
+            raise self.refusal from None
+        except (ConnectionError, HttpProcessingError):
+            # The client went away (or broke its framing) before its body was complete: no
+            # fault of the gateway's or the upstream's, and nobody left to answer.
+            self.refusal = Refusal(Reason.CLIENT_CLOSED, close_connection=True)
             raise self.refusal from None
         self._total += len(chunk)
         if self._total > self._max_body:

@@ -6,8 +6,10 @@ timeout cuts a slow request body or a long upstream response."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
+import pytest
 from conftest import GatewayFactory
 from harness import GatewayUnderTest, Upstream
 from prometheus_client import REGISTRY
@@ -269,3 +271,28 @@ async def test_a_small_body_is_read_whole_before_an_upstream_connection_is_taken
     assert framed.count("11") == 3 and not any(
         "Transfer-Encoding" in r.headers for r in upstream.received
     )
+
+
+@pytest.mark.parametrize("sent", [10, 200_000])  # read whole first, or streaming by then
+async def test_a_client_that_leaves_midway_through_its_body_is_counted_not_an_error(
+    gateways: GatewayFactory, upstream: Upstream, caplog: pytest.LogCaptureFixture, sent: int
+):
+    gw = await gateways()
+    counted = _counted("/public/", "client_closed")
+    _, writer = await _connect(gw)
+    writer.write(
+        b"POST /public/upload HTTP/1.1\r\nHost: gateway\r\nContent-Length: 1000000\r\n\r\n"
+        + b"x" * sent
+    )
+    await writer.drain()
+    await asyncio.sleep(0.3)
+    writer.transport.abort()  # an RST, mid-body
+    for _ in range(40):
+        if _counted("/public/", "client_closed") == counted + 1:
+            break
+        await asyncio.sleep(0.05)
+    assert _counted("/public/", "client_closed") == counted + 1
+    # The gateway's own log (the test upstream's server logs the upload it lost, as it should).
+    gateway_errors = [r for r in caplog.records if r.name.startswith("idlegate")]
+    assert not [r for r in gateway_errors if r.levelno >= logging.ERROR]
+    assert [r.body_length for r in upstream.received if r.body_length == 1000000] == []
