@@ -634,7 +634,9 @@ class Pipeline:
 _HTTP_1 = frozenset({HttpVersion10, HttpVersion11})
 # RFC 9110 §7.2: uri-host [ ":" port ]; a reg-name (letters, digits, `-`, `.`, `_`, `~`), an
 # IPv4 address or an IPv6 one in brackets. No userinfo, no spaces, no path.
-_HOST = re.compile(r"(?:[A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+_HOST = re.compile(
+    r"(?:[A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+(?:%[A-Za-z0-9._~-]+)?\])(?::[0-9]{1,5})?"
+)  # (an IPv6 address may carry its zone: aiohttp's own for an HTTP/1.0 request without Host)
 _GOOD_HOSTS = 1024  # Host values remembered as checked; the set is emptied when full
 
 
@@ -645,7 +647,7 @@ def _check_head(request: web.BaseRequest, headers: CIMultiDictProxy[str], host: 
     method never forwarded."""
     if request.version not in _HTTP_1:
         raise Refusal(Reason.MALFORMED_HTTP, "only HTTP/1.0 and HTTP/1.1 are served")
-    if not _HOST.fullmatch(host):
+    if host and not _HOST.fullmatch(host):  # none: HTTP/1.0 without Host, on no socket
         raise Refusal(Reason.MALFORMED_HTTP, "the Host header is not a host")
     _check_overrides(headers)
 

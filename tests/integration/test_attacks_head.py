@@ -106,3 +106,11 @@ async def test_a_trusted_proxy_passes_them(gateways: GatewayFactory, upstream: U
     assert parse(await exchange(port(gw), request("GET /api/x HTTP/1.1", *lines))).status == 200
     (received,) = upstream.received
     assert [received.headers.get(name) for name in CLAIMS] == ["theirs"] * len(CLAIMS)
+
+
+async def test_http_1_0_without_a_host_is_served(gateways: GatewayFactory, upstream: Upstream):
+    """aiohttp names the local address instead; no Host is no malformed one."""
+    gw = await gateways()
+    head = f"GET /api/x HTTP/1.0\r\nAuthorization: Bearer {gw.token()}\r\n\r\n".encode()
+    assert parse(await exchange(port(gw), head)).status == 200
+    assert len(upstream.received) == 1
