@@ -13,20 +13,26 @@ here too, resolved with its parameters. Parameters on other segments are forward
 
 Upstreams that match paths case-insensitively (IIS, ASP.NET, Spring with a case-insensitive
 matcher) route `/ADMIN/x` as `/admin/x`: a path whose route changes when its letters are
-folded to one case is refused too, whatever the upstream does with it.
+folded to one case is refused too, whatever the upstream does with it; Unicode letters that
+such an upstream takes for ASCII ones (`/adm%C4%B1n`: U+0131, a dotless i) are folded to those.
 """
 
 from __future__ import annotations
 
+import functools
 import re
+import unicodedata
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 from gateway.config import Route
 from gateway.reasons import Reason, Refusal
 
 # A `%` not followed by two hex digits is no escape at all; upstreams that decode `%u002e`
 # (IIS) or pass it through disagree about it, so it is refused like an encoded separator.
-_FORBIDDEN = re.compile(r"%2[fF]|%5[cC]|%00|%(?![0-9A-Fa-f]{2})|\\|[\x00-\x20\x7f]")
+# A `#` starts a fragment, which no request-target has (RFC 9112 §3.2): upstreams that parse
+# the target as a URL (yarl, urlsplit, WHATWG URL) route `/api#x` as `/api`.
+_FORBIDDEN = re.compile(r"%2[fF]|%5[cC]|%00|%(?![0-9A-Fa-f]{2})|\\|#|[\x00-\x20\x7f]")
 _ENCODED = re.compile(r"%([0-9A-Fa-f]{2})")
 # Where a segment's parameters start: `;`, or `%3B` (decoded to `;` by upstreams that decode
 # before they cut parameters). `normalise` has upper-cased every escape it kept.
@@ -69,7 +75,9 @@ def normalise(raw_path: str) -> str:
     """Resolve dot-segments (`..;x` included) and doubled slashes; refuse what cannot be made
     unambiguous."""
     if not raw_path.startswith("/") or _FORBIDDEN.search(raw_path):
-        raise Refusal(Reason.BAD_PATH, "the path contains encoded separators or control bytes")
+        raise Refusal(
+            Reason.BAD_PATH, "the path contains encoded separators, a fragment or control bytes"
+        )
     if "." not in raw_path and "//" not in raw_path and "%" not in raw_path:
         return raw_path  # the common case: nothing to resolve
     path = _ENCODED.sub(_decode_unreserved, raw_path) if "%" in raw_path else raw_path
@@ -95,6 +103,33 @@ def normalise(raw_path: str) -> str:
     return "/" + "/".join(segments)
 
 
+@functools.lru_cache(maxsize=4096)
+def _folded_char(char: str) -> str:
+    """A non-ASCII character as ASCII letters, where an upstream's case-blind comparison
+    takes it for them: Java's `equalsIgnoreCase` and .NET's `OrdinalIgnoreCase` compare each
+    character's upper and lower case (U+0131, a dotless i, is `I` upper-cased; U+212A, the
+    Kelvin sign, is `k` lower-cased; U+0130 is `i`), Unicode case folding makes U+FB00 `ff`,
+    and NFKC (IIS's "best fit", normalising frameworks) makes U+FF41 (a fullwidth a) `a`.
+    Otherwise the character itself, lower-cased."""
+    lower = char.lower()
+    nfkc = unicodedata.normalize("NFKC", char)
+    for candidate in (lower, char.upper(), char.casefold(), nfkc, nfkc.lower()):
+        letters = "".join(c for c in candidate if not unicodedata.combining(c))
+        if letters and letters.isascii():
+            return letters.lower()
+    return lower
+
+
+def folded(path: str) -> str:
+    """A path as an upstream that ignores letter case reads it, all in one (ASCII) case: its
+    escapes decoded (the upstream decodes before it compares), and the non-ASCII characters
+    that such comparisons take for ASCII letters as those (`_folded_char`)."""
+    if "%" not in path and path.isascii():
+        return path.lower()
+    decoded = unquote(path, errors="surrogateescape")
+    return "".join(c.lower() if c.isascii() else _folded_char(c) for c in decoded)
+
+
 class Router:
     """Longest configured prefix wins; prefixes match on segment boundaries."""
 
@@ -102,7 +137,7 @@ class Router:
         # Longest first, so the first hit is the longest match.
         self._routes = sorted(routes, key=lambda r: len(r.prefix), reverse=True)
         self._bases = [r.prefix.rstrip("/") for r in self._routes]
-        self._folded_bases = [base.lower() for base in self._bases]
+        self._folded_bases = [folded(base) for base in self._bases]
         self._matches: dict[str, Match] = {}  # raw path -> its match (refusals not kept)
 
     def find(self, path: str) -> tuple[Route, str] | None:
@@ -116,7 +151,7 @@ class Router:
 
     def _folded_route(self, path: str) -> Route | None:
         """The route of `path` to an upstream that ignores letter case."""
-        found = self._find(path.lower(), self._folded_bases)
+        found = self._find(folded(path), self._folded_bases)
         return None if found is None else found[0]
 
     def match(self, raw_path: str) -> Match:

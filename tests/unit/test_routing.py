@@ -357,6 +357,41 @@ def test_letter_case_cannot_dodge_a_protected_route(path: str):
     assert refused(router, path) is Reason.BAD_PATH
 
 
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/adm%C4%B1n/users",  # U+0131 (dotless i): `I` upper-cased, so `i` to equalsIgnoreCase
+        "/de%C5%BFk/users",  # U+017F (long s): `S` upper-cased
+        "/%E2%84%AAube/pods",  # U+212A (Kelvin sign): `k` lower-cased
+        "/%C4%B0nfo/x",  # U+0130: `i` with a dot above, lower-cased
+        "/%EF%BD%81dmin/users",  # U+FF41 (fullwidth a): `a` to NFKC and IIS's best fit
+        "/desk;x/../de%C5%BFk/users",
+    ],
+)
+def test_unicode_letters_taken_for_ascii_ones_cannot_dodge_a_protected_route(path: str):
+    router = Router(
+        [route("/admin/"), route("/desk/"), route("/kube/"), route("/info/"),
+         route("/", auth="none")]
+    )  # fmt: skip
+    assert refused(router, path) is Reason.BAD_PATH
+
+
+@pytest.mark.parametrize(
+    "path", ["/products/k%C4%B1l%C4%B1f", "/caf%C3%A9/menu", "/%E4%B8%AD%E6%96%87", "/%C5%BF"]
+)
+def test_unicode_letters_that_keep_the_route_are_matched(path: str):
+    # Turkish, French and Chinese paths under a catch-all: folded, they name no other route.
+    router = Router([route("/admin/"), route("/", auth="none")])
+    assert router.match(path).upstream_path == path
+
+
+def test_a_fragment_in_the_target_is_refused():
+    # `/api#x` is `/api` to an upstream that parses the target as a URL.
+    router = Router([route("/api/"), route("/", auth="none")])
+    for path in ("/api#x", "/api/admin#", "/#/api"):
+        assert refused(router, path) is Reason.BAD_PATH
+
+
 def test_a_route_prefix_in_capitals_is_guarded_from_lower_case_paths():
     router = Router([route("/Admin/", scopes=["admin"]), route("/", auth="none")])
     assert refused(router, "/admin/users") is Reason.BAD_PATH
