@@ -41,10 +41,16 @@ from multidict import CIMultiDictProxy
 
 from gateway import metrics
 from gateway.accesslog import AccessLog
+from gateway.bounded import BoundedCache
 from gateway.clock import Clock
 from gateway.config import Config, Policy, Route
 from gateway.forward.deadlines import LOG_FIELDS, Deadlines
-from gateway.forward.headers import METHOD_OVERRIDES, X_REQUEST_ID, UpstreamHeaders
+from gateway.forward.headers import (
+    METHOD_OVERRIDES,
+    OVERRIDE_NAMES,
+    X_REQUEST_ID,
+    UpstreamHeaders,
+)
 from gateway.forward.proxy import Forwarder
 from gateway.forward.websocket import (
     HANDSHAKE_SECONDS,
@@ -68,7 +74,7 @@ from gateway.tokens import policy
 from gateway.tokens.claims import VerifiedToken
 from gateway.tokens.extract import check_token68, credential, presented_token
 from gateway.tokens.keys import KeyRing
-from gateway.tokens.verify import Verifier
+from gateway.tokens.verify import CACHED_CHARS, Verifier
 
 log = logging.getLogger("idlegate")
 
@@ -231,8 +237,9 @@ class Pipeline:
         )
         # (the Authorization value's last _TAIL characters, id of the route) -> what the steps
         # before the store decided for that value (`_Admitted.presented`, compared in full).
-        self._admitted: dict[tuple[str, int], _Admitted] = {}
-        self._admitted_size = ADMITTED
+        self._admitted: BoundedCache[tuple[str, int], _Admitted] = BoundedCache(
+            entries=ADMITTED, chars=CACHED_CHARS
+        )
         self._idle_reason = policy.idle_reason(self._policy)
         # Through an outage every request falls back: one line per 10 s, not one per request
         # (each is counted in STORE_FALLBACKS and, with its jti, in the access log).
@@ -324,6 +331,10 @@ class Pipeline:
                     response = await forwarding
         except Refusal as refusal:
             response = _refused(refusal, request_id, record)
+            if hdrs.EXPECT in headers:
+                # Refused before (or while) the client was asked for its body: what it sends
+                # next may be that body or its next request, and nothing can tell which.
+                response.force_close()
         except Exception:
             log.exception("request %s failed", request_id)
             response = _refused(Refusal(Reason.INTERNAL_ERROR), request_id, record)
@@ -354,7 +365,7 @@ class Pipeline:
                 request.method, raw_path, query, request.headers, self._envoy_path_prefix
             )
             method = original.method
-            _check_overrides(request.headers)
+            _check_overrides(request.headers, twins=True)
             match = self.router.match(original.path)
             record.route = match.label
             # As on the proxy port, when the edge passes the handshake's Upgrade/Connection on
@@ -475,11 +486,10 @@ class Pipeline:
             token, self._policy, idle_timeout, now, extend=route.activity == "extend"
         )
         if presented is not None:
-            admitted = self._admitted
-            if len(admitted) >= self._admitted_size:
-                del admitted[next(iter(admitted))]  # the oldest
-            admitted[presented[-_TAIL:], id(route)] = _Admitted(
-                presented, token, touch, self.verifier.ring_of(token), self._policy
+            self._admitted.put(
+                (presented[-_TAIL:], id(route)),
+                _Admitted(presented, token, touch, self.verifier.ring_of(token), self._policy),
+                len(presented),
             )
         return token, touch
 
@@ -638,6 +648,9 @@ _HOST = re.compile(
     r"(?:[A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+(?:%[A-Za-z0-9._~-]+)?\])(?::[0-9]{1,5})?"
 )  # (an IPv6 address may carry its zone: aiohttp's own for an HTTP/1.0 request without Host)
 _GOOD_HOSTS = 1024  # Host values remembered as checked; the set is emptied when full
+# RFC 1035's 253 characters of a name, and a port: a longer Host names no host, and the
+# values a client chooses are kept (here, and in the forwarded fields rendered by Host).
+_MAX_HOST = 253 + len(":65535")
 
 
 def _check_head(request: web.BaseRequest, headers: CIMultiDictProxy[str], host: str) -> None:
@@ -647,18 +660,26 @@ def _check_head(request: web.BaseRequest, headers: CIMultiDictProxy[str], host: 
     method never forwarded."""
     if request.version not in _HTTP_1:
         raise Refusal(Reason.MALFORMED_HTTP, "only HTTP/1.0 and HTTP/1.1 are served")
-    if host and not _HOST.fullmatch(host):  # none: HTTP/1.0 without Host, on no socket
+    if host and (len(host) > _MAX_HOST or not _HOST.fullmatch(host)):  # none: HTTP/1.0
         raise Refusal(Reason.MALFORMED_HTTP, "the Host header is not a host")
     _check_overrides(headers)
 
 
-def _check_overrides(headers: CIMultiDictProxy[str]) -> None:
+def _check_overrides(headers: CIMultiDictProxy[str], *, twins: bool = False) -> None:
     """A method override naming TRACE, TRACK or CONNECT is refused like that method: an
-    upstream that honours it would echo Authorization and the identity headers back."""
-    for name in METHOD_OVERRIDES:
-        for value in headers.getall(name, ()):
-            if value.strip(" \t").upper() in NOT_FORWARDED_METHODS:
-                raise Refusal(Reason.METHOD_NOT_ALLOWED, f"{name} names a method never forwarded")
+    upstream that honours it would echo Authorization and the identity headers back. In any
+    item of a list value (Express's method-override takes the first, others the last). With
+    `twins`, also under the `_` spellings an upstream reads as the names (WSGI, CGI, nginx with
+    `underscores_in_headers`): forward-auth's, whose request goes on as the edge has it. The
+    proxy port drops those instead (`headers.RequestHeaders`), whatever they name."""
+    for name, value in headers.items():
+        spelled = name.lower()
+        if twins:
+            spelled = spelled.replace("_", "-")
+        if spelled in OVERRIDE_NAMES and any(
+            item.strip(" \t").upper() in NOT_FORWARDED_METHODS for item in value.split(",")
+        ):
+            raise Refusal(Reason.METHOD_NOT_ALLOWED, f"{name} names a method never forwarded")
 
 
 def _upgrade(route: Route, headers: CIMultiDictProxy[str]) -> bool:

@@ -79,6 +79,7 @@ _CLIENT_CLAIMS = frozenset(
 METHOD_OVERRIDES = frozenset(
     {istr("X-HTTP-Method-Override"), istr("X-HTTP-Method"), istr("X-Method-Override")}
 )
+OVERRIDE_NAMES = frozenset(name.lower() for name in METHOD_OVERRIDES)
 
 
 def _planned_drops(
@@ -193,7 +194,9 @@ class RequestHeaders:
         # By (the peer is in trusted_proxies, `strip_authorization`).
         # nginx, WSGI and CGI upstreams read `X_Auth_Subject` as `X-Auth-Subject`: an incoming
         # name that is one of ours once `_` is `-` is dropped like the name itself.
-        twins = with_auth | _CLIENT_CLAIMS
+        # So are the `_` spellings of the method overrides: those whose value the head checks
+        # read (`pipeline._check_overrides`) pass, these would pass unread.
+        twins = with_auth | _CLIENT_CLAIMS | OVERRIDE_NAMES
         self._drops = {
             (True, False): _DropPlans(drop, twins),
             (True, True): _DropPlans(with_auth, twins),

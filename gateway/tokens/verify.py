@@ -14,10 +14,12 @@ import math
 import re
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import quote
 
 from jwt.algorithms import Algorithm, get_default_algorithms
 from multidict import istr
 
+from gateway.bounded import BoundedCache
 from gateway.clock import Clock
 from gateway.config import Config, Provider
 from gateway.reasons import Reason, Refusal
@@ -31,15 +33,62 @@ _B64URL = re.compile(r"[A-Za-z0-9_-]*")
 # would break a line at any of them.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _ALGORITHMS: dict[str, Algorithm] = get_default_algorithms()
+# Characters of the keys (tokens, Authorization values) the verification cache may hold:
+# with the entry count, what bounds its memory (32 Mi: some 64 MiB with what they map to).
+CACHED_CHARS = 32 * 1024 * 1024
+
+
+_B64URL_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+# The bits an unpadded segment's last character holds past its data, by the length mod 4:
+# zero in the one encoding of those bytes (RFC 4648 §3.5). Decoders ignore them, so with any
+# set the text is another spelling of the same bytes: another token, to whatever keys by text.
+_SPARE_BITS = {2: 0b1111, 3: 0b11}
 
 
 def _b64decode(part: str) -> bytes:
-    if not _B64URL.fullmatch(part):
-        raise Refusal(Reason.MALFORMED_TOKEN, "the token is not base64url")
+    """base64url without padding, in its canonical spelling only."""
+    spare = _SPARE_BITS.get(len(part) % 4)
+    if not _B64URL.fullmatch(part) or (
+        spare is not None and _B64URL_ALPHABET.index(part[-1]) & spare
+    ):
+        raise Refusal(Reason.MALFORMED_TOKEN, "the token is not canonical base64url")
     try:
         return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
     except (binascii.Error, ValueError):
         raise Refusal(Reason.MALFORMED_TOKEN, "the token is not base64url") from None
+
+
+def _b64encode(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+# The group order n of each JWS ECDSA curve (RFC 7518 §3.4; RFC 8812 for ES256K): with
+# (r, s) valid, so is (r, n - s), the same signature to every verifier but another text.
+_P256 = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+_P384 = int(
+    "FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFC7634D81F4372DDF581A0DB248B0A77AECEC196ACCC52973",
+    16,
+)
+_P521 = int(
+    "01" + "F" * 65 + "A51868783BF2F966B7FCC0148F709A5D03BB5C9B8899C47AEBB6FB71E91386409", 16
+)
+_SECP256K1 = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+_EC_ORDERS = {"ES256": _P256, "ES384": _P384, "ES512": _P521, "ES521": _P521, "ES256K": _SECP256K1}
+
+
+def signature_id_text(alg: object, text: str, signature: bytes) -> str:
+    """The signature's text as the `digest` id hashes it: one text per signature value. An
+    ECDSA signature counts as its low-s form (s <= n/2), so that (r, s) and its twin (r, n - s)
+    are one token: a revocation of either is one of both. Every other JWS algorithm has one
+    valid encoding per value (RSA and EdDSA verifiers refuse s >= n, HMAC is a function)."""
+    order = _EC_ORDERS.get(alg) if isinstance(alg, str) else None
+    if order is None or len(signature) % 2:
+        return text
+    half = len(signature) // 2
+    s = int.from_bytes(signature[half:], "big")
+    if s <= order // 2 or s >= order:
+        return text
+    return _b64encode(signature[:half] + (order - s).to_bytes(half, "big"))
 
 
 def no_duplicate_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -64,10 +113,18 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _json_object(data: bytes, what: str) -> dict[str, Any]:
-    """RFC 8259 JSON only: Python's json would accept NaN, Infinity and -Infinity (and turn
-    1e400 into inf), and every comparison with NaN is false: a lifetime cap, an idle check
-    and a revocation by sub would each let such a token through."""
+# A `\uD800`-`\uDFFF` escape: paired, json makes one character of two; alone, a string no
+# UTF-8 can carry (aiohttp's header writer drops it: `"\ud800admin"` would go up as `admin`).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def strict_json(data: bytes) -> Any:
+    """RFC 8259 JSON, and only text that is Unicode: Python's json would accept NaN, Infinity
+    and -Infinity (and turn 1e400 into inf), and every comparison with NaN is false (a
+    lifetime cap, an idle check, a revocation by sub would each let such a token through); a
+    duplicate member would be read as whichever came last; a lone surrogate escape would give
+    a string that cannot be sent on. ValueError otherwise, also for nesting too deep for the
+    parser (a JSON bomb is a bad request, not a 500)."""
     try:
         value = json.loads(
             data,
@@ -75,7 +132,17 @@ def _json_object(data: bytes, what: str) -> dict[str, Any]:
             parse_constant=no_constant,
             parse_float=_finite_float,
         )
-    except (ValueError, UnicodeDecodeError, RecursionError):
+        if b"\\" in data and _SURROGATE_ESCAPE.search(data):  # rare: then each string
+            json.dumps(value, ensure_ascii=False).encode("utf-8")  # surrogates raise here
+    except (ValueError, RecursionError):  # UnicodeDecodeError and -EncodeError are ValueErrors
+        raise ValueError("not JSON") from None
+    return value
+
+
+def _json_object(data: bytes, what: str) -> dict[str, Any]:
+    try:
+        value = strict_json(data)
+    except ValueError:
         raise Refusal(Reason.MALFORMED_TOKEN, f"the token's {what} is not JSON") from None
     if not isinstance(value, dict):
         raise Refusal(Reason.MALFORMED_TOKEN, f"the token's {what} is not a JSON object")
@@ -104,11 +171,15 @@ def _numeric_date(claims: Mapping[str, Any], name: str) -> float | None:
 
 
 def _string(claims: Mapping[str, Any], name: str) -> str | None:
+    """An id claim (jti, sub, sid, ...): a string, without control characters (it is logged,
+    revoked by and matched on; a line break in one would forge a log line)."""
     value = claims.get(name)
     if value is None:
         return None
     if not isinstance(value, str):
         raise Refusal(Reason.MALFORMED_TOKEN, f"the {name} claim is not a string")
+    if _CONTROL.search(value):
+        raise Refusal(Reason.MALFORMED_TOKEN, f"the {name} claim holds a control character")
     return value
 
 
@@ -146,6 +217,29 @@ def granted_scopes(claims: Mapping[str, Any]) -> frozenset[str]:
     return frozenset(found)
 
 
+# What separates the items of a list claim in its header (a space; anything `str.split`
+# splits on), or to upstreams that split lists the HTTP way (a comma); and `%`, which
+# percent-encodes them there.
+_SEPARATOR = re.compile(r"[\s,%]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    return quote(match.group(), safe="")
+
+
+def _list_text(items: list[Any]) -> str | None:
+    """A list claim as header text, its items space-separated, each with its separators
+    percent-encoded (`["viewer", "team admin"]` is `viewer team%20admin`: joined as it is,
+    it would read as the role `admin`); None when an item has no text (an object, a list)."""
+    texts: list[str] = []
+    for item in items:
+        if isinstance(item, dict | list):
+            return None
+        text = ("true" if item else "false") if isinstance(item, bool) else str(item)
+        texts.append(_SEPARATOR.sub(_escaped, text))
+    return " ".join(texts)
+
+
 def identity_headers(
     claims: Mapping[str, Any], wanted: Mapping[str, str], token_id: str | None = None
 ) -> dict[str, str]:
@@ -163,9 +257,10 @@ def identity_headers(
         if value is None or isinstance(value, dict):
             continue
         if isinstance(value, list):
-            if any(isinstance(item, dict | list) for item in value):
+            joined = _list_text(value)
+            if joined is None:
                 continue
-            text = " ".join(str(v) for v in value)
+            text = joined
         elif isinstance(value, bool):
             text = "true" if value else "false"
         else:
@@ -201,9 +296,11 @@ def unverified_id(token: str, names: list[str], hasher: KeyHasher) -> tuple[str,
     parts = token.split(".")
     if len(parts) != 3:
         raise Refusal(Reason.MALFORMED_TOKEN, "the token is not a JWS compact JWT")
+    header = _json_object(_b64decode(parts[0]), "header")
     claims = _json_object(_b64decode(parts[1]), "payload")
     issuer = claims.get("iss")
-    _, found = token_id(claims, parts[2], names, hasher)
+    signature = signature_id_text(header.get("alg"), parts[2], _b64decode(parts[2]))
+    _, found = token_id(claims, signature, names, hasher)
     if not isinstance(issuer, str) or found is None:
         raise Refusal(Reason.MISSING_CLAIM, "the token lacks iss or an id claim")
     return issuer, found
@@ -230,6 +327,7 @@ class Verifier:
         *,
         # ~1.5 KiB an entry: bounded to a few tens of MiB whatever the traffic.
         cache_size: int = 20_000,
+        cache_chars: int = CACHED_CHARS,
     ) -> None:
         self._providers = {issuer: p for p in config.providers for issuer in p.issuers}
         self._rings = rings
@@ -240,8 +338,9 @@ class Verifier:
         }
         self._hasher = hasher
         self._clock = clock
-        self._cache: dict[str, VerifiedToken] = {}
-        self._cache_size = cache_size
+        self._cache: BoundedCache[str, VerifiedToken] = BoundedCache(
+            entries=cache_size, chars=cache_chars
+        )
 
     def ring_of(self, token: VerifiedToken) -> KeyRing:
         """The key ring a token verified with: while `ring.lookup(token.kid) is token.key`,
@@ -259,7 +358,7 @@ class Verifier:
             self._check_time(cached, now)
         except Refusal as refusal:
             if refusal.reason is Reason.EXPIRED:
-                del self._cache[presented]  # never valid again: forgotten
+                self._cache.discard(presented)  # never valid again: forgotten
             raise
         return cached
 
@@ -280,9 +379,7 @@ class Verifier:
     def _remember(self, token: str, verified: VerifiedToken) -> None:
         """Insertion order is age: when full, the oldest entry goes (O(1), whatever the load).
         An expired entry is dropped when next presented (`_check_time` refuses it first)."""
-        if len(self._cache) >= self._cache_size:
-            del self._cache[next(iter(self._cache))]
-        self._cache[token] = verified
+        self._cache.put(token, verified, len(token))
 
     async def _verify_uncached(self, token: str) -> VerifiedToken:
         parts = token.split(".")
@@ -323,7 +420,8 @@ class Verifier:
             valid = False
         if not valid:
             raise Refusal(Reason.BAD_SIGNATURE)
-        return self._check_claims(provider, iss, header, claims, parts[2], kid, key)
+        signature_text = signature_id_text(alg, parts[2], signature)
+        return self._check_claims(provider, iss, header, claims, signature_text, kid, key)
 
     def _check_claims(
         self,

@@ -5,6 +5,8 @@ not a trusted proxy."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 
 import pytest
@@ -37,6 +39,11 @@ async def never_activity(gw: GatewayUnderTest, jti: str) -> None:
         (with_host("gw", "X-HTTP-Method-Override: TRACE"), "method_not_allowed", 405),
         (with_host("gw", "x-method-override:  connect "), "method_not_allowed", 405),
         (with_host("gw", "X-HTTP-Method: track"), "method_not_allowed", 405),
+        # Express's method-override takes a list's first item, others its last.
+        (with_host("gw", "X-HTTP-Method-Override: TRACE, GET"), "method_not_allowed", 405),
+        (with_host("gw", "X-Method-Override: GET,connect"), "method_not_allowed", 405),
+        # Kept (a client's), a Host this long would hold memory only a count bounds.
+        (with_host("h" + "a" * 300), "malformed_http", 400),
     ],
 )  # fmt: skip
 async def test_the_head_alone_refuses_before_the_token_counts(
@@ -114,3 +121,55 @@ async def test_http_1_0_without_a_host_is_served(gateways: GatewayFactory, upstr
     head = f"GET /api/x HTTP/1.0\r\nAuthorization: Bearer {gw.token()}\r\n\r\n".encode()
     assert parse(await exchange(port(gw), head)).status == 200
     assert len(upstream.received) == 1
+
+
+async def test_underscore_spellings_of_a_method_override_never_reach_the_upstream(
+    gateways: GatewayFactory, upstream: Upstream
+):
+    # WSGI, CGI and nginx with underscores_in_headers read X_HTTP_Method_Override as the
+    # override: dropped like the identity headers' `_` twins, whatever they name.
+    gw = await gateways()
+    lines = [f"Authorization: Bearer {gw.token()}", "X_HTTP_Method_Override: TRACE",
+             "X-HTTP_Method: TRACE", "x_method_override: PUT"]  # fmt: skip
+    assert parse(await exchange(port(gw), with_host("gw", *lines))).status == 200
+    (received,) = upstream.received
+    names = {name.lower().replace("_", "-") for name, _ in received.header_list}
+    assert names.isdisjoint({"x-http-method-override", "x-http-method", "x-method-override"})
+
+
+async def test_a_refused_request_that_awaits_100_continue_closes_its_connection(
+    gateways: GatewayFactory, upstream: Upstream
+):
+    # Refused without `100 Continue`, its body is unsent: whatever the client sends next
+    # could be that body or its next request. Kept open, the next request was read as the
+    # body and the rest as a malformed request.
+    gw = await gateways()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port(gw))
+    try:
+        writer.write(request("POST /api/x HTTP/1.1", "Expect: 100-continue", "Content-Length: 40"))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
+        response = parse(head)
+        assert response.status == 401
+        assert [v.lower() for v in response.all("connection")] == ["close"]
+        # A client that sends its next request anyway gets no answer read from it as the body
+        # (the gateway reads the body it announced, if it comes, and closes).
+        writer.write(request("GET /public/next HTTP/1.1"))
+        rest = b""
+        with contextlib.suppress(TimeoutError):
+            rest = await asyncio.wait_for(reader.read(65536), 1)
+        assert b"HTTP/1." not in rest
+    finally:
+        writer.close()
+    assert upstream.received == []
+
+
+async def test_forward_auth_refuses_an_underscore_method_override(gateways: GatewayFactory):
+    gw = await gateways(forward_auth={"enabled": True})
+    raw = await exchange(
+        port(gw),
+        request(
+            "GET /.idlegate/auth HTTP/1.1", "X-Original-URI: /api/x",
+            f"Authorization: Bearer {gw.token()}", "X_HTTP_Method_Override: GET, TRACE",
+        ),
+    )  # fmt: skip
+    assert parse(raw).status == 405
