@@ -725,6 +725,33 @@ def from_data(data: Any, environ: Mapping[str, str] | None = None) -> Config:
         raise ConfigError(problems) from None
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML as `safe_load` reads it, but a mapping with a key twice is an error: read as the
+    last one wins, a leftover second `policy:` block would silently loosen every limit the
+    first one set."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<:` overrides on purpose
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: construct_mapping says so below
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} appears twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeys)  # a SafeLoader: no Python objects
+
+
 def load(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
     """Read the YAML file (or `$IDLEGATE_CONFIG`, then config/gateway.yaml) and validate it."""
     env = os.environ if environ is None else environ
@@ -734,7 +761,7 @@ def load(path: str | Path | None = None, environ: Mapping[str, str] | None = Non
     except OSError as exc:
         raise ConfigError([f"{chosen}: cannot read config file ({exc.strerror})"]) from None
     try:
-        data = yaml.safe_load(text)
+        data = _yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

@@ -279,6 +279,30 @@ def test_invalid_yaml_is_one_problem_with_its_line(tmp_path: Path):
     assert "bad.yaml" in caught.value.problems[0] and "line" in caught.value.problems[0]
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "policy:\n  idle_timeout: 5m\npolicy:\n  idle_timeout: 8h\n",  # a leftover block
+        "policy:\n  idle_timeout: 5m\n  idle_timeout: 8h\n",
+        "routes:\n  - prefix: /api/\n    auth: required\n    auth: none\n",
+    ],
+)
+def test_a_key_given_twice_is_a_problem_not_the_last_one_winning(tmp_path: Path, text: str):
+    path = tmp_path / "twice.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load(path, environ={})
+    (problem,) = caught.value.problems
+    assert "appears twice" in problem and "line" in problem
+
+
+def test_yaml_merge_keys_may_still_override():
+    from gateway.config import _yaml
+
+    text = "a: &base {x: 1, y: 2}\nb:\n  <<: *base\n  y: 3\n"
+    assert _yaml(text) == {"a": {"x": 1, "y": 2}, "b": {"x": 1, "y": 3}}
+
+
 # -- presets ----------------------------------------------------------------------------------
 
 
