@@ -7,6 +7,7 @@ import contextlib
 import gc
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import socket
@@ -296,43 +297,96 @@ def run(config: Config, workers: int = 1) -> int:
     if not hasattr(socket, "SO_REUSEPORT"):
         log.error("--workers needs SO_REUSEPORT, which this platform lacks")
         return 2
-    context = multiprocessing.get_context("spawn")
-    processes = [
-        context.Process(target=_worker, args=(config, i), name=f"idlegate-worker-{i}")
-        for i in range(workers)
-    ]
-    for process in processes:
-        process.start()
+    return _supervise(config, workers)
 
+
+def _supervise(config: Config, workers: int) -> int:
+    """N workers on one port, each kept running: one that dies unasked (the OOM killer's
+    SIGKILL, a crash) is logged and replaced, so the pod does not serve on in part, silently.
+    One that cannot start (exit code 2: its config, keys or store), or dies again and again
+    right after starting, stops them all: the exit code then says so, for the orchestrator."""
+    context = multiprocessing.get_context("spawn")
+
+    def spawn(index: int) -> Any:
+        process = context.Process(
+            target=_worker, args=(config, index), name=f"idlegate-worker-{index}"
+        )
+        process.start()
+        return process
+
+    processes = [spawn(i) for i in range(workers)]
+    started = [time.monotonic()] * workers
+    quick_deaths = [0] * workers
     forwarded: set[int] = set()
     deadline: list[float] = []  # set by the first signal: when stragglers get killed
+    failed: list[str] = []
 
     def forward(signum: int, _frame: object) -> None:
         forwarded.add(signum)
         if not deadline:
             deadline.append(time.monotonic() + config.server.shutdown_grace + _WORKER_EXIT_MARGIN)
         for process in processes:
-            if process.pid is not None:
+            if process.pid is not None and process.exitcode is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(process.pid, signum)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGHUP, _sighup_ignored)  # not forwarded: workers keep serving
+    while any(process.exitcode is None for process in processes):
+        running = [process.sentinel for process in processes if process.exitcode is None]
+        multiprocessing.connection.wait(running, timeout=0.5)
+        for index, process in enumerate(processes):
+            if process.exitcode is None:
+                if deadline and time.monotonic() > deadline[0]:
+                    log.error("worker %s did not stop in time; killing it", process.name)
+                    process.kill()
+                    process.join()
+                continue
+            if forwarded or failed:
+                continue  # stopping: its exit code is collected below
+            _forget(process)
+            how = _exit_description(process.exitcode)
+            if process.exitcode == 2:
+                failed.append(f"worker {process.name} could not start")
+            elif time.monotonic() - started[index] < _QUICK_DEATH:
+                quick_deaths[index] += 1
+                if quick_deaths[index] >= _QUICK_DEATHS:
+                    failed.append(f"worker {process.name} died {_QUICK_DEATHS} times on start")
+            else:
+                quick_deaths[index] = 0
+            if failed:
+                log.error("%s (%s); stopping every worker", failed[0], how)
+                forward(signal.SIGTERM, None)
+                continue
+            log.error("worker %s %s unasked; starting another in its place", process.name, how)
+            processes[index], started[index] = spawn(index), time.monotonic()
     codes = []
     for process in processes:
-        while process.exitcode is None:
-            process.join(timeout=0.5)
-            if process.exitcode is None and deadline and time.monotonic() > deadline[0]:
-                log.error("worker %s did not stop in time; killing it", process.name)
-                process.kill()
-                process.join()
+        _forget(process)
         code = process.exitcode or 0
         # A worker stopped by the signal we forwarded before it could install its own handler
         # (still starting) stopped as asked.
         codes.append(0 if -code in forwarded else code)
-        if process.pid is not None and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            from prometheus_client import multiprocess
+    return 0 if all(code == 0 for code in codes) and not failed else 1
 
-            multiprocess.mark_process_dead(process.pid)  # type: ignore[no-untyped-call]
-    return 0 if all(code == 0 for code in codes) else 1
+
+# A worker that dies this soon after it started, this many times in a row, is not replaced
+# again: whatever kills it will kill the next one too.
+_QUICK_DEATH = 10.0
+_QUICK_DEATHS = 3
+
+
+def _exit_description(code: int | None) -> str:
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with code {code}"
+
+
+def _forget(process: Any) -> None:
+    """A dead worker's metric samples stop counting as a live process's (multiprocess mode)."""
+    if process.pid is not None and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(process.pid)  # type: ignore[no-untyped-call]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import signal
 import time
@@ -111,6 +112,46 @@ async def test_workers_leave_no_metrics_directory_behind(
     assert [p.name.startswith("idlegate-metrics-") for p in scratch.iterdir()] == [True]
     assert await gw.stop(signal.SIGTERM) == 0, gw.describe()
     assert list(scratch.iterdir()) == []
+
+
+def worker_pids(gw: GatewayProcess) -> set[int]:
+    """The supervisor's worker processes (spawned: `multiprocessing.spawn` in their command)."""
+    children = Path(f"/proc/{gw.pid}/task/{gw.pid}/children").read_text().split()
+    return {
+        int(pid) for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    }
+
+
+async def test_a_worker_killed_unasked_is_logged_and_replaced(
+    spawn: Spawn,
+    upstream: Upstream,
+    key_file: Path,
+    signing_key: SigningKey,
+    redis_server: RedisServer,
+):
+    """The OOM killer's SIGKILL: logged, and the pod serves on with all its workers."""
+    gw = spawn(
+        e2e_config(upstream.url, key_file, store={"url": redis_server.url}), "--workers", "2"
+    )
+    await wait_for_workers(gw, 2)
+    before = worker_pids(gw)
+    assert len(before) == 2
+    victim = min(before)
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while gw.stderr().count(" listening on ") < 3:  # its replacement started
+        assert time.monotonic() < deadline, gw.describe()
+        await asyncio.sleep(0.1)
+    assert "was killed by SIGKILL unasked; starting another in its place" in gw.stderr()
+    after = worker_pids(gw)
+    assert len(after) == 2 and victim not in after
+    token = mint(signing_key)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+        for _ in range(10):
+            async with http.get(gw.url + "/api/orders", headers=bearer(token)) as response:
+                assert response.status == 200
+    assert await gw.stop(signal.SIGTERM) == 0, gw.describe()
+    assert "Traceback" not in gw.stderr()
 
 
 def test_several_workers_with_the_memory_store_are_refused(tmp_path: Path, key_file: Path):
