@@ -52,7 +52,7 @@ _REFUSAL_VARIABLES = {
     "idlegate_www_authenticate": "upstream_http_www_authenticate",
     "idlegate_retry_after": "upstream_http_retry_after",
 }
-_REFUSAL_STATUSES = (400, 401, 403, 404, 503)
+_REFUSAL_STATUSES = (400, 401, 403, 404, 405, 503)
 
 
 def _nginx_keep_refusal() -> str:
@@ -245,6 +245,11 @@ http://:{port} {{
     bind 127.0.0.1
     # copy_headers also removes a client's own copies of these headers when idlegate's
     # answer has none (a public route), so they never reach the upstream.
+    # Upstreams behind WSGI/CGI read X_Auth_Subject as X-Auth-Subject: a client's `_`
+    # spellings go before anything else.
+    request_header -X_Auth_Subject
+    request_header -X_Auth_Scope
+    request_header -X_Auth_Token_Id
     forward_auth 127.0.0.1:{idlegate_port} {{
         uri /.idlegate/auth
         copy_headers X-Auth-Subject X-Auth-Scope X-Auth-Token-Id
@@ -342,7 +347,17 @@ class Traefik:
                     "trustForwardHeader": False,
                 }
             }
-            protected = {"entryPoints": [f"door{i}"], "middlewares": [f"idlegate-{i}"]}
+            # Upstreams behind WSGI/CGI read X_Auth_Subject as X-Auth-Subject: an empty
+            # custom request header removes a client's `_` spelling before forwardAuth runs.
+            middlewares["idlegate-twins"] = {
+                "headers": {
+                    "customRequestHeaders": {name.replace("-", "_"): "" for name in IDENTITY}
+                }
+            }
+            protected = {
+                "entryPoints": [f"door{i}"],
+                "middlewares": ["idlegate-twins", f"idlegate-{i}"],
+            }
             routers[f"door{i}-ws"] = {
                 **protected, "rule": "PathPrefix(`/ws/`)", "service": "ws", "priority": 20,
             }  # fmt: skip

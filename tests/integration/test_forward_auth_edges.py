@@ -109,6 +109,24 @@ async def test_accepted_request_reaches_upstream_with_idlegates_identity_only(
     }
 
 
+async def test_underscore_spellings_of_identity_headers_never_reach_the_upstream(
+    gateways: GatewayFactory, edge: EdgeFactory, upstream: Upstream, http: aiohttp.ClientSession
+):
+    # nginx drops them itself (underscores_in_headers off); the Caddy and Traefik recipes
+    # strip them (docs/forward-auth.md).
+    gw = await gateways(**forward_auth())
+    (door,) = await edge(gw)
+    spoofed = {"X_Auth_Subject": "admin", "X_Auth_Token_Id": "forged", "X_Auth_Scope": "root"}
+    for path, token in (("/api/orders", gw.token(sub="alice")), ("/public/logo.png", None)):
+        headers = dict(spoofed)
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        async with http.get(door + path, headers=headers) as response:
+            assert response.status == 200
+        names = [k.lower() for k, _ in upstream.received[-1].header_list]
+        assert not {"x_auth_subject", "x_auth_token_id", "x_auth_scope"} & set(names), names
+
+
 async def test_refusals_reach_the_client_and_nothing_reaches_upstream(
     gateways: GatewayFactory, edge: EdgeFactory, upstream: Upstream, http: aiohttp.ClientSession
 ):
@@ -136,6 +154,8 @@ async def test_refusals_reach_the_client_and_nothing_reaches_upstream(
     # Not 2xx/401/403: nginx's auth_request would say 500; the recipe keeps the real status.
     await refused("/nowhere", gw.token(), 404, "no_route")
     await refused("/api/x?access_token=abc", gw.token(), 400, "malformed_request")
+    got, _, body = await call(http, door + "/api/x", gw.token(), X_HTTP_Method_Override="TRACE")
+    assert (got, json.loads(body)["reason"]) == (405, "method_not_allowed"), body
     assert upstream.received == []
 
 
