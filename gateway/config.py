@@ -749,7 +749,7 @@ class _UniqueKeys(yaml.SafeLoader):
 
 
 def _yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_UniqueKeys)  # a SafeLoader: no Python objects
+    return yaml.load(text, Loader=_UniqueKeys)  # noqa: S506 (a SafeLoader: no Python objects)
 
 
 def load(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
