@@ -37,7 +37,7 @@ from types import MappingProxyType
 from typing import Any
 
 from aiohttp import HttpVersion10, HttpVersion11, hdrs, web
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway import metrics
 from gateway.accesslog import AccessLog
@@ -312,6 +312,10 @@ class Pipeline:
                     identity,
                     strip_authorization=self._strip_authorization and route.auth == "required",
                 )
+                if self._strip_authorization and route.auth != "required":
+                    # A public route's upstream may take other credentials (Basic, for its
+                    # own login); a bearer token, which SPAs attach everywhere, never.
+                    _strip_bearer(upstream_headers.client)
                 if upgrade or route.stream_deadline:
                     record.relayed = True
                     forwarding = self._relay(
@@ -680,6 +684,12 @@ def _check_overrides(headers: CIMultiDictProxy[str], *, twins: bool = False) -> 
             item.strip(" \t").upper() in NOT_FORWARDED_METHODS for item in value.split(",")
         ):
             raise Refusal(Reason.METHOD_NOT_ALLOWED, f"{name} names a method never forwarded")
+
+
+def _strip_bearer(headers: CIMultiDict[str]) -> None:
+    values = headers.getall(hdrs.AUTHORIZATION, ())
+    if any(value.lstrip(" ").lower().startswith("bearer") for value in values):
+        headers.popall(hdrs.AUTHORIZATION)
 
 
 def _upgrade(route: Route, headers: CIMultiDictProxy[str]) -> bool:

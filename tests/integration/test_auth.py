@@ -114,6 +114,12 @@ async def test_strip_authorization_removes_the_token_upstream(
     gw = await gateways(forward={"strip_authorization": True})
     assert (await gw.get("/api/x", gw.token())).status == 200
     assert "Authorization" not in upstream.received[-1].headers
+    # Nor to a public route's upstream (where SPAs send it too); other credentials pass there.
+    assert (await gw.get("/public/x", gw.token())).status == 200
+    assert "Authorization" not in upstream.received[-1].headers
+    basic = {"Authorization": "Basic dXNlcjpwYXNz"}
+    assert (await gw.get("/public/x", headers=basic)).status == 200
+    assert upstream.received[-1].headers["Authorization"] == "Basic dXNlcjpwYXNz"
 
 
 async def test_identity_headers_are_stripped_on_public_routes_too(
