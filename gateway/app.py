@@ -188,9 +188,13 @@ class Gateway:
         last read is served). "not_ready" otherwise."""
         if self.traffic.draining:
             return "not_ready", "draining"
-        missing = [name for name, ring in self.rings.items() if not ring.ready]
+        missing = [
+            f"{name} ({ring.last_error or 'not loaded yet'})"
+            for name, ring in self.rings.items()
+            if not ring.ready
+        ]
         if missing or not self.rings:
-            return "not_ready", "no usable keys for provider(s): " + ", ".join(missing)
+            return "not_ready", "no usable keys for provider(s): " + "; ".join(missing)
         try:
             degraded = await self._backend.ping()
             # The policy may have been changed since start (CONFIG SET, a failover).

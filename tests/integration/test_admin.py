@@ -154,7 +154,8 @@ async def test_not_ready_until_every_provider_has_keys(
         async with aiohttp.ClientSession() as http:
             async with http.get(gw.admin_url + "/readyz") as response:
                 assert response.status == 503
-                assert "idp" in (await response.json())["reason"]
+                reason = (await response.json())["reason"]
+                assert "idp" in reason and "HTTP 500" in reason  # why, not only which
             idp.recover()
             await gw.gateway.rings["idp"].lookup_or_refresh("k")
             async with http.get(gw.admin_url + "/readyz") as response:
