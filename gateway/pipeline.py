@@ -72,7 +72,7 @@ from gateway.store.base import Store, StoreUnavailable, Touch
 from gateway.store.coalesce import CoalescingStore
 from gateway.tokens import policy
 from gateway.tokens.claims import VerifiedToken
-from gateway.tokens.extract import check_token68, credential, presented_token
+from gateway.tokens.extract import canonical, check_token68, credential, presented_token
 from gateway.tokens.keys import KeyRing
 from gateway.tokens.verify import CACHED_CHARS, Verifier
 
@@ -489,7 +489,7 @@ class Pipeline:
         touch = policy.touch_for(
             token, self._policy, idle_timeout, now, extend=route.activity == "extend"
         )
-        if presented is not None:
+        if presented is not None and canonical(presented):
             self._admitted.put(
                 (presented[-_TAIL:], id(route)),
                 _Admitted(presented, token, touch, self.verifier.ring_of(token), self._policy),

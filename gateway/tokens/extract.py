@@ -38,29 +38,32 @@ def bearer_token(headers: CIMultiDictProxy[str], query_string: str) -> str:
 AUTHORIZATION = istr("Authorization")  # its case-folded identity made once, not per request
 
 
-# The spellings of the scheme a credential key may start with: one space, then the token.
+def credential(headers: CIMultiDictProxy[str], query_string: str) -> str | None:
+    """The request's one Authorization value, as sent, when that value alone decides what
+    `presented_token` finds (one such header, no token in the query): a key under which a
+    verification may be found again (kept under it only if `canonical`). None: only
+    `presented_token` can tell."""
+    values = headers.getall(AUTHORIZATION, ())
+    if len(values) != 1 or (query_string and _has_query_token(query_string)):
+        return None
+    return values[0]
+
+
+# The spellings of the scheme a kept credential may start with: one space, then the token.
 _CANONICAL_SCHEMES = ("Bearer ", "bearer ")
 _MAX_CREDENTIAL = len("Bearer ") + MAX_TOKEN_BYTES
 
 
-def credential(headers: CIMultiDictProxy[str], query_string: str) -> str | None:
-    """The request's one Authorization value, as sent, when that value alone decides what
-    `presented_token` finds (one such header, no token in the query) and is spelled the one
-    way clients spell it (`Bearer <token>`): a key under which a verification may be
-    remembered and found again. Other spellings of the same token (more spaces, another
-    case of the scheme) are no key: each would be an entry of its own, up to the header's
-    size, for one token. None: only `presented_token` can tell (its caches key by the token)."""
-    values = headers.getall(AUTHORIZATION, ())
-    if len(values) != 1 or (query_string and _has_query_token(query_string)):
-        return None
-    value = values[0]
-    if (
-        len(value) > _MAX_CREDENTIAL
-        or value.count(" ") != 1
-        or not value.startswith(_CANONICAL_SCHEMES)
-    ):
-        return None
-    return value
+def canonical(credential: str) -> bool:
+    """Whether a `credential` is spelled the one way clients spell it (`Bearer <token>`), so
+    that a verification may be kept under it. Other spellings of the same token (more spaces,
+    another case of the scheme) are kept under the token: each would be an entry of its own,
+    up to the header's size, for one token."""
+    return (
+        len(credential) <= _MAX_CREDENTIAL
+        and credential.count(" ") == 1
+        and credential.startswith(_CANONICAL_SCHEMES)
+    )
 
 
 def presented_token(headers: CIMultiDictProxy[str], query_string: str) -> str:

@@ -25,6 +25,7 @@ from gateway.config import Config, Provider
 from gateway.reasons import Reason, Refusal
 from gateway.store.base import KeyHasher
 from gateway.tokens.claims import VerifiedToken
+from gateway.tokens.extract import canonical
 from gateway.tokens.keys import KeyRing, VerificationKey
 
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
@@ -364,9 +365,9 @@ class Verifier:
 
     async def verify(self, token: str, *, credential: str | None = None) -> VerifiedToken:
         """`token` verified; remembered under `credential` (the Authorization value it came
-        in, `extract.credential`) when given, so that the next request finds it without
-        parsing the header again, else under the token itself."""
-        key = token if credential is None else credential
+        in, `extract.credential`) when given in its canonical spelling, so that the next
+        request finds it without parsing the header again, else under the token itself."""
+        key = credential if credential is not None and canonical(credential) else token
         now = self._clock.now()
         cached = self.cached(key, now)
         if cached is not None:
