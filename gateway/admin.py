@@ -19,6 +19,7 @@ from gateway import metrics
 from gateway.clock import Clock
 from gateway.config import Config
 from gateway.errors import StartupError
+from gateway.logs import printable, quoted
 from gateway.reasons import Refusal
 from gateway.revocation import RevocationList
 from gateway.store.base import KeyHasher, Revocation, RevocationKind, Store, StoreUnavailable
@@ -244,8 +245,8 @@ class AdminAPI:
         )
         self._unauthorized.warning(
             "admin: unauthorized %s %s from %s: %s",
-            request.method,
-            json.dumps(request.path),
+            printable(request.method),
+            quoted(request.path),
             request.remote,
             why,
         )
@@ -371,12 +372,12 @@ class AdminAPI:
                 text=json.dumps({"error": "store_unavailable"}), content_type="application/json"
             ) from None
         metrics.ADMIN_REQUESTS.labels("ok").inc()
-        # The value of a jti/sid/sub is no credential (JSON-quoted: no line breaks or other
-        # control characters of the caller's reach the log); never the admin token.
+        # The value of a jti/sid/sub is no credential (quoted: no line breaks or other control
+        # characters of the caller's reach the log); never the admin token.
         audit.info(
             "admin: revoked %s=%s of issuer(s) %s from %s at %s (refused until %s)",
             kind,
-            json.dumps(value),
+            quoted(value),
             json.dumps(issuers),
             request.remote,
             _iso(now),

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from gateway.logs import printable
+
 RevocationKind = Literal["jti", "sid", "sub"]
 
 
@@ -39,8 +41,8 @@ class OutageLog:
             self.failed_calls = 0
             self._log.error(
                 "%s unavailable: %s (further failures are counted, not logged, until it answers)",
-                self._name,
-                reason,
+                printable(self._name),
+                printable(reason),  # the store's own error text, or its client library's
             )
         self.failed_calls += 1
 
@@ -50,7 +52,7 @@ class OutageLog:
             return
         self._log.warning(
             "%s available again after %.1f s; %d calls failed",
-            self._name,
+            printable(self._name),
             time.monotonic() - self.since,
             self.failed_calls,
         )

@@ -28,6 +28,7 @@ from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnec
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
+from gateway.logs import printable
 from gateway.metrics import STORE_DURATION, STORE_ERRORS, batched
 from gateway.store.base import (
     Activity,
@@ -554,7 +555,7 @@ class RedisStore:
         # a change found later, e.g. by a reconnect, is logged once.
         if self._eviction_checked and problem != self._eviction:
             if problem is not None:
-                log.error("store: %s", problem)
+                log.error("store: %s", printable(problem))  # holds what the Redis nodes said
             else:
                 log.warning("store: the Redis maxmemory-policy is noeviction again")
         self._eviction, self._eviction_checked = problem, True
