@@ -36,7 +36,9 @@ from typing import Any
 
 import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, web
-from aiohttp.http_websocket import WebSocketError
+from aiohttp._websocket.reader import WebSocketDataQueue
+from aiohttp.helpers import set_exception
+from aiohttp.http_websocket import WebSocketError, WebSocketReader, WebSocketWriter
 from multidict import MultiMapping
 from yarl import URL
 
@@ -46,6 +48,7 @@ from gateway.config import Config
 from gateway.forward.deadlines import LOG_FIELDS, Deadlines, Watched
 from gateway.forward.headers import UpstreamHeaders
 from gateway.forward.transport import UpstreamFailureLog, describe_failure
+from gateway.logs import printable, quoted
 from gateway.reasons import Reason, Refusal
 from gateway.store.base import Store, StoreUnavailable, TouchResult
 from gateway.tokens import policy
@@ -70,6 +73,125 @@ _HANDSHAKE_HEADERS = (
     "Sec-WebSocket-Protocol",
     "Sec-WebSocket-Accept",
 )
+
+
+class UnmaskedFrame(WebSocketError):
+    """A client frame without the mask bit (RFC 6455 §5.1)."""
+
+    def __init__(self) -> None:
+        super().__init__(WSCloseCode.PROTOCOL_ERROR, "unmasked frame from the client")
+
+
+# What a payload parser returns to aiohttp's RequestHandler when the stream has ended (it then
+# reads no more from the connection): aiohttp's reader returns the same after an error.
+_ENDED = (True, b"")
+
+
+class MaskedFrames:
+    """In front of aiohttp's reader of the client's frames (the RequestHandler's payload
+    parser, compiled or not): passes the bytes on up to the first frame whose mask bit is
+    clear, then ends the stream with `UnmaskedFrame`, which aiohttp answers with a 1002 close
+    (`WebSocketResponse.receive`). The frames before it are delivered as sent.
+
+    Reads frame heads only, however the frames fall across reads: per read, a few integer
+    operations for each frame that starts in it, and the bytes go on to the reader as they
+    came (never copied, except a frame head split across two reads)."""
+
+    __slots__ = ("_head", "_next", "_queue", "_reader", "refused")
+
+    def __init__(self, reader: WebSocketReader, queue: WebSocketDataQueue) -> None:
+        self._reader = reader
+        self._queue = queue  # the reader's message queue, which WebSocketResponse reads
+        self._next = 0  # where the next frame head starts, counted from the next read's start
+        self._head = b""  # the part of a frame head the last read ended in (< 14 bytes)
+        self.refused = False
+
+    def feed_eof(self) -> None:
+        if not self.refused:  # else the queue ends with the refusal, not a plain end
+            self._reader.feed_eof()
+
+    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+        if self.refused:
+            return _ENDED
+        size = len(data)
+        at = self._next
+        if self._head:
+            # The last read ended inside a frame head (under 14 bytes): complete it from this one.
+            head = self._head + data[:14]
+            end = _frame_end(head, 0, len(head))
+            if end < 0:
+                return self._refuse(data, 0)
+            if end == 0:  # still incomplete: this whole read is in `head`
+                self._head = head
+                return self._reader.feed_data(data)
+            at = end - len(self._head)
+            self._head = b""
+        while at < size:
+            second = data[at + 1] if at + 1 < size else 0
+            if 0x80 <= second < 0xFE:  # masked, length in 7 bits: most frames, inline
+                at += second - 0x7A  # 2 head bytes, 4 of mask key, (second - 0x80) of payload
+                continue
+            end = _frame_end(data, at, size)
+            if end <= 0:
+                if end < 0:
+                    return self._refuse(data, at)
+                self._head = data[at:]
+                at = size
+                break
+            at = end
+        self._next = at - size
+        return self._reader.feed_data(data)
+
+    def _refuse(self, data: bytes, at: int) -> tuple[bool, bytes]:
+        """The frame starting at `data[at]` is unmasked: what precedes it goes to the reader,
+        nothing of it or after it ever does."""
+        self.refused = True
+        if at:
+            self._reader.feed_data(data[:at])
+        if self._queue.exception() is None:  # the reader's own complaint, if any, came first
+            set_exception(self._queue, UnmaskedFrame())
+        return _ENDED
+
+
+def _frame_end(data: bytes, at: int, size: int) -> int:
+    """Where the frame whose head starts at `data[at]` ends (head, mask key and payload,
+    possibly past `size`); 0 when its head is not all in `data[:size]`; -1 when its mask bit
+    is clear."""
+    if size - at < 2:
+        return 0
+    second = data[at + 1]
+    if second < 0x80:
+        return -1
+    length = second & 0x7F
+    if length < 126:
+        return at + 6 + length
+    if length == 126:
+        if size - at < 4:
+            return 0
+        return at + 8 + (data[at + 2] << 8 | data[at + 3])
+    if size - at < 10:
+        return 0
+    return at + 14 + int.from_bytes(data[at + 2 : at + 10], "big")
+
+
+class _ClientSocket(web.WebSocketResponse):
+    """aiohttp's server side of a WebSocket, its frame reader behind `MaskedFrames`. Relies on
+    aiohttp internals (`_post_start`, the handler's `_payload_parser` and `_message_tail`):
+    tests/integration/test_attacks_websocket_frames.py fails if an aiohttp upgrade moves them."""
+
+    def _post_start(
+        self, request: web.BaseRequest, protocol: str | None, writer: WebSocketWriter
+    ) -> None:
+        handler = request.protocol
+        # Bytes the client sent after its handshake, before the 101 (aiohttp keeps them for
+        # the reader, which `super()._post_start` creates and feeds them to): checked first.
+        early, handler._message_tail = handler._message_tail, b""
+        super()._post_start(request, protocol, writer)
+        assert self._reader is not None and handler._payload_parser is self._parser is not None
+        frames = MaskedFrames(self._parser, self._reader)
+        handler._payload_parser = frames
+        if early and frames.feed_data(early)[0]:
+            handler.close()
 
 
 def _has_token(headers: MultiMapping[str], name: str, token: str) -> bool:
@@ -138,11 +260,16 @@ class _End(Exception):
         reason: str,
         client: tuple[int, str] | None,
         upstream: tuple[int, str] | None,
+        *,
+        sent: int | None = None,
     ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.client = client  # (code, reason) to send the client; None: it closed already
         self.upstream = upstream
+        # The code aiohttp closed the client's side with (client None), for the access log:
+        # the socket's own close_code says 1006 then, as aiohttp stops reading at once.
+        self.sent = sent
 
 
 class _Socket:
@@ -264,7 +391,7 @@ class WebSockets:
     ) -> Refusal:
         """The handshake's refusal, logged with the route and the upstream's origin (no
         credentials, path or query: the log never holds the request)."""
-        self.failures.failed(route, str(url.origin()), reason, error)
+        self.failures.failed(route, str(url.origin()), reason, printable(error))
         return Refusal(reason, detail)
 
     async def relay(
@@ -317,7 +444,7 @@ class WebSockets:
             error = describe_failure(exc)
             raise self._failed(route, url, Reason.UPSTREAM_UNAVAILABLE, error) from None
         chosen = upstream.protocol
-        client = web.WebSocketResponse(
+        client = _ClientSocket(
             protocols=(chosen,) if chosen is not None else (),  # the upstream's choice
             autoping=False,
             autoclose=False,
@@ -342,7 +469,7 @@ class WebSockets:
                 "messages_in": socket.messages_in,
                 "messages_out": socket.messages_out,
                 "close_reason": end.reason,
-                "close_code": end.client[0] if end.client else client.close_code,
+                "close_code": end.client[0] if end.client else end.sent or client.close_code,
                 "subprotocol": chosen,
             }
         }
@@ -403,7 +530,12 @@ class WebSockets:
                     self._written.pop(key, None)
             self._count_close(route, final.reason)
             if token is not None and final.reason not in ("client_closed", "upstream_closed"):
-                log.info("websocket closed: %s (jti=%s sub=%s)", final.reason, token.jti, token.sub)
+                log.info(
+                    "websocket closed: %s (jti=%s sub=%s)",
+                    final.reason,
+                    quoted(token.jti),
+                    quoted(token.sub),
+                )
         return final
 
     def _count_close(self, route: str, reason: str) -> None:
@@ -531,7 +663,9 @@ class WebSockets:
             now = self._clock.now()
             if self._on_error == "allow":
                 metrics.STORE_FALLBACKS.labels("allow").inc()
-                log.warning("store unavailable: websocket of jti=%s kept unchecked", token.jti)
+                log.warning(
+                    "store unavailable: websocket of jti=%s kept unchecked", quoted(token.jti)
+                )
                 return None
             if self._on_error == "grace" and not policy.is_idle(
                 socket.last_local, now, socket.idle_timeout
@@ -573,11 +707,22 @@ def _finished(pumps: tuple[asyncio.Task[_End], ...]) -> _End | None:
 
 
 def _broken(data: Any, side: str) -> _End:
-    """A side's connection ended without a close frame, or sent a message over the limit."""
+    """A side's connection ended without a close frame, sent a message over the limit, or (the
+    client) an unmasked frame."""
+    if isinstance(data, UnmaskedFrame) and side == "client":
+        # aiohttp already closed the client's side with 1002.
+        return _End(
+            "unmasked_frame", None, _going_away("unmasked_frame"), sent=WSCloseCode.PROTOCOL_ERROR
+        )
     if isinstance(data, WebSocketError) and data.code == WSCloseCode.MESSAGE_TOO_BIG:
         # aiohttp already closed the sender's side with 1009.
         if side == "client":
-            return _End("message_too_big", None, _going_away("message_too_big"))
+            return _End(
+                "message_too_big",
+                None,
+                _going_away("message_too_big"),
+                sent=WSCloseCode.MESSAGE_TOO_BIG,
+            )
         return _End("message_too_big", (WSCloseCode.MESSAGE_TOO_BIG, "message_too_big"), None)
     if side == "client":
         return _End("client_closed", None, _going_away("client_closed"))
