@@ -196,7 +196,10 @@ class Forwarder:
             if request.headers.get("Expect", "").lower() == "100-continue":
                 # Only now, with the request routed, authorised and within max_body, does the
                 # client get to send its body (RFC 9110 §10.1.1).
-                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                try:
+                    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                except ConnectionError:
+                    raise _client_closed(request) from None
             body = await limit.read_small()  # before any upstream connection is taken
             if body is None:
                 body = limit.chunks()
@@ -225,25 +228,37 @@ class Forwarder:
         chunks = response.chunks()
         try:
             await out.prepare(request)
-            try:
-                async for chunk in chunks:
-                    await out.write(chunk)
-            except UpstreamError as exc:
-                # Headers are gone already: the only honest signal left is to cut the
-                # connection; the log says why.
-                context = "the response broke off after its head"
-                self.failures.refusal(match.label, upstream.origin, exc, context)
-                if request.transport is not None:
-                    request.transport.close()
-                return out
+            async for chunk in chunks:
+                await out.write(chunk)
             await out.write_eof()
             return out
+        except UpstreamError as exc:
+            # Headers are gone already: the only honest signal left is to cut the
+            # connection; the log says why.
+            context = "the response broke off after its head"
+            self.failures.refusal(match.label, upstream.origin, exc, context)
+            if request.transport is not None:
+                request.transport.close()
+            return out
+        except ConnectionError:
+            # Writing to the client failed: it went away (a cancelled download). The upstream
+            # fails only with UpstreamError, so this is the client's side, no fault of ours.
+            raise _client_closed(request) from None
         finally:
             await chunks.aclose()
-            response.close()
+            response.close()  # its connection is pooled only if the body was read to its end
 
     def _durations(self, label: str) -> BatchedHistogram:
         found = self._upstream_durations[label] = metrics.batched(
             metrics.UPSTREAM_DURATION.labels(label)
         )
         return found
+
+
+def _client_closed(request: web.BaseRequest) -> Refusal:
+    """The refusal for a client that went away while being written to: counted and logged
+    `client_closed`, no traceback. Its rendering is never sent, whatever was sent before: the
+    connection is aborted first, so aiohttp's attempt to write it fails (quietly)."""
+    if request.transport is not None:
+        request.transport.abort()
+    return Refusal(Reason.CLIENT_CLOSED, "the client closed the connection", close_connection=True)
