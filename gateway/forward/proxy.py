@@ -4,12 +4,14 @@ Bodyless requests to http:// upstreams (the common case) go through the lean kee
 (`forward/http1.py`), one per upstream origin; requests with a body, https upstreams and URLs
 with credentials through aiohttp (`forward/aiohttp_transport.py`). Whichever answered, the
 response is relayed the same way: a small body in one piece, anything else chunk by chunk
-(never read whole). A request body is cut off at `max_body`.
+(never read whole). A request body is cut off at `max_body`; on a route with auth required, a
+form-encoded one is also cut off at an `access_token` parameter (`FormTokenScan`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, NamedTuple
@@ -32,21 +34,172 @@ from gateway.forward.transport import (
 )
 from gateway.metrics import BatchedHistogram
 from gateway.reasons import Reason, Refusal
+from gateway.tokens.extract import _has_query_token  # the query's rule, applied to form bodies
 
 if TYPE_CHECKING:
     from gateway.routing import Match
 
 
+FORM = "application/x-www-form-urlencoded"
+_FORM_SEPARATOR = re.compile(rb"[&;]")  # as `_has_query_token` splits
+# What `str.strip()` removes (`str.isspace`) around a parameter name.
+_WHITESPACE = (
+    "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006"
+    "\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
+)
+
+
+def _percent(byte: int) -> tuple[bytes, ...]:
+    """`%XX` for `byte`, one pattern a character (a hex letter in either case)."""
+    hexes = f"{byte:02x}"
+    return (b"%", *(f"[{d}{d.upper()}]".encode() if d.isalpha() else d.encode() for d in hexes))
+
+
+def _ways(chars: str) -> list[tuple[bytes, ...]]:
+    """How a form body spells each of `chars`, as `unquote_plus` reads it: raw UTF-8,
+    percent-encoded UTF-8, `+` for a space; one pattern a character of the spelling."""
+    ways = []
+    for char in chars:
+        raw = char.encode()
+        ways.append(tuple(re.escape(bytes([byte])) for byte in raw))
+        ways.append(tuple(part for byte in raw for part in _percent(byte)))
+        if char == " ":
+            ways.append((rb"\+",))
+    return ways
+
+
+def _one_of(ways: list[tuple[bytes, ...]]) -> bytes:
+    """A pattern for any of `ways`, as a trie: at each byte, one cheap test per distinct next
+    byte (a flat alternation retries each way from its start, a hundred times slower here)."""
+    heads: dict[bytes, list[tuple[bytes, ...]]] = {}
+    for way in ways:
+        heads.setdefault(way[0], []).append(way[1:])
+    ends: list[bytes] = []  # ways that end with their head
+    branches: list[bytes] = []
+    for head, rests in heads.items():
+        longer = [rest for rest in rests if rest]
+        if not longer:
+            ends.append(head)
+        else:
+            branches.append(head + _one_of(longer) + (b"?" if len(longer) < len(rests) else b""))
+    if len(ends) > 1 and not any(head.startswith(b"[") for head in ends):
+        ends = [b"[" + b"".join(ends) + b"]"]  # one set test for the bytes that end a way
+    return b"(?:" + b"|".join(ends + branches) + b")"
+
+
+_SPACES = _one_of(_ways(_WHITESPACE)) + b"*"
+# A parameter whose name the query rule reads as `access_token` (spaces stripped, any case,
+# the Kelvin sign a `k` to `lower()`, ` ` and `.` as `_`, anything from `[` on dropped), from
+# the separator before it: searched in the body with a separator put in front.
+_TOKEN_NAME = re.compile(
+    b"[&;]"
+    + _SPACES
+    + b"".join(_one_of(_ways(c)) for c in ("aA", "cC", "cC", "eE", "sS", "sS", "_ ."))
+    + b"".join(_one_of(_ways(c)) for c in ("tT", "oO", "kK\u212a", "eE", "nN"))
+    + b"(?:"
+    + _one_of(_ways("["))
+    + b"|"
+    + _SPACES
+    + rb"(?:[=&;]|\Z))"
+)
+# A body holding none of these once lower-cased (a raw `token`, a percent-encoded letter of
+# it, a Kelvin sign) has no name that spells `token`: the common case, a few memchr scans.
+_TOKEN_HINTS = (
+    b"token",
+    b"to\xe2\x84\xaaen",
+    b"%e2%84%aa",
+    *(b"%%%02x" % ord(char) for char in "tokenTOKEN"),
+)
+
+
+def is_form(request: web.BaseRequest) -> bool:
+    """Whether a Content-Type of the request declares a form-encoded body (RFC 6750 §2.2's
+    carrier of a token): in any case, whatever its parameters (`; charset=UTF-8`)."""
+    return any(
+        value.partition(";")[0].strip(" \t").lower() == FORM
+        for value in request.headers.getall("Content-Type", ())
+    )
+
+
+def _holds_token(form: bytes) -> bool:
+    """Whether one of the whole parameters in `form` is an access_token by the query rule
+    (`_has_query_token`). That rule decides, but only for the parameters `_TOKEN_NAME` finds
+    in C: never a Python step per parameter, whatever the body holds."""
+    lowered = form.lower()
+    if not any(hint in lowered for hint in _TOKEN_HINTS):
+        return False
+    form = b"&" + form
+    found = _TOKEN_NAME.search(form)
+    while found is not None:
+        after = _FORM_SEPARATOR.search(form, found.end() - 1)
+        end = len(form) if after is None else after.start()
+        if _has_query_token(form[found.start() + 1 : end].decode("utf-8", "replace")):
+            return True
+        found = _TOKEN_NAME.search(form, end)
+    return False
+
+
+class FormTokenScan:
+    """Finds an `access_token` parameter in a form-encoded body fed piece by piece, under the
+    query's spelling rules (`_has_query_token`: percent-encoded, any case, after `;`, PHP's
+    `access.token`): what it finds in a body it would find in the same text as a query.
+
+    Only a parameter name is carried from one piece to the next (a value is skipped up to the
+    next separator), so a streamed body is judged without being held; only a name that never
+    ends (no `=`, `&` or `;`) grows, up to `max_body`. Pieces are cut at those ASCII bytes, so
+    no UTF-8 sequence is ever decoded in two halves."""
+
+    __slots__ = ("_in_value", "_name")
+
+    def __init__(self) -> None:
+        self._name = bytearray()  # the start of a parameter whose name has not ended yet
+        self._in_value = False  # inside a value: nothing matters before the next separator
+
+    def feed(self, piece: bytes, *, final: bool = False) -> bool:
+        """Whether the body holds an access_token parameter, judged as far as `piece`
+        (`final`: the body ends with it)."""
+        if self._in_value:
+            separator = _FORM_SEPARATOR.search(piece)
+            if separator is None:
+                return False
+            piece, self._in_value = piece[separator.end() :], False
+        last = max(piece.rfind(b"&"), piece.rfind(b";"))
+        if last >= 0:  # whole parameters, the first one continuing the carried name
+            whole, self._name = bytes(self._name) + piece[:last], bytearray()
+            if _holds_token(whole):
+                return True
+            piece = piece[last + 1 :]
+        equals = piece.find(b"=")
+        if equals >= 0:  # the name ended: its value is skipped
+            name, self._name = bytes(self._name) + piece[:equals], bytearray()
+            self._in_value = True
+            return _holds_token(name)
+        self._name += piece
+        if final:  # a last parameter without `=`: a name alone, as the query rule reads it
+            name, self._name = bytes(self._name), bytearray()
+            return _holds_token(name)
+        return False
+
+
 class BodyLimit:
     """Reads a request body: cut off once it grows past `max_body` (413), or once it goes
-    `timeout` seconds without a byte (408, as nginx's client_body_timeout). A body that ends
-    within SMALL_BODY is read whole before anything goes upstream (`read_small`), so a client
-    that dribbles it holds no upstream connection meanwhile; a larger one streams on."""
+    `timeout` seconds without a byte (408, as nginx's client_body_timeout), or, with `scan`,
+    at the piece that holds an `access_token` parameter (400 malformed_request). A body that
+    ends within SMALL_BODY is read whole before anything goes upstream (`read_small`), so a
+    client that dribbles it holds no upstream connection meanwhile; a larger one streams on."""
 
-    def __init__(self, request: web.BaseRequest, max_body: int, timeout: float) -> None:
+    def __init__(
+        self,
+        request: web.BaseRequest,
+        max_body: int,
+        timeout: float,
+        scan: FormTokenScan | None = None,
+    ) -> None:
         self._content = request.content
         self._max_body = max_body
         self._timeout = timeout
+        self._scan = scan
+        self._length = request.content_length  # declared: its last byte ends the body
         self._read: list[bytes] = []  # what read_small took, for chunks() to send first
         self._total = 0
         self.refusal: Refusal | None = None  # why the body was cut off, once it was
@@ -71,6 +224,14 @@ class BodyLimit:
         self._total += len(chunk)
         if self._total > self._max_body:
             self.refusal = Refusal(Reason.PAYLOAD_TOO_LARGE)
+            raise self.refusal
+        scan = self._scan
+        # Judged before the piece goes on: the upstream never gets the parameter's name, and
+        # a body cut off here never ends (as for max_body, the upstream connection is aborted).
+        if scan is not None and scan.feed(chunk, final=not chunk or self._total == self._length):
+            self.refusal = Refusal(
+                Reason.MALFORMED_REQUEST, "a token in the form body is not accepted"
+            )
             raise self.refusal
         return chunk
 
@@ -192,7 +353,10 @@ class Forwarder:
         body: bytes | AsyncIterator[bytes] | None = None
         if request.body_exists:
             transport, target = self._aiohttp, base_url + path
-            limit = BodyLimit(request, self._config.max_body, self._body_timeout)
+            # A second token in the body (RFC 6750 §2.2), which the upstream might use instead
+            # of the one verified: refused where one in the query is (routes with auth).
+            scan = FormTokenScan() if match.route.auth == "required" and is_form(request) else None
+            limit = BodyLimit(request, self._config.max_body, self._body_timeout, scan)
             if request.headers.get("Expect", "").lower() == "100-continue":
                 # Only now, with the request routed, authorised and within max_body, does the
                 # client get to send its body (RFC 9110 §10.1.1).
