@@ -22,7 +22,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
 from gateway import metrics
-from gateway.logs import RateLimitedLog
+from gateway.logs import RateLimitedLog, printable
 
 log = logging.getLogger("idlegate")
 
@@ -150,7 +150,7 @@ class GuardedRequestHandler(RequestHandler):
         self._unparsed_log.warning(
             "refused a malformed HTTP request (400) from %s: %s",
             request.remote,
-            parser_complaint(exc),
+            printable(parser_complaint(exc)),
         )
         response = self._on_unparsed(request)
         response.force_close()  # what follows a misparsed head cannot be trusted either

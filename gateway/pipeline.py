@@ -64,7 +64,7 @@ from gateway.forward_auth import (
     TrustedPeers,
     original_request,
 )
-from gateway.logs import RateLimitedLog
+from gateway.logs import RateLimitedLog, quoted
 from gateway.reasons import Reason, Refusal, rfc6750_text
 from gateway.revocation import RevocationList
 from gateway.routing import Match, Router
@@ -506,11 +506,11 @@ class Pipeline:
         last_activity = policy.on_store_failure(mode, seen, now, idle_timeout)
         if mode == "allow":
             self._fallback_log.warning(
-                "store unavailable: forwarding jti=%s without idle check", token.jti
+                "store unavailable: forwarding jti=%s without idle check", quoted(token.jti)
             )
         else:
             self._fallback_log.warning(
-                "store unavailable: jti=%s allowed on local activity", token.jti
+                "store unavailable: jti=%s allowed on local activity", quoted(token.jti)
             )
         metrics.STORE_FALLBACKS.labels(mode).inc()
         record.reason = Reason.STORE_UNAVAILABLE.code

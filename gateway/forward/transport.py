@@ -19,6 +19,7 @@ from typing import ClassVar, Final, Protocol, TypeAlias
 from multidict import CIMultiDict
 
 from gateway.forward.headers import UpstreamHeaders
+from gateway.logs import printable
 from gateway.reasons import Reason, Refusal
 
 Body: TypeAlias = bytes | AsyncIterable[bytes] | None  # a request body: whole, or streamed
@@ -178,7 +179,7 @@ class UpstreamFailureLog:
         self._last[key] = (now, 0)
         more = f" (and {suppressed} more like it since the last line)" if suppressed else ""
         line = "upstream failed: route=%s upstream=%s reason=%s error=%s%s"
-        log.warning(line, route, origin, reason.code, error, more)
+        log.warning(line, route, origin, reason.code, printable(error), more)
 
     def refusal(
         self, route: str, origin: str, exc: UpstreamError, context: str | None = None
