@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from typing import Any
 
 # JSON's short escapes; every other character that needs one is written \uXXXX.
 _SHORT = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
@@ -57,6 +58,13 @@ class RateLimitedLog:
         self._folded = 0
 
     def warning(self, message: str, *args: object) -> None:
+        self._emit(logging.WARNING, message, args)
+
+    def exception(self, message: str, *args: object) -> None:
+        """An ERROR with the traceback being handled, as `Logger.exception`."""
+        self._emit(logging.ERROR, message, args, exc_info=True)
+
+    def _emit(self, level: int, message: str, args: tuple[object, ...], **options: Any) -> None:
         now = time.monotonic()
         if now - self._last < self._interval:
             self._folded += 1
@@ -65,4 +73,4 @@ class RateLimitedLog:
             message += " (and %d more like it since the last such line)"
             args = (*args, self._folded)
         self._last, self._folded = now, 0
-        self._log.warning(message, *args)
+        self._log.log(level, message, *args, **options)

@@ -244,6 +244,8 @@ class Pipeline:
         # Through an outage every request falls back: one line per 10 s, not one per request
         # (each is counted in STORE_FALLBACKS and, with its jti, in the access log).
         self._fallback_log = RateLimitedLog(log, interval=10.0)
+        # A bug a client can reach would otherwise be a traceback per request it sends.
+        self._failure_log = RateLimitedLog(log, interval=1.0)
         self._strip_authorization = config.forward.strip_authorization
         self._timed_upstream = access_log.enabled  # upstream_ms: a field of the access log
         self._idle_gap = metrics.batched(metrics.TOKEN_IDLE_GAP)
@@ -340,7 +342,7 @@ class Pipeline:
                 # next may be that body or its next request, and nothing can tell which.
                 response.force_close()
         except Exception:
-            log.exception("request %s failed", request_id)
+            self._failure_log.exception("request %s failed", request_id)
             response = _refused(Refusal(Reason.INTERNAL_ERROR), request_id, record)
         finally:
             traffic.in_flight -= 1
@@ -385,7 +387,7 @@ class Pipeline:
             # nginx's auth_request drops the body: the reason code, for its error_page recipe.
             response.headers[REASON_HEADER] = refusal.reason.code
         except Exception:
-            log.exception("forward-auth request %s failed", request_id)
+            self._failure_log.exception("forward-auth request %s failed", request_id)
             response = _refused(Refusal(Reason.INTERNAL_ERROR), request_id, record)
             response.headers[REASON_HEADER] = Reason.INTERNAL_ERROR.code
         finally:

@@ -454,6 +454,9 @@ class WebSockets:
         )
         try:
             await client.prepare(request)
+        except ConnectionError:  # the client left before its handshake's answer went out
+            await upstream.close(code=WSCloseCode.GOING_AWAY)
+            raise Refusal(Reason.CLIENT_CLOSED, close_connection=True) from None
         except BaseException:
             await upstream.close(code=WSCloseCode.GOING_AWAY)
             raise
