@@ -286,6 +286,10 @@ class Provider(_Model):
     # Remote key refresh bounds; Cache-Control max-age is honoured between them.
     jwks_min_refresh: Duration = 60.0
     jwks_max_refresh: Duration = 3600.0
+    # A token's unknown kid refetches the keys at once, at most once per this (per provider and
+    # replica): any client can send a junk kid, so it is how long a key the IdP publishes just
+    # after may be refused. Apart from the background refresh bounds above.
+    jwks_miss_refetch: Duration = 5.0
 
     @field_validator("algorithms")
     @classmethod
@@ -304,6 +308,13 @@ class Provider(_Model):
             if not one:
                 raise ValueError("must be a non-empty string or a non-empty list of them")
         return issuer
+
+    @field_validator("jwks_miss_refetch")
+    @classmethod
+    def _refetch_limited(cls, interval: float) -> float:
+        if interval <= 0:
+            raise ValueError("must be more than 0 (it limits how often an unknown kid refetches)")
+        return interval
 
     @property
     def issuers(self) -> list[str]:

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
 import random
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, NoReturn
+from typing import Any, NoReturn
 
 import aiohttp
 from cryptography import x509
@@ -326,16 +327,49 @@ class _FetchError(Exception):
     pass
 
 
-class _FetchResult(NamedTuple):
-    ok: bool
-    fresh_for: float | None = None  # from Cache-Control; None when the response did not say
+# A JWK Set's usable keys and how long its response said they stay fresh (None: unstated).
+_KeySet = tuple[list[VerificationKey], float | None]
+
+
+def _retrieve(task: asyncio.Task[_KeySet]) -> None:
+    """Mark a key set fetch's failure seen: every source that awaited it may have timed out."""
+    if not task.cancelled():
+        task.exception()
+
+
+def _fingerprint(key: VerificationKey) -> tuple[str | None, frozenset[str], bytes]:
+    """What makes two keys one: kid, algorithms and the public key's bytes."""
+    if isinstance(key.key, bytes):
+        return key.kid, key.algorithms, key.key
+    material = key.key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return key.kid, key.algorithms, material
+
+
+@dataclass(eq=False, slots=True)
+class _KeySource:
+    """One place a provider's keys come from: its configured jwks_uri, or one listed issuer's
+    discovery. It keeps its last good keys, so its outage costs no other source its keys or its
+    rotations."""
+
+    issuer: str | None  # discovered from this issuer; None: the configured jwks_uri
+    jwks_uri: str | None  # None until discovered (again)
+    keys: list[VerificationKey] = field(default_factory=list)
+    problem: str | None = None  # why its last attempt failed; None after a success
+    failures: int = 0  # attempts failed in a row: the retry backoff's exponent
+    due: float = 0.0  # event-loop time of its next background refresh
+    inflight: asyncio.Task[None] | None = None  # its fetch now: never more than one
 
 
 class KeyRing:
     """The verification keys of one provider, kept fresh; `lookup` is the request fast path.
 
     A ring whose only key has no kid (public_key_file, hmac_secret_env, a kid-less single-key
-    JWKS) returns that key for any token kid: there is no kid to compare with.
+    JWKS) returns that key for any token kid: there is no kid to compare with. Remote keys come
+    from one source per listed issuer (discovery) or from the jwks_uri; each is fetched on its
+    own, and the ring holds the union of every source's last good keys (a kid two sources
+    publish is the first source's).
     """
 
     def __init__(
@@ -345,14 +379,16 @@ class KeyRing:
         environ: Mapping[str, str] | None = None,
         *,
         clock: Clock | None = None,
-        miss_refetch_interval: float = 30.0,
+        miss_refetch_interval: float | None = None,  # None: the provider's jwks_miss_refetch
         backoff_base: float = 1.0,
         backoff_cap: float = 30.0,
         fetch_timeout: float = 5.0,
         max_document_bytes: int = 1024 * 1024,
     ) -> None:
         self.provider = provider
-        self.miss_refetch_interval = miss_refetch_interval
+        self.miss_refetch_interval = (
+            provider.jwks_miss_refetch if miss_refetch_interval is None else miss_refetch_interval
+        )
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
         self.fetch_timeout = fetch_timeout
@@ -361,16 +397,19 @@ class KeyRing:
         self._owns_http = False
         self._environ = environ
         self._clock: Clock = clock or SystemClock()
+        self._keys: list[VerificationKey] = []
         self._by_kid: dict[str, VerificationKey] = {}
         self._single: VerificationKey | None = None
         self._count = 0
-        # Bumped whenever the key set is replaced: what `lookup` answers changes only with it.
+        # Bumped whenever the key set changes: what `lookup` answers changes only with it.
         self.generation = 0
-        # The key set URLs: jwks_uri, or one per listed issuer found by discovery.
-        self._jwks_uris: list[str] | None = (
-            [provider.jwks_uri] if provider.jwks_uri is not None else None
-        )
-        self._inflight: asyncio.Task[_FetchResult] | None = None
+        self._sources: list[_KeySource] = []
+        if provider.jwks_uri is not None:
+            self._sources = [_KeySource(issuer=None, jwks_uri=provider.jwks_uri)]
+        elif provider.discovery:
+            issuers = dict.fromkeys(provider.issuers)
+            self._sources = [_KeySource(issuer=issuer, jwks_uri=None) for issuer in issuers]
+        self._rescheduled = asyncio.Event()  # a source's fetch ended: its next one moved
         self._runner: asyncio.Task[None] | None = None
         self._last_miss_refetch: float | None = None
         self._closed = False
@@ -383,7 +422,10 @@ class KeyRing:
 
     @property
     def ready(self) -> bool:
-        """True once the ring holds at least one usable key (it never goes back to empty)."""
+        """True once the ring holds at least one usable key (it never goes back to empty).
+
+        With several issuers that is once any of them gave keys: the tenants that answer are
+        served while `last_error` names each one that does not."""
         return self._count > 0
 
     @property
@@ -400,25 +442,24 @@ class KeyRing:
         return self._by_kid.get(kid)
 
     async def lookup_or_refresh(self, kid: str | None) -> VerificationKey | None:
-        """`lookup`, and on a miss refetch the key set (rotation) at most once per interval.
+        """`lookup`, and on a miss refetch every key source (rotation) at most once per
+        `miss_refetch_interval`.
 
-        Concurrent misses wait for one shared fetch; a fetch already running (first load,
-        background refresh) is joined instead of starting another.
+        Concurrent misses wait for one shared fetch; a source's fetch already running (first
+        load, background refresh) is joined instead of starting another. A wait ends as soon
+        as the kid is installed: a hanging source does not delay a key another one published.
         """
         found = self.lookup(kid)
         if found is not None or not self.remote or self._closed:
             return found
-        task = self._inflight
-        if task is None:
+        fetches = [source.inflight for source in self._sources if source.inflight is not None]
+        if len(fetches) < len(self._sources):
             now = self._clock.now()
             last = self._last_miss_refetch
-            if last is not None and 0 <= now - last < self.miss_refetch_interval:
-                return None
-            self._last_miss_refetch = now
-            task = self._fetch_shared()
-        # asyncio.wait never cancels the fetch, even if this request is cancelled.
-        await asyncio.wait([task])
-        return self.lookup(kid)
+            if last is None or not 0 <= now - last < self.miss_refetch_interval:
+                self._last_miss_refetch = now
+                fetches = self._fetch(self._sources)
+        return await self._await_fetches(fetches, kid)
 
     async def start(self) -> None:
         """Load file/env keys (raising `KeySourceError`), or make the first remote fetch.
@@ -434,25 +475,27 @@ class KeyRing:
                 JWKS_REFRESH.labels(provider=provider.name, result="error").inc()
                 self.last_error = f"{exc.field}: {exc.detail}"
                 raise
+            JWKS_REFRESH.labels(provider=provider.name, result="ok").inc()
+            self.last_success = self._clock.now()
             self._install(keys, source=source)
         else:
             if self._http is None:
                 self._http = aiohttp.ClientSession()
                 self._owns_http = True
-            outcome = await asyncio.shield(self._fetch_shared())
+            await asyncio.wait(self._fetch(self._sources))  # never cancelled with start
             self._runner = asyncio.get_running_loop().create_task(
-                self._refresh_loop(outcome), name=f"idlegate-keys-{provider.name}"
+                self._refresh_loop(), name=f"idlegate-keys-{provider.name}"
             )
 
     async def close(self) -> None:
         """Stop background refreshes; the keys held stay usable for `lookup`."""
         self._closed = True
-        for task in (self._runner, self._inflight):
+        for task in (self._runner, *(source.inflight for source in self._sources)):
             if task is not None and not task.done():
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        self._runner = self._inflight = None
+        self._runner = None
         if self._owns_http and self._http is not None:
             await self._http.close()
             self._http = None
@@ -460,17 +503,23 @@ class KeyRing:
     # -- remote source ------------------------------------------------------------------------
 
     def _install(self, keys: list[VerificationKey], *, source: str) -> None:
-        """Replace the key set in one step (lookups see the old set or the new one, never a mix)."""
+        """Replace the key set in one step (lookups see the old set or the new one, never a mix).
+        `generation` moves only when the set does: a decision kept for a key still in place
+        stays valid; one for a retired or changed key does not."""
+        JWKS_KEYS.labels(provider=self.provider.name).set(len(keys))
+        old = self._keys
+        if len(keys) == len(old) and {id(key) for key in keys} == {id(key) for key in old}:
+            log.debug(
+                "provider %s: %d keys from %s, unchanged", self.provider.name, len(keys), source
+            )
+            return
         before = set(self._by_kid)
         had = self._count
+        self._keys = keys
         self._by_kid = {key.kid: key for key in keys if key.kid is not None}
         self._single = keys[0] if len(keys) == 1 else None
         self._count = len(keys)
         self.generation += 1
-        self.last_success = self._clock.now()
-        self.last_error = None
-        JWKS_REFRESH.labels(provider=self.provider.name, result="ok").inc()
-        JWKS_KEYS.labels(provider=self.provider.name).set(len(keys))
         after = set(self._by_kid)
         level = logging.INFO if (after != before or had != len(keys)) else logging.DEBUG
         log.log(
@@ -483,33 +532,72 @@ class KeyRing:
             sorted(before - after),
         )
 
-    def _fetch_shared(self) -> asyncio.Task[_FetchResult]:
-        """The running fetch, or a new one: there is never more than one per provider."""
-        if self._inflight is None or self._inflight.done():
-            self._inflight = asyncio.get_running_loop().create_task(self._fetch())
-            self._inflight.add_done_callback(self._fetch_done)
-        return self._inflight
+    async def _await_fetches(
+        self, fetches: list[asyncio.Task[None]], kid: str | None
+    ) -> VerificationKey | None:
+        """`lookup(kid)` once the fetches are done, or as soon as one of them brought the kid."""
+        while True:
+            found = self.lookup(kid)
+            pending = [task for task in fetches if not task.done()]
+            if found is not None or not pending:
+                return found
+            # asyncio.wait never cancels the fetches, even if this request is cancelled.
+            await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
 
-    def _fetch_done(self, task: asyncio.Task[_FetchResult]) -> None:
-        if self._inflight is task:
-            self._inflight = None
+    def _fetch(self, sources: list[_KeySource]) -> list[asyncio.Task[None]]:
+        """The fetch of each source: the one running, or a new one. The new ones run
+        concurrently, each within `fetch_timeout`, each installed as it answers; a key set
+        several of them name is fetched once."""
+        loop = asyncio.get_running_loop()
+        key_sets: dict[str, asyncio.Task[_KeySet]] = {}
+        delays: dict[str, float] = {}  # one jitter per key set: sources sharing it stay aligned
+        started = []
+        for source in sources:
+            if source.inflight is None:
+                task = loop.create_task(self._refresh(source, key_sets, delays))
+                task.add_done_callback(functools.partial(self._refreshed, source))
+                source.inflight = task
+                started.append(task)
+        if started:
 
-    async def _fetch(self) -> _FetchResult:
-        """One refresh: (discovery,) JWKS, parse, install. Failures keep the current keys."""
-        name = self.provider.name
+            def forget(_: object) -> None:
+                # A key set every waiter gave up on (its deadline passed) is fetched no longer.
+                for key_set in key_sets.values():
+                    key_set.cancel()
+
+            asyncio.gather(*started, return_exceptions=True).add_done_callback(forget)
+        return [source.inflight for source in sources if source.inflight is not None]
+
+    def _refreshed(self, source: _KeySource, task: asyncio.Task[None]) -> None:
+        if source.inflight is task:
+            source.inflight = None
+        self._rescheduled.set()
+
+    async def _refresh(
+        self,
+        source: _KeySource,
+        key_sets: dict[str, asyncio.Task[_KeySet]],
+        delays: dict[str, float],
+    ) -> None:
+        """(Discovery,) JWKS, parse, install, for one source. A failure keeps its keys."""
         try:
             async with asyncio.timeout(self.fetch_timeout):
-                if self._jwks_uris is None:
-                    found = [await self._discover(issuer) for issuer in self.provider.issuers]
-                    self._jwks_uris = list(dict.fromkeys(found))  # tenants often share one
-                jwks_uris = self._jwks_uris
+                if source.jwks_uri is None:
+                    assert source.issuer is not None
+                    source.jwks_uri = await self._discover(source.issuer)
+                jwks_uri = source.jwks_uri
+                task = key_sets.get(jwks_uri)
+                if task is None:
+                    task = asyncio.get_running_loop().create_task(self._fetch_key_set(jwks_uri))
+                    task.add_done_callback(_retrieve)
+                    key_sets[jwks_uri] = task
                 try:
-                    keys, fresh_for = await self._fetch_key_sets(jwks_uris)
+                    # Shielded: this source's deadline must not cancel another's wait for it.
+                    keys, fresh_for = await asyncio.shield(task)
                 except (_FetchError, UnusableKeyError, aiohttp.ClientError, OSError):
-                    if self.provider.discovery:
-                        self._jwks_uris = None  # discover again next time: jwks_uri may move
+                    if source.issuer is not None:
+                        source.jwks_uri = None  # discover again next time: jwks_uri may move
                     raise
-                jwks_uri = ", ".join(jwks_uris)
         except (_FetchError, UnusableKeyError) as exc:
             problem = str(exc)
         except TimeoutError:  # before OSError, its base class
@@ -517,42 +605,87 @@ class KeyRing:
         except (aiohttp.ClientError, OSError) as exc:
             problem = f"{type(exc).__name__}: {exc}"
         except Exception as exc:  # a bug must not kill the ring; count it like any failure
-            log.exception("provider %s: unexpected error fetching keys", name)
+            log.exception("provider %s: unexpected error fetching keys", self.provider.name)
             problem = f"unexpected {type(exc).__name__}"
         else:
-            self._install(keys, source=jwks_uri)
-            return _FetchResult(ok=True, fresh_for=fresh_for)
-        JWKS_REFRESH.labels(provider=name, result="error").inc()
-        self.last_error = problem
-        log.warning(
-            "provider %s: key refresh failed: %s (holding %d keys)", name, problem, self._count
-        )
-        return _FetchResult(ok=False)
+            provider = self.provider
+            if jwks_uri not in delays:
+                minimum, maximum = provider.jwks_min_refresh, provider.jwks_max_refresh
+                delays[jwks_uri] = refresh_delay(fresh_for, minimum, maximum)
+            self._succeeded(source, keys, delays[jwks_uri])
+            return
+        self._failed(source, problem)
 
-    async def _fetch_key_sets(
-        self, jwks_uris: list[str]
-    ) -> tuple[list[VerificationKey], float | None]:
-        """Every key set's keys (a kid seen twice is one key); fresh for the shortest max-age.
-        One unusable key set fails the refresh: the provider's keys are all or nothing."""
+    def _succeeded(self, source: _KeySource, keys: list[VerificationKey], delay: float) -> None:
+        # The objects already held stand for the same keys: lookups, and so the decisions kept
+        # for them, see no change when a refetch brings nothing new.
+        held = {_fingerprint(key): key for other in self._sources for key in other.keys}
+        source.keys = [held.get(_fingerprint(key), key) for key in keys]
+        source.problem = None
+        source.failures = 0
+        source.due = asyncio.get_running_loop().time() + delay
+        self.last_success = self._clock.now()
+        JWKS_REFRESH.labels(provider=self.provider.name, result="ok").inc()
+        self._install(self._union(), source=str(source.jwks_uri))
+        self._report()
+
+    def _failed(self, source: _KeySource, problem: str) -> None:
+        source.problem = problem
+        # The exponent is capped: 2**1024 is no float, and a long outage must not end the loop.
+        backoff = self.backoff_base * 2 ** min(source.failures, 32)
+        source.due = asyncio.get_running_loop().time() + min(self.backoff_cap, backoff)
+        source.failures += 1
+        JWKS_REFRESH.labels(provider=self.provider.name, result="error").inc()
+        self._report()
+        if len(self._sources) == 1:
+            log.warning(
+                "provider %s: key refresh failed: %s (holding %d keys)",
+                self.provider.name,
+                problem,
+                self._count,
+            )
+        else:
+            log.warning(
+                "provider %s: key refresh failed: issuer %s: %s (holding %d of its keys, "
+                "%d in all)",
+                self.provider.name,
+                source.issuer,
+                problem,
+                len(source.keys),
+                self._count,
+            )
+
+    def _union(self) -> list[VerificationKey]:
         named: dict[str, VerificationKey] = {}
         unnamed: list[VerificationKey] = []
-        fresh: list[float] = []
-        for jwks_uri in jwks_uris:
-            document, fresh_for = await self._get_json(jwks_uri, "JWKS")
-            found = keys_from_jwks(document, self.provider.algorithms, provider=self.provider.name)
-            if not found:
-                raise _FetchError(
-                    f"JWKS at {jwks_uri} has no usable key for algorithms "
-                    f"{self.provider.algorithms}"
-                )
-            for key in found:
-                if key.kid is None:
-                    unnamed.append(key)
-                else:
+        for source in self._sources:
+            for key in source.keys:
+                if key.kid is not None:
                     named.setdefault(key.kid, key)
-            if fresh_for is not None:
-                fresh.append(fresh_for)
-        return [*named.values(), *unnamed], min(fresh) if fresh else None
+                elif all(key is not other for other in unnamed):  # one key set, two sources
+                    unnamed.append(key)
+        return [*named.values(), *unnamed]
+
+    def _describe(self, source: _KeySource) -> str:
+        """A source's problem, named by its issuer when the provider has several."""
+        if len(self._sources) == 1:
+            return str(source.problem)
+        held = f"{len(source.keys)} of its keys kept" if source.keys else "none of its keys yet"
+        return f"issuer {source.issuer}: {source.problem} ({held})"
+
+    def _report(self) -> None:
+        failing = [source for source in self._sources if source.problem is not None]
+        self.last_error = "; ".join(self._describe(source) for source in failing) or None
+
+    async def _fetch_key_set(self, jwks_uri: str) -> _KeySet:
+        """A key set's usable keys; one without any is a failure of its source."""
+        document, fresh_for = await self._get_json(jwks_uri, "JWKS")
+        found = keys_from_jwks(document, self.provider.algorithms, provider=self.provider.name)
+        if not found:
+            raise _FetchError(
+                f"JWKS at {jwks_uri} has no usable key for algorithms {self.provider.algorithms}"
+            )
+        return found, fresh_for
 
     async def _discover(self, issuer: str) -> str:
         """OIDC Discovery 1.0 §4: the issuer's configuration names the JWKS; issuer must match.
@@ -601,19 +734,25 @@ class KeyRing:
         except (ValueError, UnicodeDecodeError):
             raise _FetchError(f"{what} at {url} is not valid JSON") from None
 
-    async def _refresh_loop(self, outcome: _FetchResult) -> None:
-        """Refetch before the keys go stale; after a failure retry with exponential backoff."""
-        provider = self.provider
-        failures = 0
+    async def _refresh_loop(self) -> None:
+        """Refetch each source a little before its keys go stale, a failed one with exponential
+        backoff; an idle source sharing a due source's key set comes along (one fetch of it)."""
+        loop = asyncio.get_running_loop()
         while True:
-            if outcome.ok:
-                failures = 0
-                delay = refresh_delay(
-                    outcome.fresh_for, provider.jwks_min_refresh, provider.jwks_max_refresh
-                )
-            else:
-                delay = min(self.backoff_cap, self.backoff_base * 2**failures)
-                failures += 1
-            log.debug("provider %s: next key refresh in %.2fs", provider.name, delay)
-            await asyncio.sleep(delay)
-            outcome = await asyncio.shield(self._fetch_shared())
+            self._rescheduled.clear()
+            now = loop.time()
+            idle = [source for source in self._sources if source.inflight is None]
+            due = [source for source in idle if source.due <= now]
+            if due:
+                shared = {source.jwks_uri for source in due if source.jwks_uri is not None}
+                due += [s for s in idle if s not in due and s.jwks_uri in shared]
+                self._fetch(due)
+                continue
+            delay = min((source.due for source in idle), default=None)
+            if delay is not None:
+                delay -= now
+                log.debug("provider %s: next key refresh in %.2fs", self.provider.name, delay)
+            # Until the next source is due, or a fetch (an unknown kid's, too) ends.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._rescheduled.wait()

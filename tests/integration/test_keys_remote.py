@@ -8,11 +8,13 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import jwt
 import pytest
+from aiohttp import web
 from jwks_server import JwksServer, SigningKey, claims, ec_key, rsa_key
 from prometheus_client import REGISTRY
 
@@ -337,3 +339,250 @@ async def test_logs_name_the_provider_but_hold_no_key_material(
     modulus = k1.public_jwk()["n"]
     assert modulus[:16] not in text
     assert idp.extra_jwks[0]["d"][:16] not in text
+
+
+# -- several issuers (one discovery each): each tenant's keys on their own -----------------------
+
+
+@dataclass
+class TenantServer(JwksServer):
+    """A JwksServer whose discovery document may name another server's JWKS."""
+
+    named_jwks_uri: str | None = None
+
+    async def _discovery(self, request: web.Request) -> web.Response:
+        self.discovery_requests += 1
+        document = {"issuer": self.issuer, "jwks_uri": self.named_jwks_uri or self.jwks_uri}
+        return await self._answer(request, document, cache=False)
+
+
+@pytest.fixture(scope="module")
+def a1() -> SigningKey:
+    return rsa_key("a1")
+
+
+@pytest.fixture(scope="module")
+def b1() -> SigningKey:
+    return rsa_key("b1")
+
+
+@pytest.fixture
+async def tenants(a1: SigningKey, b1: SigningKey) -> AsyncIterator[tuple[TenantServer, ...]]:
+    """Two tenants of one IdP (Entra-like paths), each with its discovery document and JWKS."""
+    servers = (
+        TenantServer([a1], issuer_path="/tenant-a/v2.0"),
+        TenantServer([b1], issuer_path="/tenant-b/v2.0"),
+    )
+    for server in servers:
+        await server.start()
+    yield servers
+    for server in servers:
+        await server.stop()
+
+
+def verifies(key: Any, signer: SigningKey, issuer: str) -> bool:
+    token = signer.sign(claims(issuer, "api"))
+    return bool(jwt.decode(token, key.key, algorithms=sorted(key.algorithms), audience="api"))
+
+
+async def test_one_tenant_down_does_not_hold_back_another_tenants_rotation(
+    tenants: tuple[TenantServer, ...], make_ring: MakeRing, a1: SigningKey, b1: SigningKey
+) -> None:
+    a, b = tenants
+    clock = ManualClock()
+    ring = make_ring(a, issuer=[a.issuer, b.issuer], ring={"clock": clock})
+    await ring.start()
+    assert ring.lookup("a1") is not None and ring.lookup("b1") is not None
+    generation = ring.generation
+    b.fail(500)
+    a2 = rsa_key("a2")
+    a.rotate(a1, a2)
+    key = await ring.lookup_or_refresh("a2")
+    assert key is not None and verifies(key, a2, a.issuer)
+    assert ring.generation == generation + 1
+    b_key = ring.lookup("b1")  # B's last good keys stay usable
+    assert b_key is not None and verifies(b_key, b1, b.issuer)
+    assert ring.key_count == 3
+    assert keys_gauge(ring) == 3
+    assert refreshes(ring, "error") == 1
+    assert ring.last_error is not None
+    assert f"issuer {b.issuer}: " in ring.last_error
+    assert "HTTP 500" in ring.last_error and "1 of its keys kept" in ring.last_error
+    assert a.issuer not in ring.last_error
+    # Down altogether (connection refused), and A rotates again: still picked up.
+    await b.stop()
+    a3 = ec_key("a3")
+    a.rotate(a2, a3)
+    clock.advance(ring.miss_refetch_interval)
+    key = await ring.lookup_or_refresh("a3")
+    assert key is not None and verifies(key, a3, a.issuer)
+    assert ring.lookup("a1") is None  # A retired it; A's answer is what counts for A's keys
+    assert ring.lookup("b1") is not None
+    await b.start()  # same port: B's source recovers on its own backoff
+    b.recover()
+    await eventually(lambda: ring.last_error is None, within=2.0)
+    assert ring.lookup("b1") is not None
+
+
+async def test_a_ring_started_while_one_tenant_is_down_is_ready_for_the_others(
+    tenants: tuple[TenantServer, ...], make_ring: MakeRing, a1: SigningKey, b1: SigningKey
+) -> None:
+    a, b = tenants
+    await b.stop()
+    ring = make_ring(a, issuer=[a.issuer, b.issuer])
+    await ring.start()
+    assert ring.ready
+    key = ring.lookup("a1")
+    assert key is not None and verifies(key, a1, a.issuer)
+    assert ring.lookup("b1") is None
+    assert refreshes(ring, "ok") == 1 and refreshes(ring, "error") == 1
+    assert ring.last_error is not None
+    assert f"issuer {b.issuer}: ClientConnectorError" in ring.last_error
+    assert "none of its keys yet" in ring.last_error
+    await b.start()
+    waited = await eventually(lambda: ring.lookup("b1") is not None, within=2.0)
+    assert waited < 1.0  # B retries after 0.2 s, 0.4 s: it does not wait for A's max-age
+    assert ring.last_error is None
+    assert a.discovery_requests == 1  # A's source was not refetched meanwhile
+
+
+async def test_a_hanging_tenant_does_not_delay_another_tenants_new_key(
+    tenants: tuple[TenantServer, ...], make_ring: MakeRing, a1: SigningKey
+) -> None:
+    a, b = tenants
+    ring = make_ring(a, issuer=[a.issuer, b.issuer], ring={"fetch_timeout": 2.0})
+    await ring.start()
+    b.hang()
+    a2 = rsa_key("a2")
+    a.rotate(a1, a2)
+    started = time.monotonic()
+    key = await ring.lookup_or_refresh("a2")
+    assert time.monotonic() - started < 1.0  # installed as A answered, B still pending
+    assert key is not None and verifies(key, a2, a.issuer)
+    assert ring.lookup("b1") is not None
+
+
+async def test_a_tenants_hanging_background_refresh_does_not_delay_another_tenants_new_key(
+    tenants: tuple[TenantServer, ...], make_ring: MakeRing, a1: SigningKey
+) -> None:
+    a, b = tenants
+    b.cache_control = "max-age=1"  # B refreshes after 0.8-0.9 s; A (max-age=300) does not
+    ring = make_ring(
+        a, issuer=[a.issuer, b.issuer], jwks_min_refresh=0.5, ring={"fetch_timeout": 2.0}
+    )
+    await ring.start()
+    b.hang()
+    await eventually(lambda: b.jwks_requests == 2, within=1.5)  # B's refresh, now hanging
+    a2 = rsa_key("a2")
+    a.rotate(a1, a2)
+    started = time.monotonic()
+    key = await ring.lookup_or_refresh("a2")  # joins B's fetch, starts A's: A's answer counts
+    assert time.monotonic() - started < 0.5
+    assert key is not None and verifies(key, a2, a.issuer)
+    assert a.jwks_requests == 2 and b.jwks_requests == 2
+
+
+async def test_all_tenants_down_at_start_is_not_ready(
+    tenants: tuple[TenantServer, ...], make_ring: MakeRing
+) -> None:
+    a, b = tenants
+    a.fail(503)
+    b.fail(500)
+    ring = make_ring(a, issuer=[a.issuer, b.issuer], ring={"backoff_base": 5.0})
+    await ring.start()
+    assert not ring.ready
+    assert refreshes(ring, "error") == 2
+    assert ring.last_error is not None
+    assert "HTTP 503" in ring.last_error and "HTTP 500" in ring.last_error
+
+
+async def test_a_kid_two_tenants_publish_is_the_first_tenants(
+    tenants: tuple[TenantServer, ...], make_ring: MakeRing, a1: SigningKey, b1: SigningKey
+) -> None:
+    a, b = tenants
+    b.rotate(b1, rsa_key("a1"))  # another key under A's kid
+    ring = make_ring(a, issuer=[a.issuer, b.issuer])
+    await ring.start()
+    key = ring.lookup("a1")
+    assert key is not None and verifies(key, a1, a.issuer)
+    assert ring.key_count == 2
+
+
+async def test_tenants_sharing_a_key_set_fetch_it_once_per_refresh(
+    tenants: tuple[TenantServer, ...], make_ring: MakeRing, a1: SigningKey
+) -> None:
+    a, b = tenants
+    b.named_jwks_uri = a.jwks_uri
+    a.cache_control = "max-age=1"
+    ring = make_ring(a, issuer=[a.issuer, b.issuer], jwks_min_refresh=0.5)
+    await ring.start()
+    assert (a.discovery_requests, b.discovery_requests) == (1, 1)
+    assert (a.jwks_requests, b.jwks_requests) == (1, 0)
+    assert ring.key_count == 1
+    await eventually(lambda: refreshes(ring, "ok") == 4, within=2.0)  # one refresh, 2 sources
+    assert (a.jwks_requests, b.jwks_requests) == (2, 0)
+    # Its failure fails both; both discover again next time.
+    a.fail(500)
+    await eventually(lambda: refreshes(ring, "error") == 2, within=2.0)
+    assert a.jwks_requests == 3
+    a.recover()
+    await eventually(lambda: ring.last_error is None, within=2.0)
+    assert (a.discovery_requests, b.discovery_requests) == (2, 2)
+    assert ring.lookup("a1") is not None
+
+
+# -- generation: moves with the key set, not with every refetch ----------------------------------
+
+
+async def test_a_refetch_of_the_same_keys_keeps_the_generation_and_the_key_objects(
+    idp: JwksServer, make_ring: MakeRing, k1: SigningKey, k2: SigningKey
+) -> None:
+    idp.cache_control = "max-age=0"
+    ring = make_ring(idp, jwks_min_refresh=0.2)
+    await ring.start()
+    generation, key = ring.generation, ring.lookup("k1")
+    await eventually(lambda: refreshes(ring, "ok") >= 2, within=1.0)
+    # Decisions kept for k1 (pipeline, verifier cache) check these: they still hold.
+    assert ring.generation == generation
+    assert ring.lookup("k1") is key
+    idp.rotate(k2)
+    await eventually(lambda: ring.lookup("k1") is None, within=1.0)
+    assert ring.generation == generation + 1  # k1 retired: what was decided with it is not
+    assert ring.lookup("k2") is not None
+
+
+# -- unknown kids: jwks_miss_refetch -------------------------------------------------------------
+
+
+async def test_a_junk_kid_delays_a_new_key_only_until_jwks_miss_refetch(
+    idp: JwksServer, make_ring: MakeRing, k1: SigningKey, k2: SigningKey
+) -> None:
+    clock = ManualClock()
+    ring = make_ring(idp, ring={"clock": clock})
+    assert ring.miss_refetch_interval == 5.0  # the provider's default
+    await ring.start()
+    assert await ring.lookup_or_refresh("junk-" + uuid.uuid4().hex) is None  # spends it
+    idp.rotate(k1, k2)
+    assert await ring.lookup_or_refresh("k2") is None
+    clock.advance(4.9)
+    assert await ring.lookup_or_refresh("k2") is None
+    assert idp.jwks_requests == 2
+    clock.advance(0.1)
+    key = await ring.lookup_or_refresh("k2")
+    assert key is not None and verifies(key, k2, idp.issuer)
+    assert idp.jwks_requests == 3
+
+
+async def test_jwks_miss_refetch_is_the_providers_interval(
+    idp: JwksServer, make_ring: MakeRing, k1: SigningKey, k2: SigningKey
+) -> None:
+    clock = ManualClock()
+    ring = make_ring(idp, jwks_miss_refetch="1s", ring={"clock": clock})
+    assert ring.miss_refetch_interval == 1.0
+    await ring.start()
+    assert await ring.lookup_or_refresh("junk") is None
+    idp.rotate(k1, k2)
+    clock.advance(0.9)
+    assert await ring.lookup_or_refresh("k2") is None
+    clock.advance(0.1)
+    assert await ring.lookup_or_refresh("k2") is not None

@@ -17,7 +17,7 @@ from cryptography.x509.oid import NameOID
 from jwks_server import SigningKey, claims, ec_key, ed25519_key, rsa_key
 from prometheus_client import REGISTRY
 
-from gateway.config import Provider
+from gateway.config import ConfigError, Provider, from_data
 from gateway.tokens.keys import (
     KeyRing,
     KeySourceError,
@@ -424,3 +424,38 @@ def test_verification_key_is_immutable() -> None:
     key = VerificationKey(kid="a", key=b"x" * 32, algorithms=frozenset({"HS256"}))
     with pytest.raises(AttributeError):
         key.kid = "b"  # type: ignore[misc]
+
+
+# -- jwks_miss_refetch: how often an unknown kid may refetch ------------------------------------
+
+
+def test_jwks_miss_refetch_defaults_to_5s_and_takes_a_duration() -> None:
+    assert provider(discovery=True).jwks_miss_refetch == 5.0
+    assert provider(discovery=True, jwks_miss_refetch="1m30s").jwks_miss_refetch == 90.0
+    ring = KeyRing(provider(discovery=True, jwks_miss_refetch="2s"), None)
+    assert ring.miss_refetch_interval == 2.0
+    tuned = KeyRing(provider(discovery=True), None, miss_refetch_interval=0.5)
+    assert tuned.miss_refetch_interval == 0.5
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        (0, "must be more than 0"),
+        ("0s", "must be more than 0"),
+        (-1, "cannot be negative"),
+        ("soon", "invalid duration"),
+    ],
+)
+def test_jwks_miss_refetch_must_be_a_positive_duration(value: Any, problem: str) -> None:
+    data = {
+        "providers": [
+            provider(discovery=True).model_dump(mode="json") | {"jwks_miss_refetch": value}
+        ],
+        "routes": [{"prefix": "/api/", "upstream": "http://orders:8000"}],
+    }
+    with pytest.raises(ConfigError) as caught:
+        from_data(data, environ={})
+    [found] = caught.value.problems
+    assert found.startswith("providers.0.jwks_miss_refetch: ")
+    assert problem in found

@@ -1,0 +1,136 @@
+"""Remote keys through the gateway: one tenant's outage costs the other tenants nothing, and a
+junk kid holds back a newly published key for at most `jwks_miss_refetch`."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from conftest import GatewayFactory
+from harness import GatewayUnderTest
+from jwks_server import JwksServer, SigningKey, claims, rsa_key
+
+from gateway.clock import ManualClock
+
+AUDIENCE = "api://orders-api"
+
+
+@pytest.fixture
+async def tenants() -> AsyncIterator[tuple[JwksServer, JwksServer]]:
+    """Two tenants of one IdP, as in the Entra multi-tenant recipe (issuer: [A, B])."""
+    a = JwksServer([rsa_key("a1")], issuer_path="/tenant-a/v2.0")
+    b = JwksServer([rsa_key("b1")], issuer_path="/tenant-b/v2.0")
+    await a.start()
+    await b.start()
+    yield a, b
+    await a.stop()
+    await b.stop()
+
+
+def entra(*servers: JwksServer, **fields: Any) -> dict[str, Any]:
+    return {
+        "name": "entra",
+        "issuer": [server.issuer for server in servers],
+        "audiences": [AUDIENCE],
+        "algorithms": ["RS256"],
+        "discovery": True,
+        **fields,
+    }
+
+
+def token(key: SigningKey, server: JwksServer, clock: ManualClock) -> str:
+    return key.sign(claims(server.issuer, AUDIENCE, now=clock.now()))
+
+
+async def outcome(gw: GatewayUnderTest, token: str) -> tuple[int, str | None]:
+    response = await gw.get("/api/x", token)
+    body = await response.json()
+    return response.status, body.get("reason") if response.status != 200 else None
+
+
+async def readyz(gw: GatewayUnderTest) -> tuple[int, dict[str, Any]]:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(gw.admin_url + "/readyz") as response,
+    ):
+        return response.status, await response.json()
+
+
+async def test_a_tenant_answering_500_does_not_stop_another_tenants_rotation(
+    gateways: GatewayFactory, tenants: tuple[JwksServer, JwksServer], clock: ManualClock
+):
+    a, b = tenants
+    gw = await gateways(providers=[entra(a, b)])
+    a1, b1 = a.keys[0], b.keys[0]
+    assert await outcome(gw, token(b1, b, clock)) == (200, None)
+    b.fail(500)
+    a2 = rsa_key("a2")
+    a.rotate(a1, a2)
+    assert await outcome(gw, token(a2, a, clock)) == (200, None)  # on first use
+    assert await outcome(gw, token(a1, a, clock)) == (200, None)
+    assert await outcome(gw, token(b1, b, clock)) == (200, None)  # B's keys as last fetched
+    assert (await readyz(gw))[0] == 200  # the pod serves: taking it out would refuse A too
+    ring = gw.gateway.rings["entra"]
+    assert ring.last_error is not None and b.issuer in ring.last_error
+
+
+async def test_a_gateway_started_while_a_tenant_is_down_serves_the_other_tenant(
+    gateways: GatewayFactory, tenants: tuple[JwksServer, JwksServer], clock: ManualClock
+):
+    a, b = tenants
+    await b.stop()
+    gw = await gateways(providers=[entra(a, b)])
+    assert (await readyz(gw))[0] == 200
+    assert await outcome(gw, token(a.keys[0], a, clock)) == (200, None)
+    assert await outcome(gw, token(b.keys[0], b, clock)) == (401, "unknown_key")
+    ring = gw.gateway.rings["entra"]
+    assert ring.last_error is not None
+    assert f"issuer {b.issuer}" in ring.last_error and "none of its keys yet" in ring.last_error
+
+
+async def test_a_gateway_with_no_tenant_answering_is_not_ready(
+    gateways: GatewayFactory, tenants: tuple[JwksServer, JwksServer]
+):
+    a, b = tenants
+    a.fail(503)
+    await b.stop()
+    gw = await gateways(providers=[entra(a, b)])
+    status, body = await readyz(gw)
+    assert status == 503
+    assert body["reason"].startswith("no usable keys for provider(s): entra (")
+    assert f"issuer {a.issuer}: " in body["reason"] and "HTTP 503" in body["reason"]
+    assert f"issuer {b.issuer}: " in body["reason"]
+
+
+async def test_a_junk_kid_refuses_a_new_key_only_until_jwks_miss_refetch(
+    gateways: GatewayFactory, clock: ManualClock
+):
+    first = rsa_key("k1")
+    async with JwksServer([first]) as idp:
+        provider = {
+            "name": "idp",
+            "issuer": idp.issuer,
+            "audiences": [AUDIENCE],
+            "algorithms": ["RS256"],
+            "discovery": True,
+            "jwks_miss_refetch": "5s",
+        }
+        gw = await gateways(providers=[provider])
+        assert await outcome(gw, token(first, idp, clock)) == (200, None)
+        # Anyone can send this: a random kid, no valid signature needed.
+        junk = rsa_key(uuid.uuid4().hex)
+        assert await outcome(gw, token(junk, idp, clock)) == (401, "unknown_key")
+        fetched = idp.jwks_requests
+        second = rsa_key("k2")
+        idp.rotate(first, second)
+        legit = token(second, idp, clock)
+        assert await outcome(gw, legit) == (401, "unknown_key")
+        clock.advance(4.5)
+        assert await outcome(gw, legit) == (401, "unknown_key")
+        assert idp.jwks_requests == fetched
+        clock.advance(0.6)  # past jwks_miss_refetch since the junk kid's refetch
+        assert await outcome(gw, legit) == (200, None)
+        assert idp.jwks_requests == fetched + 1
