@@ -441,6 +441,24 @@ class KeyRing:
             return None
         return self._by_kid.get(kid)
 
+    def issuers_key(
+        self, key: VerificationKey, issuer: str, kid: str | None
+    ) -> VerificationKey | None:
+        """`key` (what `lookup` found) if `issuer`'s own key set holds it, else the key of that
+        kid in `issuer`'s key set, if any. With one issuer per provider, or a configured
+        jwks_uri (every issuer of the provider trusts it), `key` itself. With discovery for
+        several issuers each token is verified with its own issuer's keys only: a tenant's
+        custom signing key (Entra lets an app have one) must not sign another tenant's tokens."""
+        sources = self._sources
+        if len(sources) < 2 or sources[0].issuer is None:
+            return key
+        for source in sources:
+            if source.issuer == issuer:
+                if any(held is key for held in source.keys):
+                    return key
+                return next((held for held in source.keys if kid is None or held.kid == kid), None)
+        return None
+
     async def lookup_or_refresh(self, kid: str | None) -> VerificationKey | None:
         """`lookup`, and on a miss refetch every key source (rotation) at most once per
         `miss_refetch_interval`.

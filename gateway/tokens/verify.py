@@ -409,6 +409,8 @@ class Verifier:
 
         ring = self._rings[provider.name]
         key = ring.lookup(kid) or await ring.lookup_or_refresh(kid)
+        if key is not None:
+            key = ring.issuers_key(key, iss, kid)
         if key is None:
             raise Refusal(Reason.UNKNOWN_KEY)
         if alg not in key.algorithms:

@@ -77,6 +77,27 @@ async def test_a_tenant_answering_500_does_not_stop_another_tenants_rotation(
     assert ring.last_error is not None and b.issuer in ring.last_error
 
 
+async def test_a_tenants_key_signs_only_that_tenants_tokens(
+    gateways: GatewayFactory, tenants: tuple[JwksServer, JwksServer], clock: ManualClock
+):
+    # Entra lets an app have a custom signing key, published in its tenant's key set: tenant
+    # B's key must not make a token that claims tenant A's issuer.
+    a, b = tenants
+    gw = await gateways(providers=[entra(a, b)])
+    a1, b1 = a.keys[0], b.keys[0]
+    assert await outcome(gw, token(a1, a, clock)) == (200, None)
+    assert await outcome(gw, token(b1, b, clock)) == (200, None)
+    assert await outcome(gw, token(b1, a, clock)) == (401, "unknown_key")
+    # A kid both publish names each tenant's own key for its own tokens.
+    shared_a, shared_b = rsa_key("shared"), rsa_key("shared")
+    a.rotate(a1, shared_a)
+    b.rotate(b1, shared_b)
+    clock.advance(10)  # past jwks_miss_refetch
+    assert await outcome(gw, token(shared_a, a, clock)) == (200, None)
+    assert await outcome(gw, token(shared_b, b, clock)) == (200, None)
+    assert await outcome(gw, token(shared_b, a, clock)) == (401, "bad_signature")
+
+
 async def test_a_gateway_started_while_a_tenant_is_down_serves_the_other_tenant(
     gateways: GatewayFactory, tenants: tuple[JwksServer, JwksServer], clock: ManualClock
 ):
