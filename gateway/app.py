@@ -207,6 +207,12 @@ class Gateway:
         if not revocations.loaded:
             return "not_ready", "the revocation list was never read from the store"
         problems = [degraded] if degraded else []
+        # Keys held, but a source fails (one tenant of several, or a refresh): served, said.
+        problems += [
+            f"provider {name}: {ring.last_error}"
+            for name, ring in self.rings.items()
+            if ring.last_error is not None
+        ]
         if revocations.failing_since is not None:
             problems.append(
                 "the revocation list does not answer: serving the list read "

@@ -98,7 +98,9 @@ async def _remote_key_problems(config: Config, environ: Mapping[str, str]) -> li
             await ring.start()  # the first fetch, as serve makes it; it never raises
         finally:
             await ring.close()
+        field = "jwks_uri" if provider.jwks_uri is not None else "discovery"
         if not ring.ready:
-            field = "jwks_uri" if provider.jwks_uri is not None else "discovery"
             found.append(f"providers.{index}.{field}: no usable keys ({ring.last_error})")
+        elif ring.last_error is not None:  # one issuer of several: served, but not as meant
+            found.append(f"providers.{index}.{field}: {ring.last_error}")
     return found
