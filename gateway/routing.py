@@ -71,6 +71,27 @@ def without_parameters(path: str) -> str:
     return "/" + "/".join([name for name in names if name] + [_segment_name(parts[-1])])
 
 
+# What a path's syntax is made of: a character that normalises to one of these (NFKC, as
+# IIS's "best fit" and normalising frameworks do) would be a separator, a dot-segment or an
+# escape to such an upstream, and none to the router.
+_SYNTAX = frozenset("./\\%?#;")
+
+
+@functools.lru_cache(maxsize=4096)
+def _becomes_syntax(char: str) -> bool:
+    return not _SYNTAX.isdisjoint(unicodedata.normalize("NFKC", char))
+
+
+def _syntax_in_disguise(raw_path: str) -> bool:
+    """Whether the path holds a non-ASCII character (raw or percent-encoded UTF-8) that NFKC
+    makes path syntax: `/public/%EF%BC%8E%EF%BC%8E/admin` (two fullwidth full stops) is
+    `/public/../admin`, so `/admin`, to an upstream that normalises before it resolves."""
+    if "%" not in raw_path and raw_path.isascii():
+        return False
+    decoded = unquote(raw_path, errors="surrogateescape")
+    return any(not char.isascii() and _becomes_syntax(char) for char in decoded)
+
+
 def normalise(raw_path: str) -> str:
     """Resolve dot-segments (`..;x` included) and doubled slashes; refuse what cannot be made
     unambiguous."""
@@ -78,6 +99,8 @@ def normalise(raw_path: str) -> str:
         raise Refusal(
             Reason.BAD_PATH, "the path contains encoded separators, a fragment or control bytes"
         )
+    if _syntax_in_disguise(raw_path):
+        raise Refusal(Reason.BAD_PATH, "the path holds characters that normalise to separators")
     if "." not in raw_path and "//" not in raw_path and "%" not in raw_path:
         return raw_path  # the common case: nothing to resolve
     path = _ENCODED.sub(_decode_unreserved, raw_path) if "%" in raw_path else raw_path

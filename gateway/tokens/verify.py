@@ -198,9 +198,11 @@ def claim_at(claims: Mapping[str, Any], path: str) -> Any:
 
 
 def _words(value: object) -> set[str]:
-    """A space-separated string or a list of strings as a set; anything else is empty."""
+    """A space-separated string or a list of strings as a set; anything else is empty.
+    Separated by the space only (RFC 6749 §3.3): `str.split()` would also split at U+3000,
+    NBSP or a tab, and make `"group:x\u3000admin"` grant `admin`."""
     if isinstance(value, str):
-        return set(value.split())
+        return {word for word in value.split(" ") if word}
     if isinstance(value, list):
         return {item for item in value if isinstance(item, str)}
     return set()
@@ -242,12 +244,17 @@ def _list_text(items: list[Any]) -> str | None:
 
 
 def identity_headers(
-    claims: Mapping[str, Any], wanted: Mapping[str, str], token_id: str | None = None
+    claims: Mapping[str, Any],
+    wanted: Mapping[str, str],
+    token_id: str | None = None,
+    words: frozenset[str] = frozenset(_SCOPE_CLAIMS),
 ) -> dict[str, str]:
     """Header -> claim value (a name or dotted path) as text; lists space-joined. A claim
     holding a control character is left out: a claim can never smuggle a header line.
     `jti` falls back to the id the token is tracked by (`uti`, `digest:…`: policy.token_id),
-    so the upstream's token id header is there for IdPs that mint no `jti`."""
+    so the upstream's token id header is there for IdPs that mint no `jti`. A string claim
+    in `words` (scopes, the roles claim: read as space-separated words) goes as those words,
+    each escaped as a list item is: the upstream reads the words the gateway decided on."""
     headers: dict[str, str] = {}
     for header, claim in wanted.items():
         value = claim_at(claims, claim)
@@ -264,6 +271,8 @@ def identity_headers(
             text = joined
         elif isinstance(value, bool):
             text = "true" if value else "false"
+        elif isinstance(value, str) and claim in words:
+            text = _list_text([word for word in value.split(" ") if word]) or ""
         else:
             text = str(value)
         if not _CONTROL.search(text):
@@ -339,6 +348,11 @@ class Verifier:
         }
         self._hasher = hasher
         self._clock = clock
+        # The claims read as space-separated words, by provider: scopes, and its roles claim.
+        self._word_claims = {
+            p.name: frozenset(_SCOPE_CLAIMS) | ({p.roles_claim} if p.roles_claim else set())
+            for p in config.providers
+        }
         self._cache: BoundedCache[str, VerifiedToken] = BoundedCache(
             entries=cache_size, chars=cache_chars
         )
@@ -497,7 +511,9 @@ class Verifier:
             jti_key=jti_key,
             sid_key=sid_key,
             sub_key=hashed("sub", issuer, sub) if sub else None,
-            identity=identity_headers(claims, self._identity_claims, jti),
+            identity=identity_headers(
+                claims, self._identity_claims, jti, self._word_claims[provider.name]
+            ),
         )
 
     def _check_time(self, token: VerifiedToken, now: float) -> None:

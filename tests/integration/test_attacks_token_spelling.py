@@ -10,6 +10,7 @@ import asyncio
 import base64
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import pytest
@@ -201,3 +202,24 @@ def test_the_curve_orders_are_the_curves():
         r, s = decode_dss_signature(key.sign(b"m", ec.ECDSA(hashes.SHA256())))
         twin_signature = encode_dss_signature(r, _EC_ORDERS[alg] - s)
         key.public_key().verify(twin_signature, b"m", ec.ECDSA(hashes.SHA256()))
+
+
+@pytest.mark.parametrize("space", ["\u3000", "\u00a0", "\u2003", "\t", "\x1c"])
+async def test_scopes_and_roles_are_separated_by_the_space_only(
+    gateways: GatewayFactory, upstream: Upstream, space: str
+):
+    # RFC 6749 §3.3: scope tokens are separated by SP. Split at any whitespace, one scope an
+    # IdP let a client choose ("group:x<U+3000>admin") granted `admin`.
+    routes = [
+        {"prefix": "/api/admin/", "upstream": upstream.url, "scopes": ["admin"]},
+        {"prefix": "/api/", "upstream": upstream.url},
+    ]
+    gw = await gateways(routes=routes)
+    response = await gw.get("/api/admin/x", gw.token(scope=f"read group:x{space}admin"))
+    assert response.status == 403
+    assert (await response.json())["reason"] == "insufficient_scope"
+    assert (await gw.get("/api/admin/x", gw.token(scope="read admin"))).status == 200
+    # The upstream reads the words the gateway decided on, whatever it splits at.
+    assert (await gw.get("/api/x", gw.token(scope=f"read group:x{space}admin"))).status == 200
+    sent = upstream.received[-1].headers["X-Auth-Scope"]
+    assert sent.split() == ["read", "group:x" + quote(space, safe="") + "admin"]

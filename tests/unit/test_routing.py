@@ -385,6 +385,23 @@ def test_unicode_letters_that_keep_the_route_are_matched(path: str):
     assert router.match(path).upstream_path == path
 
 
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/public/%EF%BC%8E%EF%BC%8E/admin/users",  # U+FF0E fullwidth full stop, twice
+        "/public/%E2%80%A5/admin/users",  # U+2025 two dot leader: `..`
+        "/public/%E2%80%A4%E2%80%A4/admin",  # U+2024 one dot leader, twice
+        "/public%EF%BC%8F..%EF%BC%8Fadmin/users",  # U+FF0F fullwidth solidus
+        "/public/..%EF%BC%BCadmin",  # U+FF3C fullwidth reverse solidus
+        "/public/x%EF%BC%85%32%66y",  # U+FF05 fullwidth percent: an escape after NFKC
+        "/public/\uff0e\uff0e/admin",  # raw, as a forward-auth header may carry it
+    ],
+)
+def test_characters_that_normalise_to_path_syntax_are_refused(path: str):
+    router = Router([route("/admin/"), route("/public/", auth="none")])
+    assert refused(router, path) is Reason.BAD_PATH
+
+
 def test_a_fragment_in_the_target_is_refused():
     # `/api#x` is `/api` to an upstream that parses the target as a URL.
     router = Router([route("/api/"), route("/", auth="none")])
