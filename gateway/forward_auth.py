@@ -82,7 +82,10 @@ def _split(value: str, header: str) -> tuple[str, str]:
         path, _, query = value.partition("?")
         return path, query.partition("#")[0]
     if value.startswith(("http://", "https://")):
-        parts = urlsplit(value)
+        try:
+            parts = urlsplit(value)
+        except ValueError:  # an unbalanced IPv6 bracket (`http://[/api`): no URL at all
+            raise Refusal(Reason.NO_ORIGINAL_REQUEST, f"{header} is not a valid URL") from None
         return parts.path or "/", parts.query
     raise Refusal(Reason.NO_ORIGINAL_REQUEST, f"{header} is neither a path nor an http(s) URL")
 

@@ -62,6 +62,26 @@ CASES = {
     "space": (("X-Original-URI: /public/x /api/y",), False, 400, "bad_path"),
     "absolute-url-dots": (("X-Original-URL: https://h/public/../api/x",), False, 400, "bad_path"),
     "scheme-relative-url": (("X-Original-URL: //h/public/x",), False, 404, "no_route"),
+    # urlsplit raises on these: a 500 with a traceback before.
+    "unbalanced-ipv6-bracket": (
+        ("X-Original-URL: http://[/api/x",),
+        True,
+        400,
+        "no_original_request",
+    ),
+    "unclosed-ipv6-host": (
+        ("X-Original-URL: http://[::1/api/x",),
+        True,
+        400,
+        "no_original_request",
+    ),
+    "stray-bracket": (("X-Original-URL: https://h]/api/x",), True, 400, "no_original_request"),
+    "fragment-in-path": (
+        ("X-Forwarded-Uri: /api#x", "X-Forwarded-Method: GET"),
+        False,
+        400,
+        "bad_path",
+    ),
     "not-a-uri": (("X-Original-URI: api/x",), False, 400, "no_original_request"),
     "empty-uri": (("X-Original-URI: ",), False, 400, "no_original_request"),
     "method-with-spaces": (
