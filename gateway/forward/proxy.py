@@ -11,6 +11,8 @@ form-encoded one is also cut off at an `access_token` parameter (`FormTokenScan`
 from __future__ import annotations
 
 import asyncio
+import codecs
+import functools
 import re
 import time
 from collections.abc import AsyncIterator
@@ -90,14 +92,15 @@ def _one_of(ways: list[tuple[bytes, ...]]) -> bytes:
 _SPACES = _one_of(_ways(_WHITESPACE)) + b"*"
 # A parameter whose name the query rule reads as `access_token` (spaces stripped, any case,
 # the Kelvin sign a `k` to `lower()`, ` ` and `.` as `_`, anything from `[` on dropped), from
-# the separator before it: searched in the body with a separator put in front.
+# the separator before it: searched in the body with a separator put in front. PHP also reads
+# an unclosed `[` as `_` (`access[token`) and ends a name at a NUL byte.
 _TOKEN_NAME = re.compile(
     b"[&;]"
     + _SPACES
-    + b"".join(_one_of(_ways(c)) for c in ("aA", "cC", "cC", "eE", "sS", "sS", "_ ."))
+    + b"".join(_one_of(_ways(c)) for c in ("aA", "cC", "cC", "eE", "sS", "sS", "_ .["))
     + b"".join(_one_of(_ways(c)) for c in ("tT", "oO", "kK\u212a", "eE", "nN"))
     + b"(?:"
-    + _one_of(_ways("["))
+    + _one_of(_ways("[\x00"))  # an array index, or PHP's end of a name
     + b"|"
     + _SPACES
     + rb"(?:[=&;]|\Z))"
@@ -119,6 +122,38 @@ def is_form(request: web.BaseRequest) -> bool:
         value.partition(";")[0].strip(" \t").lower() == FORM
         for value in request.headers.getall("Content-Type", ())
     )
+
+
+@functools.lru_cache(maxsize=256)
+def _ascii_transparent(charset: str) -> bool:
+    """Whether a charset reads every printable ASCII byte, alone, as itself: then the bytes
+    the scan reads are the characters the upstream reads (UTF-7's `+AF8-` is a `_`, UTF-16's
+    bytes are no characters alone; an unknown charset is no known reading)."""
+    try:
+        codec = codecs.lookup(charset)
+    except LookupError:
+        return False
+    try:
+        return all(codec.decode(bytes([byte]))[0] == chr(byte) for byte in range(0x20, 0x7F))
+    except (ValueError, TypeError):  # a UnicodeDecodeError; a bytes-to-bytes codec (hex)
+        return False
+
+
+def unscannable_form(request: web.BaseRequest) -> str | None:
+    """Why a form body could hold an `access_token` the scan cannot see, or None: compressed
+    (Express and others inflate it; `max_body` would bound only the compressed size), or in
+    a charset that is not ASCII-transparent (ASP.NET Core decodes forms with it)."""
+    for coding in request.headers.getall("Content-Encoding", ()):
+        if any(token.strip(" \t").lower() not in ("", "identity") for token in coding.split(",")):
+            return "a compressed form body is not accepted"
+    for value in request.headers.getall("Content-Type", ()):
+        for parameter in value.split(";")[1:]:
+            name, _, charset = parameter.partition("=")
+            if name.strip(" \t").lower() == "charset":
+                charset = charset.strip(" \t").strip('"').lower()
+                if len(charset) > 40 or not _ascii_transparent(charset):
+                    return "a form body in that charset is not accepted"
+    return None
 
 
 def _holds_token(form: bytes) -> bool:
@@ -355,7 +390,12 @@ class Forwarder:
             transport, target = self._aiohttp, base_url + path
             # A second token in the body (RFC 6750 §2.2), which the upstream might use instead
             # of the one verified: refused where one in the query is (routes with auth).
-            scan = FormTokenScan() if match.route.auth == "required" and is_form(request) else None
+            scan = None
+            if match.route.auth == "required" and is_form(request):
+                problem = unscannable_form(request)
+                if problem is not None:  # judged from the head: no byte of the body is read
+                    raise Refusal(Reason.MALFORMED_REQUEST, problem)
+                scan = FormTokenScan()
             limit = BodyLimit(request, self._config.max_body, self._body_timeout, scan)
             if request.headers.get("Expect", "").lower() == "100-continue":
                 # Only now, with the request routed, authorised and within max_body, does the

@@ -24,7 +24,11 @@ def _has_query_token(query_string: str) -> bool:
     if "token" not in lowered and "%" not in lowered:  # the common case, without parsing
         return False
     for part in _QUERY_SEPARATORS.split(query_string):
-        name = unquote_plus(part.partition("=")[0]).strip().lower()
+        # PHP ends a name at a NUL byte, and reads an unclosed `[` as `_`.
+        name = unquote_plus(part.partition("=")[0]).partition("\x00")[0].strip().lower()
+        bracket = name.find("[")
+        if bracket >= 0 and "]" not in name[bracket:]:
+            name = name[:bracket] + "_" + name[bracket + 1 :]
         if _PHP_NAME.sub("_", name).partition("[")[0] == "access_token":
             return True
     return False

@@ -21,6 +21,9 @@ from gateway.clock import ManualClock
         pytest.param("access.token={t}", id="php-dot"),
         pytest.param("access+token={t}", id="php-space"),
         pytest.param("access_token[]={t}", id="php-array"),
+        pytest.param("access[token={t}", id="php-unclosed-bracket"),
+        pytest.param("access%5Btoken={t}", id="php-unclosed-bracket-encoded"),
+        pytest.param("access_token%00x={t}", id="php-nul"),
         pytest.param("access%5Ftoken={t}", id="percent-encoded"),
     ],
 )
