@@ -128,6 +128,8 @@ class Gateway:
             return
         if problem is not None:
             raise StoreConfigError(f"store.url: {problem}")
+        with contextlib.suppress(StoreUnavailable):
+            await self._backend.ping()  # opens the request path's connection before requests
 
     def publish_metrics(self) -> None:
         """What the request path keeps outside Prometheus (its locked updates are dearer than

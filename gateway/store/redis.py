@@ -467,6 +467,16 @@ class RedisStore:
         keys' calls fail, the others' go on), and StoreUnavailable only when none answers."""
         if self._cluster is None:
             await self._call("ping", self._client.ping)
+            pipelined = self._pipelined
+            if pipelined is not None:
+                # The request path's own connection too (found through the sentinels, its
+                # handshake and policy check made): opened here, at start and by readiness,
+                # it is not the first request's to open within one store.timeout.
+                deadline = monotonic() + self._timeout * 4
+                try:
+                    await pipelined.call("PING", deadline=deadline)
+                except _FAILURES as exc:
+                    raise self._unavailable("ping", exc) from exc
             return None
         cluster = self._cluster
 
