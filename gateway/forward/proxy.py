@@ -90,20 +90,22 @@ def _one_of(ways: list[tuple[bytes, ...]]) -> bytes:
 
 
 _SPACES = _one_of(_ways(_WHITESPACE)) + b"*"
-# A parameter whose name the query rule reads as `access_token` (spaces stripped, any case,
-# the Kelvin sign a `k` to `lower()`, ` ` and `.` as `_`, anything from `[` on dropped), from
-# the separator before it: searched in the body with a separator put in front. PHP also reads
-# an unclosed `[` as `_` (`access[token`) and ends a name at a NUL byte.
+# A parameter whose name the query rule might read as `access_token` (spaces stripped, any
+# case, the Kelvin sign a `k` to `lower()`, ` `, `.` and an unclosed `[` as `_`, anything from
+# a `[` or a NUL on dropped), from the separator before it: searched in the body with a
+# separator put in front. A superset: `_has_query_token` decides on what it finds.
 _TOKEN_NAME = re.compile(
     b"[&;]"
     + _SPACES
     + b"".join(_one_of(_ways(c)) for c in ("aA", "cC", "cC", "eE", "sS", "sS", "_ .["))
     + b"".join(_one_of(_ways(c)) for c in ("tT", "oO", "kK\u212a", "eE", "nN"))
     + b"(?:"
-    + _one_of(_ways("[\x00"))  # an array index, or PHP's end of a name
+    + _one_of(_ways("["))
     + b"|"
     + _SPACES
-    + rb"(?:[=&;]|\Z))"
+    + rb"(?:[=&;]|\Z|"
+    + _one_of(_ways("\0"))
+    + b"))"
 )
 # A body holding none of these once lower-cased (a raw `token`, a percent-encoded letter of
 # it, a Kelvin sign) has no name that spells `token`: the common case, a few memchr scans.
@@ -126,15 +128,30 @@ def is_form(request: web.BaseRequest) -> bool:
 
 @functools.lru_cache(maxsize=256)
 def _ascii_transparent(charset: str) -> bool:
-    """Whether a charset reads every printable ASCII byte, alone, as itself: then the bytes
-    the scan reads are the characters the upstream reads (UTF-7's `+AF8-` is a `_`, UTF-16's
-    bytes are no characters alone; an unknown charset is no known reading)."""
+    """Whether a charset reads ASCII bytes as themselves (`_reads_ascii_as_ascii`): then the
+    bytes the scan reads are the characters the upstream reads. An unknown charset is no known
+    reading. Cached per name, the test itself per codec (aliases share it)."""
     try:
         codec = codecs.lookup(charset)
     except LookupError:
         return False
+    return _reads_ascii_as_ascii(codec.name)
+
+
+_ASCII = [bytes([byte]) for byte in range(0x80)]
+
+
+@functools.lru_cache(maxsize=256)
+def _reads_ascii_as_ascii(codec_name: str) -> bool:
+    """Whether every ASCII byte, alone and next to any other, decodes to itself. Single bytes
+    catch UTF-16/32 (no character alone), UTF-7 (`+AF8-` is a `_`) and ISO-2022's ESC shifts;
+    pairs catch escapes (`raw_unicode_escape` reads `\\u0065` as `e`; Django decodes a form
+    with any codec Python knows). Some 15 ms, once per codec."""
+    decode = codecs.lookup(codec_name).decode
     try:
-        return all(codec.decode(bytes([byte]))[0] == chr(byte) for byte in range(0x20, 0x7F))
+        return all(decode(one)[0] == one.decode() for one in _ASCII) and all(
+            decode(one + two)[0] == (one + two).decode() for one in _ASCII for two in _ASCII
+        )
     except (ValueError, TypeError):  # a UnicodeDecodeError; a bytes-to-bytes codec (hex)
         return False
 

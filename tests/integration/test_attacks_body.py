@@ -33,6 +33,7 @@ FILLER = b"note=" + b"x" * 200_000  # past the 64 KiB read whole: the body strea
         pytest.param("access[token={t}", id="php-unclosed-bracket"),
         pytest.param("access%5Btoken={t}", id="php-unclosed-bracket-encoded"),
         pytest.param("access_token%00x={t}", id="php-nul"),
+        pytest.param("amount=100&access_token+%00={t}", id="php-nul-after-a-space"),
     ],
 )
 @pytest.mark.parametrize("content_type", [FORM, "Application/X-WWW-Form-URLEncoded; charset=UTF-8"])
@@ -145,8 +146,13 @@ async def test_a_public_route_forwards_a_form_body_token_as_the_query_rule_does(
         ({"Content-Type": FORM + "; charset=utf-16le"}, "access_token=T".encode("utf-16le")),
         ({"Content-Type": FORM + '; charset="UTF-7"'}, b"access+AF8-token=T"),
         ({"Content-Type": FORM + "; charset=no-such-charset"}, b"amount=1"),
+        ({"Content-Type": FORM + "; charset=ISO-2022-JP"}, b"acc\x1b(Bess_token=T"),
+        ({"Content-Type": FORM + "; charset=raw_unicode_escape"}, b"acc\\u0065ss_token=T"),
     ],
-    ids=["gzip", "deflate", "br-listed", "utf-16le", "utf-7", "unknown-charset"],
+    ids=[
+        *("gzip", "deflate", "br-listed", "utf-16le", "utf-7", "unknown-charset"),
+        *("iso-2022-jp-escape", "raw-unicode-escape"),
+    ],
 )
 async def test_a_form_body_the_scan_cannot_read_is_refused_from_its_head(
     gateways: GatewayFactory, upstream: Upstream, headers: dict[str, str], body: bytes

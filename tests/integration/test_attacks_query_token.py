@@ -24,6 +24,7 @@ from gateway.clock import ManualClock
         pytest.param("access[token={t}", id="php-unclosed-bracket"),
         pytest.param("access%5Btoken={t}", id="php-unclosed-bracket-encoded"),
         pytest.param("access_token%00x={t}", id="php-nul"),
+        pytest.param("access_token%00={t}", id="php-nul-at-the-end"),
         pytest.param("access%5Ftoken={t}", id="percent-encoded"),
     ],
 )
@@ -32,7 +33,8 @@ async def test_a_token_in_the_query_is_refused_however_it_is_spelled(
 ):
     # Findings but for `plain` (and `percent-encoded` on the proxy port, whose query aiohttp
     # decodes; forward-auth's X-Original-URI is raw): ASP.NET reads the query case-blind, PHP
-    # reads `.` and space as `_` and `[]` as an array, older parsers split on `;`.
+    # reads `.`, space and an unclosed `[` as `_`, `[]` as an array and a NUL as the end of the
+    # name, older parsers split on `;`.
     gw = await gateways(forward_auth={"enabled": True})
     revoked_elsewhere = gw.token(sub="bob")
     target = "/api/x?" + query.format(t=revoked_elsewhere)

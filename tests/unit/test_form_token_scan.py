@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from gateway.forward.proxy import _WHITESPACE, FormTokenScan
+from gateway.forward.proxy import _WHITESPACE, FormTokenScan, _ascii_transparent
 from gateway.tokens.extract import _has_query_token
 
 BODIES = [
@@ -34,6 +34,18 @@ BODIES = [
     b"x.access_token=abc",
     b"access_to%E2%84%AAen=abc",
     b"access_to\xe2\x84\xaaen=abc",  # a Kelvin sign, which lower() makes a `k`
+    b"access[token=abc",  # PHP: an unclosed `[` is a `_`
+    b"access%5Btoken=abc",
+    b"access%5btoken",
+    b"++access[token++=abc",
+    b"access[tok.en=abc&access[tok+en=abc",  # PHP reads access_tok_en
+    b"access[token]=abc&access[token[=abc&access[[token=abc",  # an index, access_token_, ...
+    b"access_token%00x=abc",  # PHP: a NUL ends the name
+    b"access_token%00=abc",
+    b"access_token+%00x=abc",  # spaces stripped after the cut
+    b"access_token\x00junk=abc",
+    b"access%5Btoken%00]=abc",
+    b"%00access_token=abc",
     b"x=1&access_token",  # a name alone, at the end
     b"access_token&x=1",
     b"amount=100&next_token=abc&token_type=bearer",
@@ -67,6 +79,7 @@ def test_random_bodies_and_cuts_agree_with_the_query_rule():
         *(b"a", b"access", b"ACCESS", b"%61ccess", b"_", b"token", b"to", b"k", b"en"),
         *(b"\xe2\x84\xaa", b"%e2%84%aa", b"%4B", b"=", b"&", b";", b"%5F", b"%2e", b"."),
         *(b"+", b" ", b"%20", b"\t", b"%0A", b"%C2%A0", b"\xc2", b"\xa0", b"[", b"%5b", b"%"),
+        *(b"]", b"%5D", b"%00", b"\x00", b"%5B"),
     ]
     rng = random.Random(6750)
     for _ in range(20000):
@@ -97,7 +110,7 @@ def test_names_spelled_every_way_agree_with_the_query_rule():
     (ASCII and Unicode) around it, a suffix that keeps or spoils it."""
     rng = random.Random(2_2)
     spaces = [" ", "\t", "\x0b", "\x1f", "\x85", "\xa0", "\u2003", "\u3000", "x", "."]
-    letters = {"k": "kK\u212a", "_": "_ .", "s": "sS\u017f"}  # a long s is no `s` to lower()
+    letters = {"k": "kK\u212a", "_": "_ .[", "s": "sS\u017f"}  # a long s is no `s` to lower()
     found = 0
     for _ in range(5000):
         name = b"".join(
@@ -107,9 +120,9 @@ def test_names_spelled_every_way_agree_with_the_query_rule():
         if rng.random() < 0.2:
             name = name.replace(b"+", b"") + b"+"  # a raw `+` is a space
         before = b"".join(_spelled(rng.choice(spaces), rng) for _ in range(rng.randint(0, 2)))
-        after = rng.choice([b"", b"[]", b"%5B0%5D", b"x", b".", b"]"]) + b"".join(
-            _spelled(rng.choice(spaces), rng) for _ in range(rng.randint(0, 2))
-        )
+        after = rng.choice(
+            [b"", b"[]", b"%5B0%5D", b"x", b".", b"]", b"[", b"%00", b"\x00x", b"%00]"]
+        ) + b"".join(_spelled(rng.choice(spaces), rng) for _ in range(rng.randint(0, 2)))
         body = rng.choice([b"", b"a=1&", b"a=1;"]) + before + name + after
         body += rng.choice([b"", b"=v", b"=v&b=2", b"&b=2"])
         expected = _has_query_token(body.decode("utf-8", "replace"))
@@ -135,3 +148,21 @@ def test_a_body_of_many_parameters_is_judged_in_linear_time(parameter: bytes):
     for at in range(0, len(body), 65536):
         assert not scan.feed(body[at : at + 65536])
     assert time.perf_counter() - started < 1.0
+
+
+@pytest.mark.parametrize(
+    ("charset", "transparent"),
+    [
+        *(("utf-8", True), ("us-ascii", True), ("iso-8859-1", True), ("windows-1252", True)),
+        *(("shift_jis", True), ("euc-jp", True)),
+        *(("utf-16", False), ("utf-16le", False), ("utf-32", False), ("utf-7", False)),
+        *(("iso-2022-jp", False), ("hz", False), ("raw_unicode_escape", False)),
+        *(("cp037", False), ("hex", False), ("no-such-charset", False)),
+    ],
+)
+def test_a_charset_is_ascii_transparent_only_if_its_codec_reads_ascii_as_ascii(
+    charset: str, transparent: bool
+):
+    """Decided by decoding, not by a list: ISO-2022's ESC shift (`acc\\x1b(Bess` is `access`)
+    and `raw_unicode_escape`'s `\\u0065` would hide a name from the byte scan."""
+    assert _ascii_transparent(charset) is transparent
