@@ -12,8 +12,10 @@ upstream, Redis and token pool as bench/run.py.
     python bench/instructions.py [--targets bare-lean,gateway,coalesce,access-log] [--duration 15]
 
 The ratio printed (bare-lean ÷ target, in instructions) is what issue 12 and 13's req/s
-ratios would be if only the proxy's own CPU counted; wall-clock ratios have come out ~0.03-0.05
-below it (cache misses, syscalls).
+ratios would be if every instruction cost the same. They do not: on a quiet machine the
+wall-clock ratios came out ~0.14 below it (0.72 / 0.77 against 0.864 / 0.916, 1000 tokens),
+because the gateway's own instructions miss the caches on per-token state (RESULTS.md,
+seventh session). Use it for before/after on code that touches the same objects.
 """
 
 from __future__ import annotations
