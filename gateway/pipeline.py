@@ -33,7 +33,6 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Mapping
-from types import MappingProxyType
 from typing import Any
 
 from aiohttp import HttpVersion10, HttpVersion11, hdrs, web
@@ -71,7 +70,7 @@ from gateway.routing import Match, Router
 from gateway.store.base import Store, StoreUnavailable, Touch
 from gateway.store.coalesce import CoalescingStore
 from gateway.tokens import policy
-from gateway.tokens.claims import VerifiedToken
+from gateway.tokens.claims import Identity, VerifiedToken
 from gateway.tokens.extract import canonical, check_token68, credential, presented_token
 from gateway.tokens.keys import KeyRing
 from gateway.tokens.verify import CACHED_CHARS, Verifier
@@ -82,7 +81,7 @@ SESSION_PATH = "/.idlegate/session"
 REASON_HEADER = "X-Idlegate-Reason"  # on forward-auth refusals
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _NO_ROUTE_LABEL = "none"
-_NO_IDENTITY: Mapping[str, str] = MappingProxyType({})
+_NO_IDENTITY: Mapping[str, str] = Identity()  # public routes: nothing rendered, shared
 # Authorization values (by route) whose decision before the store is kept; the oldest goes first.
 ADMITTED = 20_000
 # Admitted tokens are found by the tail of their Authorization value: a JWS ends in its

@@ -13,6 +13,7 @@ from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping, istr
 from gateway.config import Forward
 from gateway.forward_auth import TrustedPeers
 from gateway.reasons import Reason, Refusal
+from gateway.tokens.claims import Identity
 
 # Names looked up or set on every request are `istr`s: a multidict takes their case-folded
 # identity from them instead of folding (and hashing) a new copy each time.
@@ -140,35 +141,43 @@ _RESPONSE_DROPS = _DropPlans(HOP_BY_HOP | {"x-request-id"})
 _WHOLE_RESPONSE_DROPS = _DropPlans(HOP_BY_HOP | {"x-request-id", "content-length"})
 
 
-_KEPT_OURS = 4096  # rendered sets of our fields (by identity, peer, scheme, Host) at most
+# Rendered sets of X-Forwarded-For, X-Real-IP, X-Forwarded-Proto/-Host (by peer, scheme and
+# Host) kept at most: forgotten when full (Host is the client's to choose).
+_KEPT_FORWARDED = 4096
 
 
 class UpstreamHeaders:
     """What goes upstream, in two parts: `client`, the client's fields that pass (a copy of
-    its own), and ours after them: `ours` (identity, X-Forwarded-For, X-Real-IP,
-    X-Forwarded-Proto/-Host), then X-Request-ID. Ours are also header lines (`lines`),
-    rendered once per token, peer and Host: the lean transport writes those as they are;
-    anything else takes `merged()`. Nothing in either part holds a CR or LF: the client's are
-    llhttp's (and the lean transport checks them again), ours are checked where rendered, and
-    the request id is one of ours (`Pipeline._request_id`)."""
+    its own), and ours after them: `identity`, then `forwarded` (X-Forwarded-For, X-Real-IP,
+    X-Forwarded-Proto/-Host), then X-Request-ID. Ours are also header lines (`lines`): the
+    lean transport writes those as they are; anything else takes `merged()`. Nothing in
+    either part holds a CR or LF: the client's are llhttp's (and the lean transport checks
+    them again), ours are checked where rendered, and the request id is one of ours
+    (`Pipeline._request_id`)."""
 
-    __slots__ = ("client", "lines", "ours", "request_id")
+    __slots__ = ("client", "forwarded", "identity", "lines", "request_id")
 
     def __init__(
         self,
         client: CIMultiDict[str],
-        ours: tuple[tuple[str, str], ...],
-        ours_lines: str,
+        identity: Mapping[str, str],
+        forwarded: tuple[tuple[str, str], ...],
+        lines: str,
         request_id: str,
     ) -> None:
-        self.client, self.ours, self.request_id = client, ours, request_id
-        # Ours as header lines, each ending in CRLF, X-Request-ID last.
-        self.lines = f"{ours_lines}X-Request-ID: {request_id}\r\n"
+        self.client, self.identity, self.forwarded = client, identity, forwarded
+        self.lines, self.request_id = lines, request_id  # lines: X-Request-ID's included
+
+    @property
+    def ours(self) -> tuple[tuple[str, str], ...]:
+        """Our fields in the order they are sent, X-Request-ID apart."""
+        return (*self.identity.items(), *self.forwarded)
 
     def merged(self) -> CIMultiDict[str]:
         """Both parts as one multidict: the client part itself, extended (so: once)."""
         headers = self.client
-        headers.extend(self.ours)
+        headers.extend(self.identity)
+        headers.extend(self.forwarded)
         headers.add(X_REQUEST_ID, self.request_id)
         return headers
 
@@ -205,12 +214,10 @@ class RequestHeaders:
         }
         self._any_trusted = bool(config.trusted_proxies)
         self._trusted = TrustedPeers(config)
-        # (id of the identity mapping, peer, scheme, Host) -> (that mapping, ours, rendered).
-        # The mapping is held, so its id cannot name another while kept. Bounded: forgotten
-        # when full (Host is the client's to choose).
-        self._ours: dict[
-            tuple[int, str, str, str], tuple[Mapping[str, str], tuple[tuple[str, str], ...], str]
-        ] = {}
+        # (peer, scheme, Host) -> (X-Forwarded-For, X-Real-IP, X-Forwarded-Proto/-Host: as
+        # fields, and as lines). Per peer and Host, not per token: a few entries, kept hot in
+        # the CPU's caches, where one per token was a cache miss or several a request.
+        self._forwarded: dict[tuple[str, str, str], tuple[tuple[tuple[str, str], ...], str]] = {}
 
     def for_request(
         self,
@@ -233,39 +240,47 @@ class RequestHeaders:
         # Ours come after hop-by-hop removal, so `Connection: X-Auth-Subject` cannot strip
         # them; their names are none of ours below (config.Forward), and client copies went.
         host = request.host
+        # A verified token's identity comes rendered (claims.Identity); any other mapping is
+        # rendered, and checked, here.
+        identity_lines = (
+            identity.lines if type(identity) is Identity else _rendered(tuple(identity.items()))
+        )
         if trusted:
-            ours = self._trusted_ours(client, incoming, identity, peer, request.scheme, host)
-            return UpstreamHeaders(client, ours, _rendered(ours), request_id)
-        # The client's claims about itself went above, so ours are only a function of these:
-        key = (id(identity), peer, request.scheme, host)
-        kept = self._ours.get(key)
-        if kept is None or kept[0] is not identity:
-            ours = (*identity.items(), (hdrs.X_FORWARDED_FOR, peer))
+            theirs = self._trusted_ours(client, incoming, peer, request.scheme, host)
+            lines = f"{identity_lines}{_rendered(theirs)}X-Request-ID: {request_id}\r\n"
+            return UpstreamHeaders(client, identity, theirs, lines, request_id)
+        # The client's claims about itself went above, so these are only a function of:
+        key = (peer, request.scheme, host)
+        kept = self._forwarded.get(key)
+        if kept is None:
+            forwarded: tuple[tuple[str, str], ...] = ((hdrs.X_FORWARDED_FOR, peer),)
             if peer:
-                ours += ((X_REAL_IP, peer),)
-            ours += ((hdrs.X_FORWARDED_PROTO, request.scheme),)
+                forwarded += ((X_REAL_IP, peer),)
+            forwarded += ((hdrs.X_FORWARDED_PROTO, request.scheme),)
             if host:
-                ours += ((hdrs.X_FORWARDED_HOST, host),)
-            kept = (identity, ours, _rendered(ours))
-            if len(self._ours) >= _KEPT_OURS:
-                self._ours.clear()
-            self._ours[key] = kept
-        return UpstreamHeaders(client, kept[1], kept[2], request_id)
+                forwarded += ((hdrs.X_FORWARDED_HOST, host),)
+            kept = (forwarded, _rendered(forwarded))
+            if len(self._forwarded) >= _KEPT_FORWARDED:
+                self._forwarded.clear()
+            self._forwarded[key] = kept
+        lines = f"{identity_lines}{kept[1]}X-Request-ID: {request_id}\r\n"
+        return UpstreamHeaders(client, identity, kept[0], lines, request_id)
 
     @staticmethod
     def _trusted_ours(
         client: CIMultiDict[str],
         incoming: CIMultiDictProxy[str],
-        identity: Mapping[str, str],
         peer: str,
         scheme: str,
         host: str,
     ) -> tuple[tuple[str, str], ...]:
-        """Ours behind a trusted proxy: its view of the client passes, and we add its hop to
-        the X-Forwarded-For chain (which leaves the client part for ours)."""
+        """Our X-Forwarded-* behind a trusted proxy: its view of the client passes, and we add
+        its hop to the X-Forwarded-For chain (which leaves the client part for ours)."""
         chain = ", ".join(incoming.getall(hdrs.X_FORWARDED_FOR, ()))
         client.popall(hdrs.X_FORWARDED_FOR, None)
-        ours = (*identity.items(), (hdrs.X_FORWARDED_FOR, f"{chain}, {peer}" if chain else peer))
+        ours: tuple[tuple[str, str], ...] = (
+            (hdrs.X_FORWARDED_FOR, f"{chain}, {peer}" if chain else peer),
+        )
         if peer and X_REAL_IP not in client:
             ours += ((X_REAL_IP, peer),)
         if hdrs.X_FORWARDED_PROTO not in client:

@@ -16,6 +16,21 @@ if TYPE_CHECKING:  # only types here; keys.py imports aiohttp for its key rings
     from gateway.tokens.keys import VerificationKey
 
 
+class Identity(dict[str, str]):
+    """A token's identity headers (header -> text), and the same as header lines: rendered once,
+    when the token is verified, so that a request that repeats the token copies one string
+    upstream (`forward.headers.RequestHeaders.for_request`). Its values hold no control
+    character (`verify.identity_headers` leaves such a claim out) and its names are the
+    config's: the lines need no check of their own. Never changed once built: it is shared by
+    every request that presents the token."""
+
+    __slots__ = ("lines",)
+
+    def __init__(self, fields: Mapping[str, str] | None = None) -> None:
+        super().__init__(fields or {})
+        self.lines = "".join([f"{name}: {value}\r\n" for name, value in self.items()])
+
+
 @dataclass(frozen=True, slots=True)
 class VerifiedToken:
     """What the rest of the gateway may rely on about a token whose signature checked out."""
@@ -42,7 +57,7 @@ class VerifiedToken:
     sid_key: str | None
     sub_key: str | None
     # The identity headers for the upstream, computed once per token (forward.identity_headers).
-    identity: Mapping[str, str]
+    identity: Identity
     # The revocation list's keys that name this token, (kind, keyed hash) for each id it has:
     # derived from the three above, so that a check of a non-empty list is one C call.
     revocation_index: tuple[tuple[RevocationKind, str], ...] = field(init=False)

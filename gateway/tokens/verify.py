@@ -24,7 +24,7 @@ from gateway.clock import Clock
 from gateway.config import Config, Provider
 from gateway.reasons import Reason, Refusal
 from gateway.store.base import KeyHasher
-from gateway.tokens.claims import VerifiedToken
+from gateway.tokens.claims import Identity, VerifiedToken
 from gateway.tokens.extract import canonical
 from gateway.tokens.keys import KeyRing, VerificationKey
 
@@ -248,7 +248,7 @@ def identity_headers(
     wanted: Mapping[str, str],
     token_id: str | None = None,
     words: frozenset[str] = frozenset(_SCOPE_CLAIMS),
-) -> dict[str, str]:
+) -> Identity:
     """Header -> claim value (a name or dotted path) as text; lists space-joined. A claim
     holding a control character is left out: a claim can never smuggle a header line.
     `jti` falls back to the id the token is tracked by (`uti`, `digest:…`: policy.token_id),
@@ -277,7 +277,7 @@ def identity_headers(
             text = str(value)
         if not _CONTROL.search(text):
             headers[header] = text
-    return headers
+    return Identity(headers)
 
 
 def digest_id(hasher: KeyHasher, signature: str) -> str:

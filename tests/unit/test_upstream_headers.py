@@ -16,6 +16,8 @@ from gateway.forward import headers as module
 from gateway.forward.headers import RequestHeaders, UpstreamHeaders
 from gateway.forward.http1 import UpstreamPool
 from gateway.reasons import Reason, Refusal
+from gateway.tokens.claims import Identity
+from gateway.tokens.verify import identity_headers
 
 
 def request(host: str = "api.test", peer: str = "192.0.2.7", **extra: str) -> web.BaseRequest:
@@ -72,12 +74,12 @@ def test_an_equal_identity_in_another_mapping_is_rendered_for_that_mapping() -> 
 
 
 def test_what_is_kept_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(module, "_KEPT_OURS", 5)
+    monkeypatch.setattr(module, "_KEPT_FORWARDED", 5)
     builder = RequestHeaders(Forward())
     for n in range(23):
         headers = builder.for_request(request(f"h{n}.test"), "id", {}, strip_authorization=False)
         assert dict(headers.merged())["X-Forwarded-Host"] == f"h{n}.test"
-        assert len(builder._ours) <= 5
+        assert len(builder._forwarded) <= 5
 
 
 def test_behind_a_trusted_proxy_its_view_passes_and_the_chain_grows() -> None:
@@ -113,3 +115,27 @@ def test_the_lean_transport_still_takes_one_plain_multidict() -> None:
     assert pool._request_head("GET", "/x", plain) == (
         b"GET /x HTTP/1.1\r\nHost: up.test\r\nAccept: */*\r\nX-Trace: 1\r\n\r\n"
     )
+
+
+def test_a_verified_identity_goes_as_rendered_once_with_each_requests_own_fields() -> None:
+    """claims.Identity (what the verifier builds) carries its lines: they are sent as they are,
+    after the client's fields and before X-Forwarded-* and this request's id."""
+    builder = RequestHeaders(Forward())
+    alice = identity_headers({"sub": "alice", "scope": "a b"}, {"X-Auth-Subject": "sub",
+                             "X-Auth-Scope": "scope"})  # fmt: skip
+    assert isinstance(alice, Identity)
+    assert alice.lines == "X-Auth-Subject: alice\r\nX-Auth-Scope: a b\r\n"
+    for host, request_id in [("a.test", "id-1"), ("b.test", "id-2")]:
+        headers = builder.for_request(
+            request(host, **{"X-Auth-Subject": "mallory"}), request_id, alice,
+            strip_authorization=False,
+        )  # fmt: skip
+        fields = head_fields(headers)
+        assert fields == list(headers.merged().items())
+        assert fields[-7:-1] == [
+            ("X-Auth-Subject", "alice"), ("X-Auth-Scope", "a b"),
+            ("X-Forwarded-For", "192.0.2.7"), ("X-Real-IP", "192.0.2.7"),
+            ("X-Forwarded-Proto", "http"), ("X-Forwarded-Host", host),
+        ]  # fmt: skip
+        assert fields[-1] == ("X-Request-ID", request_id)
+        assert [name for name, _ in fields].count("X-Auth-Subject") == 1
