@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import Algorithm, get_default_algorithms
 from multidict import istr
 
@@ -81,7 +82,8 @@ def signature_id_text(alg: object, text: str, signature: bytes) -> str:
     """The signature's text as the `digest` id hashes it: one text per signature value. An
     ECDSA signature counts as its low-s form (s <= n/2), so that (r, s) and its twin (r, n - s)
     are one token: a revocation of either is one of both. Every other JWS algorithm has one
-    valid encoding per value (RSA and EdDSA verifiers refuse s >= n, HMAC is a function)."""
+    valid encoding per value (RSA and EdDSA verifiers refuse s >= n, HMAC is a function; a
+    signature's length is checked against its key first, `signature_length`)."""
     order = _EC_ORDERS.get(alg) if isinstance(alg, str) else None
     if order is None or len(signature) % 2:
         return text
@@ -90,6 +92,19 @@ def signature_id_text(alg: object, text: str, signature: bytes) -> str:
     if s <= order // 2 or s >= order:
         return text
     return _b64encode(signature[:half] + (order - s).to_bytes(half, "big"))
+
+
+def signature_length(key: object) -> int | None:
+    """The one length a signature by `key` may have, where the key fixes it: RSA (RS*, PS*)
+    the modulus's (RFC 8017 §8.1.2 and §8.2.2 step 1: a signature of another length is
+    invalid); ECDSA twice the curve's. OpenSSL's RSA-PSS check accepts a signature with its
+    leading zero bytes left out, so without this one PS* token would have several texts, each
+    its own `digest` id: its own revocation and activity. None: nothing to check here."""
+    if isinstance(key, rsa.RSAPublicKey):
+        return (key.key_size + 7) // 8
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return 2 * ((key.curve.key_size + 7) // 8)
+    return None
 
 
 def no_duplicate_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -430,6 +445,9 @@ class Verifier:
         if alg not in key.algorithms:
             # e.g. HS256 presented with an RSA public key: key confusion (RFC 8725 §2.1).
             raise Refusal(Reason.DISALLOWED_ALG, "the token's alg cannot be used with its key")
+        expected = signature_length(key.key)
+        if expected is not None and len(signature) != expected:
+            raise Refusal(Reason.BAD_SIGNATURE, "the signature's length does not match its key")
         signing_input = f"{parts[0]}.{parts[1]}".encode("ascii")
         try:
             valid = _ALGORITHMS[alg].verify(signing_input, key.key, signature)

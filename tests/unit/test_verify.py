@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,9 @@ from gateway.tokens.verify import Verifier, claim_at, granted_scopes, identity_h
 ISSUER = "https://issuer.test/"
 
 
-async def make_verifier(key_file: Path, clock: ManualClock, cache_size: int) -> Verifier:
+async def make_verifier(
+    key_file: Path, clock: ManualClock, cache_size: int, algorithms: tuple[str, ...] = ("RS256",)
+) -> Verifier:
     config = config_module.from_data(
         {
             "providers": [
@@ -26,7 +29,7 @@ async def make_verifier(key_file: Path, clock: ManualClock, cache_size: int) -> 
                     "name": "main",
                     "issuer": ISSUER,
                     "audiences": ["api"],
-                    "algorithms": ["RS256"],
+                    "algorithms": list(algorithms),
                     "public_key_file": str(key_file),
                 }
             ],
@@ -169,3 +172,26 @@ def test_the_token_id_header_falls_back_to_the_id_the_token_is_tracked_by():
     }
     assert identity_headers({"jti": "j-1"}, wanted, "j-1") == {"X-Auth-Token-Id": "j-1"}
     assert identity_headers({"sub": "alice"}, wanted) == {"X-Auth-Subject": "alice"}
+
+
+@pytest.mark.parametrize("alg", ["PS256", "RS256"])
+async def test_an_rsa_signature_of_any_length_but_the_modulus_is_bad_however_openssl_reads_it(
+    key_file: Path, signing_key: SigningKey, clock: ManualClock, alg: str
+):
+    """About one PS* signature in 256 starts with a zero byte, and OpenSSL's PSS check accepts
+    it with that byte left out: one token, two texts, two `digest` ids (a revocation of one
+    would not be one of the other). Every length but the modulus's is refused (RFC 8017)."""
+    verifier = await make_verifier(key_file, clock, cache_size=10, algorithms=(alg,))
+    for _attempt in range(4000):  # PSS is randomised: one in 256 on average
+        token = signing_key.sign(claims(ISSUER, "api", now=clock.now()), alg=alg)
+        header, payload, signature = token.split(".")
+        raw = base64.urlsafe_b64decode(signature + "==")
+        if raw[0] == 0 or alg == "RS256":
+            break
+    assert alg == "RS256" or raw[0] == 0, "no PS256 signature with a leading zero byte came up"
+    await verifier.verify(token)  # the token itself is good
+    for bent in (raw[1:], b"\0" + raw):
+        text = base64.urlsafe_b64encode(bent).rstrip(b"=").decode()
+        with pytest.raises(Refusal) as refused:
+            await verifier.verify(f"{header}.{payload}.{text}")
+        assert refused.value.reason is Reason.BAD_SIGNATURE
