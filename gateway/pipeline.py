@@ -81,6 +81,7 @@ SESSION_PATH = "/.idlegate/session"
 REASON_HEADER = "X-Idlegate-Reason"  # on forward-auth refusals
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _NO_ROUTE_LABEL = "none"
+_LIST_UNREAD = "the revocation list has not been read from the store yet"
 _NO_IDENTITY: Mapping[str, str] = Identity()  # public routes: nothing rendered, shared
 # Authorization values (by route) whose decision before the store is kept; the oldest goes first.
 ADMITTED = 20_000
@@ -423,6 +424,10 @@ class Pipeline:
         (for the log) whatever is decided after."""
         if route.auth != "required":
             return _NO_IDENTITY
+        if not self.revocations.loaded:
+            # Started while the store was down: every token would pass the revocation check,
+            # whatever store.on_error says (that is about the idle check). Refused until read.
+            raise Refusal(Reason.STORE_UNAVAILABLE, _LIST_UNREAD, retry_after=1)
         now = self.clock.now()  # one reading for the whole decision
         # The Authorization value as sent is the key of what was decided before: a request
         # that repeats one parses nothing and re-checks only what time or revocation changes.

@@ -902,6 +902,32 @@ async def test_on_error_allow_forwards_and_counts(
     assert after == before + 1
 
 
+async def test_an_instance_that_never_read_the_revocation_list_forwards_nothing_on_allow(
+    gateways: GatewayFactory, upstream: Upstream, redis_server: RedisServer, clock: ManualClock
+):
+    """on_error allow skips the idle check, never the revocation check: an instance started
+    while the store was down has no list to check against, so it refuses (503) until it read
+    one, and then a token revoked meanwhile is refused as revoked."""
+    first = await gateways(store_url=redis_server.url, store={"on_error": "allow"})
+    token = first.token(jti="revoked-before")
+    key = first.gateway.hasher.of_token("jti", ISSUER, "revoked-before")
+    await first.gateway.revocations.revoke(Revocation("jti", key, None, clock.now() + 1000))
+    redis_server.stop()
+    late = await gateways(store_url=redis_server.url, store={"on_error": "allow"})
+    assert not late.gateway.revocations.loaded
+    refused = await late.get("/api/x", token)
+    assert refused.status == 503
+    assert refused.headers["Retry-After"] == "1"
+    assert (await refused.json())["reason"] == "store_unavailable"
+    assert (await late.get("/api/x", late.token())).status == 503  # any token: no list read
+    assert upstream.received == []
+    redis_server.start()  # empty (no persistence): the first instance writes its list back
+    await first.gateway.revocations.refresh()
+    await late.gateway.revocations.refresh()
+    await assert_refused(late, upstream, token, "revoked")
+    assert (await late.get("/api/x", late.token())).status == 200
+
+
 async def test_on_error_grace_allows_only_tokens_seen_here(
     gateways: GatewayFactory, upstream: Upstream, redis_server: RedisServer
 ):
