@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, NamedTuple
 
-from aiohttp import web
+from aiohttp import HttpVersion11, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 from yarl import URL
 
@@ -446,6 +446,11 @@ class Forwarder:
             )
         # Large, unsized or bodiless responses: relayed chunk by chunk, never held whole.
         out = web.StreamResponse(status=response.status, reason=reason, headers=fields)
+        if request.version < HttpVersion11 and hdrs.CONTENT_LENGTH not in fields:
+            # HTTP/1.0 has no chunked coding: the body ends where the connection does (RFC 9112
+            # §6.3). aiohttp writes it so but keeps a keep-alive client's connection open, and
+            # the next response would run on as part of this body.
+            out.force_close()
         chunks = response.chunks()
         try:
             await out.prepare(request)

@@ -495,6 +495,33 @@ async def test_obs_folded_header_is_refused_or_unfolded(gateways: GatewayFactory
         assert response.body == b"body"
 
 
+async def test_an_http10_keep_alive_client_gets_an_unsized_body_ended_by_the_close(
+    gateways: GatewayFactory, raw: RawUpstream
+):
+    """HTTP/1.0 has no chunked coding: an upstream answer of unknown length reaches a 1.0
+    client unframed, so the connection must end with it, keep-alive asked or not. Else the
+    client waits for a close that never comes, and the next response on the connection runs on
+    as part of this body."""
+    raw.replies = [
+        Reply((b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",))
+    ]
+    gw = await _gateway(gateways, raw, server={"keepalive_timeout": "30s"})
+    port = gw.running.proxy.addresses[0][1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(
+            b"GET /raw/one HTTP/1.0\r\nHost: gateway.test\r\nConnection: keep-alive\r\n\r\n"
+        )
+        async with asyncio.timeout(2):  # the close, not keepalive_timeout's 30 s
+            data = await reader.read()
+    finally:
+        writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.split(b" ", 2)[1] == b"200"
+    assert b"content-length" not in head.lower() and b"transfer-encoding" not in head.lower()
+    assert body == b"hello"
+
+
 async def test_invalid_chunk_size_never_reaches_the_client_as_a_complete_response(
     gateways: GatewayFactory, raw: RawUpstream
 ):
