@@ -68,6 +68,10 @@ def check_session_age(token: VerifiedToken, policy: Policy, now: float) -> None:
         return
     if token.auth_time is None:
         raise Refusal(Reason.MISSING_CLAIM, "the token lacks auth_time, needed for max_session_age")
+    if token.auth_time > token.iat + policy.leeway:
+        # An authentication after the token was issued cannot be: read as the age it says, a
+        # future auth_time would exempt the token from max_session_age.
+        raise Refusal(Reason.ISSUED_IN_FUTURE, "the token's auth_time is after its iat")
     if now - token.auth_time > policy.max_session_age + policy.leeway:
         raise Refusal(Reason.SESSION_TOO_OLD)
 

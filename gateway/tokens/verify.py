@@ -265,7 +265,8 @@ def identity_headers(
     words: frozenset[str] = frozenset(_SCOPE_CLAIMS),
 ) -> Identity:
     """Header -> claim value (a name or dotted path) as text; lists space-joined. A claim
-    holding a control character is left out: a claim can never smuggle a header line.
+    holding a control character, or starting or ending with a space, is left out: a claim can
+    never smuggle a header line, nor reach the upstream as another value.
     `jti` falls back to the id the token is tracked by (`uti`, `digest:…`: policy.token_id),
     so the upstream's token id header is there for IdPs that mint no `jti`. A string claim
     in `words` (scopes, the roles claim: read as space-separated words) goes as those words,
@@ -290,7 +291,10 @@ def identity_headers(
             text = _list_text([word for word in value.split(" ") if word]) or ""
         else:
             text = str(value)
-        if not _CONTROL.search(text):
+        # A control character could smuggle a header line; a leading or trailing space is
+        # taken off by the upstream's parser (RFC 9110 §5.5), so " admin " would be read as
+        # the identity "admin" that the gateway did not decide on (nor revoke).
+        if not _CONTROL.search(text) and text == text.strip(" "):
             headers[header] = text
     return Identity(headers)
 

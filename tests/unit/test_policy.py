@@ -229,6 +229,16 @@ def test_session_age_counts_from_auth_time_not_iat():
     assert refusal.reason is Reason.SESSION_TOO_OLD
 
 
+def test_an_auth_time_after_iat_is_refused_not_read_as_a_young_session():
+    """An authentication after the token was issued cannot be: read as an age, a future
+    auth_time would exempt the token from max_session_age. Up to leeway after iat passes."""
+    rules = make_policy(max_session_age="1h", leeway=30)
+    policy.check_session_age(token(auth_time=IAT + 30), rules, IAT + 10)
+    for later in (IAT + 30.001, IAT + 10 * 365 * 86400):
+        refusal = refusal_of(policy.check_session_age, token(auth_time=later), rules, IAT + 10)
+        assert refusal.reason is Reason.ISSUED_IN_FUTURE
+
+
 def test_importing_the_pure_policy_loads_no_network_client():
     """The policy module calls itself pure: importing it (as a unit test or a tool would) must not
     load redis-py or aiohttp, whose imports cost hundreds of milliseconds and bring I/O along.

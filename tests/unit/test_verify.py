@@ -150,6 +150,16 @@ def test_a_claim_holding_a_line_break_of_any_kind_is_no_identity_header(value: s
     }
 
 
+@pytest.mark.parametrize("value", [" admin ", "admin ", " admin", ["", "admin"]])
+def test_a_claim_the_upstream_would_read_without_its_spaces_is_no_identity_header(value: object):
+    """HTTP parsers take a field value's leading and trailing spaces off: `" admin "` would
+    reach the upstream as `admin`, an identity the gateway neither decided on nor revokes."""
+    wanted = {"X-Auth-Subject": "sub", "X-Groups": "groups"}
+    assert identity_headers({"sub": value, "groups": value}, wanted) == {}
+    inner = identity_headers({"sub": "ad min", "groups": ["a", "b"]}, wanted)
+    assert inner == {"X-Auth-Subject": "ad min", "X-Groups": "a b"}
+
+
 def test_token_id_tries_claims_in_order_and_digest_is_keyed_per_signature():
     hasher = KeyHasher(b"k")
     names = ["jti", "uti", "digest"]
