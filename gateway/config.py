@@ -13,6 +13,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import unquote
 
 import yaml
 from pydantic import (
@@ -25,6 +26,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from yarl import URL
 
 from gateway.errors import StartupError
 
@@ -265,6 +267,13 @@ def _aud_only() -> list[AudienceClaim]:
     return ["aud"]
 
 
+# Said without the URL: it may hold a password.
+_UNREADABLE_URL = (
+    "not a URL aiohttp can fetch (percent-encode a `/`, `?` or `#` in a user or password, "
+    "e.g. %2F for `/`)"
+)
+
+
 class Provider(_Model):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     # Exact match on the token's iss; a list for IdPs with one issuer per tenant (Entra ID).
@@ -326,6 +335,8 @@ class Provider(_Model):
     def _https_or_local(cls, uri: str | None) -> str | None:
         if uri is not None and not uri.startswith(("https://", "http://")):
             raise ValueError("must be an http(s) URL")
+        if uri is not None and not _readable_http_url(uri):
+            raise ValueError(_UNREADABLE_URL)
         return uri
 
     @model_validator(mode="after")
@@ -375,6 +386,8 @@ class Route(_Model):
             return None
         if not re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?", upstream):
             raise ValueError("must be an http:// or https:// URL with a host")
+        if not _readable_http_url(upstream):
+            raise ValueError(_UNREADABLE_URL)
         return upstream.rstrip("/")
 
 
@@ -600,24 +613,72 @@ class Config(_Model):
         return problems
 
     def masked(self) -> dict[str, Any]:
-        """The effective config as plain data with secrets replaced, for printing."""
+        """The effective config as plain data with secrets replaced, for printing: every URL
+        through `mask_url` (the store's, each provider's jwks_uri and issuer, each upstream)."""
         data = self.model_dump(mode="json")
         data["store"]["url"] = mask_url(self.store.url)
+        for shown in data["providers"]:
+            if shown["jwks_uri"] is not None:
+                shown["jwks_uri"] = mask_url(shown["jwks_uri"])
+            issuer = shown["issuer"]  # discovery fetches below it, credentials and all
+            shown["issuer"] = (
+                mask_url(issuer) if isinstance(issuer, str) else [mask_url(i) for i in issuer]
+            )
+        for shown in data["routes"]:
+            if shown["upstream"] is not None:
+                shown["upstream"] = mask_url(shown["upstream"])
         return data
 
 
+_HTTP_SCHEMES = frozenset({"http", "https", "ws", "wss"})
+_QUERY_OPTION = re.compile(r"([?&#])([^=&#]*)=([^&]*)")
+# Query options whose value is a credential: redis-py's password, sentinel_password and
+# ssl_password, api_key, access_token, client_secret, X-Amz-Signature, Azure SAS's sig, ...
+_SECRET_OPTION = re.compile(
+    r"(pass(word|wd)?|pwd|secret|token|key|sig(nature)?|credentials?|auth(orization)?)$",
+    re.IGNORECASE,
+)
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S*")
+
+
+def _readable_http_url(url: str) -> bool:
+    """True if aiohttp can fetch the URL at all: yarl parses it and finds a host."""
+    try:
+        return bool(URL(url).host)
+    except ValueError:  # a port that is no number: a `/`, `?` or `#` in a password, unencoded
+        return False
+
+
 def mask_url(url: str) -> str:
-    """Hide passwords: in `scheme://user:password@host` (up to the last `@`, as a password may
-    hold one unencoded) and in query options named like `*password*`."""
+    """A configured URL as it may be printed, logged or answered: its userinfo's password
+    (the user stays) and every query option named like a credential (`password`,
+    `sentinel_password`, `api_key`, `access_token`, `sig`, ...) become `***`. Only for showing:
+    what is fetched or connected to is the URL itself."""
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url
-    userinfo, at, hosts = rest.rpartition("@")
+    # Where the userinfo ends: in an http(s) URL, where aiohttp reads it (the authority's last
+    # `@`); elsewhere, or if yarl cannot read the URL, at the last `@` of all (the redis
+    # factory takes a password whole, `@` and `/` included).
+    end = len(rest)
+    if scheme.lower() in _HTTP_SCHEMES and _readable_http_url(url):
+        end = len(re.split(r"[/?#]", rest, maxsplit=1)[0])  # RFC 3986 §3.2: the authority
+    userinfo, at, hosts = rest[:end].rpartition("@")
     if at:
         user, colon, _ = userinfo.partition(":")
-        rest = f"{user}{':***' if colon else ''}@{hosts}"
-    rest = re.sub(r"([?&][^=&]*password=)[^&]*", r"\1***", rest, flags=re.IGNORECASE)
-    return f"{scheme}://{rest}"
+        rest = f"{user}{':***' if colon else ''}@{hosts}{rest[end:]}"
+    return f"{scheme}://{_QUERY_OPTION.sub(_mask_option, rest)}"
+
+
+def _mask_option(option: re.Match[str]) -> str:
+    sep, name, value = option.groups()
+    secret = _SECRET_OPTION.search(unquote(name).strip())
+    return f"{sep}{name}={'***' if secret and value else value}"
+
+
+def mask_urls(text: str) -> str:
+    """`text` (a library's error message, say) with every URL in it through `mask_url`."""
+    return _URL_IN_TEXT.sub(lambda found: mask_url(found.group()), text)
 
 
 class ConfigError(StartupError):

@@ -31,7 +31,7 @@ from jwt.exceptions import InvalidKeyError
 
 from gateway import __version__
 from gateway.clock import Clock, SystemClock
-from gateway.config import Provider
+from gateway.config import Provider, mask_url, mask_urls
 from gateway.errors import StartupError
 from gateway.metrics import JWKS_KEYS, JWKS_REFRESH
 
@@ -414,6 +414,8 @@ class KeyRing:
         self._last_miss_refetch: float | None = None
         self._closed = False
         self.last_success: float | None = None
+        # Why keys are missing or stale, for /readyz and check-config: every URL in it is
+        # through mask_url (that endpoint needs no token).
         self.last_error: str | None = None
 
     @property
@@ -621,7 +623,8 @@ class KeyRing:
         except TimeoutError:  # before OSError, its base class
             problem = f"no complete answer within {self.fetch_timeout:g}s"
         except (aiohttp.ClientError, OSError) as exc:
-            problem = f"{type(exc).__name__}: {exc}"
+            # InvalidURL and ClientResponseError name the URL, credentials and all.
+            problem = f"{type(exc).__name__}: {mask_urls(str(exc))}"
         except Exception as exc:  # a bug must not kill the ring; count it like any failure
             log.exception("provider %s: unexpected error fetching keys", self.provider.name)
             problem = f"unexpected {type(exc).__name__}"
@@ -644,7 +647,7 @@ class KeyRing:
         source.due = asyncio.get_running_loop().time() + delay
         self.last_success = self._clock.now()
         JWKS_REFRESH.labels(provider=self.provider.name, result="ok").inc()
-        self._install(self._union(), source=str(source.jwks_uri))
+        self._install(self._union(), source=mask_url(str(source.jwks_uri)))
         self._report()
 
     def _failed(self, source: _KeySource, problem: str) -> None:
@@ -667,7 +670,7 @@ class KeyRing:
                 "provider %s: key refresh failed: issuer %s: %s (holding %d of its keys, "
                 "%d in all)",
                 self.provider.name,
-                source.issuer,
+                mask_url(str(source.issuer)),
                 problem,
                 len(source.keys),
                 self._count,
@@ -689,7 +692,7 @@ class KeyRing:
         if len(self._sources) == 1:
             return str(source.problem)
         held = f"{len(source.keys)} of its keys kept" if source.keys else "none of its keys yet"
-        return f"issuer {source.issuer}: {source.problem} ({held})"
+        return f"issuer {mask_url(str(source.issuer))}: {source.problem} ({held})"
 
     def _report(self) -> None:
         failing = [source for source in self._sources if source.problem is not None]
@@ -701,7 +704,8 @@ class KeyRing:
         found = keys_from_jwks(document, self.provider.algorithms, provider=self.provider.name)
         if not found:
             raise _FetchError(
-                f"JWKS at {jwks_uri} has no usable key for algorithms {self.provider.algorithms}"
+                f"JWKS at {mask_url(jwks_uri)} has no usable key for algorithms "
+                f"{self.provider.algorithms}"
             )
         return found, fresh_for
 
@@ -713,44 +717,44 @@ class KeyRing:
         issuer is that template with one tenant filled in."""
         url = issuer.rstrip("/") + "/.well-known/openid-configuration"
         document, _ = await self._get_json(url, "discovery document")
+        at = f"discovery document at {mask_url(url)}"
         if not isinstance(document, Mapping):
-            raise _FetchError(f"discovery document at {url} is not a JSON object")
-        if not _issuer_matches(document.get("issuer"), issuer):
+            raise _FetchError(f"{at} is not a JSON object")
+        named = document.get("issuer")
+        if not _issuer_matches(named, issuer):
             # §4.3: a mismatch means the document is not this issuer's (or is forged).
-            raise _FetchError(
-                f"discovery document at {url} names issuer {document.get('issuer')!r}, "
-                f"not {issuer!r}"
-            )
+            shown = mask_url(named) if isinstance(named, str) else named
+            raise _FetchError(f"{at} names issuer {shown!r}, not {mask_url(issuer)!r}")
         jwks_uri = document.get("jwks_uri")
         if not isinstance(jwks_uri, str) or not jwks_uri.startswith(("https://", "http://")):
-            raise _FetchError(f"discovery document at {url} has no http(s) jwks_uri")
+            raise _FetchError(f"{at} has no http(s) jwks_uri")
         if issuer.startswith("https://") and not jwks_uri.startswith("https://"):
-            raise _FetchError(f"discovery document at {url}: jwks_uri is not https")
+            raise _FetchError(f"{at}: jwks_uri is not https")
         return jwks_uri
 
     async def _get_json(self, url: str, what: str) -> tuple[Any, float | None]:
         assert self._http is not None
         headers = {"Accept": "application/json", "User-Agent": f"idlegate/{__version__}"}
+        at = f"{what} at {mask_url(url)}"  # the messages' way of naming it; `url` is fetched
+        too_large = f"{at} is larger than {self.max_document_bytes} bytes"
         # No redirects: the key set must come from the configured (or discovered) URL itself.
         async with self._http.get(url, headers=headers, allow_redirects=False) as response:
             if response.status != 200:
-                raise _FetchError(f"{what} at {url} answered HTTP {response.status}")
+                raise _FetchError(f"{at} answered HTTP {response.status}")
             length = response.content_length
             if length is not None and length > self.max_document_bytes:
-                raise _FetchError(f"{what} at {url} is larger than {self.max_document_bytes} bytes")
+                raise _FetchError(too_large)
             body = bytearray()
             async for chunk in response.content.iter_chunked(65536):
                 body += chunk
                 if len(body) > self.max_document_bytes:
-                    raise _FetchError(
-                        f"{what} at {url} is larger than {self.max_document_bytes} bytes"
-                    )
+                    raise _FetchError(too_large)
             cache_control = ",".join(response.headers.getall("Cache-Control", [])) or None
             fresh_for = freshness(cache_control, response.headers.get("Age"))
         try:
             return json.loads(bytes(body)), fresh_for
         except (ValueError, UnicodeDecodeError):
-            raise _FetchError(f"{what} at {url} is not valid JSON") from None
+            raise _FetchError(f"{at} is not valid JSON") from None
 
     async def _refresh_loop(self) -> None:
         """Refetch each source a little before its keys go stale, a failed one with exponential
