@@ -19,6 +19,7 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import RequestHandler
 
 from gateway import metrics
@@ -78,7 +79,7 @@ class GuardedRequestHandler(RequestHandler):
     """
 
     __slots__ = (
-        "_head_started", "_head_timer", "_header_timeout", "_on_unparsed", "_slot",
+        "_bodyless", "_head_started", "_head_timer", "_header_timeout", "_on_unparsed", "_slot",
         "_unparsed_log",
     )  # fmt: skip
 
@@ -97,6 +98,7 @@ class GuardedRequestHandler(RequestHandler):
         self._unparsed_log = unparsed_log or RateLimitedLog(log, interval=1.0)
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_started = False  # bytes of the awaited head have arrived
+        self._bodyless = False  # the last head parsed has no body to come
         self._slot: Slot | None = None  # set by a CappedSite: released when the connection ends
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -108,10 +110,20 @@ class GuardedRequestHandler(RequestHandler):
         super().data_received(data)
         if self._request_count != heads:  # a whole head (or a refused one) was parsed
             self._disarm()
-        elif data and self._head_timer is not None:
+            messages = self._messages
+            # The last head has no body, so what followed it in `data` (it did not end the
+            # head) is the start of a pipelined next head: its deadline runs from now.
+            self._bodyless = bool(messages) and messages[-1][1] is EMPTY_PAYLOAD
+            if self._bodyless and not data.endswith(b"\r\n\r\n"):
+                self._arm(started=True)
+        elif not data or self._upgraded or self._payload_parser is not None:
+            return  # nothing, or a WebSocket's frames: no head of any request
+        elif self._head_timer is not None:
             self._head_started = True
-        elif data and self._awaiting_request():
-            self._arm(started=True)  # the first byte of a kept-alive connection's next request
+        elif self._awaiting_request() or self._bodyless:
+            # The first byte of a kept-alive connection's next request; or, while a bodyless
+            # request is being answered, of a pipelined one (no body of it is to come).
+            self._arm(started=True)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._disarm()
@@ -160,6 +172,12 @@ class GuardedRequestHandler(RequestHandler):
         self._head_timer = None
         transport = self.transport
         if transport is None or self._force_close:
+            return
+        if self._head_started and not self._awaiting_request():
+            # A pipelined head, begun while the request before it is still answered: that
+            # answer is not cut. Its deadline starts again (at most twice header_timeout after
+            # the answer went, never keepalive_timeout).
+            self._head_timer = self._loop.call_later(self._header_timeout, self._head_overdue)
             return
         metrics.CLIENT_TIMEOUTS.labels("header_timeout").inc()
         if self._head_started:

@@ -100,6 +100,29 @@ async def test_the_next_head_on_a_kept_alive_connection_has_its_own_deadline(
     assert len(upstream.received) == 1
 
 
+@pytest.mark.parametrize("split", ["same segment", "while answered"])
+async def test_a_pipelined_partial_head_has_the_deadline_of_any_head(
+    gateways: GatewayFactory, upstream: Upstream, split: str
+):
+    """The start of a next head sent behind a whole one (in the same segment, or while the
+    first is being answered) is cut at header_timeout after the first answer, not held for
+    keepalive_timeout; the first request is answered in full."""
+    gw = await gateways(server={"header_timeout": "1s", "keepalive_timeout": "60s"})
+    reader, writer = await _connect(gw)
+    if split == "same segment":
+        writer.write(HEAD + HEAD[:20])
+    else:
+        writer.write(b"GET /public/slow?s=0.6 HTTP/1.1\r\nHost: gateway\r\n\r\n")
+        await asyncio.sleep(0.2)
+        writer.write(HEAD[:20])
+    took, received = await _closed_after(reader, limit=2.9)
+    writer.close()
+    assert received.startswith(b"HTTP/1.1 200 "), received
+    assert _response_count(received) == 2 and b"HTTP/1.1 408 " in received, received
+    assert took <= 2.8, took
+    assert len(upstream.received) == 1
+
+
 async def test_an_idle_kept_alive_connection_is_closed_at_keepalive_timeout(
     gateways: GatewayFactory, upstream: Upstream
 ):
