@@ -30,6 +30,7 @@ from gateway.forward.headers import UpstreamHeaders
 from gateway.forward.transport import (
     MAX_LENGTH_DIGITS,
     SMALL_BODY,
+    UNRELAYABLE_RESPONSE,
     Body,
     RequestFields,
     RequestHeadInvalid,
@@ -40,6 +41,7 @@ from gateway.forward.transport import (
     UpstreamUnreachable,
     check_status_line,
     check_transfer_codings,
+    unsendable,
 )
 
 MAX_HEAD: Final = 64 * 1024  # status line and header lines together (and the trailers apart)
@@ -99,7 +101,7 @@ class ResponseReader:
 
     @property
     def reason(self) -> str:
-        return self._reason.decode("utf-8", "surrogateescape")
+        return self._reason.decode()  # UTF-8: `on_headers_complete` checked
 
     def feed(self, data: bytes) -> None:
         """Parse what arrived; a refusal is kept in `error` (the connection is then done for)."""
@@ -168,8 +170,13 @@ class ResponseReader:
             self.length = int(value)
         elif lower == b"transfer-encoding":
             self._codings.append(value.decode("latin-1"))
-        # Field names are tokens (ASCII): llhttp checked.
-        self.fields.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
+        # Field names are tokens (ASCII): llhttp checked. A value that is not UTF-8 could not
+        # be relayed as it is (`transport.UNRELAYABLE_RESPONSE`): refused, not altered.
+        try:
+            text = value.decode()
+        except UnicodeDecodeError:
+            raise UpstreamBroken(UNRELAYABLE_RESPONSE) from None
+        self.fields.append((name.decode("latin-1"), text))
 
     def on_headers_complete(self) -> None:
         parser = self._parser
@@ -183,9 +190,19 @@ class ResponseReader:
             self._new_head()
             self._loose = 0
             return
+        if not self._reason.isascii():
+            try:
+                self._reason.decode()
+            except UnicodeDecodeError:
+                raise UpstreamBroken(UNRELAYABLE_RESPONSE) from None
         self.status = status
         if self._head_request or status in (204, 304):
-            pass  # no body, whatever the headers say (RFC 9112 §6.3)
+            # No body, whatever the headers say (RFC 9112 §6.3). But one they announce may be
+            # written all the same, by an upstream bug (a HEAD served by the GET handler), and
+            # later than this head: after the next request went out on the connection, and so
+            # read as its answer (no guard can tell them apart then). Never reused.
+            if self.length or self._codings:
+                self.reusable = False
         elif self._codings:
             # llhttp would read `gzip` to EOF and `gzip, chunked` de-chunked, and takes
             # `chunked` twice.
@@ -440,7 +457,13 @@ class UpstreamPool:
         lines.append("")
         fields = "\r\n".join(lines)
         head = f"{method} {target} HTTP/1.1\r\n{self._host_line}{fields}{ours}\r\n"
-        return head.encode("utf-8", "surrogateescape")
+        try:
+            # Strict: a header byte that was not UTF-8 (a lone surrogate here) is refused as on
+            # the aiohttp transport, which could not send it as it is (`transport.unsendable`).
+            # No cost in the common case: ASCII text encodes as a copy.
+            return head.encode()
+        except UnicodeEncodeError:
+            raise unsendable() from None
 
     async def _exchange(self, conn: _Connection, method: str, head: bytes) -> UpstreamResponse:
         conn.send(head, head_request=method == "HEAD")

@@ -67,6 +67,34 @@ class RequestHeadInvalid(UpstreamError, ValueError):
     sent, so nothing the upstream could misread."""
 
 
+# A header byte that is not UTF-8 reaches the gateway as a lone surrogate (aiohttp's parsers
+# decode with `surrogateescape`), and aiohttp's writers drop lone surrogates: sent or relayed by
+# aiohttp, the value would differ from the one the gateway judged (`TR\xffACE` is `TRACE`
+# upstream). Refused on every transport and both ways, so a request's fate does not depend on
+# which transport carries it.
+UNSENDABLE_REQUEST: Final = "a request header holds bytes that are not UTF-8"
+UNRELAYABLE_RESPONSE: Final = "a response header or reason holds bytes that are not UTF-8"
+
+
+def unsendable() -> Refusal:
+    """The refusal (400 malformed_request) for a request whose header fields cannot be sent
+    byte for byte as the gateway judged them: raised before anything is sent, by the
+    transport (a client's fault, not the upstream's: no upstream failure is logged)."""
+    return Refusal(Reason.MALFORMED_REQUEST, UNSENDABLE_REQUEST)
+
+
+def is_utf8(text: str) -> bool:
+    """Whether `text` (header names and values, joined) can be written as the bytes it was
+    read from: ASCII (a constant-time flag of a `str`), or UTF-8 without lone surrogates."""
+    if text.isascii():
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 # Controls but HTAB: in no reason phrase (RFC 9112 §4) nor field (RFC 9110 §5.5), and what
 # aiohttp's writer refuses to send on, once the handler has returned.
 _CONTROL_CHARACTERS = r"[\x00-\x08\x0a-\x1f\x7f]"
@@ -113,8 +141,9 @@ class UpstreamResponse(Protocol):
     """Status and headers of a response; `body` when it was small enough to be read whole
     (and for no bodiless one), else `chunks()` yields it. `close()` gives the connection up
     (back to its pool if the body was read to its end, else closed). Its status line passed
-    `check_status_line` and no field holds a control but HTAB, whichever transport read it:
-    nothing the relay's writer would refuse."""
+    `check_status_line`, no field holds a control but HTAB, and its fields and reason are
+    UTF-8 (`UNRELAYABLE_RESPONSE`), whichever transport read it: nothing the relay's writer
+    would refuse or alter."""
 
     status: int
     reason: str
@@ -128,7 +157,8 @@ class UpstreamResponse(Protocol):
 
 class Transport(Protocol):
     """Sends one request and reads the response head (and a small body whole); `headers` are
-    the transport's to change. Every failure is an `UpstreamError`; `target` is what the
+    the transport's to change. Every failure is an `UpstreamError`, but a request whose
+    header bytes cannot be sent as they are (`unsendable`: a `Refusal`); `target` is what the
     transport was built to understand (an origin-form path for one origin's pool, an absolute
     URL for a general client)."""
 

@@ -28,6 +28,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import itertools
 import logging
 import math
 import time
@@ -47,7 +48,7 @@ from gateway.clock import Clock
 from gateway.config import Config
 from gateway.forward.deadlines import LOG_FIELDS, Deadlines, Watched
 from gateway.forward.headers import UpstreamHeaders
-from gateway.forward.transport import UpstreamFailureLog, describe_failure
+from gateway.forward.transport import UpstreamFailureLog, describe_failure, is_utf8, unsendable
 from gateway.logs import printable, quoted
 from gateway.reasons import Reason, Refusal
 from gateway.store.base import Store, StoreUnavailable, TouchResult
@@ -413,6 +414,10 @@ class WebSockets:
         upstream_headers = headers.merged()
         for name in _HANDSHAKE_HEADERS:
             upstream_headers.popall(name, None)
+        # aiohttp's writer drops lone surrogates (header bytes that were not UTF-8): the
+        # upstream would get other values than the ones judged. Refused, as by the transports.
+        if not is_utf8("".join(itertools.chain.from_iterable(upstream_headers.items()))):
+            raise unsendable()
         url = URL(target, encoded=True)  # the route's http(s):// URL, as the log names it
         try:
             upstream = await self._session.ws_connect(

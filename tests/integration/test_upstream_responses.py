@@ -275,7 +275,9 @@ async def test_head_response_does_not_wait_for_the_announced_body(
         following = await gw.get("/raw/doc")
     assert following.status == 200 and await following.read() == b"ok"
     assert raw.received[0].startswith(b"HEAD /raw/doc HTTP/1.1\r\n")
-    assert raw.connections == 1  # the HEAD answer left the upstream connection reusable
+    # The body the HEAD answer announced might still come, later, and would be read as the next
+    # request's answer: its connection is not reused.
+    assert raw.connections == 2
 
 
 @pytest.mark.parametrize(
