@@ -6,17 +6,23 @@ them; their text is kept only where it names the connection, never the request's
 
 aiohttp's response parser is lenient where the lean pool's is not: each response head is held
 to the lean pool's rules (the checks in `transport`) as far as aiohttp hands it over, so a
-response gets one answer whichever transport carried it.
+response gets one answer whichever transport carried it. Its pool is held to the lean pool's
+rule too (`_OneAnswer`): a connection that receives a byte after its response was complete and
+before the next request is closed, never to be read as another request's answer.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import AsyncGenerator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import aiohttp
 from aiohttp import hdrs
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.http import RawResponseMessage
+from aiohttp.streams import StreamReader
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -26,6 +32,7 @@ from gateway.forward.transport import (
     CHUNK,
     CONTROLS,
     SMALL_BODY,
+    UNRELAYABLE_RESPONSE,
     Body,
     RequestFields,
     UpstreamBroken,
@@ -36,6 +43,8 @@ from gateway.forward.transport import (
     check_status_line,
     check_transfer_codings,
     content_length,
+    is_utf8,
+    unsendable,
 )
 
 if TYPE_CHECKING:
@@ -74,8 +83,12 @@ def _check_head(response: aiohttp.ClientResponse) -> None:
         raise UpstreamBroken("a 1xx status as the final response")
     headers = response.headers
     # Every name and value in one scan, HTAB (allowed in values) between them.
-    if CONTROLS.search("\t".join(itertools.chain.from_iterable(headers.items()))):
+    text = "\t".join(itertools.chain.from_iterable(headers.items()))
+    if CONTROLS.search(text):
         raise UpstreamBroken("a control character in a response header")
+    # A byte that is not UTF-8 is a lone surrogate here, which the relay's writer would drop.
+    if not is_utf8(text) or not is_utf8(response.reason or ""):
+        raise UpstreamBroken(UNRELAYABLE_RESPONSE)
     lengths = headers.getall(hdrs.CONTENT_LENGTH, [])
     codings = headers.getall(hdrs.TRANSFER_ENCODING, [])
     # aiohttp's C parser refuses both as llhttp does; its pure-Python one takes repeats.
@@ -83,10 +96,19 @@ def _check_head(response: aiohttp.ClientResponse) -> None:
         raise UpstreamBroken("repeated Content-Length")
     if lengths and codings:
         raise UpstreamBroken("Content-Length with Transfer-Encoding")
-    if lengths:
-        content_length(lengths[0])
-    if codings and response.method != "HEAD" and response.status not in (204, 304):
-        check_transfer_codings(release, codings)
+    length = content_length(lengths[0]) if lengths else 0
+    if response.method != "HEAD" and response.status not in (204, 304):
+        if codings:
+            check_transfer_codings(release, codings)
+    elif length or codings:
+        # A body announced where none is read may still be written, later (the lean pool's
+        # `ResponseReader.on_headers_complete`): raised to have the connection closed.
+        raise _AnnouncedBody
+
+
+class _AnnouncedBody(Exception):
+    """A bodiless response (to a HEAD, or 204, 304) that announced a body: relayed, but its
+    connection is never reused."""
 
 
 class _CheckedResponse(aiohttp.ClientResponse):
@@ -103,7 +125,67 @@ class _CheckedResponse(aiohttp.ClientResponse):
             if protocol is not None:
                 protocol.close()
             raise  # and aiohttp closes the response, and the connection if still held
+        except _AnnouncedBody:
+            if protocol is not None:
+                protocol.close()  # nothing left to read: the response stands
         return self
+
+
+class _OneAnswer(ResponseHandler):
+    """aiohttp's protocol, held to the lean pool's rule (`http1._Connection.data_received`):
+    bytes that arrive once the final response to the last request is complete, and before the
+    next request, are nobody's answer. aiohttp would parse and queue them for the next request
+    on the pooled connection (another user's); here they are never parsed and the connection
+    closes (the pool skips a closed one). The same goes for bytes after a bodiless response
+    (HEAD, 204, 304) in its own read, which aiohttp would refuse with the response (the lean
+    pool relays it): a head is parsed apart from what follows it in a read."""
+
+    _asked = False  # a request went out on it (`set_response_params`) ...
+    _answer: StreamReader | None = None  # ... and this is its final response's body, once parsed
+
+    def set_response_params(self, **options: Any) -> None:
+        self._asked, self._answer = True, None
+        super().set_response_params(**options)
+
+    def feed_data(self, data: tuple[RawResponseMessage, StreamReader], size: int = 0) -> None:
+        if data[0].code >= 200:  # interim responses come before the answer
+            self._answer = data[1]
+        super().feed_data(data, size)
+
+    def _answered(self) -> bool:
+        """Whether the last request's final response is complete (or none was asked for)."""
+        answer = self._answer
+        return not self._asked or (answer is not None and answer.is_eof())
+
+    def data_received(self, data: bytes) -> None:
+        if not data:  # aiohttp resuming a paused body
+            super().data_received(data)
+            return
+        # Still reading heads: one that ends in this read is parsed first, so that what
+        # follows a complete bodiless answer is seen as the unasked bytes it is.
+        while self._asked and self._answer is None and not self.upgraded:
+            end = data.find(b"\r\n\r\n") + 4
+            if not 4 <= end < len(data):
+                break
+            super().data_received(data[:end])
+            if self.transport is None or self.exception() is not None:
+                return  # refused: closed
+            data = data[end:]
+        if self._answered():
+            self.force_close()
+            self.close()
+            return
+        super().data_received(data)
+
+
+class _Connector(aiohttp.TCPConnector):
+    """aiohttp's pool, its connections `_OneAnswer`s (aiohttp's protocol factory is a
+    `functools.partial` of `ResponseHandler`, which this one replaces)."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        factory = functools.partial(_OneAnswer, loop=self._loop)
+        self._factory = cast("functools.partial[ResponseHandler]", factory)
 
 
 class AiohttpResponse:
@@ -140,7 +222,7 @@ class AiohttpTransport:
     async def start(self) -> None:
         config = self._config
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(
+            connector=_Connector(
                 limit=config.pool_size, keepalive_timeout=config.keepalive_timeout, ttl_dns_cache=10
             ),
             # `connect` bounds waiting for a free pooled connection as well as connecting.
@@ -153,7 +235,8 @@ class AiohttpTransport:
             auto_decompress=False,  # pass bodies through exactly as the upstream sent them
             response_class=_CheckedResponse,
             cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+            # The client's fields and ours, as the lean pool sends: none of aiohttp's own.
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
         )
 
     async def close(self) -> None:
@@ -166,6 +249,9 @@ class AiohttpTransport:
         assert self._session is not None, "AiohttpTransport.start() was not awaited"
         if isinstance(headers, UpstreamHeaders):
             headers = headers.merged()
+        # aiohttp's writer drops lone surrogates (header bytes that were not UTF-8): refused.
+        if not is_utf8("".join(itertools.chain.from_iterable(headers.items()))):
+            raise unsendable()
         response = None
         try:
             response = await self._session.request(
