@@ -304,3 +304,16 @@ async def test_both_transports_send_the_same_fields_and_none_of_aiohttps_own(
     assert b"accept" not in names[1] and b"user-agent" not in names[1]
     assert b"accept-encoding" not in names[1]
     assert [n for n in names[1] if n != b"content-length"] == names[0]
+
+
+@TRANSPORTS
+async def test_a_well_behaved_upstreams_connection_is_still_reused(
+    gateways: GatewayFactory, upstream: KeepAliveUpstream, body: bytes | None
+):
+    # The idle guard closes a connection only for bytes nobody asked for.
+    gw = await _gateway(gateways, upstream)
+    method = "GET" if body is None else "POST"
+    for path in ("/pub/one", "/pub/two", "/pub/three"):
+        relayed = parse(await exchange(_port(gw), _call(method, path, body=body)))
+        assert relayed.body == b"answer to " + f"{method} {path} HTTP/1.1".encode()
+    assert len(upstream.connections) == 1
