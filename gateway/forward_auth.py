@@ -14,7 +14,6 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 from multidict import CIMultiDictProxy
 
@@ -76,17 +75,29 @@ class TrustedPeers:
         return any(address in network for network in self._networks)
 
 
+# A URL's authority as an edge writes it: a host (a name, or an IP literal in brackets) and
+# an optional port; no userinfo, nothing that ends an authority in a URL parser's reading.
+_AUTHORITY = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]+)(?::[0-9]*)?")
+
+
 def _split(value: str, header: str) -> tuple[str, str]:
     """(raw path, raw query) of a request-target (`/a?b`) or an absolute URL (X-Original-URL)."""
     if value.startswith("/"):
         path, _, query = value.partition("?")
         return path, query.partition("#")[0]
     if value.startswith(("http://", "https://")):
-        try:
-            parts = urlsplit(value)
-        except ValueError:  # an unbalanced IPv6 bracket (`http://[/api`): no URL at all
-            raise Refusal(Reason.NO_ORIGINAL_REQUEST, f"{header} is not a valid URL") from None
-        return parts.path or "/", parts.query
+        # ingress-nginx sends `$scheme://$http_host$request_uri`: the Host as the client sent
+        # it, then the request-target the edge routes on. Read as a URL, a Host holding `#`
+        # or `?` (`shop.example:#`) would make that target a fragment or a query, and the
+        # path decided `/` while the edge forwards /api/secret: the authority must be a host
+        # and port, and the target is what follows it, from its `/`.
+        authority, slash, target = value.partition("://")[2].partition("/")
+        if not slash or not _AUTHORITY.fullmatch(authority):
+            raise Refusal(
+                Reason.NO_ORIGINAL_REQUEST, f"{header} is not an http(s) URL with a host and path"
+            )
+        path, _, query = ("/" + target).partition("?")
+        return path, query.partition("#")[0]
     raise Refusal(Reason.NO_ORIGINAL_REQUEST, f"{header} is neither a path nor an http(s) URL")
 
 

@@ -50,7 +50,7 @@ from gateway.forward.headers import (
     X_REQUEST_ID,
     UpstreamHeaders,
 )
-from gateway.forward.proxy import Forwarder
+from gateway.forward.proxy import Forwarder, is_form
 from gateway.forward.websocket import (
     HANDSHAKE_SECONDS,
     WebSockets,
@@ -81,6 +81,10 @@ SESSION_PATH = "/.idlegate/session"
 REASON_HEADER = "X-Idlegate-Reason"  # on forward-auth refusals
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _NO_ROUTE_LABEL = "none"
+_FORM_UNSEEN = (
+    "a form body cannot be checked through forward-auth, which never sees it: "
+    "send form posts to the proxy port"
+)
 _LIST_UNREAD = "the revocation list has not been read from the store yet"
 _NO_IDENTITY: Mapping[str, str] = Identity()  # public routes: nothing rendered, shared
 # Authorization values (by route) whose decision before the store is kept; the oldest goes first.
@@ -374,13 +378,19 @@ class Pipeline:
             _check_overrides(request.headers, twins=True)
             match = self.router.match(original.path)
             record.route = match.label
+            if match.route.auth == "required" and is_form(request):
+                # The edge never sends the body: a second token in it (RFC 6750 §2.2), which
+                # the upstream might use instead of the one decided on, cannot be looked for.
+                raise Refusal(Reason.MALFORMED_REQUEST, _FORM_UNSEEN)
             # As on the proxy port, when the edge passes the handshake's Upgrade/Connection on
             # (nginx does not: there its locations decide which requests may upgrade).
             if hdrs.UPGRADE in request.headers:
                 _upgrade(match.route, request.headers)
             identity = await self.decide(match.route, original.query, request.headers, record)
+            # A cache between the edge and us must not keep a yes: the next request's is
+            # decided again (idle timeout, revocation).
             response: web.StreamResponse = web.Response(
-                headers={**identity, X_REQUEST_ID: request_id}
+                headers={**identity, X_REQUEST_ID: request_id, hdrs.CACHE_CONTROL: "no-store"}
             )
         except Refusal as refusal:
             response = _refused(refusal, request_id, record)

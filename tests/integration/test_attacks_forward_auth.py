@@ -76,6 +76,24 @@ CASES = {
         "no_original_request",
     ),
     "stray-bracket": (("X-Original-URL: https://h]/api/x",), True, 400, "no_original_request"),
+    # ingress-nginx's X-Original-URL is `$scheme://$http_host$request_uri`: the client's Host
+    # must not turn the request-target into a fragment or a query (decided `/`, forwarded
+    # /api/x), nor be missing its path.
+    "host-ending-in-hash": (
+        ("X-Original-URL: http://shop.example:#/api/x",),
+        False,
+        400,
+        "no_original_request",
+    ),
+    "host-with-query": (("X-Original-URL: http://h?/api/x",), False, 400, "no_original_request"),
+    "host-with-userinfo": (
+        ("X-Original-URL: http://u@h/api/x",),
+        False,
+        400,
+        "no_original_request",
+    ),
+    "url-without-path": (("X-Original-URL: http://h",), True, 400, "no_original_request"),
+    "url-with-port": (("X-Original-URL: https://h:8443/api/x?a=1",), True, 200, ""),
     "fragment-in-path": (
         ("X-Forwarded-Uri: /api#x", "X-Forwarded-Method: GET"),
         False,
@@ -126,6 +144,55 @@ async def test_crafted_original_requests_are_decided_safely(
 ):
     gw = await gateways(forward_auth=ENABLED)
     assert await ask(gw, *lines, token=gw.token() if token else None) == (status, reason)
+    assert upstream.received == []
+
+
+async def test_a_host_that_hides_the_target_cannot_reach_a_public_catch_all(
+    gateways: GatewayFactory, upstream: Upstream
+):
+    """With a public `/` route, a Host ending in `#` made the path of X-Original-URL empty:
+    decided `/` (200, public) while nginx forwards the request-target, /api/x, unchecked."""
+    routes = [{"prefix": "/", "auth": "none"}, {"prefix": "/api/"}]
+    gw = await gateways(forward_auth=ENABLED, routes=routes)
+    for url in ("http://shop.example:#/api/x", "http://shop.example?/api/x"):
+        assert await ask(gw, f"X-Original-URL: {url}") == (400, "no_original_request")
+    assert await ask(gw, "X-Original-URL: http://shop.example/api/x") == (401, "missing_token")
+    assert await ask(gw, "X-Original-URL: http://shop.example/") == (200, "")
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["application/x-www-form-urlencoded", "Application/X-WWW-Form-Urlencoded; charset=UTF-8"],
+)
+async def test_a_form_post_is_refused_where_its_body_cannot_be_seen(
+    gateways: GatewayFactory, upstream: Upstream, content_type: str
+):
+    """The proxy port refuses a form body carrying a second token; the edge never passes the
+    body to forward-auth, so a form on a token route is refused there (counted), a public
+    route's is not, and the yes that does go out is never cached."""
+    gw = await gateways(forward_auth=ENABLED)
+    token = gw.token()
+    before = fa_counted("/api/", "rejected", "malformed_request")
+    form = ("X-Original-URI: /api/x", "X-Original-Method: POST", f"Content-Type: {content_type}")
+    assert await ask(gw, *form, token=token) == (400, "malformed_request")
+    assert fa_counted("/api/", "rejected", "malformed_request") == before + 1
+    public = (
+        "X-Original-URI: /public/x",
+        "X-Original-Method: POST",
+        f"Content-Type: {content_type}",
+    )
+    assert await ask(gw, *public) == (200, "")
+    json_post = (
+        "X-Original-URI: /api/x",
+        "X-Original-Method: POST",
+        "Content-Type: application/json",
+    )
+    port = int(gw.running.proxy.addresses[0][1])
+    raw = await exchange(port, request("GET /.idlegate/auth HTTP/1.1", "Connection: close",
+                                       *json_post, f"Authorization: Bearer {token}"))  # fmt: skip
+    allowed = parse(raw)
+    assert allowed.status == 200
+    assert allowed.all("cache-control") == ["no-store"]
     assert upstream.received == []
 
 
