@@ -565,6 +565,7 @@ class Config(_Model):
                 )
         problems.extend(self._listener_problems())
         problems.extend(self._coalesce_problems())
+        problems.extend(self._activity_interval_problems())
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -586,6 +587,20 @@ class Config(_Model):
             "a token may be refused up to store.coalesce early"
             for name, timeout, where in timeouts
             if window >= timeout
+        ]
+
+    def _activity_interval_problems(self) -> list[str]:
+        """An open WebSocket's client messages are written as activity at most once per
+        forward.websocket_activity_interval: at or above a route's idle timeout, a socket in
+        steady use would be closed idle_timeout."""
+        interval = self.forward.websocket_activity_interval
+        return [
+            f"forward.websocket_activity_interval: {interval:g}s must be shorter than the idle "
+            f"timeout of routes.{i} ({timeout:g}s, route {route.prefix}): a WebSocket in use "
+            "would be closed idle_timeout"
+            for i, route in enumerate(self.routes)
+            if route.websocket
+            and interval >= (timeout := route.idle_timeout or self.policy.idle_timeout)
         ]
 
     def _listener_problems(self) -> list[str]:

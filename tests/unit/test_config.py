@@ -752,3 +752,21 @@ def test_an_identity_header_cannot_be_one_the_gateway_sets(name: str):
     assert found[0].startswith("forward.identity_headers")
     assert "set by the gateway itself" in found[0]
     assert config(forward={"identity_headers": {"X-Forwarded-User": "sub"}})
+
+
+def test_a_websocket_activity_interval_at_or_over_a_websocket_routes_idle_timeout_is_refused():
+    """Client messages are written as activity once per interval: at or above the idle
+    timeout a socket in steady use would be closed idle_timeout (non-WebSocket routes and a
+    shorter interval are fine)."""
+    routes = [
+        {
+            "prefix": "/ws/",
+            "upstream": "http://127.0.0.1:1",
+            "websocket": True,
+            "idle_timeout": "5s",
+        },
+        {"prefix": "/api/", "upstream": "http://127.0.0.1:1", "idle_timeout": "3s"},
+    ]
+    with pytest.raises(ConfigError, match=r"websocket_activity_interval: 10s .*routes\.0 \(5s"):
+        config(routes=routes)
+    config(routes=routes, forward={"websocket_activity_interval": "4s"})
