@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
+import struct
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -35,8 +37,22 @@ if TYPE_CHECKING:  # types only: forwarding does not import the token and revoca
 log = logging.getLogger("idlegate.deadlines")
 
 TICK = 0.25
+# How long a cut response's last whole chunk gets to reach the client before its connection
+# is reset (a client that reads nothing would hold it open for ever).
+CUT_FLUSH = 1.0
 # Set on a response by the modules here: extra fields for its access-log line.
 LOG_FIELDS: web.ResponseKey[dict[str, object]] = web.ResponseKey("idlegate.log", dict)
+
+
+def reset(transport: asyncio.Transport) -> None:
+    """End a connection now with a TCP reset: unsent bytes are dropped, and the peer sees an
+    error, never the clean end a FIN would be (asyncio's `abort()` alone closes the socket,
+    which sends a FIN behind the bytes still queued in the kernel). A no-op once lost."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 class Watched:
@@ -184,10 +200,18 @@ class Deadlines:
         writer = request.writer
         if writer.output_size == 0 and getattr(writer, "_headers_buf", None) is None:
             raise Refusal(reason, f"{reason.message} (while the response was pending)")
-        if request.transport is not None:
-            # close(), not abort(): what was written whole (the last complete chunk) still goes
-            # out, then the connection ends before the response does.
-            request.transport.close()
+        transport = request.transport
+        if transport is not None:
+            if writer.length is None and not getattr(writer, "chunked", False):
+                # Neither chunked nor sized (an HTTP/1.0 client: the body ends with the
+                # connection): a clean close would be the body's normal end. A reset is not.
+                reset(transport)
+            else:
+                # close(), not abort(): what was written whole (the last complete chunk)
+                # still goes out, then the connection ends before the response does...
+                transport.close()
+                # ...unless the client reads nothing: then it is reset, never held open.
+                loop.call_later(CUT_FLUSH, reset, transport)
         # Never written (the transport is closing); for the access log and the request count.
         placeholder = web.Response(status=200)
         fields: dict[str, object] = {"cut": reason.code}

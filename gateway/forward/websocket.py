@@ -38,6 +38,7 @@ from typing import Any
 import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, web
 from aiohttp._websocket.reader import WebSocketDataQueue
+from aiohttp.connector import Connection
 from aiohttp.helpers import set_exception
 from aiohttp.http_websocket import WebSocketError, WebSocketReader, WebSocketWriter
 from multidict import MultiMapping
@@ -46,7 +47,7 @@ from yarl import URL
 from gateway import metrics
 from gateway.clock import Clock
 from gateway.config import Config
-from gateway.forward.deadlines import LOG_FIELDS, Deadlines, Watched
+from gateway.forward.deadlines import LOG_FIELDS, Deadlines, Watched, reset
 from gateway.forward.headers import UpstreamHeaders
 from gateway.forward.transport import UpstreamFailureLog, describe_failure, is_utf8, unsendable
 from gateway.logs import printable, quoted
@@ -287,6 +288,10 @@ class _Socket:
     ) -> None:
         self.client = client
         self.upstream = upstream
+        # Each side's connection, aborted when its close cannot finish in time (`_close_side`).
+        self.client_transport: asyncio.Transport | None = None
+        self.upstream_transport: asyncio.Transport | None = None
+        self.upstream_protocol: object = None
         self.token = token
         self.idle_timeout = idle_timeout
         self.extend = extend
@@ -468,6 +473,11 @@ class WebSockets:
         now = self._clock.now()
         socket = _Socket(client, upstream, token, idle_timeout, extend, now)
         socket.handler = request.protocol
+        socket.client_transport = request.transport
+        connection = _upstream_connection(upstream)
+        if connection is not None:
+            socket.upstream_transport = connection.transport
+            socket.upstream_protocol = connection.protocol
         client[HANDSHAKE_SECONDS] = time.perf_counter() - started
         opened = time.perf_counter()
         end = await self._run(socket, route)
@@ -521,30 +531,39 @@ class WebSockets:
                 if end is not None:
                     break
         finally:
-            # No end: the handler was cancelled (the drain's cleanup after shutdown_grace).
+            # No end: the handler itself was cancelled (the drain's cleanup after
+            # shutdown_grace); the cancellation goes on once the socket is cleaned up.
             final = end or _End("cancelled", _going_away("drain"), _going_away("drain"))
-            for pump in pumps:
-                pump.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
-            await self._close_both(socket, final)
-            self._open.discard(socket)
-            metrics.WEBSOCKETS_OPEN.dec()
-            if socket.watched is not None:
-                self._deadlines.forget(socket.watched)
-            if key is not None:
-                self._users[key] -= 1
-                if not self._users[key]:
-                    del self._users[key]
-                    self._written.pop(key, None)
-            self._count_close(route, final.reason)
-            if token is not None and final.reason not in ("client_closed", "upstream_closed"):
-                log.info(
-                    "websocket closed: %s (jti=%s sub=%s)",
-                    final.reason,
-                    quoted(token.jti),
-                    quoted(token.sub),
-                )
+            try:
+                for pump in pumps:
+                    pump.cancel()
+                await asyncio.wait(pumps, timeout=CLOSE_HANDSHAKE)
+                await self._close_both(socket, final)
+            finally:
+                # Never skipped (each side is closed or aborted by now, or is being: a
+                # cancellation of this task aborts both in `_close_side`).
+                self._forget(socket, key, route, final)
         return final
+
+    def _forget(self, socket: _Socket, key: str | None, route: str, final: _End) -> None:
+        self._open.discard(socket)
+        metrics.WEBSOCKETS_OPEN.dec()
+        if socket.watched is not None:
+            self._deadlines.forget(socket.watched)
+        if key is not None:
+            self._users[key] -= 1
+            if not self._users[key]:
+                del self._users[key]
+                self._written.pop(key, None)
+        self._count_close(route, final.reason)
+        token = socket.token
+        if token is not None and final.reason not in ("client_closed", "upstream_closed"):
+            log.info(
+                "websocket closed: %s (jti=%s sub=%s)",
+                final.reason,
+                quoted(token.jti),
+                quoted(token.sub),
+            )
 
     def _count_close(self, route: str, reason: str) -> None:
         counter = self._closes.get((route, reason))
@@ -553,14 +572,19 @@ class WebSockets:
         counter.inc()
 
     async def _close_both(self, socket: _Socket, end: _End) -> None:
-        async def close(ws: Any, frame: tuple[int, str] | None) -> None:
-            code, reason = frame if frame is not None else (WSCloseCode.OK, "")
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(
-                    ws.close(code=code, message=reason.encode()[:123]), CLOSE_HANDSHAKE + 0.5
-                )
-
-        await asyncio.gather(close(socket.client, end.client), close(socket.upstream, end.upstream))
+        """Send each side its close frame and wait for its answer, both within
+        CLOSE_HANDSHAKE (+0.5 s); a side that cannot be closed so (it does not read, so the
+        frame cannot be written; it does not answer) is aborted (a reset), never left open."""
+        sides = (
+            _close_side(socket.client, end.client, socket.client_transport, socket.handler),
+            _close_side(
+                socket.upstream, end.upstream, socket.upstream_transport, socket.upstream_protocol
+            ),
+        )
+        results = await asyncio.gather(*sides, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result  # this task's own cancellation (both sides aborted by then)
 
     async def _from_client(self, socket: _Socket) -> _End:
         client, upstream = socket.client, socket.upstream
@@ -687,6 +711,60 @@ class WebSockets:
             code = policy.idle_reason(self._policy).code
             socket.stop(_End(code, (WSCloseCode.POLICY_VIOLATION, code), _going_away(code)))
         return result
+
+
+async def _close_side(
+    ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+    frame: tuple[int, str] | None,
+    transport: asyncio.Transport | None,
+    protocol: object,
+) -> None:
+    """Close one side: its close frame (None: it closed already, an empty 1000 answers),
+    its answer awaited, all within CLOSE_HANDSHAKE + 0.5 s; else its connection is aborted.
+
+    A CancelledError out of `ws.close()` is not always this task's: cancelling the pump that
+    was blocked writing to this side also cancels the protocol's drain future, which aiohttp
+    shares between writers, so the close's own drain then raises it at once. Only when this
+    task is being cancelled (`cancelling()`) does it propagate, after the abort."""
+    code, reason = frame if frame is not None else (WSCloseCode.OK, "")
+    try:
+        _reset_drain(protocol)
+        async with asyncio.timeout(CLOSE_HANDSHAKE + 0.5):
+            await ws.close(code=code, message=reason.encode()[:123])
+    except asyncio.CancelledError:
+        _abort(transport)
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+    except Exception:  # timed out (the peer reads nothing or never answers), or gone
+        _abort(transport)
+    else:
+        if transport is not None and transport.get_write_buffer_size():
+            # aiohttp closed it (close(): the buffer is flushed first); bounded all the same.
+            asyncio.get_running_loop().call_later(CLOSE_HANDSHAKE, reset, transport)
+
+
+def _abort(transport: asyncio.Transport | None) -> None:
+    if transport is not None:
+        reset(transport)  # a no-op on a connection already lost
+
+
+def _reset_drain(protocol: object) -> None:
+    """Forget the drain future a cancelled pump left cancelled on this side's protocol
+    (aiohttp's `BaseProtocol._drain_waiter`, resolved only on the next resume), so that a
+    client that is slow but reads still gets its close frame instead of a reset. Without that
+    attribute (another aiohttp) the close fails at once and the connection is aborted."""
+    waiter = getattr(protocol, "_drain_waiter", None)
+    if isinstance(waiter, asyncio.Future) and waiter.cancelled():
+        protocol._drain_waiter = None  # type: ignore[attr-defined]
+
+
+def _upstream_connection(upstream: aiohttp.ClientWebSocketResponse) -> Connection | None:
+    """The upstream socket's connection (aiohttp keeps it on the handshake's response, where
+    `get_extra_info` reads it); None if an aiohttp upgrade moves it: then an upstream that
+    cannot be closed in time is left to aiohttp's own close."""
+    connection = getattr(getattr(upstream, "_response", None), "connection", None)
+    return connection if isinstance(connection, Connection) else None
 
 
 def _going_away(reason: str) -> tuple[int, str]:

@@ -101,3 +101,33 @@ async def test_a_long_poll_refused_before_its_head_leaves_everything_clean(
     for i in range(3):
         response = await gw.get(f"/plain/p{i}", gw.token())
         assert (await response.json())["path"] == f"/plain/p{i}"
+
+
+async def test_a_cut_stream_to_an_http_1_0_client_ends_in_a_reset_not_a_clean_close(
+    gateways: GatewayFactory, events: WsUpstream, clock: ManualClock
+):
+    # HTTP/1.0: no chunking, no Content-Length, so the body ends with the connection. A clean
+    # close at the cut would read as the stream's normal end; a reset reads as an error.
+    gw = await live_gateway(gateways, events)
+    token = gw.token(ttl=60)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.running.proxy.addresses[0][1])
+    writer.write(
+        b"GET /live/events?n=1000&every=0.02 HTTP/1.0\r\nHost: gw\r\n"
+        + f"Authorization: Bearer {token}\r\n\r\n".encode()
+    )
+    data = b""
+    async with asyncio.timeout(3):
+        while data.count(b"data: event") < 3:
+            data += await reader.read(65536)
+        assert data.startswith(b"HTTP/1.0 200")
+        head = data.partition(b"\r\n\r\n")[0].lower()
+        assert b"content-length" not in head and b"transfer-encoding" not in head
+        clock.advance(60)
+        with pytest.raises(ConnectionResetError):
+            await read_to_the_end(reader)
+    writer.close()
+
+
+async def read_to_the_end(reader: asyncio.StreamReader) -> None:
+    while await reader.read(65536):
+        pass
