@@ -71,7 +71,7 @@ def _nginx_refusals() -> str:
             "add_header Cache-Control no-store always;",
             "add_header X-Request-ID $idlegate_request_id always;",
         ]
-        if status in (401, 403):
+        if status == 403:  # a 401's WWW-Authenticate auth_request copies itself: not twice
             lines.append("add_header WWW-Authenticate $idlegate_www_authenticate always;")
         if status == 503:
             lines.append("add_header Retry-After $idlegate_retry_after always;")
@@ -83,12 +83,14 @@ def _nginx_refusals() -> str:
 
 def _nginx_identity(prefix: str) -> str:
     """Copy each identity header from the auth answer; set them *always* (empty when the answer
-    had none: nginx then sends no such header), so a client's own copies never reach upstream."""
+    had none: nginx then sends no such header), so a client's own copies never reach upstream.
+    The upstream gets idlegate's X-Request-ID (the one in its access log), never the client's."""
     lines = []
     for name in IDENTITY:
         var = prefix + name.lower().replace("-", "_")
         lines.append(f"auth_request_set ${var} $upstream_http_{name.lower().replace('-', '_')};")
         lines.append(f"proxy_set_header {name} ${var};")
+    lines.append("proxy_set_header X-Request-ID $idlegate_request_id;")  # set by keep_refusal
     return "\n            ".join(lines)
 
 
@@ -98,7 +100,9 @@ NGINX_SERVER = """
 
         # The auth subrequest: the client's headers (with its Authorization), no body, and
         # the original request named in X-Original-URI / X-Original-Method (set here, so a
-        # client's own copies are replaced).
+        # client's own copies are replaced). Upgrade/Connection are hop-by-hop, which nginx
+        # drops unless set: passed on, idlegate refuses a handshake on a route without
+        # `websocket: true` (400 websocket_not_enabled), as its proxy port does.
         location = /_idlegate_auth {{
             internal;
             proxy_pass http://127.0.0.1:{idlegate_port}/.idlegate/auth;
@@ -107,7 +111,10 @@ NGINX_SERVER = """
             proxy_set_header X-Original-URI $request_uri;
             proxy_set_header X-Original-Method $request_method;
             proxy_http_version 1.1;
-            proxy_set_header Connection "";
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection $connection_upgrade;
+            proxy_buffer_size 16k;  # idlegate's answer headers: identity claims over ~3 KB
+            proxy_buffers 4 16k;
         }}
 
         location / {{
@@ -252,7 +259,8 @@ http://:{port} {{
     request_header -X_Auth_Token_Id
     forward_auth 127.0.0.1:{idlegate_port} {{
         uri /.idlegate/auth
-        copy_headers X-Auth-Subject X-Auth-Scope X-Auth-Token-Id
+        # X-Request-ID: the upstream gets idlegate's (the one in its access log).
+        copy_headers X-Auth-Subject X-Auth-Scope X-Auth-Token-Id X-Request-ID
     }}
     reverse_proxy /ws/* 127.0.0.1:{ws_port}
     reverse_proxy 127.0.0.1:{upstream_port}
