@@ -9,26 +9,16 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from test_routing import normalise_refused
+from test_routing import refused as refusal
 
 from gateway.config import Route
-from gateway.reasons import Reason, Refusal
-from gateway.routing import Router, normalise, windows_view
+from gateway.reasons import Reason
+from gateway.routing import Router, windows_view
 
 
 def route(prefix: str, **fields: Any) -> Route:
     return Route(prefix=prefix, upstream="http://app:8000", **fields)
-
-
-def refusal(router: Router, path: str) -> Reason:
-    with pytest.raises(Refusal) as caught:
-        router.match(path)
-    return caught.value.reason
-
-
-def normalise_refused(path: str) -> Reason:
-    with pytest.raises(Refusal) as caught:
-        normalise(path)
-    return caught.value.reason
 
 
 # A protected sub-route beside its parent, a prefix without a trailing slash, a public
