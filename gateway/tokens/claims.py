@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # only types here; keys.py imports aiohttp for its key rings
     from gateway.store.base import RevocationKind
@@ -29,6 +29,15 @@ class Identity(dict[str, str]):
     def __init__(self, fields: Mapping[str, str] | None = None) -> None:
         super().__init__(fields or {})
         self.lines = "".join([f"{name}: {value}\r\n" for name, value in self.items()])
+
+    def _unchanged(self, *_args: object, **_kwargs: object) -> Any:
+        raise TypeError("an Identity is shared by every request of its token: never changed")
+
+    __setitem__ = __delitem__ = update = pop = popitem = setdefault = clear = _unchanged
+    __ior__ = _unchanged
+
+    def __reduce__(self) -> tuple[type[Identity], tuple[dict[str, str]]]:
+        return Identity, (dict(self),)  # copies and pickles are built whole, never filled in
 
 
 @dataclass(frozen=True, slots=True)

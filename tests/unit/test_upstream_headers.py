@@ -4,6 +4,7 @@ head and the merged multidict say the same, and what is kept stays bounded."""
 
 from __future__ import annotations
 
+import copy
 from unittest import mock
 
 import pytest
@@ -139,3 +140,19 @@ def test_a_verified_identity_goes_as_rendered_once_with_each_requests_own_fields
         ]  # fmt: skip
         assert fields[-1] == ("X-Request-ID", request_id)
         assert [name for name, _ in fields].count("X-Auth-Subject") == 1
+
+
+def test_an_identity_shared_by_a_tokens_requests_cannot_be_changed() -> None:
+    """One Identity serves every request of its token: a change would be every later
+    request's, and its lines would no longer say what it holds."""
+    identity = Identity({"X-Auth-Subject": "alice"})
+    for change in (
+        lambda: identity.__setitem__("X-Auth-Subject", "mallory"),
+        lambda: identity.update({"X-Admin": "1"}),
+        lambda: identity.pop("X-Auth-Subject"),
+        identity.clear,
+    ):
+        with pytest.raises(TypeError):
+            change()
+    copied = copy.copy(identity)
+    assert copied == identity and type(copied) is Identity and copied.lines == identity.lines
