@@ -40,11 +40,11 @@ from gateway.forward.transport import (
     UpstreamError,
     UpstreamTimeout,
     UpstreamUnreachable,
+    check_sendable,
     check_status_line,
     check_transfer_codings,
     content_length,
     is_utf8,
-    unsendable,
 )
 
 if TYPE_CHECKING:
@@ -249,9 +249,7 @@ class AiohttpTransport:
         assert self._session is not None, "AiohttpTransport.start() was not awaited"
         if isinstance(headers, UpstreamHeaders):
             headers = headers.merged()
-        # aiohttp's writer drops lone surrogates (header bytes that were not UTF-8): refused.
-        if not is_utf8("".join(itertools.chain.from_iterable(headers.items()))):
-            raise unsendable()
+        check_sendable(headers)  # aiohttp's writer drops lone surrogates (non-UTF-8 bytes)
         response = None
         try:
             response = await self._session.request(

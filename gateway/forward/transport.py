@@ -9,6 +9,7 @@ transport produced it.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import re
@@ -16,7 +17,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterable, Callable
 from typing import ClassVar, Final, Protocol, TypeAlias
 
-from multidict import CIMultiDict
+from multidict import CIMultiDict, MultiMapping
 
 from gateway.forward.headers import UpstreamHeaders
 from gateway.logs import printable
@@ -81,6 +82,13 @@ def unsendable() -> Refusal:
     byte for byte as the gateway judged them: raised before anything is sent, by the
     transport (a client's fault, not the upstream's: no upstream failure is logged)."""
     return Refusal(Reason.MALFORMED_REQUEST, UNSENDABLE_REQUEST)
+
+
+def check_sendable(headers: MultiMapping[str]) -> None:
+    """Raise `unsendable()` when a header name or value holds a lone surrogate: a writer
+    that drops those (aiohttp's) would send other values than the ones judged."""
+    if not is_utf8("".join(itertools.chain.from_iterable(headers.items()))):
+        raise unsendable()
 
 
 def is_utf8(text: str) -> bool:

@@ -28,7 +28,6 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import itertools
 import logging
 import math
 import time
@@ -49,7 +48,7 @@ from gateway.clock import Clock
 from gateway.config import Config
 from gateway.forward.deadlines import LOG_FIELDS, Deadlines, Watched, reset
 from gateway.forward.headers import UpstreamHeaders
-from gateway.forward.transport import UpstreamFailureLog, describe_failure, is_utf8, unsendable
+from gateway.forward.transport import UpstreamFailureLog, check_sendable, describe_failure
 from gateway.logs import printable, quoted
 from gateway.reasons import Reason, Refusal
 from gateway.store.base import Store, StoreUnavailable, TouchResult
@@ -419,10 +418,8 @@ class WebSockets:
         upstream_headers = headers.merged()
         for name in _HANDSHAKE_HEADERS:
             upstream_headers.popall(name, None)
-        # aiohttp's writer drops lone surrogates (header bytes that were not UTF-8): the
-        # upstream would get other values than the ones judged. Refused, as by the transports.
-        if not is_utf8("".join(itertools.chain.from_iterable(upstream_headers.items()))):
-            raise unsendable()
+        # Refused as by the transports: aiohttp's writer would drop non-UTF-8 header bytes.
+        check_sendable(upstream_headers)
         url = URL(target, encoded=True)  # the route's http(s):// URL, as the log names it
         try:
             upstream = await self._session.ws_connect(
