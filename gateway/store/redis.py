@@ -631,7 +631,7 @@ class ConcurrentSentinel(Sentinel):
         query_timeout: float,
         sentinel_kwargs: dict[str, Any],
     ) -> None:
-        super().__init__(sentinels, sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
+        super().__init__(sentinels, sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call,unused-ignore]
         self._query_timeout = query_timeout
 
     async def discover_master(self, service_name: str) -> tuple[str, int]:
