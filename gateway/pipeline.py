@@ -348,6 +348,10 @@ class Pipeline:
         except Exception:
             self._failure_log.exception("request %s failed", request_id)
             response = _refused(Refusal(Reason.INTERNAL_ERROR), request_id, record)
+        except asyncio.CancelledError:
+            # Cut off (shutdown_grace over, its handler cancelled): counted and logged still.
+            self._finish(request.method, request_id, record, _cut_off(record), started, "proxy")
+            raise
         finally:
             traffic.in_flight -= 1
             if traffic.draining:
@@ -400,6 +404,9 @@ class Pipeline:
             self._failure_log.exception("forward-auth request %s failed", request_id)
             response = _refused(Refusal(Reason.INTERNAL_ERROR), request_id, record)
             response.headers[REASON_HEADER] = Reason.INTERNAL_ERROR.code
+        except asyncio.CancelledError:
+            self._finish(method, request_id, record, _cut_off(record), started, "forward_auth")
+            raise
         finally:
             traffic.leave()
         self._finish(method, request_id, record, response, started, "forward_auth")
@@ -715,6 +722,14 @@ def _upgrade(route: Route, headers: CIMultiDictProxy[str]) -> bool:
     if upgrade and not route.websocket:
         raise Refusal(Reason.WEBSOCKET_NOT_ENABLED)
     return upgrade
+
+
+def _cut_off(record: _RequestRecord) -> web.StreamResponse:
+    """What the count and the access log take for a request whose handler was cancelled: the
+    `shutdown` refusal (never sent: the connection is cut). What a relayed WebSocket or stream
+    had logged so far is not known here."""
+    record.decision, record.reason, record.relayed = "error", Reason.SHUTDOWN.code, False
+    return web.Response(status=Reason.SHUTDOWN.status)
 
 
 def _refused(refusal: Refusal, request_id: str, record: _RequestRecord) -> web.Response:

@@ -140,6 +140,11 @@ class Reason(enum.Enum):
     INTERNAL_ERROR = _ReasonSpec(
         "internal_error", 500, None, "the gateway failed to handle the request"
     )
+    # A request still in flight when shutdown_grace ran out: its connection is cut, no answer
+    # goes out; the count and the access log say what became of it.
+    SHUTDOWN = _ReasonSpec(
+        "shutdown", 503, None, "the gateway shut down before the request was answered"
+    )
 
     @property
     def code(self) -> str:

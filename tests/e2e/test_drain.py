@@ -4,6 +4,7 @@ in-flight request still completes, and the process exits 0 within the grace peri
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import socket
 import time
@@ -92,13 +93,18 @@ async def test_requests_outliving_the_grace_period_do_not_hold_the_exit(
     """The drain lasts at most shutdown_grace (the chart sizes the pod's termination grace
     period on it), even when an upstream answers later than that."""
     grace = 1.0
-    gw = spawn(e2e_config(upstream.url, key_file, server={"shutdown_grace": f"{grace}s"}))
+    gw = spawn(
+        e2e_config(
+            upstream.url, key_file, server={"shutdown_grace": f"{grace}s", "access_log": True}
+        )
+    )
     await gw.wait_ready()
     async with aiohttp.ClientSession() as http:
 
         async def stuck_request() -> int:
             async with http.get(
-                f"{gw.url}/api/slow?s=3", headers=bearer(mint(signing_key))
+                f"{gw.url}/api/slow?s=3",
+                headers={**bearer(mint(signing_key, jti="jti-cut")), "X-Request-ID": "req-cut"},
             ) as response:
                 await response.read()
                 return response.status
@@ -113,3 +119,10 @@ async def test_requests_outliving_the_grace_period_do_not_hold_the_exit(
     print(f"exited {elapsed:.2f}s after SIGTERM with a {grace:.0f} s grace ({outcome!r})")
     assert code == 0, gw.describe()
     assert elapsed < grace + 0.8, f"took {elapsed:.2f}s with a {grace:.0f} s grace"
+    assert isinstance(outcome, aiohttp.ClientError), outcome  # cut: no answer
+    # Cut off, it is still in the access log (and was counted): status 503, reason shutdown.
+    lines = [json.loads(line) for line in gw.stdout().splitlines() if line.startswith("{")]
+    cut = [line for line in lines if line.get("request_id") == "req-cut"]
+    assert len(cut) == 1, gw.describe()
+    assert (cut[0]["status"], cut[0]["decision"], cut[0]["reason"]) == (503, "error", "shutdown")
+    assert cut[0]["jti"] == "jti-cut"
