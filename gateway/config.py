@@ -104,7 +104,15 @@ def parse_network(value: object) -> ipaddress.IPv4Network | ipaddress.IPv6Networ
         raise ValueError(f"not a CIDR: {exc}") from None
 
 
+def _file_path(value: object) -> object:
+    """A NUL cannot be in a file name: refused here, not as a ValueError when it is opened."""
+    if isinstance(value, str | Path) and "\0" in str(value):
+        raise ValueError("a file path cannot contain a NUL character")
+    return value
+
+
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+FilePath = Annotated[Path, BeforeValidator(_file_path)]
 Size = Annotated[int, BeforeValidator(parse_size)]
 Network = Annotated[
     ipaddress.IPv4Network | ipaddress.IPv6Network,
@@ -125,7 +133,7 @@ class Listen(_Model):
 class Admin(_Model):
     host: str = "127.0.0.1"
     port: int = Field(default=9090, ge=0, le=65535)
-    token_file: Path | None = None
+    token_file: FilePath | None = None
 
 
 class Server(_Model):
@@ -282,8 +290,8 @@ class Provider(_Model):
     algorithms: list[str] = Field(default_factory=lambda: ["RS256", "ES256"], min_length=1)
     jwks_uri: str | None = None
     discovery: bool = False
-    jwks_file: Path | None = None
-    public_key_file: Path | None = None
+    jwks_file: FilePath | None = None
+    public_key_file: FilePath | None = None
     hmac_secret_env: str | None = None
     require_typ: str | None = None  # the JOSE header's typ, never a claim named typ
     # Dotted path to the token's roles (a list, or a space-separated string), for routes[].roles:
@@ -747,6 +755,9 @@ def env_warnings(environ: Mapping[str, str] | None = None) -> list[str]:
     return warnings
 
 
+_TOO_DEEP = "nested too deeply to read (no config needs more than a few levels)"
+
+
 def _env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
     """Apply `IDLEGATE_A__B=v` as data["a"]["b"] = yaml(v); list indexes are numbers."""
     for name, raw in sorted(environ.items()):
@@ -759,8 +770,10 @@ def _env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str
             continue
         try:
             value = yaml.safe_load(raw) if raw else raw
-        except yaml.YAMLError:
+        except (yaml.YAMLError, ValueError):  # not YAML (`[x`), or no value (`2020-13-45`)
             value = raw
+        except RecursionError:
+            raise ConfigError([f"{name}: {_TOO_DEEP}"]) from None
         # `yaml` turns "15m" into a string and "900" into an int, as a file would.
         node: Any = data
         for i, part in enumerate(path):
@@ -825,18 +838,39 @@ class _UniqueKeys(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=deep)
             try:
                 duplicate = key in seen
+                seen.add(key)  # `in` takes a set for a frozenset; `add` does not
             except TypeError:  # an unhashable key: construct_mapping says so below
                 continue
             if duplicate:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"the key {key!r} appears twice", key_node.start_mark
                 )
-            seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        """A scalar YAML resolves but Python cannot build (`2020-13-45`, `!!int x`, an int of
+        more than 4300 digits) is a ValueError from deep in PyYAML: a YAML error at its line
+        instead, without the value (it may be a secret)."""
+        try:
+            return super().construct_object(node, deep=deep)
+        except ValueError:
+            kind = node.tag.rpartition(":")[2] or node.tag
+            raise yaml.constructor.ConstructorError(
+                None, None, f"not a valid {kind} value", node.start_mark
+            ) from None
 
 
 def _yaml(text: str) -> Any:
     return yaml.load(text, Loader=_UniqueKeys)  # noqa: S506 (a SafeLoader: no Python objects)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """Where and what, as PyYAML says it (never the offending text itself)."""
+    if isinstance(exc, yaml.reader.ReaderError):
+        return f" character {exc.position + 1}: {exc.reason}"
+    mark = getattr(exc, "problem_mark", None)
+    where = f" line {mark.line + 1}" if mark else ""
+    return f"{where}: {getattr(exc, 'problem', None) or 'invalid YAML'}"
 
 
 def load(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
@@ -847,13 +881,16 @@ def load(path: str | Path | None = None, environ: Mapping[str, str] | None = Non
         text = chosen.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"{chosen}: cannot read config file ({exc.strerror})"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            [f"{chosen}: not UTF-8 text (byte {exc.start + 1}); save the config file as UTF-8"]
+        ) from None
     try:
         data = _yaml(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise ConfigError([f"{chosen}:{where}: {problem}"]) from None
+        raise ConfigError([f"{chosen}:{_yaml_problem(exc)}"]) from None
+    except RecursionError:
+        raise ConfigError([f"{chosen}: {_TOO_DEEP}"]) from None
     return from_data(_relative_to(data, chosen.parent), env)
 
 

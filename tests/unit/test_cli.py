@@ -137,6 +137,32 @@ def test_serve_with_a_bad_config_exits_2_before_starting(
     assert len(error_lines(capsys)) == 1
 
 
+@pytest.mark.parametrize("command", ["check-config", "serve"])
+@pytest.mark.parametrize("case", ["not utf-8", "deep file", "deep env", "bad timestamp"])
+def test_config_files_that_cannot_be_read_are_one_line_exit_2(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    command: str,
+    case: str,
+):
+    path = tmp_path / "gateway.yaml"
+    named = str(path)
+    if case == "not utf-8":
+        path.write_bytes(b"\xff\xfe\x00bad")
+    elif case == "deep file":
+        path.write_text("a: " + "[" * 5000 + "]" * 5000 + "\n")
+    elif case == "bad timestamp":
+        path.write_text("a: 2020-13-45\n")
+    else:
+        path.write_text(GATEWAY_YAML.read_text())
+        monkeypatch.setenv("IDLEGATE_POLICY__IDLE_TIMEOUT", "[" * 3000)
+        named = "IDLEGATE_POLICY__IDLE_TIMEOUT"
+    assert exit_code([command, "-c", str(path)]) == 2
+    (line,) = error_lines(capsys)
+    assert line.startswith(f"idlegate: {named}: ")
+
+
 def test_serve_refuses_several_workers_with_the_memory_store(capsys: pytest.CaptureFixture[str]):
     assert exit_code(["serve", "-c", str(GATEWAY_YAML), "--workers", "3"]) == 2
     (line,) = error_lines(capsys)
