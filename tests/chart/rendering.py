@@ -6,6 +6,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import helm_python as helm
+import pytest
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -111,6 +113,13 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "image": {"repository": "registry.example.com/idlegate", "tag": "0.1.0-rc1"},
     },
 }
+
+
+def refusal(chart: helm.Chart, values: dict[str, Any], *, release: str = RELEASE) -> str:
+    """The message with which an install of these values is refused."""
+    with pytest.raises(helm.HelmError) as excinfo:
+        chart.render(values, name=release, namespace=NAMESPACE)
+    return str(excinfo.value)
 
 
 def parse_manifests(rendered: dict[str, str]) -> list[Manifest]:

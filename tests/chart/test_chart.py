@@ -28,6 +28,7 @@ from .rendering import (
     gateway_container,
     gateway_deployment,
     only,
+    refusal,
 )
 
 FULLNAME = f"{RELEASE}-idlegate"
@@ -35,13 +36,6 @@ FULLNAME = f"{RELEASE}-idlegate"
 KUBE_VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]
 CRD_API_GROUPS = ("monitoring.coreos.com/",)
 REDIS_URL_SECRET = {"storeUrl": {"existingSecret": "idlegate-redis", "key": "url"}}
-
-
-def refusal(chart: helm.Chart, values: dict[str, Any]) -> str:
-    """The message with which an install of these values is refused."""
-    with pytest.raises(helm.HelmError) as excinfo:
-        chart.render(values, name=RELEASE, namespace=NAMESPACE)
-    return str(excinfo.value)
 
 
 # ---- lint and Kubernetes validity --------------------------------------------------------

@@ -27,12 +27,37 @@ is when it already contains the chart name.
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
+{{/*
+`<fullname>-<suffix>` within 63 characters: the fullname is cut first, so the suffix that
+tells the objects apart survives. Call with (list . "metrics").
+*/}}
+{{- define "idlegate.suffixedName" -}}
+{{- $root := index . 0 }}
+{{- $suffix := index . 1 }}
+{{- printf "%s-%s" (include "idlegate.fullname" $root | trunc (int (sub 62 (len $suffix))) | trimSuffix "-") $suffix }}
+{{- end }}
+
+{{- define "idlegate.metrics.fullname" -}}
+{{- include "idlegate.suffixedName" (list . "metrics") }}
+{{- end }}
+
+{{/*
+The image tag (or appVersion) as a label value: at most 63 characters of [A-Za-z0-9_.-],
+beginning and ending alphanumeric; empty (the label is left out) when nothing of it is left.
+*/}}
+{{- define "idlegate.versionLabel" -}}
+{{- $version := regexReplaceAll "[^A-Za-z0-9_.-]" (default .Chart.AppVersion .Values.image.tag) "_" | trunc 63 }}
+{{- regexReplaceAll "^[^A-Za-z0-9]+|[^A-Za-z0-9]+$" $version "" }}
+{{- end }}
+
 {{/* Labels on every object of the release (app.kubernetes.io/* recommended labels). */}}
 {{- define "idlegate.commonLabels" -}}
 helm.sh/chart: {{ include "idlegate.chart" . }}
 app.kubernetes.io/name: {{ include "idlegate.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
-app.kubernetes.io/version: {{ (default .Chart.AppVersion .Values.image.tag) | trunc 63 | trimSuffix "-" | quote }}
+{{- with include "idlegate.versionLabel" . }}
+app.kubernetes.io/version: {{ . | quote }}
+{{- end }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: idlegate
 {{- end }}
@@ -57,7 +82,7 @@ app.kubernetes.io/component: metrics
 {{- end }}
 
 {{- define "idlegate.redis.fullname" -}}
-{{- printf "%s-redis" (include "idlegate.fullname" . | trunc 57 | trimSuffix "-") }}
+{{- include "idlegate.suffixedName" (list . "redis") }}
 {{- end }}
 
 {{- define "idlegate.redis.selectorLabels" -}}
@@ -251,6 +276,13 @@ from the Deployment template.
 {{- end }}
 {{- if and .Values.redis.enabled .Values.secrets.storeUrl.existingSecret }}
 {{- fail "redis.enabled and secrets.storeUrl.existingSecret both set the store URL: choose one." }}
+{{- end }}
+{{- $fullname := include "idlegate.fullname" . }}
+{{- if not (regexMatch "^[a-z]([-a-z0-9]*[a-z0-9])?$" $fullname) }}
+{{- fail (printf "resource name %q (<release>-<chart>) is no valid Service name, which must start with a lowercase letter and hold only a-z, 0-9 and '-': set fullnameOverride." $fullname) }}
+{{- end }}
+{{- if has $fullname (list (include "idlegate.metrics.fullname" .) (include "idlegate.redis.fullname" .)) }}
+{{- fail (printf "fullnameOverride %q, cut to fit a suffix, names the metrics or Redis Service too: choose a name that does not end in -metrics or -redis." $fullname) }}
 {{- end }}
 {{- $store := default (dict) .Values.config.store }}
 {{- if regexMatch "://[^/@]*:[^/@]+@|[?&]sentinel_password=" (toString (default "" (get $store "url"))) }}
