@@ -259,6 +259,47 @@ path), else /.idlegate/auth on the proxy port.
 {{- end }}
 
 {{/*
+What credential a URL carries, "" if none: the same things gateway/config.py `mask_url` hides
+(and so knows to be secret), for values that would otherwise land in the ConfigMap or the pod
+spec. A password in the userinfo (the redis factory reads it up to the last `@`, so it may hold
+`/` and `@`); any userinfo of an http(s) URL (aiohttp sends it as Basic auth, and a user name
+alone may be a token); a query option named like a credential (`_SECRET_OPTION`: password,
+sentinel_password, ssl_password, api_key, access_token, client_secret, sig, ...) with a value;
+and an option name with a `%` escape, which the gateway decodes (pass%77ord is a password).
+Never says the URL itself.
+*/}}
+{{- define "idlegate.urlCredential" -}}
+{{- $url := toString . }}
+{{- $secretOption := "(?i)[?&#][^=&#]*(pass(word|wd)?|pwd|secret|token|key|sig(nature)?|credentials?|auth(orization)?)\\s*=[^&#]" }}
+{{- $encodedOption := "[?&#][^=&#]*%[^=&#]*=[^&#]" }}
+{{- if regexMatch "(?i)^(https?|wss?)://[^/?#]*@" $url }}credentials in its userinfo (user[:password]@)
+{{- else if regexMatch "://.*:[^@]+@" $url }}a password in its userinfo (user:password@)
+{{- else if regexMatch $secretOption $url }}a credential in query option {{ regexFind $secretOption $url | regexFind "[^?&#=]+" | trim | quote }} (a password, key, token or signature)
+{{- else if regexMatch $encodedOption $url }}a percent-encoded query option name {{ regexFind $encodedOption $url | regexFind "[^?&#=]+" | quote }} (it may spell password or another credential)
+{{- end }}
+{{- end }}
+
+{{/*
+A URL as NOTES.txt may print it: the userinfo's password and credential-like query options
+as ***, as `mask_url` shows them. The chart refuses such URLs anyway; this is the second lock.
+*/}}
+{{- define "idlegate.maskedUrl" -}}
+{{- $url := regexReplaceAll "^([^:/?#]*://[^:@]*):.*@" (toString .) "${1}:***@" }}
+{{- regexReplaceAll "(?i)([?&#][^=&#]*(pass(word|wd)?|pwd|secret|token|key|sig(nature)?|credentials?|auth(orization)?|%[^=&#]*)\\s*=)[^&#]+" $url "${1}***" }}
+{{- end }}
+
+{{/*
+Refuse a URL-valued config key that carries a credential: the ConfigMap is readable by anyone
+who may read the namespace's config. Call with (list <url> <field path> <env override name>).
+*/}}
+{{- define "idlegate.refuseUrlCredential" -}}
+{{- $why := include "idlegate.urlCredential" (index . 0) }}
+{{- if $why }}
+{{- fail (printf "%s carries %s and would land in a ConfigMap: keep it here without the credential and pass the full URL from a Secret, as extraEnv [{name: %s, valueFrom: {secretKeyRef: {name: <secret>, key: <key>}}}]." (index . 1) $why (index . 2)) }}
+{{- end }}
+{{- end }}
+
+{{/*
 Refuse values that would install but not work, or would leak a secret. Rendered once,
 from the Deployment template.
 */}}
@@ -285,8 +326,34 @@ from the Deployment template.
 {{- fail (printf "fullnameOverride %q, cut to fit a suffix, names the metrics or Redis Service too: choose a name that does not end in -metrics or -redis." $fullname) }}
 {{- end }}
 {{- $store := default (dict) .Values.config.store }}
-{{- if regexMatch "://[^/@]*:[^/@]+@|[?&]sentinel_password=" (toString (default "" (get $store "url"))) }}
-{{- fail "config.store.url carries a password and would land in a ConfigMap: put the URL in a Secret and set secrets.storeUrl.existingSecret." }}
+{{- $storeWhy := include "idlegate.urlCredential" (default "" (get $store "url")) }}
+{{- if $storeWhy }}
+{{- fail (printf "config.store.url carries %s and would land in a ConfigMap: put the URL in a Secret and set secrets.storeUrl.existingSecret." $storeWhy) }}
+{{- end }}
+{{- range $i, $provider := .Values.config.providers }}
+{{- if $provider.jwks_uri }}
+{{- include "idlegate.refuseUrlCredential" (list $provider.jwks_uri (printf "config.providers[%d].jwks_uri" $i) (printf "IDLEGATE_PROVIDERS__%d__JWKS_URI" $i)) }}
+{{- end }}
+{{- if kindIs "slice" $provider.issuer }}
+{{- range $j, $issuer := $provider.issuer }}
+{{- include "idlegate.refuseUrlCredential" (list $issuer (printf "config.providers[%d].issuer[%d]" $i $j) (printf "IDLEGATE_PROVIDERS__%d__ISSUER__%d" $i $j)) }}
+{{- end }}
+{{- else }}
+{{- include "idlegate.refuseUrlCredential" (list (default "" $provider.issuer) (printf "config.providers[%d].issuer" $i) (printf "IDLEGATE_PROVIDERS__%d__ISSUER" $i)) }}
+{{- end }}
+{{- end }}
+{{- range $i, $route := .Values.config.routes }}
+{{- if $route.upstream }}
+{{- include "idlegate.refuseUrlCredential" (list $route.upstream (printf "config.routes[%d].upstream" $i) (printf "IDLEGATE_ROUTES__%d__UPSTREAM" $i)) }}
+{{- end }}
+{{- end }}
+{{- range .Values.extraEnv }}
+{{- if and (hasKey . "value") (contains "://" (toString .value)) }}
+{{- $why := include "idlegate.urlCredential" .value }}
+{{- if $why }}
+{{- fail (printf "extraEnv %s: its value carries %s and would sit in the Deployment in plain text: use valueFrom.secretKeyRef." .name $why) }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- $admin := default (dict) .Values.config.admin }}
 {{- if has (toString (default "127.0.0.1" (get $admin "host"))) (list "127.0.0.1" "localhost" "::1") }}
