@@ -6,6 +6,8 @@ import hashlib
 import os
 from collections.abc import Mapping
 
+from redis.exceptions import RedisClusterException, RedisError
+
 from gateway.config import Store as StoreConfig
 from gateway.config import mask_url
 from gateway.errors import StartupError
@@ -29,7 +31,7 @@ def open_store(config: StoreConfig) -> Store:
         # The request path's own connections: their TLS context loads the URL's files now.
         pipelined = pipelined_for(client, timeout=config.timeout)
         cluster = cluster_for(client, timeout=config.timeout)
-    except ValueError as exc:
+    except (ValueError, RedisError, RedisClusterException) as exc:  # redis-py refusing options
         raise StoreConfigError(f"store.url: {exc} (in {mask_url(config.url)})") from None
     return RedisStore(
         client,

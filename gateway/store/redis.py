@@ -9,6 +9,7 @@ after Redis restarts or fails over; a call cut short by the timeout drops its co
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import re
 import secrets
@@ -18,7 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from time import monotonic, perf_counter
 from typing import Any, TypeVar
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, parse_qsl, unquote, urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -810,6 +811,59 @@ def _tls_options(params: dict[str, str]) -> dict[str, Any]:
     return options
 
 
+# `redis://` and `rediss://`: the query options that reach both of the store's paths, redis-py's
+# client and the pipelined request path (`pipelined_for`): the database and the credentials,
+# and for `rediss://` every TLS option of redis-py's SSLConnection (the pipelined path builds
+# its TLS context from all of them). Whatever else redis-py would take (socket_timeout,
+# max_connections, protocol, client_name, ...) would reach one path only, or undo what
+# `_connection_options` sets from store.timeout; anything else fails on the first connection.
+_STANDALONE_OPTIONS = frozenset(("db", "username", "password"))
+_SSL_CONNECTION_OPTIONS = frozenset(
+    name for name in inspect.signature(SSLConnection.__init__).parameters if name.startswith("ssl_")
+)
+
+
+def _query_options(query: str) -> dict[str, str]:
+    """`a=1&b=2` -> {"a": "1", "b": "2"}, values percent-decoded; an option given twice or
+    without a value is refused (redis-py would take the first, or drop it, silently)."""
+    options: dict[str, str] = {}
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if name in options:
+            raise ValueError(f"option {name!r} is given twice")
+        if not value:
+            raise ValueError(f"option {name!r} has no value")
+        options[name] = value
+    return options
+
+
+def _check_standalone_options(scheme: str, params: dict[str, str], has_password: bool) -> None:
+    """Refuse, before redis-py sees them, the `redis://`/`rediss://` options the store would not
+    honour (see `_STANDALONE_OPTIONS`), and TLS values redis-py would read loosely."""
+    tls = scheme == "rediss"
+    for name in params:
+        if name in _STANDALONE_OPTIONS or (tls and name in _SSL_CONNECTION_OPTIONS):
+            continue
+        if name in _SSL_CONNECTION_OPTIONS:
+            raise ValueError(f"option {name!r} needs TLS: rediss://")
+        if name in _connection_options(1.0) or name in ("timeout", "max_connections"):
+            raise ValueError(
+                f"option {name!r} is not supported: the gateway sets it (store.timeout)"
+            )
+        takes = "db, username, password" + (
+            ", " + ", ".join(sorted(_SSL_CONNECTION_OPTIONS)) if tls else ""
+        )
+        raise ValueError(f"unknown option {name!r} ({scheme}:// takes {takes})")
+    if has_password and "password" in params:
+        raise ValueError("the URL gives two passwords (user:password@ and ?password=)")
+    if tls and params.get("ssl_cert_reqs", "required") not in ("none", "optional", "required"):
+        raise ValueError("ssl_cert_reqs must be none, optional or required")
+    check_hostname = params.get("ssl_check_hostname", "").lower()
+    if tls and check_hostname not in ("", "true", "false"):
+        raise ValueError("ssl_check_hostname must be true or false")
+    if tls and check_hostname == "true" and params.get("ssl_cert_reqs") == "none":
+        raise ValueError("ssl_check_hostname=true needs the certificate verified (ssl_cert_reqs)")
+
+
 def _tls_context(kwargs: dict[str, Any], *, every_option: bool = False) -> ssl.SSLContext:
     """The TLS context redis-py builds from a client's connection options (`rediss://`: all of
     them; else the `_TLS_OPTIONS`), for the request path's pipelined connections to the same
@@ -817,6 +871,8 @@ def _tls_context(kwargs: dict[str, Any], *, every_option: bool = False) -> ssl.S
     options = kwargs if every_option else {k: v for k, v in kwargs.items() if k in _TLS_OPTIONS}
     try:
         return SSLConnection(**options).ssl_context.get()
+    except (RedisError, TypeError, ValueError) as exc:  # a value redis-py or ssl refuses
+        raise ValueError(f"the TLS settings cannot be used: {exc}") from None
     except (OSError, ssl.SSLError) as exc:
         files = [
             f"{name} {value!r}"
@@ -824,9 +880,8 @@ def _tls_context(kwargs: dict[str, Any], *, every_option: bool = False) -> ssl.S
             if name in ("ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile") and value
         ]
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ValueError(
-            f"the TLS settings cannot be used ({', '.join(files)}): {reason}"
-        ) from None
+        named = f" ({', '.join(files)})" if files else ""
+        raise ValueError(f"the TLS settings cannot be used{named}: {reason}") from None
 
 
 def client_from_url(url: str, *, timeout: float) -> tuple[RedisClient, tuple[RedisClient, ...]]:
@@ -850,12 +905,18 @@ def client_from_url(url: str, *, timeout: float) -> tuple[RedisClient, tuple[Red
         db = parts.path.strip("/")
         if db and not db.isdigit():
             raise ValueError(f"the path must be a database number, not {db!r}")
+        query_options = _query_options(parts.query)
+        _check_standalone_options(scheme, query_options, has_password=bool(parts.password))
         query_db = parse_qs(parts.query).get("db", [])
         if len(set(query_db + ([db] if db else []))) > 1:
             raise ValueError("the URL names two different databases (path and ?db=)")
         pool = BlockingConnectionPool.from_url(
             url, max_connections=MAX_CONNECTIONS, timeout=timeout, **options
         )
+        try:  # a connection object, not a connection: its options are checked, nothing sent
+            pool.make_connection()  # type: ignore[no-untyped-call,unused-ignore]
+        except (RedisError, TypeError, ValueError) as exc:
+            raise ValueError(f"the URL's options cannot be used: {exc}") from None
         return Redis.from_pool(pool), ()
 
     # The hosts end at the first `/` or `?` after the credentials (a password is taken whole).
@@ -866,6 +927,8 @@ def client_from_url(url: str, *, timeout: float) -> tuple[RedisClient, tuple[Red
     params: dict[str, str] = {}
     for pair in filter(None, query.split("&")):
         name, _, value = pair.partition("=")
+        if name in params:
+            raise ValueError(f"option {name!r} is given twice")
         params[name] = unquote(value)
     if not netloc:
         raise ValueError(f"no host given, e.g. {scheme}://host:port")

@@ -163,6 +163,25 @@ def test_config_files_that_cannot_be_read_are_one_line_exit_2(
     assert line.startswith(f"idlegate: {named}: ")
 
 
+@pytest.mark.parametrize("command", ["check-config", "serve"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:s3cret@127.0.0.1:9/0?bogus_option=1",
+        "redis://:s3cret@127.0.0.1:9/0?ssl_cert_reqs=required",
+        "rediss://:s3cret@127.0.0.1:9/0?ssl_cert_reqs=bogus",
+    ],
+)
+def test_store_url_options_are_checked_offline_one_line_exit_2(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, command: str, url: str
+):
+    monkeypatch.setenv("IDLEGATE_STORE__URL", url)
+    assert exit_code([command, "-c", str(GATEWAY_YAML)]) == 2
+    (line,) = error_lines(capsys)
+    assert line.startswith("idlegate: store.url: ")
+    assert "s3cret" not in line and ":***@127.0.0.1:9" in line
+
+
 def test_serve_refuses_several_workers_with_the_memory_store(capsys: pytest.CaptureFixture[str]):
     assert exit_code(["serve", "-c", str(GATEWAY_YAML), "--workers", "3"]) == 2
     (line,) = error_lines(capsys)
