@@ -3,8 +3,14 @@
 --
 -- KEYS[1]  the activity record (a string holding last_activity, seconds as a float literal)
 -- ARGV     initial, now ('' = Redis's own clock), idle_timeout, extend (0|1), expires_at, linger,
---          remember_idle (0|1)
--- Returns  {last_activity as it was (the stored literal, or ARGV[1]), idle (0|1)}
+--          remember_idle (0|1), deadline ('' = none)
+-- Returns  {last_activity as it was (the stored literal, or ARGV[1]), idle (0|1, or 2: late),
+--          now (the literal decided on)}
+--
+-- `deadline` is the time (on this clock) after which the caller no longer waits for the answer:
+-- it refused the request store_unavailable, so a call Redis runs later than that (a stalled
+-- server, a full socket buffer) must not record activity the caller never accepted. It then
+-- answers late (2) and writes nothing.
 --
 -- `now` is Redis's clock (TIME), not the caller's: every replica's decision is taken on one
 -- clock, so a replica whose clock lags cannot accept a token that already idled out, nor move
@@ -29,6 +35,9 @@ if now_literal == '' then
   now_literal = time[1] .. '.' .. string.format('%06d', tonumber(time[2]))
 end
 local now = tonumber(now_literal)
+if ARGV[8] and ARGV[8] ~= '' and now > tonumber(ARGV[8]) then
+  return {last_literal, 2, now_literal}
+end
 local idle_timeout = tonumber(ARGV[3])
 local linger = tonumber(ARGV[6])
 
@@ -45,11 +54,11 @@ if now - last > idle_timeout then
       redis.call('SET', key, last_literal, 'PX', ms(remaining))
     end
   end
-  return {last_literal, 1}
+  return {last_literal, 1, now_literal}
 end
 
 if ARGV[4] ~= '1' then
-  return {last_literal, 0}
+  return {last_literal, 0, now_literal}
 end
 
 -- last_activity never moves backwards: a replica with a slower clock cannot undo a later touch.
@@ -64,7 +73,7 @@ local ttl = math.ceil((keep_until - now) * 1000)
 
 if not stored then
   redis.call('SET', key, new_literal, 'PX', string.format('%d', ttl))
-  return {last_literal, 0}
+  return {last_literal, 0, now_literal}
 end
 
 -- Never shorten a lifetime another request (e.g. a longer-lived token of the session) set.
@@ -77,4 +86,4 @@ if new_literal ~= last_literal then
 elseif current < ttl then
   redis.call('PEXPIRE', key, string.format('%d', ttl))
 end
-return {last_literal, 0}
+return {last_literal, 0, now_literal}

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import socket
 import ssl
 import struct
 from collections import deque
 from collections.abc import Awaitable, Callable
+from time import monotonic
 from typing import Any, cast
 
 import hiredis
@@ -29,6 +31,76 @@ def pack_command(*args: Any) -> bytes:
 
 _pack = pack_command
 _ASKING = _pack("ASKING")
+_TIME = _pack("TIME")
+_NO_TIME = b"$0\r\n\r\n"  # the empty bulk string: '' for a script
+
+
+class ServerTime:
+    """A moment on this process's monotonic clock (the event loop's), as an argument of
+    `PipelinedConnection.call`: sent as the same moment on the Redis server's clock (seconds,
+    a literal), or as '' while the connection knows no offset to it (`ServerClock`)."""
+
+    __slots__ = ("at",)
+
+    def __init__(self, at: float) -> None:
+        self.at = at
+
+
+class _Deadline:
+    """`PipelinedConnection.call`'s argument for the call's own deadline, on the server's
+    clock (as ServerTime): a script told it does nothing once Redis's TIME is past it."""
+
+
+DEADLINE: Any = _Deadline()
+
+
+class ServerClock:
+    """Where one Redis server's clock stands against ours: `offset` = its TIME minus our
+    monotonic clock, None until a reply told it. Each sample is a lower bound (the server read
+    its clock before the reply came in), so the estimate is the largest sample of the current
+    and the previous window (WINDOW seconds each): a moment sent as the server's is then never
+    later than ours, by at most how late the best recent reply came in. A clock step of the
+    server forward is followed at the next reply; one backward within two windows.
+
+    What it is for: a call Redis runs late (a stalled or slow server, a full socket buffer)
+    must not act on a time the caller gave up on. check_and_touch.lua does nothing past its
+    call's deadline; record_activity.lua stamps activity at the flush's moment, not at TIME."""
+
+    WINDOW = 10.0
+
+    __slots__ = ("_current", "_previous", "_window_ends", "offset")
+
+    def __init__(self) -> None:
+        self.offset: float | None = None
+        self._current = -math.inf
+        self._previous = -math.inf
+        self._window_ends = -math.inf
+
+    def sample(self, server_now: float) -> None:
+        """A reply carrying the server's TIME (seconds) has just come in (once per request:
+        its common case, no better bound inside the window, is two comparisons)."""
+        local = monotonic()
+        value = server_now - local
+        if value > self._current or local >= self._window_ends:
+            self._update(local, value)
+
+    def _update(self, local: float, value: float) -> None:
+        if local >= self._window_ends:
+            # A gap of more than a window leaves nothing recent to keep.
+            fresh = local - self._window_ends < self.WINDOW
+            self._previous = self._current if fresh else -math.inf
+            self._current = -math.inf
+            self._window_ends = local + self.WINDOW
+        if value > self._current:
+            self._current = value
+        self.offset = max(self._current, self._previous)
+
+    def literal(self, at: float) -> bytes:
+        """`at` (our monotonic clock) on the server's, to the microsecond; b"" if unknown."""
+        offset = self.offset
+        return b"" if offset is None else b"%.6f" % (at + offset)
+
+
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 
 
@@ -144,6 +216,11 @@ class PipelinedConnection:
         # TimeoutError at most call_timeout / 4 after its deadline.
         self._call_timeout = call_timeout
         self._watchdog: asyncio.TimerHandle | None = None
+        # The server's clock (for DEADLINE and ServerTime arguments), learnt anew at each
+        # (re)connect: after a failover the master is another server.
+        self.clock = ServerClock()
+        self._deadline_step = -1  # `send_until`'s last deadline, in 10 ms steps, and its bulk
+        self._deadline_bulk = _NO_TIME
 
     def _connected(self) -> _Protocol | None:
         current = self._current
@@ -151,15 +228,30 @@ class PipelinedConnection:
             return None
         return current
 
-    def call(
-        self, *args: str | bytes | int | float, deadline: float | None = None
-    ) -> Awaitable[Any]:
+    def call(self, *args: Any, deadline: float | None = None) -> Awaitable[Any]:
         """Send one command; await the result for its reply. Fails with TimeoutError once
         `deadline` (loop time; default now + call_timeout) passed, ConnectionLost, OSError or
-        ReplyError. When connected it returns the reply's future itself (no coroutine)."""
+        ReplyError. When connected it returns the reply's future itself (no coroutine).
+        A ServerTime or DEADLINE argument is sent on the server's clock (`ServerClock`),
+        resolved once connected."""
         if deadline is None:
             deadline = asyncio.get_running_loop().time() + self._call_timeout
-        return self.send(_pack(*args), deadline)
+        if self._connected() is None:
+            return self._connect_and_send(args, deadline)
+        return self.send(self._packed(args, deadline), deadline)
+
+    def _packed(self, args: tuple[Any, ...], deadline: float) -> bytes:
+        clock = self.clock
+        return _pack(
+            *(
+                clock.literal(deadline)
+                if arg is DEADLINE
+                else clock.literal(arg.at)
+                if isinstance(arg, ServerTime)
+                else arg
+                for arg in args
+            )
+        )
 
     def send(self, command: bytes, deadline: float) -> Awaitable[Any]:
         """`call` for a command RESP-encoded already (`pack_command`)."""
@@ -168,21 +260,60 @@ class PipelinedConnection:
             return self._connect_and_send(command, deadline)
         return self._send(current, command, deadline)
 
-    def call_asking(
-        self, *args: str | bytes | int | float, deadline: float | None = None
-    ) -> Awaitable[Any]:
+    def send_until(self, command: bytes, deadline: float) -> Awaitable[Any]:
+        """`send` for a command RESP-encoded but for its last argument, DEADLINE: the call's
+        deadline on the server's clock, rounded up to 10 ms (so that the requests of one turn
+        share one encoding; the watchdog's own slack is call_timeout / 4)."""
+        current = self._current
+        if current is None or current.transport is None or current.transport.is_closing():
+            return self._connect_and_send(command, deadline, until=True)
+        offset = self.clock.offset  # `_deadline_of`, written out: once per request
+        if offset is None:
+            return self._send(current, command + _NO_TIME, deadline)
+        step = math.ceil((deadline + offset) * 100)
+        if step != self._deadline_step:
+            self._encode_deadline(step)
+        return self._send(current, command + self._deadline_bulk, deadline)
+
+    def _deadline_of(self, deadline: float) -> bytes:
+        offset = self.clock.offset
+        if offset is None:
+            return _NO_TIME
+        step = math.ceil((deadline + offset) * 100)
+        if step != self._deadline_step:
+            self._encode_deadline(step)
+        return self._deadline_bulk
+
+    def _encode_deadline(self, step: int) -> None:
+        literal = b"%d.%02d" % divmod(step, 100)
+        self._deadline_bulk = b"$%d\r\n%s\r\n" % (len(literal), literal)
+        self._deadline_step = step
+
+    def call_asking(self, *args: Any, deadline: float | None = None) -> Awaitable[Any]:
         """`ASKING`, then the command, in one write (Redis Cluster's ASK redirection: the
         node importing a slot serves a key of it only to a command that follows ASKING on the
         same connection). The result is the command's."""
         if deadline is None:
             deadline = asyncio.get_running_loop().time() + self._call_timeout
-        return self._connect_and_send(_pack(*args), deadline, asking=True)
+        return self._connect_and_send(args, deadline, asking=True)
 
-    async def _connect_and_send(self, command: bytes, deadline: float, asking: bool = False) -> Any:
+    async def _connect_and_send(
+        self,
+        command: bytes | tuple[Any, ...],
+        deadline: float,
+        asking: bool = False,
+        until: bool = False,
+    ) -> Any:
+        """The command (packed, or its arguments: packed once connected, on that server's
+        clock) on the connection, opened first if need be."""
         connection = self._connected()
         if connection is None:
             async with asyncio.timeout_at(deadline):
                 connection = await self._connect()
+        if isinstance(command, tuple):
+            command = self._packed(command, deadline)
+        elif until:
+            command += self._deadline_of(deadline)
         if asking:
             # Its reply (+OK) is nobody's; a failure of it shows in the command's own reply.
             ignored = self._send(connection, _ASKING, deadline)
@@ -271,6 +402,7 @@ class PipelinedConnection:
             handshake.append(self._send(connection, _pack("AUTH", *credentials), deadline))
         if self._db:
             handshake.append(self._send(connection, _pack("SELECT", self._db), deadline))
+        self._learn_clock(connection, loop.time() + self._call_timeout)  # after AUTH
         try:
             if handshake:
                 await asyncio.gather(*handshake)
@@ -280,6 +412,23 @@ class PipelinedConnection:
         except BaseException:
             self._drop(connection)
             raise
+
+    def _learn_clock(self, connection: _Protocol, deadline: float) -> None:
+        """The new server's clock, from a TIME sent first, not waited for: the calls sent
+        before its reply (one round trip) go without a time on that clock, as do all while an
+        ACL forbids TIME, until a script's reply tells it (check_and_touch.lua answers its)."""
+        clock = self.clock = ServerClock()
+        self._deadline_step = -1
+
+        def learnt(reply: asyncio.Future[Any]) -> None:
+            if reply.cancelled() or reply.exception() is not None:
+                return
+            answer = reply.result()
+            if isinstance(answer, list) and len(answer) == 2:
+                with contextlib.suppress(ValueError, TypeError):
+                    clock.sample(int(answer[0]) + int(answer[1]) / 1e6)
+
+        self._send(connection, _TIME, deadline).add_done_callback(learnt)
 
     def lost(self, connection: _Protocol, exc: Exception | None) -> None:
         """`connection` is gone: fail its own calls; forget it only if it is still ours."""

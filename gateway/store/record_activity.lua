@@ -4,13 +4,16 @@
 --
 -- KEYS     activity records (with Redis Cluster: of one hash slot per call)
 -- ARGV[1]  now ('' = Redis's own clock, as in check_and_touch.lua; a value: tests' fake clock)
+-- ARGV[2]  flushed: the moment the caller made the batch, on Redis's clock ('' = unknown: TIME)
 -- ARGV     then 6 per key: at, age, initial, idle_timeout, expires_at, linger
 --          at: the caller's clock at the activity (used only with a given now);
---          age: seconds since the activity on the caller's monotonic clock (used with TIME)
+--          age: seconds from the activity to `flushed` on the caller's monotonic clock
 -- Returns  per key: 1 written, 0 nothing newer to write, -1 idle already (nothing written)
 --
--- The activity's time is TIME - age: on Redis's clock, never beyond its now, whatever the
--- replica's wall clock says. last_activity never moves backwards, a record's lifetime is never
+-- The activity's time is flushed - age: on Redis's clock, never beyond its now, whatever the
+-- replica's wall clock says, and the same however late Redis runs the call (a stalled server,
+-- a full socket buffer: TIME - age would stamp the activity that much later than it happened).
+-- last_activity never moves backwards, a record's lifetime is never
 -- shortened, and a record Redis already considers idle is left alone: idling out is terminal,
 -- a late flush must not revive a token another replica was refused for.
 
@@ -25,10 +28,14 @@ if not caller_time then
   now_literal = time[1] .. '.' .. string.format('%06d', tonumber(time[2]))
 end
 local now = tonumber(now_literal)
+local flushed = now
+if ARGV[2] ~= '' and tonumber(ARGV[2]) < now then
+  flushed = tonumber(ARGV[2])
+end
 
 local results = {}
 for i, key in ipairs(KEYS) do
-  local base = 1 + (i - 1) * 6
+  local base = 2 + (i - 1) * 6
   local at_literal = ARGV[base + 1]
   local age = tonumber(ARGV[base + 2])
   local initial_literal = ARGV[base + 3]
@@ -46,7 +53,7 @@ for i, key in ipairs(KEYS) do
     if age < 0 then
       age = 0
     end
-    activity_literal = string.format('%.6f', now - age)
+    activity_literal = string.format('%.6f', flushed - age)
   end
   local activity = tonumber(activity_literal)
 

@@ -41,15 +41,27 @@ from gateway.store.base import (
     TouchResult,
 )
 from gateway.store.cluster import Address, ClusterConnections, SlotUncovered
-from gateway.store.pipeline import ConnectionLost, PipelinedConnection, ReplyError, pack_command
+from gateway.store.pipeline import (
+    DEADLINE,
+    ConnectionLost,
+    PipelinedConnection,
+    ReplyError,
+    ServerTime,
+    pack_command,
+)
 
 log = logging.getLogger("idlegate.store")
 RedisClient = Redis | RedisCluster
-_TouchArgs = tuple[float | int | str, ...]
+_TouchArgs = tuple[Any, ...]  # DEADLINE among them: resolved by the connection
 # RedisClusterException is no RedisError (no reachable node, a slot not covered): a store
 # fault all the same, never a 500.
 _FAILURES = (RedisError, RedisClusterException, TimeoutError, OSError, ReplyError)
 T = TypeVar("T")
+_EMPTY_BULK = b"$0\r\n\r\n"
+# check_and_touch.lua's answer for a call it ran past its deadline (nothing written), which
+# the caller was about to give up on: as much an outage as no answer.
+_LATE = 2
+_RAN_LATE = "Redis ran the call after its deadline"
 
 # Calls in flight per process, and so connections (per node with Cluster): enough for the proxy's
 # concurrency; beyond it a call waits for a slot, within its timeout, instead of failing on an
@@ -187,24 +199,28 @@ class RedisStore:
 
     def _touch_command(self, touch: Touch) -> tuple[str, _TouchArgs]:
         key = self.activity_key(touch.key)
+        caller_time = self.caller_time
         args = (
             touch.initial,
-            touch.now if self.caller_time else "",
+            touch.now if caller_time else "",
             touch.idle_timeout,
             int(touch.extend),
             touch.expires_at,
             touch.linger,
             int(touch.remember_idle),
+            "" if caller_time else DEADLINE,  # a fake clock's now has no deadline on Redis's
         )
         return key, args
 
     def _packed_touch(self, touch: Touch) -> tuple[bytes, str, _TouchArgs]:
-        """The EVALSHA of a Touch, RESP-encoded. Redis's clock decides (`now` is not sent), so
-        a Touch kept for a token and route sends the same bytes every time: they are kept on
-        it (`Touch.encoded`, read by `check_and_touch`), and a request of a token seen before
-        formats and packs nothing."""
+        """The EVALSHA of a Touch, RESP-encoded but for its deadline (the last argument,
+        `PipelinedConnection.send_until` adds it). Redis's clock decides (`now` is not sent),
+        so a Touch kept for a token and route sends the same bytes every time: they are kept
+        on it (`Touch.encoded`, read by `check_and_touch`), and a request of a token seen
+        before formats and packs nothing."""
         key, args = self._touch_command(touch)
-        packed = (pack_command("EVALSHA", self._check_and_touch.sha, 1, key, *args), key, args)
+        whole = pack_command("EVALSHA", self._check_and_touch.sha, 1, key, *args[:-1], "")
+        packed = (whole[: -len(_EMPTY_BULK)], key, args)
         touch.encoded = (self, packed)
         return packed
 
@@ -212,8 +228,9 @@ class RedisStore:
         cluster = self._cluster
         if cluster is not None:
             return await self._cluster_touch(cluster, *self._touch_command(touch))
-        if self._pipelined is None:
+        if self._pipelined is None:  # a unix socket: redis-py, and no deadline on its clock
             key, args = self._touch_command(touch)
+            args = (*args[:-1], "")
             reply = await self._call(
                 "check_and_touch", lambda: self._check_and_touch(keys=[key], args=args)
             )
@@ -232,16 +249,23 @@ class RedisStore:
         started = perf_counter()
         try:
             try:
-                reply = await connection.send(packed[0], deadline)
+                if self.caller_time:  # a fake clock's now: no deadline on Redis's
+                    reply = await connection.send(packed[0] + _EMPTY_BULK, deadline)
+                else:
+                    reply = await connection.send_until(packed[0], deadline)
             except (ReplyError, ConnectionLost) as exc:
                 reply = await self._touch_again(packed[1], packed[2], deadline, exc)
+            idle = reply[1]
+            if idle == _LATE:
+                raise TimeoutError(_RAN_LATE)
         except _FAILURES as exc:
             raise self._unavailable("check_and_touch", exc) from exc
         finally:
             self._touch_duration.observe(perf_counter() - started)
+        connection.clock.sample(float(reply[2]))
         if self.outage.since is not None:
             self.outage.success()
-        return TouchResult(float(reply[0]), bool(reply[1]))
+        return TouchResult(float(reply[0]), bool(idle))
 
     async def _cluster_touch(
         self, cluster: ClusterConnections, key: str, args: tuple[float | int | str, ...]
@@ -257,6 +281,7 @@ class RedisStore:
                 if connection is None:  # the slot map is not known yet
                     raise SlotUncovered("no slot map yet")
                 reply = await connection.call("EVALSHA", sha, 1, key, *args, deadline=deadline)
+                connection.clock.sample(float(reply[2]))
             except (ReplyError, OSError, TimeoutError) as exc:
                 failed = None if connection is None else (connection, exc)
                 reply = await cluster.call(
@@ -270,6 +295,8 @@ class RedisStore:
                     script=self._touch_source,
                     failed=failed,
                 )
+            if reply[1] == _LATE:
+                raise TimeoutError(_RAN_LATE)
         except _FAILURES as exc:
             raise self._unavailable("check_and_touch", exc, cluster.owner(key)) from exc
         finally:
@@ -329,6 +356,15 @@ class RedisStore:
         for group in groups:
             chunks.extend(group[i : i + FLUSH_CHUNK] for i in range(0, len(group), FLUSH_CHUNK))
         now_arg: float | str = now if self.caller_time else ""
+        # Ages count to this moment: sent as Redis's own time of it, the activity is stamped
+        # when it happened however late Redis runs the call (record_activity.lua).
+        flushed: ServerTime | bytes | str = "" if self.caller_time else ServerTime(monotonic())
+        if self._pipelined is not None and isinstance(flushed, ServerTime):
+            # redis-py makes the call (to the same server): the literal, from what the
+            # pipelined connection learnt of that server's clock.
+            flushed = self._pipelined.clock.literal(flushed.at)
+        elif self._cluster is None:
+            flushed = ""  # a unix socket: nothing knows the server's clock
 
         # A few calls at a time: a flush of many slots must not take the connections (and
         # the _slots) the request path's calls need meanwhile.
@@ -336,7 +372,7 @@ class RedisStore:
 
         async def write(chunk: list[Activity]) -> None:
             keys = [self.activity_key(activity.key) for activity in chunk]
-            args: list[float | str] = [now_arg]
+            args: list[Any] = [now_arg, flushed]
             for activity in chunk:
                 args += (
                     activity.at,
