@@ -216,9 +216,11 @@ class PipelinedConnection:
         # TimeoutError at most call_timeout / 4 after its deadline.
         self._call_timeout = call_timeout
         self._watchdog: asyncio.TimerHandle | None = None
-        # The server's clock (for DEADLINE and ServerTime arguments), learnt anew at each
-        # (re)connect: after a failover the master is another server.
+        # The server's clock (for DEADLINE and ServerTime arguments): kept across reconnects
+        # to the same address (a retry on a fresh connection to a stalled server still sends
+        # its deadline), learnt anew for another (a failover's new master).
         self.clock = ServerClock()
+        self._clock_of: tuple[str, int] | None = None
         self._deadline_step = -1  # `send_until`'s last deadline, in 10 ms steps, and its bulk
         self._deadline_bulk = _NO_TIME
 
@@ -414,11 +416,15 @@ class PipelinedConnection:
             raise
 
     def _learn_clock(self, connection: _Protocol, deadline: float) -> None:
-        """The new server's clock, from a TIME sent first, not waited for: the calls sent
-        before its reply (one round trip) go without a time on that clock, as do all while an
-        ACL forbids TIME, until a script's reply tells it (check_and_touch.lua answers its)."""
-        clock = self.clock = ServerClock()
-        self._deadline_step = -1
+        """The server's clock, from a TIME sent first, not waited for. On a new server (a new
+        address) the calls sent before its reply (one round trip) go without a time on that
+        clock, as do all while an ACL forbids TIME, until a script's reply tells it
+        (check_and_touch.lua answers its)."""
+        clock = self.clock
+        if self._clock_of != (self._host, self._port):
+            clock = self.clock = ServerClock()
+            self._clock_of = (self._host, self._port)
+            self._deadline_step = -1
 
         def learnt(reply: asyncio.Future[Any]) -> None:
             if reply.cancelled() or reply.exception() is not None:

@@ -255,6 +255,7 @@ class RedisStore:
                     reply = await connection.send_until(packed[0], deadline)
             except (ReplyError, ConnectionLost) as exc:
                 reply = await self._touch_again(packed[1], packed[2], deadline, exc)
+            connection.clock.sample(float(reply[2]))  # late or not: the server's TIME
             idle = reply[1]
             if idle == _LATE:
                 raise TimeoutError(_RAN_LATE)
@@ -262,7 +263,6 @@ class RedisStore:
             raise self._unavailable("check_and_touch", exc) from exc
         finally:
             self._touch_duration.observe(perf_counter() - started)
-        connection.clock.sample(float(reply[2]))
         if self.outage.since is not None:
             self.outage.success()
         return TouchResult(float(reply[0]), bool(idle))

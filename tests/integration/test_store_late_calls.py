@@ -92,6 +92,30 @@ async def test_a_touch_redis_runs_after_its_deadline_records_no_activity(
     assert again.idle is False and again.last_activity == before
 
 
+async def test_a_fresh_connection_to_the_same_server_keeps_what_it_knew_of_its_clock(
+    redis_server: RedisServer,
+) -> None:
+    """A retry on a fresh connection (the watchdog dropped the last) goes to a server that may
+    be stalled still, and may never answer the new connection's TIME: its calls carry the
+    deadline on the clock learnt before (Cluster's node connections send at once, with no
+    handshake to wait for). Another address (a failover's new master) is learnt anew."""
+    connection = PipelinedConnection("127.0.0.1", redis_server.port, call_timeout=1.0)
+    try:
+        assert await connection.call("PING") == b"PONG"
+        await asyncio.sleep(0.05)  # TIME's answer came with PING's
+        offset = connection.clock.offset
+        assert offset is not None
+
+        learnt = connection.clock
+        connection.close()
+        assert await connection.call("PING") == b"PONG"  # on a new connection
+        assert connection.clock is learnt  # kept: known before the new one's TIME answered
+        assert connection.clock.offset is not None
+        assert abs(connection.clock.offset - offset) < 0.05
+    finally:
+        connection.close()
+
+
 async def test_a_flush_redis_runs_late_stamps_activity_when_it_happened(
     store: RedisStore, redis_server: RedisServer
 ) -> None:
