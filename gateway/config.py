@@ -48,8 +48,14 @@ _SIZE_UNITS = {
 }
 
 
+# No duration means anything beyond this (100 years): what the store computes from them (idle
+# timeout + lifetime + leeway + retention, as PX milliseconds) stays far inside what Redis takes.
+MAX_DURATION = 100 * 365.25 * 86400.0
+
+
 def parse_duration(value: object) -> float:
-    """`900`, `90s`, `250ms`, `15m`, `1h30m` -> seconds. Negative or empty values are refused."""
+    """`900`, `90s`, `250ms`, `15m`, `1h30m` -> seconds. Negative or empty values, and values
+    over `MAX_DURATION`, are refused."""
     if isinstance(value, bool):
         raise ValueError("expected a duration such as 900, 90s, 15m or 1h30m")
     if isinstance(value, int | float):
@@ -73,6 +79,16 @@ def parse_duration(value: object) -> float:
         raise ValueError("a duration must be a finite number")
     if seconds < 0:
         raise ValueError("a duration cannot be negative")
+    if seconds > MAX_DURATION:
+        raise ValueError("a duration cannot be over 100 years")
+    return seconds
+
+
+def _must_be_positive(seconds: float | None) -> float | None:
+    """For the durations where 0 has no meaning (an interval, a timeout, a limit): 0 would not
+    be "off" but a gateway that refuses everything or polls without pause."""
+    if seconds is not None and seconds <= 0:
+        raise ValueError("must be positive")
     return seconds
 
 
@@ -179,6 +195,22 @@ class Store(_Model):
     # accepted late (docs/store.md, "Coalesced activity"). Must be below every idle timeout.
     coalesce: Duration = 0.0
 
+    @field_validator("timeout")
+    @classmethod
+    def _usable_timeout(cls, seconds: float) -> float:
+        _must_be_positive(seconds)
+        if seconds < 0.001:  # no store answers within it: every request would be a 503
+            raise ValueError("must be at least 1ms")
+        return seconds
+
+    @field_validator("revocation_poll")
+    @classmethod
+    def _usable_poll(cls, seconds: float) -> float:
+        _must_be_positive(seconds)
+        if seconds < 0.01:  # each poll is a store call, from every instance
+            raise ValueError("must be at least 10ms")
+        return seconds
+
     @field_validator("url")
     @classmethod
     def _known_scheme(cls, url: str) -> str:
@@ -210,6 +242,11 @@ PRESETS: dict[str, dict[str, float]] = {
 }
 
 
+# Clock skew between an IdP and the gateway is seconds, at worst minutes; a larger leeway only
+# extends every token's exp.
+MAX_LEEWAY = 86400.0
+
+
 class Policy(_Model):
     preset: Literal["pci-dss", "nist-aal2", "nist-aal3"] | None = None
     idle_timeout: Duration = 900.0
@@ -239,6 +276,12 @@ class Policy(_Model):
             problems.append("idle_timeout: must be positive")
         if self.max_token_lifetime <= 0:
             problems.append("max_token_lifetime: must be positive")
+        if self.session_retention <= 0:  # an idled-out session would be let in again at once
+            problems.append("session_retention: must be positive")
+        if self.max_session_age is not None and self.max_session_age <= 0:
+            problems.append("max_session_age: must be positive (leave it unset for no limit)")
+        if self.leeway > MAX_LEEWAY:
+            problems.append("leeway: must be at most 1d (it allows for clock skew, not lifetime)")
         for claim in ("exp", "iat"):
             if claim not in self.required_claims:
                 problems.append(f"required_claims: must include {claim} (the lifetime cap)")
@@ -326,6 +369,22 @@ class Provider(_Model):
                 raise ValueError("must be a non-empty string or a non-empty list of them")
         return issuer
 
+    @field_validator("jwks_min_refresh", "jwks_max_refresh")
+    @classmethod
+    def _refresh_positive(cls, interval: float) -> float:
+        if interval <= 0:  # an IdP answering max-age=0 would be fetched without pause
+            raise ValueError("must be positive")
+        return interval
+
+    @model_validator(mode="after")
+    def _refresh_bounds_ordered(self) -> Provider:
+        if self.jwks_min_refresh > self.jwks_max_refresh:
+            raise ValueError(
+                f"jwks_min_refresh: {self.jwks_min_refresh:g}s is above jwks_max_refresh "
+                f"({self.jwks_max_refresh:g}s); must be at most that"
+            )
+        return self
+
     @field_validator("jwks_miss_refetch")
     @classmethod
     def _refetch_limited(cls, interval: float) -> float:
@@ -386,6 +445,11 @@ class Route(_Model):
     # True: long responses (SSE, long polls, downloads) are cut at the token's exp, its
     # max_session_age or its revocation.
     stream_deadline: bool = False
+
+    @field_validator("idle_timeout")
+    @classmethod
+    def _idle_positive(cls, seconds: float | None) -> float | None:
+        return _must_be_positive(seconds)  # 0: every token idle at once; unset: the policy's
 
     @field_validator("upstream")
     @classmethod

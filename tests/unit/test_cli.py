@@ -182,6 +182,32 @@ def test_store_url_options_are_checked_offline_one_line_exit_2(
     assert "s3cret" not in line and ":***@127.0.0.1:9" in line
 
 
+@pytest.mark.parametrize("command", ["check-config", "serve"])
+@pytest.mark.parametrize(
+    ("variable", "value", "line"),
+    [
+        ("IDLEGATE_STORE__TIMEOUT", "0", "store.timeout: must be positive"),
+        ("IDLEGATE_STORE__REVOCATION_POLL", "0s", "store.revocation_poll: must be positive"),
+        ("IDLEGATE_POLICY__MAX_SESSION_AGE", "0", "policy.max_session_age: must be positive"),
+        ("IDLEGATE_POLICY__LEEWAY", "1.0e+300", "policy.leeway: a duration cannot be over"),
+        ("IDLEGATE_POLICY__IDLE_TIMEOUT", "1.0e+300", "policy.idle_timeout: a duration cannot"),
+        ("IDLEGATE_PROVIDERS__0__JWKS_MIN_REFRESH", "0", "providers.0.jwks_min_refresh: must be"),
+    ],
+)
+def test_durations_that_cannot_work_are_one_line_exit_2(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    command: str,
+    variable: str,
+    value: str,
+    line: str,
+):
+    monkeypatch.setenv(variable, value)
+    assert exit_code([command, "-c", str(GATEWAY_YAML)]) == 2
+    (found,) = error_lines(capsys)
+    assert found.startswith(f"idlegate: {line}")
+
+
 def test_serve_refuses_several_workers_with_the_memory_store(capsys: pytest.CaptureFixture[str]):
     assert exit_code(["serve", "-c", str(GATEWAY_YAML), "--workers", "3"]) == 2
     (line,) = error_lines(capsys)
