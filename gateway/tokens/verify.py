@@ -265,10 +265,13 @@ def identity_headers(
     words: frozenset[str] = frozenset(_SCOPE_CLAIMS),
 ) -> Identity:
     """Header -> claim value (a name or dotted path) as text; lists space-joined. A claim
-    holding a control character, or starting or ending with a space, is left out: a claim can
-    never smuggle a header line, nor reach the upstream as another value.
-    `jti` falls back to the id the token is tracked by (`uti`, `digest:…`: policy.token_id),
-    so the upstream's token id header is there for IdPs that mint no `jti`. A string claim
+    holding a control character, starting or ending with a space, or empty, is left out: a
+    claim can never smuggle a header line, nor reach the upstream as another value (`sub: ""`
+    is no subject, as it is none to log, revoke or track by).
+    `jti` is the id the token is tracked by, `token_id` (policy.token_id: the `jti`, else
+    `uti`, `digest:…`), and nothing without one: what the upstream is told is the id the
+    access log shows and the admin API revokes, also for IdPs that mint no `jti` or an empty
+    one (which `token_id` skips). A string claim
     in `words` (scopes, the roles claim: read as space-separated words) goes as those words,
     each escaped as a list item is: the upstream reads the words the gateway decided on."""
     headers: dict[str, str] = {}
@@ -276,7 +279,7 @@ def identity_headers(
         value = claim_at(claims, claim)
         if claim == "scope" and value is None:
             value = claims.get("scp")
-        elif claim == "jti" and value is None:
+        elif claim == "jti":
             value = token_id
         if value is None or isinstance(value, dict):
             continue
@@ -294,7 +297,7 @@ def identity_headers(
         # A control character could smuggle a header line; a leading or trailing space is
         # taken off by the upstream's parser (RFC 9110 §5.5), so " admin " would be read as
         # the identity "admin" that the gateway did not decide on (nor revoke).
-        if not _CONTROL.search(text) and text == text.strip(" "):
+        if text and not _CONTROL.search(text) and text == text.strip(" "):
             headers[header] = text
     return Identity(headers)
 
@@ -498,8 +501,9 @@ class Verifier:
                 f"{policy.max_token_lifetime:.0f}s is allowed",
             )
         id_claim, jti = token_id(claims, signature, policy.token_id, self._hasher)
-        sub = _string(claims, "sub")
-        sid = _string(claims, policy.session_claim)
+        # Empty is absent, as `token_id` has it: no subject or session to log, revoke or track.
+        sub = _string(claims, "sub") or None
+        sid = _string(claims, policy.session_claim) or None
         hashed = self._hasher.of_token
         jti_key = hashed("jti", issuer, jti) if jti else None
         sid_key = hashed("sid", issuer, sid) if sid else None

@@ -182,6 +182,33 @@ def test_the_token_id_header_falls_back_to_the_id_the_token_is_tracked_by():
     }
     assert identity_headers({"jti": "j-1"}, wanted, "j-1") == {"X-Auth-Token-Id": "j-1"}
     assert identity_headers({"sub": "alice"}, wanted) == {"X-Auth-Subject": "alice"}
+    # An empty jti is skipped by token_id: the header is the id it fell back to.
+    assert identity_headers({"jti": ""}, wanted, "digest:x") == {"X-Auth-Token-Id": "digest:x"}
+    # Never a jti the token is not tracked by (token_id [uti, ...] picked the uti).
+    assert identity_headers({"jti": "j", "uti": "u"}, wanted, "u") == {"X-Auth-Token-Id": "u"}
+    assert identity_headers({"jti": "j"}, wanted, None) == {}
+
+
+@pytest.mark.parametrize("empty", ["sub", "jti", "sid"])
+async def test_an_empty_id_claim_is_the_same_absent_id_in_the_log_and_upstream(
+    key_file: Path, signing_key: SigningKey, clock: ManualClock, empty: str
+):
+    """`sub: ""` names no subject and `jti: ""` no id (token_id skips it): what the access log
+    shows (the VerifiedToken) and the identity headers say the same."""
+    verifier = await make_verifier(key_file, clock, cache_size=10)
+    payload = claims(ISSUER, "api", now=clock.now(), sid="s-1")
+    payload[empty] = ""
+    verified = await verifier.verify(signing_key.sign(payload))
+    identity = verified.identity
+    assert verified.jti is not None
+    assert identity.get("X-Auth-Token-Id") == verified.jti
+    assert identity.get("X-Auth-Subject") == verified.sub
+    if empty == "jti":
+        assert verified.jti.startswith("digest:") and verified.token_id_claim == "digest"
+    if empty == "sub":
+        assert verified.sub is None and verified.sub_key is None
+    if empty == "sid":
+        assert verified.sid is None and verified.sid_key is None
 
 
 @pytest.mark.parametrize("alg", ["PS256", "RS256"])
