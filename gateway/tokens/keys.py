@@ -47,6 +47,7 @@ DEFAULT_REFRESH = 300.0
 # JWK members that only a private (or symmetric) key has (RFC 7518 §6.2.2, §6.3.2, §6.4; RFC 8037).
 _PRIVATE_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "oth", "k")
 _MAX_AGE = re.compile(r"(?:^|,)\s*max-age\s*=\s*\"?(\d+)\"?\s*(?=,|$)", re.IGNORECASE)
+_MAX_FRESHNESS = 1e9  # seconds (30 years): more is as good as forever, and stays finite
 _NO_CACHE = re.compile(r"(?:^|,)\s*(?:no-cache|no-store)\s*(?=,|=|$)", re.IGNORECASE)
 
 
@@ -297,9 +298,10 @@ def freshness(cache_control: str | None, age: str | None = None) -> float | None
     match = _MAX_AGE.search(cache_control)
     if match is None:
         return None
-    lifetime = float(match.group(1))
+    # Capped: 400 digits would be float("inf"), and inf - inf a NaN refresh time (never due).
+    lifetime = min(float(match.group(1)), _MAX_FRESHNESS)
     if age is not None and age.strip().isdigit():
-        lifetime -= float(age.strip())
+        lifetime -= min(float(age.strip()), _MAX_FRESHNESS)
     return max(lifetime, 0.0)
 
 
@@ -738,22 +740,27 @@ class KeyRing:
         at = f"{what} at {mask_url(url)}"  # the messages' way of naming it; `url` is fetched
         too_large = f"{at} is larger than {self.max_document_bytes} bytes"
         # No redirects: the key set must come from the configured (or discovered) URL itself.
-        async with self._http.get(url, headers=headers, allow_redirects=False) as response:
-            if response.status != 200:
-                raise _FetchError(f"{at} answered HTTP {response.status}")
-            length = response.content_length
-            if length is not None and length > self.max_document_bytes:
-                raise _FetchError(too_large)
-            body = bytearray()
-            async for chunk in response.content.iter_chunked(65536):
-                body += chunk
-                if len(body) > self.max_document_bytes:
+        try:
+            async with self._http.get(url, headers=headers, allow_redirects=False) as response:
+                if response.status != 200:
+                    raise _FetchError(f"{at} answered HTTP {response.status}")
+                length = response.content_length
+                if length is not None and length > self.max_document_bytes:
                     raise _FetchError(too_large)
-            cache_control = ",".join(response.headers.getall("Cache-Control", [])) or None
-            fresh_for = freshness(cache_control, response.headers.get("Age"))
+                body = bytearray()
+                async for chunk in response.content.iter_chunked(65536):
+                    body += chunk
+                    if len(body) > self.max_document_bytes:
+                        raise _FetchError(too_large)
+                cache_control = ",".join(response.headers.getall("Cache-Control", [])) or None
+                fresh_for = freshness(cache_control, response.headers.get("Age"))
+        except UnicodeError:
+            # The IDNA codec's, for a host no DNS name spells (`a..b`, a label over 63
+            # characters): a discovery document may name one; aiohttp does not wrap it.
+            raise _FetchError(f"{at}: its host is not a valid DNS name") from None
         try:
             return json.loads(bytes(body)), fresh_for
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # RecursionError: nested too deep to parse
             raise _FetchError(f"{at} is not valid JSON") from None
 
     async def _refresh_loop(self) -> None:
