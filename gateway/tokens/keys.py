@@ -19,6 +19,7 @@ import random
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -130,13 +131,14 @@ def key_from_jwk(jwk: object, allowed: Iterable[str]) -> VerificationKey:
     if not isinstance(jwk, Mapping):
         raise UnusableKeyError("not a JSON object")
     kty = jwk.get("kty")
-    if kty == "oct":
-        raise UnusableKeyError(
-            "symmetric (oct) keys are never taken from a JWKS (use hmac_secret_env)"
-        )
+    # Before the oct check: an oct JWK with its `k` is a published secret, a leak to report.
     if any(member in jwk for member in _PRIVATE_MEMBERS):
         raise PrivateKeyMaterialError(
             "the JWK contains private key material; publish only the public key"
+        )
+    if kty == "oct":
+        raise UnusableKeyError(
+            "symmetric (oct) keys are never taken from a JWKS (use hmac_secret_env)"
         )
     kid = jwk.get("kid")
     if kid is not None and not isinstance(kid, str):
@@ -167,10 +169,48 @@ def key_from_jwk(jwk: object, allowed: Iterable[str]) -> VerificationKey:
     return _usable(kid, key, allowed, alg)
 
 
+@dataclass(frozen=True, slots=True)
+class CompromisedKey:
+    """A JWK published with its private half: anyone may have signed with it since.
+
+    `material` is its public key (SubjectPublicKeyInfo DER) when one could be read from the
+    JWK, else None: then only its `kid` names it."""
+
+    kid: str | None
+    material: bytes | None
+
+
+def _public_material(jwk: Mapping[str, Any]) -> bytes | None:
+    """The public key of a JWK that also carries private members, or None if it has none."""
+    public = {name: value for name, value in jwk.items() if name not in _PRIVATE_MEMBERS}
+    try:
+        if public.get("kty") == "RSA":
+            key: Any = RSAAlgorithm.from_jwk(public)
+        elif public.get("kty") == "EC":
+            key = ECAlgorithm.from_jwk(public)
+        elif public.get("kty") == "OKP":
+            key = OKPAlgorithm.from_jwk(public)
+        else:
+            return None  # oct: its `k` is the secret; never a JWKS key here anyway
+        material: bytes = key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    except Exception:  # any JWK the parser refuses names no public key
+        return None
+    return material
+
+
 def keys_from_jwks(
-    document: object, allowed: Iterable[str], *, provider: str = "?"
+    document: object,
+    allowed: Iterable[str],
+    *,
+    provider: str = "?",
+    compromised: list[CompromisedKey] | None = None,
 ) -> list[VerificationKey]:
-    """The usable keys of a JWK Set; unusable members are dropped and logged (debug/warning)."""
+    """The usable keys of a JWK Set; unusable members are dropped and logged (debug/warning).
+
+    A member published with its private half is logged at ERROR (provider and kid, never the
+    key) and, when `compromised` is given, added to it: the caller stops trusting that key."""
     if not isinstance(document, Mapping) or not isinstance(document.get("keys"), list):
         raise UnusableKeyError("not a JWK Set (a JSON object with a 'keys' list)")
     allowed = list(allowed)
@@ -179,10 +219,23 @@ def keys_from_jwks(
     for index, jwk in enumerate(document["keys"]):
         try:
             key = key_from_jwk(jwk, allowed)
+        except PrivateKeyMaterialError:
+            assert isinstance(jwk, Mapping)
+            kid = jwk.get("kid") if isinstance(jwk.get("kid"), str) else None
+            log.error(
+                "provider %s: key #%d kid=%r is published WITH its private key material: it "
+                "is compromised and verifies no token from now on, whichever key set names "
+                "it, until restart (rotate it out at the identity provider)",
+                provider,
+                index,
+                kid,
+            )
+            if compromised is not None:
+                compromised.append(CompromisedKey(kid, _public_material(jwk)))
+            continue
         except UnusableKeyError as exc:
             kid = jwk.get("kid") if isinstance(jwk, Mapping) else None
-            level = logging.WARNING if isinstance(exc, PrivateKeyMaterialError) else logging.DEBUG
-            log.log(level, "provider %s: key #%d kid=%r dropped: %s", provider, index, kid, exc)
+            log.debug("provider %s: key #%d kid=%r dropped: %s", provider, index, kid, exc)
             continue
         if key.kid is not None and key.kid in seen:
             log.warning(
@@ -316,6 +369,10 @@ def _issuer_matches(named: object, issuer: str) -> bool:
     return re.fullmatch(pattern, issuer) is not None
 
 
+def _utc(at: float) -> str:
+    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def refresh_delay(fresh_for: float | None, minimum: float, maximum: float) -> float:
     """When to refetch: a little before the key set goes stale, within [minimum, maximum]."""
     lifetime = DEFAULT_REFRESH if fresh_for is None else fresh_for
@@ -329,8 +386,9 @@ class _FetchError(Exception):
     pass
 
 
-# A JWK Set's usable keys and how long its response said they stay fresh (None: unstated).
-_KeySet = tuple[list[VerificationKey], float | None]
+# A JWK Set's usable keys, how long its response said they stay fresh (None: unstated), and
+# the members it published with their private half.
+_KeySet = tuple[list[VerificationKey], float | None, list[CompromisedKey]]
 
 
 def _retrieve(task: asyncio.Task[_KeySet]) -> None:
@@ -349,6 +407,11 @@ def _fingerprint(key: VerificationKey) -> tuple[str | None, frozenset[str], byte
     return key.kid, key.algorithms, material
 
 
+def _material(key: VerificationKey) -> bytes:
+    """The key itself, whatever its kid: what a leak of its private half compromises."""
+    return _fingerprint(key)[2]
+
+
 @dataclass(eq=False, slots=True)
 class _KeySource:
     """One place a provider's keys come from: its configured jwks_uri, or one listed issuer's
@@ -360,6 +423,7 @@ class _KeySource:
     keys: list[VerificationKey] = field(default_factory=list)
     problem: str | None = None  # why its last attempt failed; None after a success
     failures: int = 0  # attempts failed in a row: the retry backoff's exponent
+    fetched_at: float | None = None  # clock time of its last JWK Set answered (None: never)
     due: float = 0.0  # event-loop time of its next background refresh
     inflight: asyncio.Task[None] | None = None  # its fetch now: never more than one
 
@@ -371,7 +435,7 @@ class KeyRing:
     JWKS) returns that key for any token kid: there is no kid to compare with. Remote keys come
     from one source per listed issuer (discovery) or from the jwks_uri; each is fetched on its
     own, and the ring holds the union of every source's last good keys (a kid two sources
-    publish is the first source's).
+    publish is the first source's), the key sets answered replacing them whole (docs/keys.md).
     """
 
     def __init__(
@@ -415,6 +479,10 @@ class KeyRing:
         self._runner: asyncio.Task[None] | None = None
         self._last_miss_refetch: float | None = None
         self._closed = False
+        # Keys seen published with their private half: never trusted again by this process,
+        # even when a later key set publishes them without it (the leak cannot be undone).
+        self._compromised: set[bytes] = set()
+        self._compromised_kids: set[str] = set()  # leaked keys no public key could be read from
         self.last_success: float | None = None
         # Why keys are missing or stale, for /readyz and check-config: every URL in it is
         # through mask_url (that endpoint needs no token).
@@ -426,9 +494,11 @@ class KeyRing:
 
     @property
     def ready(self) -> bool:
-        """True once the ring holds at least one usable key (it never goes back to empty).
+        """True while the ring holds at least one usable key. A fetch that fails keeps the
+        keys held; a JWK Set answered with no usable key (empty, only `enc` keys, only leaked
+        ones, ...) withdraws them, and the ring is not ready until one is published.
 
-        With several issuers that is once any of them gave keys: the tenants that answer are
+        With several issuers that is while any of them has keys: the tenants that answer are
         served while `last_error` names each one that does not."""
         return self._count > 0
 
@@ -615,7 +685,7 @@ class KeyRing:
                     key_sets[jwks_uri] = task
                 try:
                     # Shielded: this source's deadline must not cancel another's wait for it.
-                    keys, fresh_for = await asyncio.shield(task)
+                    keys, fresh_for, compromised = await asyncio.shield(task)
                 except (_FetchError, UnusableKeyError, aiohttp.ClientError, OSError):
                     if source.issuer is not None:
                         source.jwks_uri = None  # discover again next time: jwks_uri may move
@@ -635,22 +705,78 @@ class KeyRing:
             if jwks_uri not in delays:
                 minimum, maximum = provider.jwks_min_refresh, provider.jwks_max_refresh
                 delays[jwks_uri] = refresh_delay(fresh_for, minimum, maximum)
-            self._succeeded(source, keys, delays[jwks_uri])
+            self._succeeded(source, keys, compromised, delays[jwks_uri])
             return
         self._failed(source, problem)
 
-    def _succeeded(self, source: _KeySource, keys: list[VerificationKey], delay: float) -> None:
+    def _distrust(self, compromised: list[CompromisedKey]) -> None:
+        """Stop trusting leaked keys at once, in every source (another tenant may publish the
+        same key without its private half), for as long as this process runs."""
+        for leaked in compromised:
+            if leaked.material is not None:
+                self._compromised.add(leaked.material)
+            elif leaked.kid is not None:
+                self._compromised_kids.add(leaked.kid)
+        for source in self._sources:
+            source.keys = [key for key in source.keys if self._trusted(key)]
+
+    def _trusted(self, key: VerificationKey) -> bool:
+        if key.kid is not None and key.kid in self._compromised_kids:
+            return False
+        return not self._compromised or _material(key) not in self._compromised
+
+    def _succeeded(
+        self,
+        source: _KeySource,
+        keys: list[VerificationKey],
+        compromised: list[CompromisedKey],
+        delay: float,
+    ) -> None:
+        """A JWK Set answered: it is authoritative. What it no longer publishes as a usable
+        key stops verifying now, even when that leaves the source with no key at all."""
+        previous = source.keys
+        if compromised:
+            self._distrust(compromised)
         # The objects already held stand for the same keys: lookups, and so the decisions kept
         # for them, see no change when a refetch brings nothing new.
         held = {_fingerprint(key): key for other in self._sources for key in other.keys}
-        source.keys = [held.get(_fingerprint(key), key) for key in keys]
-        source.problem = None
-        source.failures = 0
-        source.due = asyncio.get_running_loop().time() + delay
-        self.last_success = self._clock.now()
-        JWKS_REFRESH.labels(provider=self.provider.name, result="ok").inc()
+        fresh = [held.get(_fingerprint(key), key) for key in keys if self._trusted(key)]
+        kept = {id(key) for key in fresh}
+        dropped = {id(key) for key in previous if id(key) not in kept}
+        source.keys = fresh
+        source.fetched_at = self.last_success = self._clock.now()
+        loop = asyncio.get_running_loop()
+        provider = self.provider
+        at = f"JWKS at {mask_url(str(source.jwks_uri))}"
+        if fresh:
+            source.problem = None
+            source.failures = 0
+            source.due = loop.time() + delay
+            JWKS_REFRESH.labels(provider=provider.name, result="ok").inc()
+        else:
+            # Fail closed: withdrawn means withdrawn. Retried like a failure, so that keys
+            # published again (a botched rotation fixed) are taken within seconds.
+            source.problem = (
+                f"{at} publishes no usable key for algorithms {provider.algorithms}"
+                + (f" ({len(compromised)} published with its private half)" if compromised else "")
+            )
+            backoff = self.backoff_base * 2 ** min(source.failures, 32)
+            source.due = loop.time() + min(self.backoff_cap, backoff, delay)
+            source.failures += 1
+            JWKS_REFRESH.labels(provider=provider.name, result="error").inc()
+            whose = "" if source.issuer is None else f"issuer {mask_url(source.issuer)}: "
+            log.log(
+                logging.ERROR if dropped else logging.WARNING,
+                "provider %s: %s%s: %d keys held from it withdrawn, none left",
+                provider.name,
+                whose,
+                source.problem,
+                len(dropped),
+            )
         self._install(self._union(), source=mask_url(str(source.jwks_uri)))
         self._report()
+        if not fresh and source.issuer is not None:
+            source.jwks_uri = None  # discover again next time: jwks_uri may have moved
 
     def _failed(self, source: _KeySource, problem: str) -> None:
         source.problem = problem
@@ -690,10 +816,19 @@ class KeyRing:
         return [*named.values(), *unnamed]
 
     def _describe(self, source: _KeySource) -> str:
-        """A source's problem, named by its issuer when the provider has several."""
+        """A source's problem, named by its issuer when the provider has several, and when the
+        keys held through it were fetched (they are kept through failures with no age limit)."""
+        since = ""
+        if source.keys and source.fetched_at is not None:
+            since = f", last fetched {_utc(source.fetched_at)}"
         if len(self._sources) == 1:
+            if source.keys:
+                return f"{source.problem} (holding {len(source.keys)} keys{since})"
             return str(source.problem)
-        held = f"{len(source.keys)} of its keys kept" if source.keys else "none of its keys yet"
+        if source.keys:
+            held = f"{len(source.keys)} of its keys kept{since}"
+        else:
+            held = "none of its keys yet" if source.fetched_at is None else "no key of it held"
         return f"issuer {mask_url(str(source.issuer))}: {source.problem} ({held})"
 
     def _report(self) -> None:
@@ -701,15 +836,14 @@ class KeyRing:
         self.last_error = "; ".join(self._describe(source) for source in failing) or None
 
     async def _fetch_key_set(self, jwks_uri: str) -> _KeySet:
-        """A key set's usable keys; one without any is a failure of its source."""
+        """A key set's usable keys (maybe none: that is an answer, not a failure) and its
+        leaked ones. A document that is no JWK Set raises `UnusableKeyError`."""
         document, fresh_for = await self._get_json(jwks_uri, "JWKS")
-        found = keys_from_jwks(document, self.provider.algorithms, provider=self.provider.name)
-        if not found:
-            raise _FetchError(
-                f"JWKS at {mask_url(jwks_uri)} has no usable key for algorithms "
-                f"{self.provider.algorithms}"
-            )
-        return found, fresh_for
+        compromised: list[CompromisedKey] = []
+        found = keys_from_jwks(
+            document, self.provider.algorithms, provider=self.provider.name, compromised=compromised
+        )
+        return found, fresh_for, compromised
 
     async def _discover(self, issuer: str) -> str:
         """OIDC Discovery 1.0 §4: the issuer's configuration names the JWKS; issuer must match.

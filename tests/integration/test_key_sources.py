@@ -156,3 +156,60 @@ async def test_a_junk_kid_refuses_a_new_key_only_until_jwks_miss_refetch(
         clock.advance(0.6)  # past jwks_miss_refetch since the junk kid's refetch
         assert await outcome(gw, legit) == (200, None)
         assert idp.jwks_requests == fetched + 1
+
+
+async def refetch(gw: GatewayUnderTest, server: JwksServer, clock: ManualClock) -> None:
+    """Make the gateway refetch every key set now: a token with a kid nobody publishes."""
+    clock.advance(10)  # past jwks_miss_refetch
+    assert await outcome(gw, token(rsa_key(uuid.uuid4().hex), server, clock)) == (
+        401,
+        "unknown_key",
+    )
+
+
+async def test_a_tenant_publishing_a_private_key_stops_it_verifying_for_every_tenant(
+    gateways: GatewayFactory, tenants: tuple[JwksServer, JwksServer], clock: ManualClock
+):
+    a, b = tenants
+    shared = rsa_key("shared")
+    a.rotate(a.keys[0], shared)
+    b.rotate(b.keys[0], shared)
+    gw = await gateways(providers=[entra(a, b)])
+    seen_a = token(shared, a, clock)
+    assert await outcome(gw, seen_a) == (200, None)
+    b.rotate(b.keys[0])
+    b.extra_jwks = [shared.private_jwk()]  # anyone can sign with it now, as either tenant
+    await refetch(gw, b, clock)
+    assert await outcome(gw, seen_a) == (401, "unknown_key")
+    assert await outcome(gw, token(shared, a, clock)) == (401, "unknown_key")
+    assert await outcome(gw, token(a.keys[0], a, clock)) == (200, None)
+
+
+async def test_a_key_set_answered_without_usable_keys_refuses_its_tokens_and_readyz(
+    gateways: GatewayFactory, clock: ManualClock
+):
+    first = rsa_key("k1")
+    async with JwksServer([first]) as idp:
+        provider = {
+            "name": "idp",
+            "issuer": idp.issuer,
+            "audiences": [AUDIENCE],
+            "algorithms": ["RS256"],
+            "jwks_uri": idp.jwks_uri,
+        }
+        gw = await gateways(providers=[provider])
+        seen = token(first, idp, clock)
+        assert await outcome(gw, seen) == (200, None)
+        assert (await readyz(gw))[0] == 200
+        idp.rotate()
+        idp.extra_jwks = [first.public_jwk(use="enc")]  # withdrawn as a signing key
+        await refetch(gw, idp, clock)
+        assert await outcome(gw, seen) == (401, "unknown_key")
+        assert await outcome(gw, token(first, idp, clock)) == (401, "unknown_key")
+        status, body = await readyz(gw)
+        assert status == 503
+        assert body["reason"].startswith("no usable keys for provider(s): idp (JWKS at ")
+        assert "publishes no usable key for algorithms ['RS256']" in body["reason"]
+        # An outage after that keeps nothing alive: there is nothing left to keep.
+        idp.fail(500)
+        assert await outcome(gw, seen) == (401, "unknown_key")

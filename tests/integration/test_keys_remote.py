@@ -223,17 +223,77 @@ async def test_failed_refresh_keeps_the_keys_and_retries_sooner(
     assert ring.last_error is None
 
 
-async def test_refresh_without_usable_keys_keeps_the_current_ones(
-    idp: JwksServer, make_ring: MakeRing
+# What a JWK Set answered 200 may hold instead of the key k1 it held: none of it verifies.
+WITHDRAWN: dict[str, Callable[[SigningKey], list[dict[str, Any]]]] = {
+    "published with its private half": lambda k1: [k1.private_jwk()],
+    "republished for encryption": lambda k1: [k1.public_jwk(use="enc")],
+    "an empty set": lambda k1: [],
+    "only a key type the provider does not allow": lambda k1: [ec_key("e").public_jwk()],
+    "only an RSA key too short": lambda k1: [rsa_key("short", bits=1024).public_jwk()],
+}
+
+
+@pytest.mark.parametrize("change", WITHDRAWN, ids=list(WITHDRAWN))
+async def test_a_key_set_without_usable_keys_withdraws_the_keys_held(
+    idp: JwksServer, make_ring: MakeRing, k1: SigningKey, change: str
 ) -> None:
+    # A JWK Set answered is authoritative: "no usable key" is no outage to ride out.
+    ring = make_ring(idp, jwks_uri=idp.jwks_uri, algorithms=["RS256"])
+    await ring.start()
+    assert ring.lookup("k1") is not None
+    idp.rotate()
+    idp.extra_jwks = WITHDRAWN[change](k1)
+    assert await ring.lookup_or_refresh("unknown") is None
+    assert ring.lookup("k1") is None
+    assert not ring.ready
+    assert keys_gauge(ring) == 0
+    assert refreshes(ring, "error") == 1
+    assert ring.last_error is not None
+    assert "publishes no usable key for algorithms ['RS256']" in ring.last_error
+    # Published again (a botched rotation fixed; a leaked key replaced by a new one): taken
+    # at the next retry, within seconds.
+    back = rsa_key("k3") if "private" in change else k1
+    idp.extra_jwks = []
+    idp.rotate(back)
+    await eventually(lambda: ring.lookup(back.kid) is not None, within=2.0)
+    assert ring.ready and ring.last_error is None
+
+
+async def test_a_key_published_with_its_private_half_is_never_trusted_again(
+    idp: JwksServer, make_ring: MakeRing, k1: SigningKey, k2: SigningKey, caplog: Any
+) -> None:
+    ring = make_ring(idp, jwks_uri=idp.jwks_uri, algorithms=["RS256"])
+    await ring.start()
+    idp.rotate(k2)
+    idp.extra_jwks = [k1.private_jwk()]
+    caplog.set_level(logging.ERROR, "idlegate.keys")
+    assert await ring.lookup_or_refresh("unknown") is None
+    assert ring.lookup("k1") is None and ring.lookup("k2") is not None
+    leak = [r for r in caplog.records if "WITH its private key material" in r.getMessage()]
+    assert len(leak) == 1 and leak[0].levelno == logging.ERROR
+    message = leak[0].getMessage()
+    assert ring.provider.name in message and "kid='k1'" in message
+    assert str(k1.private_jwk()["d"]) not in caplog.text  # never key material
+    # The IdP takes the private half off again: the key stays distrusted (the leak stands),
+    # under its kid or any other.
+    idp.extra_jwks = [k1.public_jwk(), k1.public_jwk(kid="k1-again")]
+    await ring.lookup_or_refresh("k1-again")
+    assert ring.lookup("k1") is None and ring.lookup("k1-again") is None
+    assert ring.lookup("k2") is not None
+
+
+async def test_a_document_that_is_no_key_set_keeps_the_keys_held(
+    idp: JwksServer, make_ring: MakeRing, k1: SigningKey
+) -> None:
+    # Unlike a key set without usable keys, a document that is not a JWK Set says nothing.
     ring = make_ring(idp, jwks_uri=idp.jwks_uri)
     await ring.start()
-    idp.rotate()
-    idp.extra_jwks = [rsa_key("enc").public_jwk(use="enc"), ec_key("e").private_jwk()]
-    assert await ring.lookup_or_refresh("enc") is None
+    idp.jwks = lambda: {"keys": "k1"}  # type: ignore[method-assign]
+    assert await ring.lookup_or_refresh("unknown") is None
     assert refreshes(ring, "error") == 1
-    assert ring.lookup("k1") is not None
-    assert keys_gauge(ring) == 1
+    assert ring.ready and ring.lookup("k1") is not None
+    assert ring.last_error is not None and "not a JWK Set" in ring.last_error
+    assert "(holding 1 keys, last fetched " in ring.last_error
 
 
 async def test_provider_down_at_start_becomes_ready_when_it_comes_up(

@@ -153,8 +153,11 @@ def test_jwk_with_private_material_is_refused(make: Any) -> None:
 
 
 def test_symmetric_jwk_is_refused() -> None:
-    jwk = {"kty": "oct", "kid": "s", "k": "c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0"}
     with pytest.raises(UnusableKeyError, match="oct"):
+        key_from_jwk({"kty": "oct", "kid": "s"}, ["HS256", "RS256"])
+    # With its `k` it is a published secret: a leak, reported as one.
+    jwk = {"kty": "oct", "kid": "s", "k": "c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0"}
+    with pytest.raises(PrivateKeyMaterialError, match="private key material"):
         key_from_jwk(jwk, ["HS256", "RS256"])
 
 
