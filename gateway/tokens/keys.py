@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -744,6 +745,16 @@ class KeyRing:
         kept = {id(key) for key in fresh}
         dropped = {id(key) for key in previous if id(key) not in kept}
         source.keys = fresh
+        if dropped:
+            # A key this source withdrew but another still publishes is held there as a new
+            # object: a decision kept for it (`lookup(kid) is token.key`) was this source's
+            # tenant's, maybe, and must be made again, with that tenant's own keys.
+            for other in self._sources:
+                if other is not source and any(id(key) in dropped for key in other.keys):
+                    other.keys = [
+                        dataclasses.replace(key) if id(key) in dropped else key
+                        for key in other.keys
+                    ]
         source.fetched_at = self.last_success = self._clock.now()
         loop = asyncio.get_running_loop()
         provider = self.provider

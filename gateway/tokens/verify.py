@@ -387,7 +387,11 @@ class Verifier:
     def cached(self, presented: str, now: float) -> VerifiedToken | None:
         """The fast path, without a coroutine: a token verified before (under the token, or
         the `credential` it came in) whose key still stands, time claims checked at `now`
-        (may raise Refusal). None: call `verify`."""
+        (may raise Refusal). None: call `verify`. One identity check is the whole key check,
+        also with several issuers: a key one issuer withdraws while another still publishes it
+        is held as a new object from then on (`KeyRing._succeeded`), so `is` fails for the
+        tokens verified with the old one and `verify` decides again, with their own issuer's
+        keys (`KeyRing.issuers_key`)."""
         cached = self._cache.get(presented)
         if cached is None or self._rings[cached.provider].lookup(cached.kid) is not cached.key:
             return None

@@ -167,6 +167,37 @@ async def refetch(gw: GatewayUnderTest, server: JwksServer, clock: ManualClock) 
     )
 
 
+async def test_a_tenant_withdrawing_a_key_another_publishes_refuses_its_tokens_already_seen(
+    gateways: GatewayFactory, tenants: tuple[JwksServer, JwksServer], clock: ManualClock
+):
+    # Both tenants publish one key under one kid; B withdraws it. A B token accepted before
+    # is refused like a new one: a decision kept is the one verification would make now.
+    a, b = tenants
+    shared = rsa_key("shared")
+    a.rotate(a.keys[0], shared)
+    b.rotate(b.keys[0], shared)
+    gw = await gateways(providers=[entra(a, b)])
+    seen_b, seen_a = token(shared, b, clock), token(shared, a, clock)
+    for _ in range(2):  # verified, then decided from what was kept
+        assert await outcome(gw, seen_b) == (200, None)
+        assert await outcome(gw, seen_a) == (200, None)
+    b.rotate(b.keys[0])
+    await refetch(gw, b, clock)
+    assert await outcome(gw, token(shared, b, clock)) == (401, "unknown_key")
+    for _ in range(2):
+        assert await outcome(gw, seen_b) == (401, "unknown_key")
+        assert await outcome(gw, seen_a) == (200, None)  # A still publishes it
+    # The other way round: A withdraws it while B publishes it again.
+    b.rotate(b.keys[0], shared)
+    await refetch(gw, b, clock)
+    seen_b = token(shared, b, clock)
+    assert await outcome(gw, seen_b) == (200, None)
+    a.rotate(a.keys[0])
+    await refetch(gw, a, clock)
+    assert await outcome(gw, seen_a) == (401, "unknown_key")
+    assert await outcome(gw, seen_b) == (200, None)
+
+
 async def test_a_tenant_publishing_a_private_key_stops_it_verifying_for_every_tenant(
     gateways: GatewayFactory, tenants: tuple[JwksServer, JwksServer], clock: ManualClock
 ):
