@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import os
+import re
 import shutil
+import socket
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -168,11 +171,47 @@ def _serve(args: argparse.Namespace) -> int:
                 print(f"idlegate: {line}", file=sys.stderr)
             return 2
         except OSError as exc:
-            print(f"idlegate: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+            print(f"idlegate: {_cannot_listen(config, exc)}", file=sys.stderr)
             return 1
     finally:
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+_BIND_FAILED = re.compile(
+    r"error while attempting to bind on address \('([^']*)', (\d+)[^)]*\): (.*)"
+)
+
+
+def _cannot_listen(config: Config, exc: OSError) -> str:
+    """Why serve could not listen, naming the config key of the listener concerned: the one
+    whose address asyncio names, or (a host name that does not resolve) the one with a name
+    for a host; else every listener, so that the operator still sees which keys to check."""
+    reason = str(exc.strerror or exc)
+    named = [
+        ("listen", config.listen.host, config.listen.port),
+        ("admin", config.admin.host, config.admin.port),
+    ]
+    if config.forward_auth.enabled and (own := config.forward_auth.listen) is not None:
+        named.append(("forward_auth.listen", own.host, own.port))
+    bind = _BIND_FAILED.fullmatch(reason)
+    if bind:
+        host, port, reason = bind.group(1), int(bind.group(2)), bind.group(3)
+        named = [n for n in named if n[2] == port] or named
+        if len(named) > 1:
+            named = [n for n in named if n[1] == host] or named
+    elif isinstance(exc, socket.gaierror):
+        named = [n for n in named if not _is_address(n[1])] or named
+    where = ", ".join(f"{key} {host or '*'}:{port}" for key, host, port in named)
+    return f"cannot listen ({where}): {reason}"
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return host == ""
+    return True
 
 
 def _token(args: argparse.Namespace) -> int:

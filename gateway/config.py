@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 import yaml
 from pydantic import (
@@ -127,7 +127,33 @@ def _file_path(value: object) -> object:
     return value
 
 
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+
+
+def parse_listen_host(value: object) -> object:
+    """A host to bind: an IP address (IPv6 without brackets), a syntactically valid host name
+    (RFC 1123 labels; `_` allowed, as container service names have it), or "" for every
+    address. Anything else would only fail when serve binds, naming no key."""
+    if not isinstance(value, str) or value == "":
+        return value
+    if value.startswith("[") and value.endswith("]"):
+        raise ValueError(f"write an IPv6 address without brackets: {value[1:-1]!r}")
+    try:
+        ipaddress.ip_address(value)
+        return value
+    except ValueError:
+        pass
+    name = value.removesuffix(".")
+    labels = name.split(".")
+    if len(name) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        raise ValueError(f"{value!r} is neither an IP address nor a host name")
+    if labels[-1].isdigit():  # 10.0.0.300: an address with a typo, not a name
+        raise ValueError(f"{value!r} is not a valid IP address")
+    return value
+
+
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+ListenHost = Annotated[str, BeforeValidator(parse_listen_host)]
 FilePath = Annotated[Path, BeforeValidator(_file_path)]
 Size = Annotated[int, BeforeValidator(parse_size)]
 Network = Annotated[
@@ -142,12 +168,12 @@ class _Model(BaseModel):
 
 
 class Listen(_Model):
-    host: str = "0.0.0.0"
+    host: ListenHost = "0.0.0.0"
     port: int = Field(default=8080, ge=0, le=65535)
 
 
 class Admin(_Model):
-    host: str = "127.0.0.1"
+    host: ListenHost = "127.0.0.1"
     port: int = Field(default=9090, ge=0, le=65535)
     token_file: FilePath | None = None
 
@@ -635,12 +661,63 @@ class Config(_Model):
                     f"routes.{i}.stream_deadline: needs auth: required (a public route has no "
                     f"token whose deadlines could cut it; route {route.prefix})"
                 )
+        problems.extend(self._prefix_problems())
         problems.extend(self._listener_problems())
         problems.extend(self._coalesce_problems())
         problems.extend(self._activity_interval_problems())
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    def _prefix_problems(self) -> list[str]:
+        """A prefix must be a path the router can match: in the normal form it matches request
+        paths in (gateway/routing.py), and not one it refuses. Else the route is dead: every
+        request for it is answered no_route or bad_path."""
+        from gateway.reasons import Reason, Refusal  # routing imports this module
+        from gateway.routing import Router, folded, normalise
+
+        problems = []
+        router = Router(self.routes)
+        bases = [r.prefix.rstrip("/").lower() for r in self.routes]
+        for i, route in enumerate(self.routes):
+            prefix, name = route.prefix, f"routes.{i}.prefix"
+            if bases[i] in bases[:i]:
+                continue  # refused as the same route as an earlier one (_cross_checks)
+            if "?" in prefix:
+                problems.append(
+                    f"{name}: {prefix!r} contains '?': a request path never does (the query "
+                    "is not part of it), so no request could match"
+                )
+                continue
+            if not prefix.isascii():
+                encoded = quote(prefix, safe="/;:@!$&'()*+,=~%")
+                problems.append(
+                    f"{name}: {prefix!r} is not ASCII: request paths carry such characters "
+                    f"percent-encoded; write {encoded!r}"
+                )
+                continue
+            try:
+                normal = normalise(prefix)
+            except Refusal as refusal:
+                problems.append(f"{name}: {prefix!r} can never match: {refusal}")
+                continue
+            if normal != prefix:
+                problems.append(
+                    f"{name}: {prefix!r} is not in the normal form request paths are matched "
+                    f"in (dot-segments, doubled slashes, escapes resolved); write {normal!r}"
+                )
+                continue
+            # A path below the prefix, in a segment no configured prefix starts with: what the
+            # router refuses for it (`;parameters`, trailing dots), it refuses for every path.
+            base, below = prefix.rstrip("/"), "x"
+            while any(folded(r.prefix).startswith(folded(f"{base}/{below}")) for r in self.routes):
+                below += "x"
+            try:
+                router.match(f"{base}/{below}")
+            except Refusal as refusal:
+                if refusal.reason is not Reason.NO_ROUTE:
+                    problems.append(f"{name}: {prefix!r} can never match: {refusal}")
+        return problems
 
     def _coalesce_problems(self) -> list[str]:
         """A local decision is safe only within the shortest idle timeout: the token was

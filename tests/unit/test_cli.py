@@ -4,6 +4,7 @@ error path as one `idlegate: ...` line on stderr with a non-zero exit, never a t
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -137,8 +138,18 @@ def test_serve_with_a_bad_config_exits_2_before_starting(
     assert len(error_lines(capsys)) == 1
 
 
+@pytest.fixture
+def serve_never_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Config-error tests of `serve`: had the config been accepted, serve returns 0 at once
+    (the test fails) instead of running the gateway until killed."""
+    import gateway.serve
+
+    monkeypatch.setattr(gateway.serve, "run", lambda *_: 0)
+
+
 @pytest.mark.parametrize("command", ["check-config", "serve"])
 @pytest.mark.parametrize("case", ["not utf-8", "deep file", "deep env", "bad timestamp"])
+@pytest.mark.usefixtures("serve_never_starts")
 def test_config_files_that_cannot_be_read_are_one_line_exit_2(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
@@ -172,6 +183,7 @@ def test_config_files_that_cannot_be_read_are_one_line_exit_2(
         "rediss://:s3cret@127.0.0.1:9/0?ssl_cert_reqs=bogus",
     ],
 )
+@pytest.mark.usefixtures("serve_never_starts")
 def test_store_url_options_are_checked_offline_one_line_exit_2(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, command: str, url: str
 ):
@@ -194,6 +206,7 @@ def test_store_url_options_are_checked_offline_one_line_exit_2(
         ("IDLEGATE_PROVIDERS__0__JWKS_MIN_REFRESH", "0", "providers.0.jwks_min_refresh: must be"),
     ],
 )
+@pytest.mark.usefixtures("serve_never_starts")
 def test_durations_that_cannot_work_are_one_line_exit_2(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
@@ -206,6 +219,62 @@ def test_durations_that_cannot_work_are_one_line_exit_2(
     assert exit_code([command, "-c", str(GATEWAY_YAML)]) == 2
     (found,) = error_lines(capsys)
     assert found.startswith(f"idlegate: {line}")
+
+
+@pytest.mark.parametrize("command", ["check-config", "serve"])
+@pytest.mark.parametrize(
+    ("variable", "value", "line"),
+    [
+        ("IDLEGATE_ROUTES__0__PREFIX", "/q?x", "routes.0.prefix: '/q?x' contains '?'"),
+        ("IDLEGATE_ROUTES__0__PREFIX", "/a/../b/", "routes.0.prefix: '/a/../b/' is not in the"),
+        ("IDLEGATE_ROUTES__0__PREFIX", "/c%2fd/", "routes.0.prefix: '/c%2fd/' can never match"),
+        ("IDLEGATE_LISTEN__HOST", "not a host!", "listen.host: 'not a host!' is neither"),
+        ("IDLEGATE_ADMIN__HOST", "[::1]", "admin.host: write an IPv6 address without brackets"),
+    ],
+)
+@pytest.mark.usefixtures("serve_never_starts")
+def test_routes_and_hosts_that_cannot_work_are_one_line_exit_2(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    command: str,
+    variable: str,
+    value: str,
+    line: str,
+):
+    monkeypatch.setenv(variable, value)
+    assert exit_code([command, "-c", str(GATEWAY_YAML)]) == 2
+    (found,) = error_lines(capsys)
+    assert found.startswith(f"idlegate: {line}")
+
+
+@pytest.mark.parametrize(
+    ("error", "line"),
+    [
+        (
+            OSError(98, "error while attempting to bind on address ('127.0.0.1', 9090): in use"),
+            "idlegate: cannot listen (admin 127.0.0.1:9090): in use",
+        ),
+        (
+            socket.gaierror(-2, "Name or service not known"),
+            "idlegate: cannot listen (listen nowhere.invalid:8080): Name or service not known",
+        ),
+    ],
+)
+def test_serve_failing_to_listen_names_the_listener_key(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    error: OSError,
+    line: str,
+):
+    import gateway.serve
+
+    def cannot_listen(*_: object) -> int:
+        raise error
+
+    monkeypatch.setattr(gateway.serve, "run", cannot_listen)
+    monkeypatch.setenv("IDLEGATE_LISTEN__HOST", "nowhere.invalid")
+    assert exit_code(["serve", "-c", str(GATEWAY_YAML)]) == 1
+    assert error_lines(capsys) == [line]
 
 
 def test_serve_refuses_several_workers_with_the_memory_store(capsys: pytest.CaptureFixture[str]):
