@@ -18,9 +18,10 @@ such an upstream takes for ASCII ones (`/adm%C4%B1n`: U+0131, a dotless i) are f
 
 Percent-escapes must spell UTF-8: `%C0%AE` (an overlong `.`) or a Latin-1 `%E9` is refused, since
 lenient decoders (old Tomcat and IIS, Latin-1 fallbacks) read such bytes as ASCII syntax or letters.
-Windows (IIS, ASP.NET) cuts trailing dots and spaces off segments (`/admin./x` is `/admin/x`), and
-Spring's suffix pattern match serves `/admin.json` as `/admin`: a path whose route changes so is
-refused as well.
+Windows (IIS, ASP.NET, a Windows file server) cuts trailing dots and spaces off segments
+(`/admin./x` is `/admin/x`), reads `admin::$DATA` (an NTFS stream) as `admin` and `ADMINI~1` (an
+8.3 short name) as `administration`; Spring's suffix pattern match serves `/admin.json` as
+`/admin`: a path whose route changes so is refused as well.
 """
 
 from __future__ import annotations
@@ -54,6 +55,11 @@ _CACHED_PATH_CHARS = 256
 _NOT_UTF8 = re.compile("[\ud800-\udfff]")
 # A segment's trailing run of dots and spaces (`%20`), which Windows path canonicalisation drops.
 _TRAILING_DOTS_OR_SPACES = re.compile(r"(?:\.|%20)+(?=/|$)")
+# A segment's NTFS stream (`admin::$DATA`, `admin:$I30:$INDEX_ALLOCATION`, `admin:name`): the
+# file or directory `admin` itself to Windows. `:` may come escaped (IIS decodes first).
+_NTFS_STREAM = re.compile(r"(?::|%3A)[^/]*")
+# What an 8.3 short name cannot hold (each becomes `_`), and what it leaves out (dots, spaces).
+_NOT_8DOT3 = re.compile(r"[^A-Z0-9!#$%&\'()@^_`{}~-]")
 _DOUBLED_SLASHES = re.compile(r"//+")
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 
@@ -104,9 +110,33 @@ def _syntax_in_disguise(decoded: str) -> bool:
 
 def windows_view(path: str) -> str:
     """A normalised path as Windows path canonicalisation (IIS, ASP.NET, a Windows file server)
-    reads it: each segment's trailing run of dots and spaces cut off (`admin.` and `admin%20`
-    are `admin`), a segment so emptied dropped like a doubled slash."""
+    reads it: each segment's NTFS stream (`admin::$DATA`) and then its trailing run of dots and
+    spaces cut off (`admin.` and `admin%20` are `admin`), a segment so emptied dropped like a
+    doubled slash. (8.3 short names need the routes: `Router`.)"""
+    if ":" in path or "%3A" in path:
+        path = _NTFS_STREAM.sub("", path)
     return _DOUBLED_SLASHES.sub("/", _TRAILING_DOTS_OR_SPACES.sub("", path))
+
+
+def _short_name_pattern(segment: str) -> re.Pattern[str] | None:
+    """The 8.3 short names Windows may give a file or directory named `segment` (`ADMINI~1`,
+    `ADMINI~2.JSO`, and from the fifth on `AD1F2C~5`), or None when the name is one already
+    (a name of at most 8 characters, an extension of at most 3, nothing to replace)."""
+    name = unquote(segment).upper()
+    raw_stem, dot, raw_extension = name.rpartition(".")
+    if not dot:
+        raw_stem, raw_extension = name, ""
+    stem = _NOT_8DOT3.sub("_", raw_stem.replace(".", "").replace(" ", ""))
+    extension = _NOT_8DOT3.sub("_", raw_extension.replace(" ", ""))
+    if (stem, extension) == (raw_stem, raw_extension) and len(stem) <= 8 and len(extension) <= 3:
+        return None  # an 8.3 name already: Windows gives it no other
+    if not stem:  # `.well-known`: WELL-K~1
+        stem, extension = extension, ""
+    suffix = f"(?:\\.{re.escape(extension[:3])})?" if extension else ""
+    return re.compile(
+        f"(?:{re.escape(stem[:6])}|{re.escape(stem[:2])}[0-9A-F]{{4}})~[0-9]{{1,6}}{suffix}",
+        re.IGNORECASE,
+    )
 
 
 def normalise(raw_path: str) -> str:
@@ -185,6 +215,14 @@ class Router:
         # Each prefix's last segment, folded: what a path's last segment must be, cut at a dot,
         # for a suffix-matching upstream to route it elsewhere.
         self._last_names = frozenset(folded(base.rpartition("/")[2]) for base in self._bases)
+        # The 8.3 short names of the prefixes' segments, each with the segment it names.
+        short_names = {
+            segment: _short_name_pattern(segment)
+            for base in self._bases
+            for segment in base.split("/")
+            if segment
+        }
+        self._short_names = [(pattern, name) for name, pattern in short_names.items() if pattern]
         self._matches: dict[str, Match] = {}  # raw path -> its match (refusals not kept)
 
     def find(self, path: str) -> tuple[Route, str] | None:
@@ -223,18 +261,34 @@ class Router:
             cut += 1  # the dot
         return views
 
+    def _windows_view(self, path: str) -> str:
+        """`windows_view`, and each segment that is an 8.3 short name of a prefix's segment
+        read as that segment (`/api/ADMINI~1/x` is `/api/administration/x`)."""
+        view = windows_view(path)
+        if "~" not in view or not self._short_names:
+            return view
+        segments = view.split("/")
+        for i, segment in enumerate(segments):
+            if "~" in segment:
+                for pattern, name in self._short_names:
+                    if pattern.fullmatch(segment):
+                        segments[i] = name
+                        break
+        return "/".join(segments)
+
     def _dotted_views_agree(self, paths: tuple[str, ...], route: Route) -> None:
-        """Refuse when Windows' view of a path (trailing dots and spaces cut off its segments)
-        or a suffix-matching upstream's (`.json` cut off its last one) falls on another route."""
+        """Refuse when Windows' view of a path (trailing dots and spaces cut off its segments,
+        NTFS streams, 8.3 short names) or a suffix-matching upstream's (`.json` cut off its
+        last one) falls on another route."""
         for path in paths:
             trailing = "./" in path or path.endswith(".") or "%20" in path
-            if (
-                trailing
-                and _TRAILING_DOTS_OR_SPACES.search(path)
-                and not self._agrees(windows_view(path), route)
-            ):
+            windows = (
+                trailing and _TRAILING_DOTS_OR_SPACES.search(path) is not None
+            ) or _windows_only(path)
+            if windows and not self._agrees(self._windows_view(path), route):
                 raise Refusal(
-                    Reason.BAD_PATH, "the path's trailing dots or spaces change its route"
+                    Reason.BAD_PATH,
+                    "the path's trailing dots or spaces, NTFS stream or 8.3 name change its route",
                 )
             for view in self._suffix_views(path):
                 if not self._agrees(view, route):
@@ -276,7 +330,7 @@ class Router:
         if route is not None and route is not self._folded_route(path):
             raise Refusal(Reason.BAD_PATH, "the path's letter case changes its route")
         # And Windows (`/admin./x` is `/admin/x`) and a suffix matcher (`/admin.json`).
-        if route is not None and ("." in path or "%20" in path):
+        if route is not None and ("." in path or "%20" in path or _windows_only(path)):
             self._dotted_views_agree(
                 (path,) if servlet_path is None else (path, servlet_path), route
             )
@@ -289,3 +343,9 @@ class Router:
             if not upstream_path.startswith("/"):
                 upstream_path = "/" + upstream_path
         return Match(route=route, label=route.prefix, upstream_path=upstream_path)
+
+
+def _windows_only(path: str) -> bool:
+    """Whether `path` holds what only Windows reads as another name: an NTFS stream's `:` or an
+    8.3 short name's `~`."""
+    return ":" in path or "%3A" in path or "~" in path

@@ -1,6 +1,7 @@
 """Router views beyond the servlet, case-folding and NFKC ones (tests/unit/test_routing.py):
 percent-escapes that spell no UTF-8 (overlong `.` and `/`, what lenient decoders read as ASCII),
-Windows' trailing dots and spaces (`admin.` is `admin`), and suffix pattern matching
+Windows' trailing dots and spaces (`admin.` is `admin`), NTFS streams (`admin::$DATA`) and 8.3
+short names (`ADMINI~1`), and suffix pattern matching
 (`/api/admin.json` is `/api/admin` to Spring). A path another view puts on a different route is
 refused; a view that stays on the matched route changes nothing."""
 
@@ -127,6 +128,86 @@ def test_the_windows_view_cuts_trailing_dots_and_spaces_off_every_segment(path: 
 )
 def test_trailing_dots_or_spaces_that_change_the_route_are_refused(path: str):
     assert refusal(ROUTER, path) is Reason.BAD_PATH
+
+
+# -- Windows: NTFS streams and 8.3 short names ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "view"),
+    [
+        ("/api/admin::$DATA/x", "/api/admin/x"),
+        ("/api/admin:$I30:$INDEX_ALLOCATION/x", "/api/admin/x"),
+        ("/api/admin%3A%3A$DATA/x", "/api/admin/x"),
+        ("/api/admin.::$DATA", "/api/admin"),  # the stream, then the trailing dot
+        ("/api/orders:cancel", "/api/orders"),
+    ],
+)
+def test_the_windows_view_cuts_ntfs_streams(path: str, view: str):
+    assert windows_view(path) == view
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/admin::$DATA/x",  # the directory `admin` to Windows: the admin route's
+        "/api/admin::$DATA",
+        "/api/admin:$I30:$INDEX_ALLOCATION/x",
+        "/api/admin%3a%3a$DATA/x",
+        "/api/ADMIN::$data/x",
+        "/api/admin:x/users",
+        "/secure::$DATA",
+        "/secure:stream/x",
+    ],
+)
+def test_an_ntfs_stream_that_changes_the_route_is_refused(path: str):
+    assert refusal(ROUTER, path) is Reason.BAD_PATH
+
+
+# Prefixes whose segments are no 8.3 names: Windows gives each a short one as well.
+SHORT = Router(
+    [
+        route("/api/administration/", scopes=["admin"]),
+        route("/api/reports.json", scopes=["reports"]),
+        route("/.well-known/", auth="none"),
+        route("/api/"),
+        route("/", auth="none"),
+    ]
+)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/ADMINI~1/users",  # `administration` once Windows expands its short name
+        "/api/admini~1/users",
+        "/api/ADMINI~2/users",
+        "/api/ADMINI~1",
+        "/api/AD3F9C~5/users",  # the hashed form, from the fifth name of a stem on
+        "/api/REPORT~1.JSO",
+        "/api/report~1",
+        "/WELL-K~1/openid-configuration",  # a public route's, reached from the catch-all
+    ],
+)
+def test_an_8dot3_short_name_that_changes_the_route_is_refused(path: str):
+    assert refusal(SHORT, path) is Reason.BAD_PATH
+
+
+@pytest.mark.parametrize(
+    ("path", "label"),
+    [
+        ("/api/orders:cancel", "/api/"),  # a custom method (AIP-136): the same route
+        ("/api/orders/123:archive", "/api/"),
+        ("/api/urn:isbn:123", "/api/"),
+        ("/api/administration/users:batchGet", "/api/administration/"),
+        ("/api/x~1", "/api/"),  # no prefix's short name
+        ("/api/~user/files", "/api/"),
+        ("/api/administration/ADMINI~1", "/api/administration/"),
+    ],
+)
+def test_colons_and_tildes_that_keep_the_route_are_forwarded_as_sent(path: str, label: str):
+    match = SHORT.match(path)
+    assert (match.label, match.upstream_path) == (label, path)
 
 
 # -- suffix pattern matching ---------------------------------------------------------------
