@@ -38,8 +38,13 @@ from gateway.reasons import Reason, Refusal
 # A `%` not followed by two hex digits is no escape at all; upstreams that decode `%u002e`
 # (IIS) or pass it through disagree about it, so it is refused like an encoded separator.
 # A `#` starts a fragment, which no request-target has (RFC 9112 §3.2): upstreams that parse
-# the target as a URL (yarl, urlsplit, WHATWG URL) route `/api#x` as `/api`.
-_FORBIDDEN = re.compile(r"%2[fF]|%5[cC]|%00|%(?![0-9A-Fa-f]{2})|\\|#|[\x00-\x20\x7f]")
+# the target as a URL (yarl, urlsplit, WHATWG URL) route `/api#x` as `/api`. Control bytes are
+# refused escaped too (`%09`, `%0D%0A`, `%7F`): parsers that strip tabs and newlines (WHATWG
+# URL) would route `/ad%09min` as `/admin`, and a decoded CR LF is a header line to an upstream
+# that echoes the path into a redirect.
+_FORBIDDEN = re.compile(
+    r"%2[fF]|%5[cC]|%[01][0-9A-Fa-f]|%7[fF]|%(?![0-9A-Fa-f]{2})|\\|#|[\x00-\x20\x7f]"
+)
 _ENCODED = re.compile(r"%([0-9A-Fa-f]{2})")
 # Where a segment's parameters start: `;`, or `%3B` (decoded to `;` by upstreams that decode
 # before they cut parameters). `normalise` has upper-cased every escape it kept.
