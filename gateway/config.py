@@ -376,6 +376,10 @@ class Provider(_Model):
     # replica): any client can send a junk kid, so it is how long a key the IdP publishes just
     # after may be refused. Apart from the background refresh bounds above.
     jwks_miss_refetch: Duration = 5.0
+    # Keys fetched over plain http from a host that is not loopback: anyone on the network path
+    # could swap them and forge any token. Refused unless set, for an in-cluster IdP reached
+    # over a trusted network only (loopback http is always allowed: tests, the demo).
+    allow_insecure_http: bool = False
 
     @field_validator("algorithms")
     @classmethod
@@ -431,6 +435,49 @@ class Provider(_Model):
         if uri is not None and not _readable_http_url(uri):
             raise ValueError(_UNREADABLE_URL)
         return uri
+
+    def refuses_key_url(self, url: str) -> bool:
+        """Whether keys (or a discovery document) must not be fetched from `url`: plain http
+        to a host other than loopback (127.0.0.0/8, ::1, localhost), `allow_insecure_http`
+        unset. Also applied to a jwks_uri found by discovery."""
+        if self.allow_insecure_http:
+            return False
+        try:
+            parsed = URL(url)
+            scheme, host = parsed.scheme, parsed.host
+        except ValueError:  # unreadable: refused as such elsewhere
+            return False
+        if scheme != "http" or host is None:
+            return False
+        if host.lower().rstrip(".") == "localhost":
+            return False
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:  # a name other than localhost: resolved by whoever answers DNS
+            return True
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return not address.is_loopback
+
+    @model_validator(mode="after")
+    def _key_urls_secure(self) -> Provider:
+        insecure = (
+            "is plain http to a host that is not loopback: anyone on the network path could "
+            "replace the keys and forge tokens; use https, or set allow_insecure_http: true "
+            "(only for an IdP reached over a trusted network)"
+        )
+        problems = []
+        if self.jwks_uri is not None and self.refuses_key_url(self.jwks_uri):
+            problems.append(f"jwks_uri: {mask_url(self.jwks_uri)} {insecure}")
+        if self.discovery:
+            problems += [
+                f"issuer: {mask_url(issuer)} {insecure} (discovery fetches below it)"
+                for issuer in dict.fromkeys(self.issuers)
+                if self.refuses_key_url(issuer)
+            ]
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
 
     @model_validator(mode="after")
     def _one_key_source(self) -> Provider:

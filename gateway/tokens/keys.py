@@ -877,6 +877,13 @@ class KeyRing:
             raise _FetchError(f"{at} has no http(s) jwks_uri")
         if issuer.startswith("https://") and not jwks_uri.startswith("https://"):
             raise _FetchError(f"{at}: jwks_uri is not https")
+        if self.provider.refuses_key_url(jwks_uri):
+            # As at load for a configured one: keys over plain http from another host are
+            # anyone's on the way, whatever the (loopback) issuer.
+            raise _FetchError(
+                f"{at}: jwks_uri {mask_url(jwks_uri)} is plain http to a host that is not "
+                "loopback (allow_insecure_http: true only for an IdP on a trusted network)"
+            )
         return jwks_uri
 
     async def _get_json(self, url: str, what: str) -> tuple[Any, float | None]:
