@@ -87,6 +87,13 @@ def presented_token(headers: CIMultiDictProxy[str], query_string: str) -> str:
     value = values[0]
     scheme, _, token = value.partition(" ")
     if scheme.lower() != "bearer":
+        if scheme.lower() == "dpop":
+            # RFC 9449: idlegate checks no DPoP proof, so it has no token to offer here; as
+            # for any scheme it does not support, a challenge without an error (RFC 6750 §3.1).
+            raise Refusal(
+                Reason.MISSING_TOKEN,
+                "DPoP is not supported: a bearer token (not bound to a key) is required",
+            )
         raise Refusal(Reason.MISSING_TOKEN, "a bearer token is required")
     token = token.strip(" ")
     if len(token) > MAX_TOKEN_BYTES:

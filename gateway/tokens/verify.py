@@ -338,6 +338,38 @@ def unverified_id(token: str, names: list[str], hasher: KeyHasher) -> tuple[str,
     return issuer, found
 
 
+# A payload `typ` claim naming a token that is no access token: Keycloak's ID, refresh,
+# offline (refresh) and logout tokens; its access tokens say `Bearer`.
+_NOT_ACCESS_TYPS = frozenset({"id", "refresh", "offline", "logout"})
+# Claims only an OpenID Connect ID token carries (OIDC Core §3.1.3.6, §3.3.2.11; FAPI 1.0's
+# s_hash): the hashes binding it to the access token, code or state it came with. Not `nonce`:
+# some IdPs copy it into access tokens too.
+_ID_TOKEN_CLAIMS = ("at_hash", "c_hash", "s_hash")
+
+
+def check_bearer_access_token(claims: Mapping[str, Any]) -> None:
+    """Refuses (`wrong_type`) what is no bearer access token: a token bound to a key or a
+    certificate (RFC 7800 `cnf`: DPoP's `jkt`, RFC 9449; mTLS's `x5t#S256`, RFC 8705; any
+    other method), whose proof of possession idlegate does not check, so that a stolen one
+    would work here; and an ID, refresh or logout token recognisable by its claims."""
+    if "cnf" in claims:
+        raise Refusal(
+            Reason.WRONG_TYPE,
+            "the token is bound to a key or certificate (cnf): not a bearer token",
+        )
+    typ = claims.get("typ")
+    if isinstance(typ, str) and typ.lower() in _NOT_ACCESS_TYPS:
+        raise Refusal(
+            Reason.WRONG_TYPE,
+            "the token's typ claim names an ID, refresh or logout token, not an access token",
+        )
+    for name in _ID_TOKEN_CLAIMS:
+        if name in claims:
+            raise Refusal(
+                Reason.WRONG_TYPE, f"the token carries {name}: an ID token, not an access token"
+            )
+
+
 def _typ_matches(typ: object, required: str) -> bool:
     """RFC 9068 §2.1: `at+jwt`, with or without `application/`, compared case-insensitively."""
     if not isinstance(typ, str):
@@ -483,6 +515,7 @@ class Verifier:
             header.get("typ"), provider.require_typ
         ):
             raise Refusal(Reason.WRONG_TYPE, f"the token's typ must be {provider.require_typ}")
+        check_bearer_access_token(claims)
         policy = self._policy
         for name in policy.required_claims:
             if claims.get(name) in (None, ""):

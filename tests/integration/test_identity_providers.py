@@ -160,6 +160,24 @@ def authentik(issuer: str, now: float, sub: str) -> dict[str, Any]:
     }
 
 
+def oidc_provider(issuer: str, now: float, sub: str) -> dict[str, Any]:
+    # panva/oidc-provider (OpenID Certified) with resourceIndicators: a JWT access token (RFC
+    # 9068: header typ at+jwt) for the resource requested, jti of 43 characters, client_id,
+    # scope a string, no sid or auth_time; roles only through extraTokenClaims.
+    # https://github.com/panva/node-oidc-provider/blob/main/docs/README.md#featuresresourceindicators
+    return {
+        "roles": ["reader", "ops"],
+        "jti": uuid.uuid4().hex + "0123456789a",
+        "sub": sub,
+        "iat": int(now),
+        "exp": int(now) + 600,  # ttl.ClientCredentials' default; ttl.AccessToken's is 3600
+        "scope": "read",
+        "client_id": "web-client",
+        "iss": issuer,
+        "aud": "https://api.example/",
+    }
+
+
 IDPS = [
     Idp(
         "entra",
@@ -210,6 +228,16 @@ IDPS = [
         scope="email",
         role="orders",
         provider={"roles_claim": "groups"},
+    ),
+    Idp(
+        "oidc-provider",
+        "",  # its issuer has no trailing slash unless configured with one
+        "https://api.example/",
+        oidc_provider,
+        scope="read",
+        role="ops",
+        provider={"roles_claim": "roles", "require_typ": "at+jwt"},
+        header={"typ": "at+jwt"},
     ),
 ]
 
@@ -397,3 +425,88 @@ async def test_keycloak_azp_and_typ_claim(
         providers=[provider(audience_claims=["aud", "azp"], require_typ="Bearer")]
     )
     assert await reason(wants_bearer, "/api/x", token) == (401, "wrong_type")
+
+
+def keycloak_id_token(issuer: str, now: float, sub: str) -> dict[str, Any]:
+    # Keycloak's ID token for the same client: typ claim "ID", aud and azp the client id, the
+    # nonce and the at_hash of the access token it came with.
+    return {
+        "exp": int(now) + 300,
+        "iat": int(now),
+        "auth_time": int(now) - 30,
+        "jti": str(uuid.uuid4()),
+        "iss": issuer,
+        "aud": "orders-api",
+        "sub": sub,
+        "typ": "ID",
+        "azp": "orders-api",
+        "nonce": "n-0S6_WzA2Mj",
+        "sid": str(uuid.uuid4()),
+        "at_hash": "77QmUPtjPfzWtF2AnpK9RQ",
+        "acr": "1",
+        "preferred_username": "alice",
+    }
+
+
+async def test_keycloak_id_and_logout_tokens_are_refused_where_its_access_token_passes(
+    gateways: GatewayFactory, upstream: Upstream, clock: ManualClock
+):
+    """The Keycloak recipe (the client id as the audience, azp allowed): Keycloak's header typ
+    is JWT for every token, so its typ claim and the ID token's hash claims tell them apart."""
+    key = rsa_key(kid="kc-1")
+    async with JwksServer([key], issuer_path="/realms/shop") as server:
+        issuer = server.url + "/realms/shop"
+        provider = {
+            "name": "kc",
+            "issuer": issuer,
+            "audiences": ["orders-api"],
+            "audience_claims": ["aud", "azp"],
+            "algorithms": ["RS256"],
+            "discovery": True,
+        }
+        gw = await gateways(providers=[provider])
+
+        def sign(payload: dict[str, Any]) -> str:
+            return key.sign(payload, headers={"typ": "JWT"})
+
+        now = clock.now()
+        assert await reason(gw, "/api/x", sign(keycloak(issuer, now, "alice"))) == (200, None)
+        id_token = keycloak_id_token(issuer, now, "alice")
+        assert await reason(gw, "/api/x", sign(id_token)) == (401, "wrong_type")
+        del id_token["at_hash"]  # one issued without an access token: its typ claim says it
+        assert await reason(gw, "/api/x", sign(id_token)) == (401, "wrong_type")
+        logout = keycloak(issuer, now, "alice") | {"typ": "Logout"}
+        assert await reason(gw, "/api/x", sign(logout)) == (401, "wrong_type")
+        assert len(upstream.received) == 1
+
+
+async def test_oidc_provider_id_token_is_refused_by_require_typ(
+    gateways: GatewayFactory, upstream: Upstream, clock: ManualClock
+):
+    """oidc-provider's ID token carries none of the ID-token-only claims (`sub`, `nonce`, `aud`
+    the client id): even with the client id listed as an audience, `require_typ: at+jwt`
+    (which its access tokens meet) refuses it."""
+    key = rsa_key(kid="op-1")
+    async with JwksServer([key]) as server:
+        provider = {
+            "name": "op",
+            "issuer": server.url,
+            "audiences": ["https://api.example/", "web-client"],
+            "algorithms": ["RS256"],
+            "discovery": True,
+            "require_typ": "at+jwt",
+        }
+        gw = await gateways(providers=[provider])
+        now = clock.now()
+        access = key.sign(oidc_provider(server.url, now, "alice"), headers={"typ": "at+jwt"})
+        assert await reason(gw, "/api/x", access) == (200, None)
+        id_token = {
+            "sub": "alice",
+            "nonce": "n1",
+            "aud": "web-client",
+            "exp": int(now) + 600,
+            "iat": int(now),
+            "iss": server.url,
+        }
+        assert await reason(gw, "/api/x", key.sign(id_token)) == (401, "wrong_type")
+        assert len(upstream.received) == 1

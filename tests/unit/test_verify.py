@@ -232,3 +232,36 @@ async def test_an_rsa_signature_of_any_length_but_the_modulus_is_bad_however_ope
         with pytest.raises(Refusal) as refused:
             await verifier.verify(f"{header}.{payload}.{text}")
         assert refused.value.reason is Reason.BAD_SIGNATURE
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"cnf": {"jkt": "x"}},
+        {"cnf": {"x5t#S256": "x"}},
+        {"cnf": None},
+        {"typ": "ID"},
+        {"typ": "logout"},
+        {"at_hash": "x"},
+        {"c_hash": "x"},
+        {"s_hash": "x"},
+    ],
+)
+async def test_bound_tokens_and_id_tokens_are_refused_at_verification_and_never_cached(
+    key_file: Path, signing_key: SigningKey, clock: ManualClock, extra: dict[str, object]
+):
+    verifier = await make_verifier(key_file, clock, cache_size=10)
+    token = signing_key.sign(claims(ISSUER, "api", now=clock.now(), **extra))
+    for _ in range(2):
+        with pytest.raises(Refusal) as refused:
+            await verifier.verify(token)
+        assert refused.value.reason is Reason.WRONG_TYPE
+    assert len(verifier._cache) == 0
+
+
+@pytest.mark.parametrize("extra", [{"typ": "Bearer"}, {"nonce": "n"}, {"typ": 1}])
+async def test_bearer_access_tokens_with_a_typ_claim_or_nonce_verify(
+    key_file: Path, signing_key: SigningKey, clock: ManualClock, extra: dict[str, object]
+):
+    verifier = await make_verifier(key_file, clock, cache_size=10)
+    await verifier.verify(signing_key.sign(claims(ISSUER, "api", now=clock.now(), **extra)))
