@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import math
 import re
 from collections.abc import Mapping
@@ -22,7 +23,8 @@ from multidict import istr
 
 from gateway.bounded import BoundedCache
 from gateway.clock import Clock
-from gateway.config import Config, Provider
+from gateway.config import Config, Provider, mask_url
+from gateway.logs import RateLimitedLog, quoted
 from gateway.reasons import Reason, Refusal
 from gateway.store.base import KeyHasher
 from gateway.tokens.claims import Identity, VerifiedToken
@@ -35,6 +37,10 @@ _B64URL = re.compile(r"[A-Za-z0-9_-]*")
 # would break a line at any of them.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _ALGORITHMS: dict[str, Algorithm] = get_default_algorithms()
+log = logging.getLogger("idlegate.tokens")
+# How often (per process) a refusal for an untrusted issuer or a foreign audience may log the
+# values it saw: anyone can send such tokens, a misconfiguration sends nothing else.
+DIAGNOSTIC_INTERVAL = 10.0
 # Characters of the keys (tokens, Authorization values) the verification cache may hold:
 # with the entry count, what bounds its memory (32 Mi: some 64 MiB with what they map to).
 CACHED_CHARS = 32 * 1024 * 1024
@@ -370,6 +376,43 @@ def check_bearer_access_token(claims: Mapping[str, Any]) -> None:
             )
 
 
+# What a diagnostic line shows of a value a token chose: at most this many characters (and
+# list items), each through `logs.quoted` (one line, nothing a terminal acts on).
+_SHOWN_CHARS = 100
+_SHOWN_ITEMS = 5
+
+
+def _shown(value: str) -> str:
+    """A token's (or a configured) issuer or audience as a log line may show it: any password
+    or credential option masked, cut to `_SHOWN_CHARS`, quoted."""
+    masked = mask_url(value[: 4 * _SHOWN_CHARS])
+    cut = len(value) > 4 * _SHOWN_CHARS or len(masked) > _SHOWN_CHARS
+    return quoted(masked[:_SHOWN_CHARS]) + ("..." if cut else "")
+
+
+def _near(seen: str, configured: str) -> str | None:
+    """How `seen` differs from `configured` when it nearly is it (the usual issuer and audience
+    misconfigurations), else None."""
+    if seen == configured:
+        return None
+    if seen.rstrip("/") == configured.rstrip("/"):
+        return "by a trailing slash"
+    if seen.lower() == configured.lower():
+        return "in case"
+    if seen.rstrip("/").lower() == configured.rstrip("/").lower():
+        return "in case and by a trailing slash"
+    return None
+
+
+def _nearest(seen: str, candidates: list[str]) -> str:
+    """What a log line adds when `seen` nearly is one of `candidates` (the first such)."""
+    for candidate in candidates:
+        how = _near(seen, candidate)
+        if how is not None:
+            return f"; {_shown(seen)} differs only {how} from the configured {_shown(candidate)}"
+    return ""
+
+
 def _typ_matches(typ: object, required: str) -> bool:
     """RFC 9068 §2.1: `at+jwt`, with or without `application/`, compared case-insensitively."""
     if not isinstance(typ, str):
@@ -392,8 +435,14 @@ class Verifier:
         # ~1.5 KiB an entry: bounded to a few tens of MiB whatever the traffic.
         cache_size: int = 20_000,
         cache_chars: int = CACHED_CHARS,
+        diagnostic_interval: float = DIAGNOSTIC_INTERVAL,
     ) -> None:
         self._providers = {issuer: p for p in config.providers for issuer in p.issuers}
+        self._issuers = list(self._providers)
+        # The refusals an operator cannot tell from the response alone (what the token said is
+        # never echoed to the client): one line per interval each, on the server side only.
+        self._issuer_log = RateLimitedLog(log, interval=diagnostic_interval)
+        self._audience_log = RateLimitedLog(log, interval=diagnostic_interval)
         self._rings = rings
         self._policy = config.policy
         # istr names: the forwarded headers take their case-folded identity from them.
@@ -472,6 +521,7 @@ class Verifier:
             raise Refusal(Reason.MISSING_CLAIM, "the token lacks the iss claim")
         provider = self._providers.get(iss) if isinstance(iss, str) else None
         if provider is None:
+            self._log_wrong_issuer(iss)
             raise Refusal(Reason.WRONG_ISSUER)
         if alg not in provider.algorithms:
             raise Refusal(Reason.DISALLOWED_ALG, "the token's alg is not allowed for this issuer")
@@ -527,6 +577,7 @@ class Verifier:
                 [value] if isinstance(value, str) else value if isinstance(value, list) else []
             )
         if not any(a in provider.audiences for a in audiences if isinstance(a, str)):
+            self._log_wrong_audience(provider, audiences)
             raise Refusal(Reason.WRONG_AUDIENCE)
         iat, exp = _numeric_date(claims, "iat"), _numeric_date(claims, "exp")
         if iat is None or exp is None:  # required_claims always holds both; keep mypy honest
@@ -577,6 +628,36 @@ class Verifier:
             identity=identity_headers(
                 claims, self._identity_claims, jti, self._word_claims[provider.name]
             ),
+        )
+
+    def _log_wrong_issuer(self, iss: object) -> None:
+        """The `iss` of a token refused `wrong_issuer` (its signature unchecked: anyone's),
+        shown sanitised, and the configured issuer it nearly is, if one is."""
+        if not isinstance(iss, str):
+            self._issuer_log.warning("refused a token whose iss is not a string (wrong_issuer)")
+            return
+        self._issuer_log.warning(
+            "refused a token of the untrusted issuer %s (wrong_issuer; signature not checked)%s",
+            _shown(iss),
+            _nearest(iss, self._issuers),
+        )
+
+    def _log_wrong_audience(self, provider: Provider, audiences: list[object]) -> None:
+        """The audience values of a verified token no `audiences` entry matched, sanitised."""
+        named = [a for a in audiences if isinstance(a, str)]
+        shown = ", ".join(_shown(a) for a in named[:_SHOWN_ITEMS])
+        if len(named) > _SHOWN_ITEMS:
+            shown += f" and {len(named) - _SHOWN_ITEMS} more"
+        shown_near = (_nearest(a, provider.audiences) for a in named[:_SHOWN_ITEMS])
+        near = next((hint for hint in shown_near if hint), "")
+        self._audience_log.warning(
+            "provider %s: refused a token whose %s (%s) matches none of audiences [%s] "
+            "(wrong_audience)%s",
+            provider.name,
+            "/".join(provider.audience_claims),
+            shown or "none",
+            ", ".join(_shown(a) for a in provider.audiences[:_SHOWN_ITEMS]),
+            near,
         )
 
     def _check_time(self, token: VerifiedToken, now: float) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -974,3 +975,69 @@ async def test_random_kids_share_one_jwks_refetch_and_rotation_works_on_first_us
         idp.rotate(first, second)
         response = await gw.get("/api/x", gw.token(key=second))
         assert response.status == 200
+
+
+def token_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "idlegate.tokens"]
+
+
+async def test_a_wrong_issuer_is_logged_once_per_interval_with_the_issuer_it_nearly_is(
+    gateways: GatewayFactory, upstream: Upstream, caplog: pytest.LogCaptureFixture
+):
+    """The operator's side of `wrong_issuer` (the client is told nothing of the token): the
+    iss seen, and the configured issuer it misses by a trailing slash; at most one line per
+    interval, however many such tokens arrive. Never the token, nor any other claim."""
+    caplog.set_level(logging.WARNING, "idlegate.tokens")
+    gw = await gateways()
+    token = gw.token(iss=ISSUER.rstrip("/"), sub="alice-sub", jti="jti-secretive")
+    await assert_refused(gw, upstream, token, "wrong_issuer")
+    (line,) = token_lines(caplog)
+    assert '"https://issuer.test"' in line, line
+    assert 'differs only by a trailing slash from the configured "https://issuer.test/"' in line
+    for other in ("HTTPS://ISSUER.TEST/", "https://elsewhere.test/"):
+        await assert_refused(gw, upstream, gw.token(iss=other), "wrong_issuer")
+    assert token_lines(caplog) == [line], "rate-limited: one line per interval"
+    for secret in (token, token.split(".")[1], "alice-sub", "jti-secretive"):
+        assert secret not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("iss", "shown"),
+    [
+        ("HTTPS://Issuer.Test/", 'differs only in case from the configured "https://issuer.test/"'),
+        ("https://evil.test/\n2026 INFO forged" + "x" * 500, '"https://evil.test/\\n2026 INFO'),
+        (12345, "iss is not a string"),
+    ],
+)
+async def test_a_wrong_issuer_line_is_one_printable_capped_line(
+    gateways: GatewayFactory,
+    upstream: Upstream,
+    caplog: pytest.LogCaptureFixture,
+    iss: Any,
+    shown: str,
+):
+    caplog.set_level(logging.WARNING, "idlegate.tokens")
+    gw = await gateways()
+    payload = claims(ISSUER, AUDIENCE, now=gw.clock.now()) | {"iss": iss}
+    header = {"alg": "RS256", "typ": "JWT", "kid": gw.key.kid}
+    token = signed_raw(gw.key, json.dumps(header).encode(), json.dumps(payload).encode())
+    await assert_refused(gw, upstream, token, "wrong_issuer")
+    (line,) = token_lines(caplog)
+    assert shown in line, line
+    assert "\n" not in line and len(line) < 300, line
+
+
+async def test_a_wrong_audience_is_logged_with_the_audiences_seen(
+    gateways: GatewayFactory, upstream: Upstream, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.WARNING, "idlegate.tokens")
+    gw = await gateways()
+    token = gw.token(aud=["account", "Orders-API", 7], sub="alice-sub")
+    await assert_refused(gw, upstream, token, "wrong_audience")
+    (line,) = token_lines(caplog)
+    assert 'provider main: refused a token whose aud ("account", "Orders-API")' in line, line
+    assert 'audiences ["orders-api"]' in line, line
+    assert 'differs only in case from the configured "orders-api"' in line, line
+    await assert_refused(gw, upstream, gw.token(aud="x"), "wrong_audience")
+    assert token_lines(caplog) == [line], "rate-limited: one line per interval"
+    assert "alice-sub" not in caplog.text and token not in caplog.text
