@@ -287,13 +287,15 @@ class Router:
         last one) falls on another route."""
         for path in paths:
             trailing = "./" in path or path.endswith(".") or "%20" in path
-            windows = (
-                trailing and _TRAILING_DOTS_OR_SPACES.search(path) is not None
-            ) or _windows_only(path)
-            if windows and not self._agrees(self._windows_view(path), route):
+            dotted = trailing and _TRAILING_DOTS_OR_SPACES.search(path) is not None
+            if (dotted or _windows_only(path)) and not self._agrees(
+                self._windows_view(path), route
+            ):
                 raise Refusal(
                     Reason.BAD_PATH,
-                    "the path's trailing dots or spaces, NTFS stream or 8.3 name change its route",
+                    "the path's trailing dots or spaces change its route"
+                    if dotted
+                    else "the path's NTFS stream or 8.3 short name changes its route",
                 )
             for view in self._suffix_views(path):
                 if not self._agrees(view, route):
