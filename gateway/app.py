@@ -186,8 +186,9 @@ class Gateway:
         """(status, why). "ready": not draining, every provider has keys, the store answers
         and the revocation list is read. "degraded" (still 200: taking every pod out of the
         Service would refuse every token, not only some): a Redis Cluster shard is lost (its
-        tokens get store.on_error), or the revocation list's shard does not answer (the list
-        last read is served). "not_ready" otherwise."""
+        tokens get store.on_error), the revocation list's shard does not answer (the list
+        last read is served), or no sentinel answers (the master last verified is served; a
+        failover would not be followed). "not_ready" otherwise."""
         if self.traffic.draining:
             return "not_ready", "draining"
         missing = [
@@ -201,8 +202,10 @@ class Gateway:
             degraded = await self._backend.ping()
             # The policy may have been changed since start (CONFIG SET, a failover).
             eviction = await self.store.eviction_problem()
-        except StoreUnavailable:
-            return "not_ready", "the store does not answer"
+        except StoreUnavailable as exc:
+            # Why, in the store's words (no master the sentinels know, ...): the operator's
+            # first question.
+            return "not_ready", f"the store does not answer: {exc}"
         if eviction is not None:
             return "not_ready", eviction
         revocations = self.revocations

@@ -7,6 +7,7 @@ links to); the cluster needs `redis-cli` (redis-tools), which scripts/test insta
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import shutil
 import signal
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import hiredis
 import pytest
 from conftest import RedisServer, free_port
 
@@ -357,3 +359,84 @@ def partial_cluster(tmp_path: Path) -> Iterator[ClusterSet]:
     topology = _start_cluster(tmp_path / "cluster", full_coverage=False)
     yield topology
     topology.stop()
+
+
+class FakeSentinel:
+    """A sentinel of the test's own, in process: a RESP server that answers `SENTINEL
+    MASTERS` (and get-master-addr-by-name) for SERVICE with whatever address it is given,
+    as a stale sentinel would (a dead node, a replica), PING with PONG, and anything else
+    with +OK. `stop` closes it and every connection to it (a sentinel gone)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.master = (host, port)
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @staticmethod
+    def _bulk(text: str) -> bytes:
+        data = text.encode()
+        return b"$%d\r\n%s\r\n" % (len(data), data)
+
+    def _reply(self, command: list[bytes]) -> bytes:
+        words = [part.decode(errors="replace").upper() for part in command[:2]]
+        host, port = self.master
+        if words[:2] == ["SENTINEL", "MASTERS"]:
+            fields = [
+                "name", SERVICE, "ip", host, "port", str(port), "flags", "master",
+                "num-other-sentinels", "2", "quorum", "2", "num-slaves", "1",
+            ]  # fmt: skip
+            entry = b"*%d\r\n" % len(fields) + b"".join(map(self._bulk, fields))
+            return b"*1\r\n" + entry
+        if words[:2] == ["SENTINEL", "GET-MASTER-ADDR-BY-NAME"]:
+            return b"*2\r\n" + self._bulk(host) + self._bulk(str(port))
+        if words[:1] == ["SENTINEL"]:
+            return b"*0\r\n"
+        if words[:1] == ["PING"]:
+            return b"+PONG\r\n"
+        if words[:1] == ["HELLO"]:  # RESP2 only: redis-py falls back to it
+            return b"-ERR unknown command 'HELLO'\r\n"
+        return b"+OK\r\n"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        parser = hiredis.Reader()
+        self._writers.add(writer)
+        try:
+            while data := await reader.read(65536):
+                parser.feed(data)
+                while (command := parser.gets()) is not False:
+                    writer.write(self._reply(command))
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for writer in list(self._writers):
+                writer.transport.abort()
+            await self._server.wait_closed()
+            self._server = None
+
+
+def kill_clients(server: RedisServer) -> int:
+    """CLIENT KILL of every normal client of `server` but the sentinels' (the gateways' own
+    connections: each reconnects, asking the sentinels again); how many were killed."""
+    listing = server.command("CLIENT", "LIST").decode(errors="replace")
+    killed = 0
+    for line in listing.splitlines():
+        fields = dict(item.partition("=")[::2] for item in line.split())
+        if "id" not in fields or fields.get("name", "").startswith("sentinel-"):
+            continue
+        if fields.get("flags", "").strip("N") or "cmd=client|list" in line:
+            continue  # a replica, a pub/sub or monitor link, or this very connection
+        if server.command("CLIENT", "KILL", "ID", fields["id"]).startswith(b":1"):
+            killed += 1
+    return killed

@@ -16,7 +16,7 @@ import socket
 import ssl
 import struct
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from time import monotonic
 from typing import Any, cast
 
@@ -30,8 +30,10 @@ def pack_command(*args: Any) -> bytes:
 
 
 _pack = pack_command
+Address = tuple[str, int]
 _ASKING = _pack("ASKING")
 _TIME = _pack("TIME")
+_ROLE = _pack("ROLE")
 _NO_TIME = b"$0\r\n\r\n"  # the empty bulk string: '' for a script
 
 
@@ -110,6 +112,26 @@ class ConnectionLost(ConnectionError):
 
 class ReplyError(Exception):
     """An error reply from Redis (e.g. NOSCRIPT, WRONGTYPE)."""
+
+
+class NotMaster(ConnectionLost):
+    """The node a sentinel named answered ROLE with another role (a replica, a sentinel)."""
+
+
+def _role_name(reply: Any) -> str:
+    if isinstance(reply, list) and reply:
+        first = reply[0]
+        return first.decode(errors="replace") if isinstance(first, bytes) else str(first)
+    return f"an unexpected ROLE reply ({type(reply).__name__})"
+
+
+def _brief(exc: BaseException) -> str:
+    """Why an address was given up, in a few words."""
+    if isinstance(exc, TimeoutError) and not str(exc):
+        return "no answer in time"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
 
 
 class _Protocol(asyncio.Protocol):
@@ -192,13 +214,18 @@ class PipelinedConnection:
         connect_timeout: float = 1.0,
         call_timeout: float = 1.0,
         on_connect: Callable[[PipelinedConnection], Awaitable[None]] | None = None,
-        resolve: Callable[[], Awaitable[tuple[str, int]]] | None = None,
+        resolve: Callable[[], Awaitable[Address] | AsyncGenerator[Address, None]] | None = None,
+        on_master: Callable[[Address], None] | None = None,
     ) -> None:
         self._host = host
         self._port = port
-        # Sentinel: the master's address is asked for on every (re)connect, so a failover
-        # is followed as soon as the old connection drops (or answers READONLY).
+        # Sentinel: the master's address (or the addresses the sentinels name, best first,
+        # as an async generator) is asked for on every (re)connect, so a failover is followed
+        # as soon as the old connection drops (or answers READONLY). Each is checked with
+        # ROLE after the handshake; one that is no master is left for the next
+        # (`on_master`: told the one that is).
         self._resolve = resolve
+        self._on_master = on_master
         self._db = db
         self._username = username
         self._password = password
@@ -381,12 +408,48 @@ class PipelinedConnection:
 
     async def _open(self) -> None:
         loop = asyncio.get_running_loop()
-        async with asyncio.timeout(self._connect_timeout):
-            if self._resolve is not None:
-                host, port = await self._resolve()
-                self._host, self._port = host, int(port)
-                if self._fixed_hostname is None:
-                    self._server_hostname = host
+        connect_by = loop.time() + self._connect_timeout  # resolving and connecting
+        if self._resolve is None:
+            await self._open_at(self._host, self._port, connect_by, check_role=False)
+            return
+        found = self._resolve()
+        if not isinstance(found, AsyncGenerator):
+            async with asyncio.timeout_at(connect_by):
+                host, port = await found
+            await self._open_at(str(host), int(port), connect_by, check_role=True)
+            if self._on_master is not None:
+                self._on_master((str(host), int(port)))
+            return
+        refused: list[str] = []
+        try:
+            while True:
+                async with asyncio.timeout_at(connect_by):
+                    try:
+                        host, port = await anext(found)
+                    except StopAsyncIteration:
+                        break
+                try:
+                    await self._open_at(str(host), int(port), connect_by, check_role=True)
+                except (OSError, TimeoutError, ReplyError) as exc:
+                    refused.append(f"{host}:{port}: {_brief(exc)}")
+                    continue
+                if self._on_master is not None:
+                    self._on_master((str(host), int(port)))
+                return
+        finally:
+            await found.aclose()
+        raise ConnectionLost(
+            f"no master at the address(es) the sentinels name ({'; '.join(refused)})"
+        )
+
+    async def _open_at(self, host: str, port: int, connect_by: float, *, check_role: bool) -> None:
+        """Connect to host:port (by `connect_by`, loop time), then AUTH, SELECT and (with
+        `check_role`) ROLE, which must answer master, then `on_connect`."""
+        loop = asyncio.get_running_loop()
+        self._host, self._port = host, port
+        if self._fixed_hostname is None:
+            self._server_hostname = host
+        async with asyncio.timeout_at(connect_by):
             _, connection = await loop.create_connection(
                 lambda: _Protocol(self),
                 self._host,
@@ -404,10 +467,21 @@ class PipelinedConnection:
             handshake.append(self._send(connection, _pack("AUTH", *credentials), deadline))
         if self._db:
             handshake.append(self._send(connection, _pack("SELECT", self._db), deadline))
+        role = self._send(connection, _ROLE, deadline) if check_role else None
+        if role is not None:  # awaited after the handshake: never an unretrieved failure
+            role.add_done_callback(lambda done: done.cancelled() or done.exception())
         self._learn_clock(connection, loop.time() + self._call_timeout)  # after AUTH
         try:
             if handshake:
                 await asyncio.gather(*handshake)
+            if role is not None:
+                try:
+                    answer = await role
+                except ReplyError:  # ROLE refused (an ACL): cannot check; READONLY would tell
+                    answer = [b"master"]
+                name = _role_name(answer)
+                if name != "master":
+                    raise NotMaster(f"{name}, not the master")
             if self.on_connect is not None:
                 async with asyncio.timeout_at(deadline):
                     await self.on_connect(self)

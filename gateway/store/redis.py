@@ -9,13 +9,14 @@ after Redis restarts or fails over; a call cut short by the timeout drops its co
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import re
 import secrets
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from importlib import resources
 from time import monotonic, perf_counter
 from typing import Any, TypeVar
@@ -25,7 +26,12 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import Connection, SSLConnection
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
+from redis.asyncio.sentinel import (
+    MasterNotFoundError,
+    Sentinel,
+    SentinelConnectionPool,
+    SentinelManagedConnection,
+)
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
@@ -109,6 +115,13 @@ class RedisStore:
         self._cluster = cluster
         self._node_outages: dict[Address, OutageLog] = {}
         self._closing = closing  # further clients to close with this one (Sentinel's)
+        # Sentinel: the discovery readiness asks about (no sentinel answering is degraded).
+        self._sentinel: tuple[ConcurrentSentinel, str] | None = None
+        pool = client.connection_pool if isinstance(client, Redis) else None
+        if isinstance(pool, SentinelConnectionPool) and isinstance(
+            pool.sentinel_manager, ConcurrentSentinel
+        ):
+            self._sentinel = (pool.sentinel_manager, pool.service_name)
         self._prefix = key_prefix
         self._timeout = timeout
         self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
@@ -501,7 +514,9 @@ class RedisStore:
 
     async def ping(self) -> str | None:
         """Cluster: every master is asked; the ones that do not answer are named (their
-        keys' calls fail, the others' go on), and StoreUnavailable only when none answers."""
+        keys' calls fail, the others' go on), and StoreUnavailable only when none answers.
+        Sentinel: the sentinels are asked too; none answering (the last verified master is
+        used meanwhile) is degraded."""
         if self._cluster is None:
             await self._call("ping", self._client.ping)
             pipelined = self._pipelined
@@ -514,6 +529,9 @@ class RedisStore:
                     await pipelined.call("PING", deadline=deadline)
                 except _FAILURES as exc:
                     raise self._unavailable("ping", exc) from exc
+            if self._sentinel is not None:
+                sentinel, service = self._sentinel
+                return await sentinel.discovery_problem(service)
             return None
         cluster = self._cluster
 
@@ -656,10 +674,15 @@ def _sentinel_query_timeout(timeout: float) -> float:
 
 
 class ConcurrentSentinel(Sentinel):
-    """Master discovery that no single sentinel can stall: every sentinel is asked at once,
-    each bounded by `query_timeout`, and the first valid answer wins. redis-py asks them in
-    URL order, each with its retries, so a dead or black-holed first sentinel took the whole
-    store.timeout of every call that opened a connection (a new instance never got ready)."""
+    """Master discovery that no single sentinel can stall or mislead: every sentinel is asked
+    at once, each bounded by `query_timeout`, and the addresses named are ranked by how many
+    sentinels name them (asking stops once the leader cannot be caught up: a dead or
+    black-holed sentinel costs nothing while the others agree). Every connection checks the
+    address it gets with ROLE (`_MasterConnection`, `PipelinedConnection`) and tries the
+    next one if it is no master, so one stale sentinel naming a dead node or a replica costs
+    no call. While no sentinel answers at all, connections go to the master last verified
+    (checked with ROLE again), and `discovery_problem` says so. redis-py asks the sentinels in
+    URL order, each with its retries, and takes the first answer unchecked."""
 
     def __init__(
         self,
@@ -670,29 +693,201 @@ class ConcurrentSentinel(Sentinel):
     ) -> None:
         super().__init__(sentinels, sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call,unused-ignore]
         self._query_timeout = query_timeout
+        # Named by host:port in every message (never redis-py's client reprs), in URL order,
+        # as self.sentinels (redis-py keeps the order; ours never reorders it).
+        self._names = [f"{host}:{port}" for host, port in sentinels]
+        self._verified: dict[str, tuple[str, int]] = {}  # by service: the last ROLE master
+        self._fallback: dict[str, str] = {}  # by service: why connections use it now
+
+    def master_for(  # type: ignore[override,unused-ignore]
+        self,
+        service_name: str,
+        redis_class: type[Redis] = Redis,
+        connection_pool_class: type[SentinelConnectionPool] = SentinelConnectionPool,
+        **kwargs: Any,
+    ) -> Any:
+        """redis-py's client to the master, its connections checked with ROLE."""
+        tls = bool(kwargs.pop("ssl", False))
+        kwargs["connection_class"] = _MasterSSLConnection if tls else _MasterConnection
+        return super().master_for(service_name, redis_class, connection_pool_class, **kwargs)
+
+    def verified(self, service_name: str, address: tuple[str, int]) -> None:
+        """A connection found `address` to be the master (ROLE): the fallback from now on."""
+        self._verified[service_name] = address
 
     async def discover_master(self, service_name: str) -> tuple[str, int]:
-        async def ask(sentinel: Redis) -> tuple[str, int]:
-            async with asyncio.timeout(self._query_timeout):
-                masters = await sentinel.sentinel_masters()
-            state = masters.get(service_name) if isinstance(masters, dict) else None
-            if not state or not self.check_master_state(state, service_name):
-                raise MasterNotFoundError(f"{sentinel}: no usable master {service_name!r}")
-            return str(state["ip"]), int(state["port"])
+        async with contextlib.aclosing(self.master_candidates(service_name)) as candidates:
+            async for address in candidates:
+                return address
+        raise MasterNotFoundError(f"no master for {service_name!r}")  # not reached
 
-        queries = [asyncio.ensure_future(ask(sentinel)) for sentinel in self.sentinels]
-        errors = []
+    async def master_candidates(self, service_name: str) -> AsyncGenerator[tuple[str, int], None]:
+        """The addresses the sentinels name as master, to be tried in turn (each checked with
+        ROLE; iterate within `contextlib.aclosing`). First the one most named once the
+        sentinels not heard yet cannot change that; asked for more, the others, most named
+        first, once every sentinel answered or timed out. No sentinel answering at all (each
+        unreachable or timing out): the master last verified, if any. Raises
+        MasterNotFoundError, with one line naming the sentinels and the service, when there
+        is nothing to try."""
+        queries = [asyncio.ensure_future(self._ask(s, service_name)) for s in self.sentinels]
+        names = dict(zip(queries, self._names, strict=True))
+        counts: dict[tuple[str, int], int] = {}  # insertion order: the first answers first
+        failures: dict[str, list[str]] = {}  # reason -> the sentinels that gave it
+        pending = set(queries)
+        answered = False
+
+        async def hear(settled: bool) -> None:
+            """Collect answers until all are in (or, with `settled`, until the sentinels not
+            heard yet cannot change the most named address)."""
+            nonlocal pending, answered
+            while pending:
+                tally = [*sorted(counts.values(), reverse=True), 0, 0]
+                if settled and counts and tally[0] > tally[1] + len(pending):
+                    return
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for query in done:
+                    try:
+                        address = query.result()
+                    except _NoMaster as exc:
+                        answered = True
+                        failures.setdefault(str(exc), []).append(names[query])
+                    except (RedisError, OSError, TimeoutError) as exc:
+                        failures.setdefault(_brief(exc), []).append(names[query])
+                    else:
+                        answered = True
+                        counts[address] = counts.get(address, 0) + 1
+
+        def ranked() -> list[tuple[str, int]]:
+            return sorted(counts, key=lambda address: -counts[address])
+
         try:
-            for answered in asyncio.as_completed(queries):
-                try:
-                    return await answered
-                except (RedisError, OSError, TimeoutError) as exc:
-                    errors.append(f"{type(exc).__name__}: {exc}" if str(exc) else repr(exc))
+            await hear(settled=True)
+            if counts:
+                self._fallback.pop(service_name, None)
+                first = ranked()[0]
+                yield first
+                await hear(settled=False)
+                for address in ranked():
+                    if address != first:
+                        yield address
+                return
+            problem = self._problem(service_name, failures, answered)
+            last = self._verified.get(service_name)
+            if answered or last is None:
+                raise MasterNotFoundError(problem)
+            self._fallback[service_name] = (
+                f"{problem}: the master last verified, {last[0]}:{last[1]}, is used (checked "
+                "with ROLE on every connect); a failover is not followed until a sentinel answers"
+            )
+            yield last
         finally:
             for query in queries:
                 query.cancel()
             await asyncio.gather(*queries, return_exceptions=True)
-        raise MasterNotFoundError(f"no sentinel named a master for {service_name!r}: {errors}")
+
+    async def discovery_problem(self, service_name: str) -> str | None:
+        """For readiness: why discovery does not work as meant now (no sentinel answers, or
+        none names a usable master), as one line; None when a sentinel names one."""
+        try:
+            await self.discover_master(service_name)
+        except MasterNotFoundError as exc:
+            return str(exc)
+        return self._fallback.get(service_name)
+
+    async def _ask(self, sentinel: Redis, service_name: str) -> tuple[str, int]:
+        async with asyncio.timeout(self._query_timeout):
+            masters = await sentinel.sentinel_masters()
+        state = masters.get(service_name) if isinstance(masters, dict) else None
+        if not state:
+            raise _NoMaster("knows no such master")
+        if not self.check_master_state(state, service_name):
+            raise _NoMaster(f"names {state.get('ip')}:{state.get('port')} down")
+        return str(state["ip"]), int(state["port"])
+
+    def _problem(self, service_name: str, failures: dict[str, list[str]], answered: bool) -> str:
+        for where in failures.values():
+            where.sort(key=self._names.index)  # URL order, not the order they failed in
+        if list(failures) == ["knows no such master"]:
+            asked = ", ".join(self._names)
+            return f"no sentinel knows a master named {service_name!r} (asked {asked})"
+        reasons = "; ".join(f"{', '.join(where)}: {why}" for why, where in failures.items())
+        if not answered:
+            return f"no sentinel answers for {service_name!r} ({reasons})"
+        return f"no sentinel names a usable master {service_name!r} ({reasons})"
+
+
+class _NoMaster(MasterNotFoundError):
+    """A sentinel answered, but names no usable master for the service."""
+
+
+def _brief(exc: BaseException) -> str:
+    """A connection failure in a few words: the system's reason where there is one (redis-py
+    wraps it in a sentence repeating the address), else the error's own text."""
+    if isinstance(exc, TimeoutError) and not str(exc):
+        return "no answer in time"
+    cause = exc.__cause__ or exc.__context__
+    for error in (exc, cause):
+        if isinstance(error, OSError) and error.strerror:
+            return error.strerror
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _role(reply: Any) -> str | None:
+    """ROLE's first element (master, slave, sentinel), None if the reply is not one."""
+    if isinstance(reply, list | tuple) and reply:
+        first = reply[0]
+        return first.decode() if isinstance(first, bytes) else str(first)
+    return None
+
+
+class _MasterConnection(SentinelManagedConnection):
+    """redis-py's connection to the master the sentinels name, checked with ROLE after it
+    connects (Redis's Sentinel client guidelines): an address that is no master (a stale
+    sentinel's answer: a dead node, a replica) is left for the next one named."""
+
+    async def _connect_retry(self) -> None:
+        pool = self.connection_pool
+        manager = pool.sentinel_manager
+        if self._reader or not pool.is_master or not isinstance(manager, ConcurrentSentinel):
+            await super()._connect_retry()  # type: ignore[no-untyped-call,unused-ignore]
+            return
+        service = pool.service_name
+        refused: list[str] = []
+        async with contextlib.aclosing(manager.master_candidates(service)) as candidates:
+            async for address in candidates:
+                if await self._connect_to_master(address, refused):
+                    manager.verified(service, address)
+                    if pool.master_address != address:
+                        pool.master_address = address
+                        # As redis-py's get_master_address: idle connections elsewhere go.
+                        await pool.disconnect(inuse_connections=False)
+                    return
+        raise MasterNotFoundError(
+            f"no master at the address(es) the sentinels name for {service!r} "
+            f"({'; '.join(refused)})"
+        )
+
+    async def _connect_to_master(self, address: tuple[str, int], refused: list[str]) -> bool:
+        try:
+            await self.connect_to(address)  # type: ignore[no-untyped-call,unused-ignore]
+            await self.send_command("ROLE")
+            role = _role(await self.read_response())
+        except ResponseError:  # ROLE refused (an ACL): cannot check; READONLY would tell
+            role = "master"
+        except (RedisError, OSError, TimeoutError) as exc:
+            await self.disconnect()
+            refused.append(f"{address[0]}:{address[1]}: {_brief(exc)}")
+            return False
+        if role != "master":
+            await self.disconnect()
+            refused.append(f"{address[0]}:{address[1]} is a {role}, not the master")
+            return False
+        return True
+
+
+class _MasterSSLConnection(_MasterConnection, SSLConnection):
+    pass
 
 
 def _connection_options(timeout: float) -> dict[str, Any]:
@@ -756,9 +951,14 @@ def pipelined_for(
         kwargs = pool.connection_kwargs
         manager, service = pool.sentinel_manager, pool.service_name
 
-        async def master() -> tuple[str, int]:
-            host, port = await manager.discover_master(service)
-            return str(host), int(port)
+        def master() -> AsyncGenerator[tuple[str, int], None]:
+            if isinstance(manager, ConcurrentSentinel):
+                return manager.master_candidates(service)
+            return _one(manager.discover_master(service))
+
+        def verified(address: tuple[str, int]) -> None:
+            if isinstance(manager, ConcurrentSentinel):
+                manager.verified(service, address)
 
         return PipelinedConnection(
             "",
@@ -771,6 +971,7 @@ def pipelined_for(
             call_timeout=timeout,
             on_connect=on_connect,
             resolve=master,
+            on_master=verified,
         )
     if not isinstance(pool, BlockingConnectionPool):
         return None
@@ -791,6 +992,11 @@ def pipelined_for(
         call_timeout=timeout,
         on_connect=on_connect,
     )
+
+
+async def _one(address: Awaitable[tuple[Any, Any]]) -> AsyncGenerator[tuple[str, int], None]:
+    host, port = await address
+    yield str(host), int(port)
 
 
 def cluster_for(client: RedisClient, *, timeout: float) -> ClusterConnections | None:
