@@ -184,11 +184,11 @@ class Gateway:
 
     async def readiness(self) -> tuple[str, str]:
         """(status, why). "ready": not draining, every provider has keys, the store answers
-        and the revocation list is read. "degraded" (still 200: taking every pod out of the
-        Service would refuse every token, not only some): a Redis Cluster shard is lost (its
-        tokens get store.on_error), the revocation list's shard does not answer (the list
-        last read is served), or no sentinel answers (the master last verified is served; a
-        failover would not be followed). "not_ready" otherwise."""
+        (a write to it succeeds) and the revocation list is read. "degraded" (still 200:
+        taking every pod out of the Service would refuse every token, not only some): a Redis
+        Cluster shard is lost (its tokens get store.on_error), the revocation list's shard
+        does not answer (the list last read is served), or no sentinel answers (the master
+        last verified is served; a failover would not be followed). "not_ready" otherwise."""
         if self.traffic.draining:
             return "not_ready", "draining"
         missing = [
@@ -203,9 +203,9 @@ class Gateway:
             # The policy may have been changed since start (CONFIG SET, a failover).
             eviction = await self.store.eviction_problem()
         except StoreUnavailable as exc:
-            # Why, in the store's words (no master the sentinels know, ...): the operator's
-            # first question.
-            return "not_ready", f"the store does not answer: {exc}"
+            # Why, in the store's words (a Redis that answers but refuses writes, no master
+            # the sentinels know, no slot served): the operator's first question.
+            return "not_ready", f"the store does not answer or refuses writes: {exc}"
         if eviction is not None:
             return "not_ready", eviction
         revocations = self.revocations

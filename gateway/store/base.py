@@ -34,21 +34,27 @@ class OutageLog:
         self._name = name
         self.since: float | None = None  # monotonic time of the first failure; None: healthy
         self.failed_calls = 0
+        self._writes_failed = False  # in this outage: then only a write's success ends it
 
-    def failure(self, reason: str) -> None:
+    def failure(self, reason: str, *, write: bool = True) -> None:
+        """`write`: the failed call writes (a store that answers reads and refuses writes,
+        e.g. a full Redis, is still down for the gateway's requests)."""
         if self.since is None:
             self.since = time.monotonic()
             self.failed_calls = 0
+            self._writes_failed = False
             self._log.error(
                 "%s unavailable: %s (further failures are counted, not logged, until it answers)",
                 printable(self._name),
                 printable(reason),  # the store's own error text, or its client library's
             )
+        self._writes_failed |= write
         self.failed_calls += 1
 
-    def success(self) -> None:
-        """Call after a successful call when `since` is set (an attribute test on the hot path)."""
-        if self.since is None:
+    def success(self, *, write: bool = True) -> None:
+        """Call after a successful call when `since` is set (an attribute test on the hot path).
+        A read's success does not end an outage in which writes failed."""
+        if self.since is None or (self._writes_failed and not write):
             return
         self._log.warning(
             "%s available again after %.1f s; %d calls failed",

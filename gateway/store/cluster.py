@@ -92,6 +92,7 @@ class ClusterConnections:
         self._owners: list[Address | None] = [None] * SLOTS
         self._nodes: set[Address] = set(self._startup)  # every node ever named, and the URL's
         self._masters: list[Address] = []
+        self._probe_keys: dict[tuple[Address, str], str] = {}  # `key_served_by`'s finds
         self._loading: asyncio.Future[None] | None = None
         self._scheduled: asyncio.TimerHandle | None = None  # a background read, due
         self._loaded_at = -REFRESH_INTERVAL  # loop time
@@ -118,6 +119,27 @@ class ClusterConnections:
         map is known (or for an unassigned slot): `call` reads it first."""
         owner = self._owners[key_slot(key.encode())]
         return None if owner is None else self.connection(owner)
+
+    def key_served_by(self, address: Address, prefix: str) -> str | None:
+        """A key `prefix{n}` whose slot the slot map gives to `address` (for a probe of that
+        master); None if it serves none. A master of 1/k of the slots takes about k tries."""
+        cached = self._probe_keys.get((address, prefix))
+        if cached is not None and self._owners[key_slot(cached.encode())] == address:
+            return cached
+        if address not in self._masters:
+            return None
+        for tag in range(8 * SLOTS):
+            key = f"{prefix}{{{tag}}}"
+            if self._owners[key_slot(key.encode())] == address:
+                self._probe_keys[address, prefix] = key
+                return key
+        return None
+
+    def slots_unserved(self) -> int:
+        """Slots the slot map gives no master (0 before it is read: unknown, not unserved)."""
+        if not self._masters:
+            return 0
+        return self._owners.count(None)
 
     async def masters(self, deadline: float) -> list[Address]:
         """The masters serving slots (the slot map is read first if not known yet)."""

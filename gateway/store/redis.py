@@ -46,7 +46,7 @@ from gateway.store.base import (
     Touch,
     TouchResult,
 )
-from gateway.store.cluster import Address, ClusterConnections, SlotUncovered
+from gateway.store.cluster import SLOTS, Address, ClusterConnections, SlotUncovered
 from gateway.store.pipeline import (
     DEADLINE,
     ConnectionLost,
@@ -82,6 +82,11 @@ _KINDS: tuple[RevocationKind, ...] = ("jti", "sid", "sub")
 # Keys per record_activity.lua call: each call holds Redis for its duration (~1 µs per key).
 FLUSH_CHUNK = 256
 FLUSH_CONCURRENCY = 4  # script calls of one flush in flight at once
+# Readiness writes one key (per Cluster master) that expires: rewritten every probe.
+READY_PROBE_TTL_MS = 60_000
+# Calls that only read: their success does not end an outage that a failing write started
+# (an OOM Redis answers reads and refuses every write: the requests still fail).
+_READS = frozenset(("last_activity", "revocations", "eviction_policy"))
 
 
 def _script(name: str) -> str:
@@ -127,6 +132,7 @@ class RedisStore:
         self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
         self.outage = OutageLog(log, "store (redis)")
         self._revocation_key = f"{key_prefix}:{{rev}}"
+        self._ready_key = f"{key_prefix}:ready"  # readiness's write probe (it expires)
         self._touch_source = _script("check_and_touch.lua")
         self._check_and_touch = client.register_script(self._touch_source)
         self._touch_duration = batched(STORE_DURATION.labels(op="check_and_touch"))
@@ -170,13 +176,13 @@ class RedisStore:
             reason = f"timed out after {self._timeout:g}s"
         else:
             reason = f"{type(exc).__name__}: {exc}"
-        self._outage(node).failure(f"{op}: {reason}")
+        self._outage(node).failure(f"{op}: {reason}", write=op not in _READS)
         return StoreUnavailable(f"redis {op}: {reason}")
 
-    def _answered(self, node: Address | None) -> None:
+    def _answered(self, node: Address | None, op: str = "") -> None:
         outage = self.outage if node is None else self._node_outages.get(node)
         if outage is not None and outage.since is not None:
-            outage.success()
+            outage.success(write=op not in _READS)
 
     async def _call(
         self,
@@ -195,7 +201,7 @@ class RedisStore:
             raise self._unavailable(op, exc, node) from exc
         finally:
             STORE_DURATION.labels(op=op).observe(time.perf_counter() - started)
-        self._answered(node)
+        self._answered(node, op)
         return result
 
     def _keyed(self, op: str, key: str, *args: str | bytes | int | float, script: str = "") -> Any:
@@ -513,12 +519,14 @@ class RedisStore:
         return version, entries
 
     async def ping(self) -> str | None:
-        """Cluster: every master is asked; the ones that do not answer are named (their
-        keys' calls fail, the others' go on), and StoreUnavailable only when none answers.
-        Sentinel: the sentinels are asked too; none answering (the last verified master is
-        used meanwhile) is degraded."""
+        """A write that expires (`SET <prefix>:ready 1 PX ...`), not a PING: a Redis that
+        answers but refuses writes (OOM under noeviction, MISCONF, NOREPLICAS, a replica)
+        fails every call the gateway makes. Cluster: on every master (a key of its own
+        slots); the ones that fail are named (their keys' calls fail, the others' go on), and
+        StoreUnavailable only when none takes it. Sentinel: the sentinels are asked too; none
+        answering (the last verified master is used meanwhile) is degraded."""
         if self._cluster is None:
-            await self._call("ping", self._client.ping)
+            await self._call("ping", self._write_probe)
             pipelined = self._pipelined
             if pipelined is not None:
                 # The request path's own connection too (found through the sentinels, its
@@ -526,7 +534,7 @@ class RedisStore:
                 # it is not the first request's to open within one store.timeout.
                 deadline = monotonic() + self._timeout * 4
                 try:
-                    await pipelined.call("PING", deadline=deadline)
+                    await pipelined.call(*self._probe_command(self._ready_key), deadline=deadline)
                 except _FAILURES as exc:
                     raise self._unavailable("ping", exc) from exc
             if self._sentinel is not None:
@@ -534,26 +542,53 @@ class RedisStore:
                 return await sentinel.discovery_problem(service)
             return None
         cluster = self._cluster
+        prefix = self._ready_key + ":"
+
+        async def probe(node: PipelinedConnection) -> Any:
+            key = cluster.key_served_by(node.address, prefix)
+            if key is None:
+                raise ConnectionLost("serves no slot")
+            try:
+                return await node.call(*self._probe_command(key))
+            except ReplyError as exc:
+                if _redirected(exc):  # the slot moved since the map was read: it answers
+                    return None
+                raise
 
         async def every_master() -> dict[Address, Any]:
             deadline = asyncio.get_running_loop().time() + self._timeout
-            return await cluster.on_each_master(deadline, lambda node: node.call("PING"))
+            return await cluster.on_each_master(deadline, probe)
 
-        # The slot map (if not known), then the PINGs.
+        # The slot map (if not known), then the writes.
         answers = await self._call("ping", every_master, round_trips=2)
         down = sorted(
-            f"{host}:{port}" for (host, port), a in answers.items() if isinstance(a, BaseException)
+            f"{host}:{port} ({_brief(a)})"
+            for (host, port), a in answers.items()
+            if isinstance(a, BaseException)
         )
         if len(down) == len(answers):
             raise self._unavailable(
-                "ping", ConnectionLost(f"no cluster master answers ({', '.join(down)})")
+                "ping", ConnectionLost(f"no cluster master takes a write ({', '.join(down)})")
             )
+        problems = []
         if down:
-            return (
-                f"{len(down)} of {len(answers)} cluster masters do not answer ({', '.join(down)}):"
+            problems.append(
+                f"{len(down)} of {len(answers)} cluster masters fail ({', '.join(down)}):"
                 " the tokens of their slots get store.on_error, the others are served"
             )
-        return None
+        unserved = cluster.slots_unserved()
+        if unserved:
+            problems.append(
+                f"{unserved} of {SLOTS} slots have no master in the slot map: the tokens of "
+                "those slots get store.on_error"
+            )
+        return "; ".join(problems) or None
+
+    def _probe_command(self, key: str) -> tuple[str | int, ...]:
+        return ("SET", key, "1", "PX", READY_PROBE_TTL_MS)
+
+    async def _write_probe(self) -> Any:
+        return await self._client.execute_command(*self._probe_command(self._ready_key))
 
     async def eviction_problem(self) -> str | None:
         """Checked at start (an evicting Redis is refused), by every readiness probe, and on
@@ -818,6 +853,11 @@ class ConcurrentSentinel(Sentinel):
 
 class _NoMaster(MasterNotFoundError):
     """A sentinel answered, but names no usable master for the service."""
+
+
+def _redirected(exc: ReplyError) -> bool:
+    """MOVED or ASK: a Cluster node that answers, for a slot it no longer serves alone."""
+    return str(exc).startswith(("MOVED ", "ASK "))
 
 
 def _brief(exc: BaseException) -> str:
