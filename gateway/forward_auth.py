@@ -153,3 +153,20 @@ def original_request(
         if not _METHOD.fullmatch(original_method):
             raise Refusal(Reason.NO_ORIGINAL_REQUEST, "the original method is not an HTTP method")
     return OriginalRequest(method=original_method, path=target[0], query=target[1])
+
+
+def named_method(headers: CIMultiDictProxy[str], fallback: str) -> str:
+    """The original method for the access log of a refusal `original_request` raised: the one
+    the edge named, if every X-Original-Method / X-Forwarded-Method value agrees and is a
+    method token (so TRACE and TRACK attempts show as such, not as the auth request's GET);
+    `-` if they disagree or none is a method; `fallback` (the auth request's) if none is sent."""
+    named = {
+        value.strip(" \t").upper() for name in _METHOD_HEADERS for value in headers.getall(name, ())
+    }
+    if not named:
+        return fallback
+    if len(named) == 1:
+        (method,) = named
+        if _METHOD.fullmatch(method):
+            return method
+    return "-"

@@ -61,6 +61,7 @@ from gateway.forward_auth import (
     AUTH_PATH,
     NOT_FORWARDED_METHODS,
     TrustedPeers,
+    named_method,
     original_request,
 )
 from gateway.logs import RateLimitedLog, quoted
@@ -84,6 +85,10 @@ _NO_ROUTE_LABEL = "none"
 _FORM_UNSEEN = (
     "a form body cannot be checked through forward-auth, which never sees it: "
     "send form posts to the proxy port"
+)
+_FOREIGN_UPGRADE = (
+    "forward-auth decides no Upgrade but a WebSocket handshake (with Connection: upgrade), "
+    "since the edge would forward it as it is"
 )
 _LIST_UNREAD = "the revocation list has not been read from the store yet"
 _NO_IDENTITY: Mapping[str, str] = Identity()  # public routes: nothing rendered, shared
@@ -375,9 +380,13 @@ class Pipeline:
                     "this peer is not in forward_auth.trusted_proxies",
                 )
             raw_path, _, query = request.raw_path.partition("?")
-            original = original_request(
-                request.method, raw_path, query, request.headers, self._envoy_path_prefix
-            )
+            try:
+                original = original_request(
+                    request.method, raw_path, query, request.headers, self._envoy_path_prefix
+                )
+            except Refusal:  # logged with the method the edge named, not its subrequest's
+                method = named_method(request.headers, method)
+                raise
             method = original.method
             _check_overrides(request.headers, twins=True)
             match = self.router.match(original.path)
@@ -386,10 +395,11 @@ class Pipeline:
                 # The edge never sends the body: a second token in it (RFC 6750 §2.2), which
                 # the upstream might use instead of the one decided on, cannot be looked for.
                 raise Refusal(Reason.MALFORMED_REQUEST, _FORM_UNSEEN)
-            # As on the proxy port, when the edge passes the handshake's Upgrade/Connection on
-            # (nginx does not: there its locations decide which requests may upgrade).
+            # Whatever Upgrade the edge shows us, it forwards as it is: only a WebSocket
+            # handshake on a websocket route is decided (Traefik and ingress-nginx show none:
+            # there the edge's config decides which requests may upgrade).
             if hdrs.UPGRADE in request.headers:
-                _upgrade(match.route, request.headers)
+                _forward_auth_upgrade(match.route, method, request)
             identity = await self.decide(match.route, original.query, request.headers, record)
             # A cache between the edge and us must not keep a yes: the next request's is
             # decided again (idle timeout, revocation).
@@ -722,6 +732,17 @@ def _upgrade(route: Route, headers: CIMultiDictProxy[str]) -> bool:
     if upgrade and not route.websocket:
         raise Refusal(Reason.WEBSOCKET_NOT_ENABLED)
     return upgrade
+
+
+def _forward_auth_upgrade(route: Route, method: str, request: web.BaseRequest) -> None:
+    """Forward-auth's check of a request with an Upgrade header. The proxy port drops an
+    Upgrade it does not relay (h2c, anything but WebSocket); an edge forwards it as it is, and
+    an upstream that switches protocols gives the client a tunnel to any of its paths, past
+    every later decision. So only a WebSocket handshake on a websocket route, and a valid one
+    (`check_handshake`, on the original method), is decided; any other Upgrade is refused."""
+    if not _upgrade(route, request.headers):
+        raise Refusal(Reason.MALFORMED_REQUEST, _FOREIGN_UPGRADE)
+    check_handshake(request, method)
 
 
 def _cut_off(record: _RequestRecord) -> web.StreamResponse:

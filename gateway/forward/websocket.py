@@ -211,14 +211,15 @@ def wants_websocket(headers: MultiMapping[str]) -> bool:
     )
 
 
-def check_handshake(request: web.BaseRequest) -> None:
+def check_handshake(request: web.BaseRequest, method: str | None = None) -> None:
     """Refuse a request that asks to upgrade but is no WebSocket handshake (RFC 6455 §4.2.1):
     not a bodyless HTTP/1.1 GET, Upgrade other than exactly `websocket` (what aiohttp upgrades
     on), version other than 13, a key that is not 16 bytes in base64. Decided on the head
     alone, so called before the store: a refused handshake is no activity. Nothing of the
-    client's text is echoed or logged (aiohttp's own check logs the offered subprotocols)."""
+    client's text is echoed or logged (aiohttp's own check logs the offered subprotocols).
+    `method`: forward-auth's original method, where the request's own is the edge's."""
     headers = request.headers
-    if request.method != "GET" or request.body_exists or request.version < (1, 1):
+    if (method or request.method) != "GET" or request.body_exists or request.version < (1, 1):
         raise Refusal(Reason.MALFORMED_REQUEST, "a WebSocket handshake is a bodyless GET")
     if (
         len(headers.getall("Upgrade")) != 1

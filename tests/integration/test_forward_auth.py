@@ -359,7 +359,58 @@ async def test_a_visible_upgrade_needs_a_websocket_route_as_on_the_proxy_port(
         {"prefix": "/ws/", "upstream": upstream.url, "websocket": True},
     ]
     gw = await gateways(forward_auth=ENABLED, routes=routes)
-    handshake = {"Upgrade": "websocket", "Connection": "Upgrade"}
+    handshake = {
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+    }
     token = gw.token()
     await assert_refusal(await ask(gw, "/api/x", token, **handshake), 400, "websocket_not_enabled")
     assert (await ask(gw, "/ws/feed", token, **handshake)).status == 200
+
+
+async def test_access_log_has_the_original_method_of_a_refusal_before_the_route(
+    upstream: Upstream, key_file: Path, signing_key: SigningKey, clock: ManualClock
+):
+    """Refused while the original request is read (TRACE, TRACK, disagreeing sources): the log
+    line says what the edge named, never the GET of its auth subrequest."""
+    data: dict[str, Any] = base_config(upstream.url, key_file, forward_auth=ENABLED)
+    config = config_module.from_data(data, environ={})
+    stream = io.StringIO()
+    gateway = Gateway(config, clock=clock, environ={}, access_log=AccessLog(stream))
+    running = await start(config, gateway=gateway)
+    gw = GatewayUnderTest(running, signing_key, clock, aiohttp.ClientSession())
+    before = counted(
+        "idlegate_forward_auth_requests_total", "none", "rejected", "method_not_allowed"
+    )
+    try:
+        await assert_refusal(await ask(gw, "/public/x", method="TRACE"), 405, "method_not_allowed")
+        await assert_refusal(await ask(gw, "/api/x", method="track"), 405, "method_not_allowed")
+        caddy = {"X-Forwarded-Uri": "/api/x", "X-Forwarded-Method": "TRACE"}
+        await assert_refusal(await ask(gw, None, **caddy), 405, "method_not_allowed")
+        # Two sources disagree: neither is the original for sure, and the GET is not either.
+        disagree = {"X-Forwarded-Method": "GET"}
+        response = await ask(gw, "/api/x", method="DELETE", **disagree)
+        await assert_refusal(response, 400, "no_original_request")
+        await assert_refusal(await ask(gw, "/api/x", method="G(T"), 400, "no_original_request")
+        # A sane method named, but no original URI.
+        await assert_refusal(
+            await ask(gw, None, X_Original_Method="PUT"), 400, "no_original_request"
+        )
+    finally:
+        await gw.close()
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(line["method"], line["status"], line["reason"]) for line in lines] == [
+        ("TRACE", 405, "method_not_allowed"),
+        ("TRACK", 405, "method_not_allowed"),
+        ("TRACE", 405, "method_not_allowed"),
+        ("-", 400, "no_original_request"),
+        ("-", 400, "no_original_request"),
+        ("PUT", 400, "no_original_request"),
+    ]
+    assert {line["mode"] for line in lines} == {"forward_auth"}
+    after = counted(
+        "idlegate_forward_auth_requests_total", "none", "rejected", "method_not_allowed"
+    )
+    assert after == before + 3
