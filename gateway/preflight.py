@@ -84,7 +84,7 @@ async def _store_connect_problems(config: Config, store: Store) -> list[str]:
         await store.ping()
         evicts = await store.eviction_problem()
     except StoreUnavailable as exc:
-        return [f"store.url: no answer from {mask_url(config.store.url)} ({exc})"]
+        return [f"store.url: {mask_url(config.store.url)} does not serve ({exc})"]
     return [] if evicts is None else [f"store.url: {evicts}"]
 
 
