@@ -5,6 +5,7 @@ gives to users."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import socket
 import subprocess
@@ -94,6 +95,20 @@ def _nginx_identity(prefix: str) -> str:
     return "\n            ".join(lines)
 
 
+# The forwarding headers an upstream may trust: set from the connection, never the client's.
+_NGINX_FORWARDED = (
+    "proxy_set_header X-Forwarded-For $remote_addr;",
+    "proxy_set_header X-Real-IP $remote_addr;",
+    "proxy_set_header X-Forwarded-Proto $scheme;",
+    "proxy_set_header X-Forwarded-Host $host;",
+    'proxy_set_header Forwarded "";',
+)
+
+
+def _nginx_forwarded() -> str:
+    return "\n            ".join(_NGINX_FORWARDED)
+
+
 NGINX_SERVER = """
     server {{
         listen 127.0.0.1:{port};
@@ -101,8 +116,8 @@ NGINX_SERVER = """
         # The auth subrequest: the client's headers (with its Authorization), no body, and
         # the original request named in X-Original-URI / X-Original-Method (set here, so a
         # client's own copies are replaced). Upgrade/Connection are hop-by-hop, which nginx
-        # drops unless set: passed on, idlegate refuses a handshake on a route without
-        # `websocket: true` (400 websocket_not_enabled), as its proxy port does.
+        # drops unless set: passed on as the client sent them, idlegate refuses any Upgrade
+        # but a valid WebSocket handshake on a `websocket: true` route (400).
         location = /_idlegate_auth {{
             internal;
             proxy_pass http://127.0.0.1:{idlegate_port}/.idlegate/auth;
@@ -123,9 +138,10 @@ NGINX_SERVER = """
             # WWW-Authenticate of a 401: keep the real answer for @idlegate_refusal below.
             {keep_refusal}
             {identity}
+            {forwarded}
+            # No Upgrade here: nginx passes none unless set, so no upgrade (h2c, WebSocket,
+            # anything) reaches this upstream and makes the connection a tunnel.
             proxy_http_version 1.1;
-            proxy_set_header Upgrade $http_upgrade;
-            proxy_set_header Connection $connection_upgrade;
             proxy_pass http://127.0.0.1:{upstream_port};
         }}
 
@@ -133,9 +149,10 @@ NGINX_SERVER = """
             auth_request /_idlegate_auth;
             {keep_refusal}
             {identity}
+            {forwarded}
             proxy_http_version 1.1;
-            proxy_set_header Upgrade $http_upgrade;
-            proxy_set_header Connection $connection_upgrade;
+            proxy_set_header Upgrade $websocket_upgrade;  # a WebSocket upgrade, nothing else
+            proxy_set_header Connection $websocket_connection;
             proxy_pass http://127.0.0.1:{ws_port};
         }}
 
@@ -162,6 +179,14 @@ http {{
     map $http_upgrade $connection_upgrade {{
         default upgrade;
         ''      '';
+    }}
+    map $http_upgrade $websocket_upgrade {{
+        ~*^websocket$ websocket;
+        default       '';
+    }}
+    map $http_upgrade $websocket_connection {{
+        ~*^websocket$ upgrade;
+        default       '';
     }}
 {servers}
 }}
@@ -197,6 +222,7 @@ class Nginx:
                 upstream_port=self.upstream_port,
                 ws_port=self.ws_port,
                 identity=_nginx_identity("idlegate_"),
+                forwarded=_nginx_forwarded(),
                 keep_refusal=_nginx_keep_refusal(),
                 refusals=_nginx_refusals(),
             )
@@ -262,8 +288,17 @@ http://:{port} {{
         # X-Request-ID: the upstream gets idlegate's (the one in its access log).
         copy_headers X-Auth-Subject X-Auth-Scope X-Auth-Token-Id X-Request-ID
     }}
-    reverse_proxy /ws/* 127.0.0.1:{ws_port}
-    reverse_proxy 127.0.0.1:{upstream_port}
+    # Caddy sets X-Forwarded-For, -Proto and -Host itself; the client's Forwarded and
+    # X-Real-IP would pass.
+    reverse_proxy /ws/* 127.0.0.1:{ws_port} {{
+        header_up -Forwarded
+        header_up X-Real-IP {{remote_host}}
+    }}
+    reverse_proxy 127.0.0.1:{upstream_port} {{
+        header_up -Upgrade  # no protocol switch (h2c: a tunnel) outside the WebSocket paths
+        header_up -Forwarded
+        header_up X-Real-IP {{remote_host}}
+    }}
 }}
 """
 
@@ -357,16 +392,30 @@ class Traefik:
             }
             # Upstreams behind WSGI/CGI read X_Auth_Subject as X-Auth-Subject: an empty
             # custom request header removes a client's `_` spelling before forwardAuth runs.
+            # And the client's Forwarded, which Traefik passes on (it sets X-Forwarded-*
+            # and X-Real-Ip itself).
+            twins = {name.replace("-", "_"): "" for name in IDENTITY}
             middlewares["idlegate-twins"] = {
-                "headers": {
-                    "customRequestHeaders": {name.replace("-", "_"): "" for name in IDENTITY}
-                }
+                "headers": {"customRequestHeaders": {**twins, "Forwarded": ""}}
             }
+            # ForwardAuth shows idlegate no Upgrade, and Traefik relays any (h2c: a tunnel to
+            # the upstream past every decision): removed on every router but the WebSocket
+            # ones, whose rule admits a WebSocket upgrade only.
+            middlewares["idlegate-no-upgrade"] = {
+                "headers": {"customRequestHeaders": {"Upgrade": ""}}
+            }
+            entry = {"entryPoints": [f"door{i}"]}
+            upgrading = {**entry, "middlewares": ["idlegate-twins", f"idlegate-{i}"]}
             protected = {
-                "entryPoints": [f"door{i}"],
-                "middlewares": ["idlegate-twins", f"idlegate-{i}"],
-            }
+                **entry, "middlewares": ["idlegate-twins", "idlegate-no-upgrade", f"idlegate-{i}"],
+            }  # fmt: skip
             routers[f"door{i}-ws"] = {
+                **upgrading,
+                "rule": "PathPrefix(`/ws/`) && HeaderRegexp(`Upgrade`, `(?i)^websocket$`)",
+                "service": "ws",
+                "priority": 30,
+            }
+            routers[f"door{i}-ws-plain"] = {
                 **protected, "rule": "PathPrefix(`/ws/`)", "service": "ws", "priority": 20,
             }  # fmt: skip
             routers[f"door{i}"] = {
@@ -467,3 +516,69 @@ class WebSocketUpstream:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+
+
+@dataclass
+class TunnelUpstream:
+    """An upstream that switches protocols for any Upgrade (a stand-in for one that speaks h2c,
+    or anything): 101, then it records every byte that comes through the tunnel. Records each
+    request head it reads as its lines; answers other requests 200."""
+
+    port: int = 0
+    heads: list[list[str]] = field(default_factory=list)
+    tunnelled: bytearray = field(default_factory=bytearray)
+    _server: asyncio.Server | None = None
+    _writers: list[asyncio.StreamWriter] = field(default_factory=list)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.append(writer)
+        try:
+            while True:
+                head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+                lines = head.split("\r\n")[:-2]
+                self.heads.append(lines)
+                names = {line.partition(":")[0].strip().lower() for line in lines[1:]}
+                if "upgrade" in names:
+                    writer.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n")
+                    writer.write(b"Upgrade: " + _value(lines, "upgrade").encode() + b"\r\n\r\n")
+                    await writer.drain()
+                    while chunk := await reader.read(65536):
+                        self.tunnelled += chunk
+                    return
+                if "content-length" in names:
+                    await reader.readexactly(int(_value(lines, "content-length")))
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nupstream")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def upgrades(self) -> list[list[str]]:
+        """The heads that asked the upstream to switch protocols."""
+        return [
+            head for head in self.heads if any(line.lower().startswith("upgrade:") for line in head)
+        ]
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for writer in self._writers:  # a tunnel the edge still holds open
+                writer.close()
+            await self._server.wait_closed()
+
+
+def _value(lines: list[str], name: str) -> str:
+    for line in lines[1:]:
+        key, _, value = line.partition(":")
+        if key.strip().lower() == name:
+            return value.strip()
+    return ""

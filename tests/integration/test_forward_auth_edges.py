@@ -16,7 +16,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from conftest import GatewayFactory, RedisServer, free_port
-from edges import Caddy, Door, Nginx, Traefik, WebSocketUpstream
+from edges import Caddy, Door, Nginx, Traefik, TunnelUpstream, WebSocketUpstream
 from harness import GatewayUnderTest, Upstream
 
 from gateway.clock import ManualClock
@@ -50,10 +50,15 @@ async def edge(
     """`await edge(gw, ...)`: the edge proxy, one front door per gateway; returns their URLs."""
     started: list[Nginx | Caddy | Traefik] = []
 
-    async def make(*gateways: GatewayUnderTest) -> list[str]:
+    async def make(
+        *gateways: GatewayUnderTest, upstream_port: int | None = None, ws_port: int | None = None
+    ) -> list[str]:
         doors = [Door(free_port(), int(gw.url.rsplit(":", 1)[1])) for gw in gateways]
         proxy = EDGES[request.param](
-            tmp_path / request.param, upstream.port, ws_upstream.port, doors
+            tmp_path / request.param,
+            upstream_port or upstream.port,
+            ws_port or ws_upstream.port,
+            doors,
         )
         await asyncio.to_thread(proxy.start)
         started.append(proxy)
@@ -62,6 +67,14 @@ async def edge(
     yield make
     for proxy in started:
         await asyncio.to_thread(proxy.stop)
+
+
+@pytest.fixture
+async def tunnel_upstream() -> AsyncIterator[TunnelUpstream]:
+    server = TunnelUpstream()
+    await server.start()
+    yield server
+    await server.stop()
 
 
 @pytest.fixture
@@ -307,3 +320,118 @@ async def test_websocket_upgrade_is_authorised_at_the_edge(
         await http.ws_connect(door + "/ws/feed", headers={"Authorization": "Bearer bad.to.ken"})
     assert refused.value.status == 401
     assert len(ws_upstream.handshakes) == 1, "a refused handshake reached the upstream"
+
+
+def _read_head(sock: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        try:
+            chunk = sock.recv(4096)
+        except TimeoutError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def upgrade_then_smuggle(url: str, target: str, upgrade: str, token: str | None) -> int:
+    """Ask for `target` with `Upgrade: upgrade`, then send a request for a protected path on
+    the same connection, as a client would inside the tunnel an upstream's 101 opens. The
+    status of the first answer."""
+    host, port = url.removeprefix("http://").split(":")
+    lines = [
+        f"GET {target} HTTP/1.1",
+        "Host: shop.example",
+        f"Upgrade: {upgrade}",
+        "Connection: Upgrade, HTTP2-Settings",
+        "HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA",
+    ]
+    if token is not None:
+        lines.append(f"Authorization: Bearer {token}")
+    with socket.create_connection((host, int(port)), timeout=2) as sock:
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        head = _read_head(sock)
+        smuggled = (
+            "GET /api/admin/secret HTTP/1.1\r\nHost: shop.example\r\nX-Auth-Subject: admin\r\n"
+        )
+        try:
+            sock.sendall((smuggled + "Connection: close\r\n\r\n").encode())
+            sock.settimeout(0.5)
+            _read_head(sock)
+        except OSError:
+            pass  # the edge closed the connection after its refusal
+    return int(head.split(b" ", 2)[1])
+
+
+async def test_no_upgrade_but_websocket_reaches_an_upstream_through_the_edge(
+    gateways: GatewayFactory, edge: EdgeFactory, tunnel_upstream: TunnelUpstream
+):
+    """An upstream that switches to h2c (or anything) for any Upgrade would give the client a
+    tunnel to every path of it, with no decision: the recipes pass Upgrade only on the
+    WebSocket paths and only for WebSocket, and idlegate refuses any other it is shown."""
+    tunnel = tunnel_upstream
+    routes = [
+        {"prefix": "/", "upstream": tunnel.url, "auth": "none"},
+        {"prefix": "/api/", "upstream": tunnel.url},
+        {"prefix": "/api/admin/", "upstream": tunnel.url, "scopes": ["admin"]},
+        {"prefix": "/ws/", "upstream": tunnel.url, "websocket": True},
+    ]
+    gw = await gateways(**forward_auth(routes=routes))
+    (door,) = await edge(gw, upstream_port=tunnel.port, ws_port=tunnel.port)
+    for target in ("/public/x", "/api/x", "/ws/feed"):
+        for upgrade in ("h2c", "foo", "websocket, h2c", "h2c, websocket"):
+            for token in (None, gw.token()):
+                status = await asyncio.to_thread(upgrade_then_smuggle, door, target, upgrade, token)
+                assert status != 101, (target, upgrade, token is not None)
+    assert tunnel.upgrades() == [], tunnel.upgrades()
+    assert bytes(tunnel.tunnelled) == b""
+    assert not any("/api/admin/" in head[0] for head in tunnel.heads), tunnel.heads
+
+
+SPOOFED_FORWARDING = {
+    "X-Forwarded-For": "10.9.9.9",
+    "X-Real-IP": "10.9.9.9",
+    "Forwarded": "for=10.9.9.9;proto=https",
+    "X-Forwarded-Proto": "https",
+    "X-Forwarded-Host": "admin.internal",
+}
+
+
+def assert_forwarding_set_by_the_edge(
+    headers: dict[str, str], host: str, protos: tuple[str, ...] = ("http",)
+) -> None:
+    lower = {name.lower(): value for name, value in headers.items()}
+    assert lower.get("x-forwarded-for") == "127.0.0.1", headers
+    assert lower.get("x-real-ip") == "127.0.0.1", headers
+    assert "forwarded" not in lower, headers
+    assert lower.get("x-forwarded-proto") in protos, headers
+    # nginx's $host is the name without the port; Caddy and Traefik keep the port.
+    assert lower.get("x-forwarded-host") in (host, host.rsplit(":", 1)[0]), headers
+
+
+async def test_forwarding_headers_the_client_sends_are_replaced_at_the_edge(
+    gateways: GatewayFactory,
+    edge: EdgeFactory,
+    upstream: Upstream,
+    ws_upstream: WebSocketUpstream,
+    http: aiohttp.ClientSession,
+):
+    routes = [
+        {"prefix": "/api/", "upstream": upstream.url},
+        {"prefix": "/public/", "upstream": upstream.url, "auth": "none"},
+        {"prefix": "/ws/", "upstream": upstream.url, "websocket": True},
+    ]
+    gw = await gateways(**forward_auth(routes=routes))
+    (door,) = await edge(gw)
+    host = door.removeprefix("http://")
+    for path, token in (("/api/x", gw.token()), ("/public/x", None)):
+        status, _, body = await call(http, door + path, token, **SPOOFED_FORWARDING)
+        assert status == 200, body
+        assert_forwarding_set_by_the_edge(upstream.received[-1].headers, host)
+    headers = {**SPOOFED_FORWARDING, "Authorization": f"Bearer {gw.token()}"}
+    async with http.ws_connect(door + "/ws/feed", headers=headers) as ws:
+        await ws.send_str("hello")
+        assert (await ws.receive(timeout=5)).data == "echo:hello"
+    # Traefik says `ws` for a WebSocket handshake.
+    assert_forwarding_set_by_the_edge(ws_upstream.handshakes[-1], host, ("http", "ws"))
