@@ -126,7 +126,7 @@ async def test_a_jwks_nested_too_deep_is_not_valid_json_and_the_keys_held_stay(
 async def test_a_discovered_jwks_uri_with_no_valid_host_name_is_a_clean_failure(
     idp: RawIdp, rings: list[KeyRing], caplog: pytest.LogCaptureFixture, host: str
 ) -> None:
-    idp.discovery = idp.discovery_of(f"http://{host}/jwks")
+    idp.discovery = idp.discovery_of(f"https://{host}/jwks")
     ring = ring_for(idp, rings)
     await ring.start()
     assert not ring.ready
