@@ -8,31 +8,13 @@ The same through the real nginx, Caddy and Traefik: test_forward_auth_edges.py."
 from __future__ import annotations
 
 import pytest
-from attacks import exchange, parse, request
 from conftest import GatewayFactory
 from harness import ISSUER, GatewayUnderTest, Upstream
-from prometheus_client import REGISTRY
+from test_attacks_forward_auth import ENABLED, ask, fa_counted
 
-ENABLED = {"enabled": True}
 KEY = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ=="
 SHORT_KEY = "Sec-WebSocket-Key: dGhlIHNhbXBsZQ=="
 HANDSHAKE = ("Connection: Upgrade", "Sec-WebSocket-Version: 13", KEY)
-
-
-def fa_counted(route: str, reason: str) -> float:
-    labels = {"route": route, "decision": "rejected", "reason": reason}
-    return REGISTRY.get_sample_value("idlegate_forward_auth_requests_total", labels) or 0.0
-
-
-async def ask(gw: GatewayUnderTest, *lines: str, token: str | None = None) -> tuple[int, str]:
-    """(status, X-Idlegate-Reason or "") of a raw forward-auth request."""
-    if token is not None:
-        lines = (*lines, f"Authorization: Bearer {token}")
-    port = int(gw.running.proxy.addresses[0][1])
-    raw = await exchange(port, request("GET /.idlegate/auth HTTP/1.1", "Connection: close", *lines))
-    response = parse(raw)
-    reason = response.all("x-idlegate-reason")
-    return response.status, reason[0] if reason else ""
 
 
 @pytest.fixture
@@ -65,10 +47,10 @@ async def test_an_upgrade_other_than_websocket_is_refused_on_every_route(
 ):
     token = gw.token(jti="h2c-tunnel")
     label = "/" if uri.startswith("/public/") else uri[: uri.index("/", 1) + 1]
-    before = fa_counted(label, "malformed_request")
+    before = fa_counted(label, "rejected", "malformed_request")
     status, reason = await ask(gw, f"X-Original-URI: {uri}", *upgrade, token=token)
     assert (status, reason) == (400, "malformed_request")
-    assert fa_counted(label, "malformed_request") == before + 1
+    assert fa_counted(label, "rejected", "malformed_request") == before + 1
     # Decided on the head alone: the refused request is no activity.
     key = gw.gateway.hasher.of_token("jti", ISSUER, "h2c-tunnel")
     assert await gw.gateway.store.last_activity(key) is None
@@ -86,10 +68,10 @@ async def test_websocket_with_another_protocol_is_refused_on_a_websocket_route(
 async def test_a_websocket_upgrade_on_a_route_without_websocket_is_websocket_not_enabled(
     gw: GatewayUnderTest, value: str
 ):
-    before = fa_counted("/api/", "websocket_not_enabled")
+    before = fa_counted("/api/", "rejected", "websocket_not_enabled")
     lines = ("X-Original-URI: /api/x", f"Upgrade: {value}", *HANDSHAKE)
     assert await ask(gw, *lines, token=gw.token()) == (400, "websocket_not_enabled")
-    assert fa_counted("/api/", "websocket_not_enabled") == before + 1
+    assert fa_counted("/api/", "rejected", "websocket_not_enabled") == before + 1
 
 
 @pytest.mark.parametrize(
