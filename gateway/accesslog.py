@@ -13,6 +13,11 @@ from typing import Any, TextIO
 # json.dumps with arguments builds a new encoder per call; one, made once, does the same.
 _ENCODE = json.JSONEncoder(separators=(",", ":")).encode
 _QUOTE = json.encoder.encode_basestring_ascii  # a JSON string literal, escaped (the C one)
+# POSIX keeps a pipe write of at most PIPE_BUF bytes whole: with --workers every worker writes
+# to the same stdout pipe, and a larger write can be split by another worker's when the pipe is
+# full (a log shipper falling behind). Lines are ASCII (every string is JSON-escaped to ASCII),
+# so characters are bytes.
+PIPE_BUF = 4096
 # Parts of lines kept, each set at most this large, emptied when full: methods and statuses
 # come from clients and upstreams, ids from tokens.
 _KEPT = 4096
@@ -43,9 +48,11 @@ def _id_fields(jti: str | None, sub: str | None) -> str:
 
 
 class AccessLog:
-    """Lines are collected and written once per event-loop turn, in one write: stdout is
-    unbuffered where PYTHONUNBUFFERED is set (the image sets it), and a write per line would
-    be a syscall per request. Prompt when idle: a line is out by the end of its loop turn."""
+    """Lines are collected and written once per event-loop turn, in writes of at most PIPE_BUF
+    bytes cut at line ends (one line longer than that is written alone, and only it can be
+    interleaved with another worker's): stdout is unbuffered where PYTHONUNBUFFERED is set (the
+    image sets it), and a write per line would be a syscall per request. Prompt when idle: a
+    line is out by the end of its loop turn."""
 
     def __init__(self, stream: TextIO | None = None, *, enabled: bool = True) -> None:
         self._stream = stream or sys.stdout
@@ -129,6 +136,23 @@ class AccessLog:
         if not lines:
             return
         lines.append("")
+        text = "\n".join(lines)
+        stream = self._stream
         with contextlib.suppress(OSError, ValueError):  # stdout closed: nothing to do about it
-            self._stream.write("\n".join(lines))
-            self._stream.flush()
+            if len(text) <= PIPE_BUF:
+                stream.write(text)
+                stream.flush()
+                return
+            # A flush per chunk: each is one write() to the fd, whatever the stream's buffer.
+            start, size = 0, len(text)
+            while start < size:
+                end = start + PIPE_BUF
+                if end >= size:
+                    end = size
+                else:
+                    cut = text.rfind("\n", start, end)
+                    # No line end within PIPE_BUF: that one line, alone.
+                    end = (cut if cut >= 0 else text.index("\n", end)) + 1
+                stream.write(text[start:end])
+                stream.flush()
+                start = end
