@@ -2,6 +2,9 @@
 
 With `--workers N` the CLI sets `PROMETHEUS_MULTIPROC_DIR` before this module is imported, so
 each worker writes its samples to shared files and a scrape of any worker shows the sum.
+Every gauge is a "live" one: the supervisor's mark_process_dead removes a dead worker's file,
+so its last values stop counting (a plain "max" would report them forever). A dead worker's
+counters and histograms stay, so that sums never go backwards.
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ JWKS_KEYS = Gauge(
     "idlegate_jwks_keys",
     "Usable keys held per provider.",
     ["provider"],
-    multiprocess_mode="max",
+    multiprocess_mode="livemax",
 )
 IN_FLIGHT = Gauge(
     "idlegate_in_flight_requests",
@@ -77,7 +80,7 @@ BUILD_INFO = Gauge(
     "idlegate_build_info",
     "Always 1; the version label says what runs.",
     ["version"],
-    multiprocess_mode="max",
+    multiprocess_mode="livemax",
 )
 BUILD_INFO.labels(version=__version__).set(1)
 TOKEN_IDLE_GAP = Histogram(
@@ -113,7 +116,7 @@ ADMIN_REQUESTS = Counter(
 REVOCATIONS = Gauge(
     "idlegate_revocations",
     "Revocation entries currently in force at this instance.",
-    multiprocess_mode="max",
+    multiprocess_mode="livemax",
 )
 REVOCATIONS_RESTORED = Counter(
     "idlegate_revocations_restored_total",
