@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
+import contextlib
 import logging
 import os
-import re
 import shutil
-import socket
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -145,6 +143,36 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+_METRICS_DIR_PREFIX = "idlegate-metrics-"
+
+
+def _remove_stale_metrics_dirs() -> None:
+    """The metrics directories (named after their serve's pid) of a serve that was killed
+    before it could remove its own: this user's, whose pid is gone or is this process (a
+    restarted container's, also pid 1). One of an unrelated process that got the pid is left."""
+    scratch = Path(tempfile.gettempdir())
+    with contextlib.suppress(OSError):
+        for entry in scratch.glob(f"{_METRICS_DIR_PREFIX}*-*"):
+            owner = entry.name[len(_METRICS_DIR_PREFIX) :].split("-", 1)[0]
+            if not owner.isdigit() or not entry.is_dir() or entry.is_symlink():
+                continue
+            if entry.lstat().st_uid != os.getuid() or _alive(int(owner)):
+                continue
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's
+    return True
+
+
 def _serve(args: argparse.Namespace) -> int:
     config = _config_or_exit(args.config)
     metrics_dir: str | None = None
@@ -158,11 +186,12 @@ def _serve(args: argparse.Namespace) -> int:
             return 2
         # Must be set before prometheus_client is imported (by gateway.serve), in every worker.
         if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            metrics_dir = tempfile.mkdtemp(prefix="idlegate-metrics-")
+            _remove_stale_metrics_dirs()
+            metrics_dir = tempfile.mkdtemp(prefix=f"{_METRICS_DIR_PREFIX}{os.getpid()}-")
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     try:
         _preflight_or_exit(config)  # the same checks and lines as check-config
-        from gateway.serve import run  # after the metrics mode is chosen
+        from gateway.serve import cannot_listen, run  # after the metrics mode is chosen
 
         try:
             return run(config, args.workers)
@@ -171,47 +200,11 @@ def _serve(args: argparse.Namespace) -> int:
                 print(f"idlegate: {line}", file=sys.stderr)
             return 2
         except OSError as exc:
-            print(f"idlegate: {_cannot_listen(config, exc)}", file=sys.stderr)
+            print(f"idlegate: {cannot_listen(config, exc)}", file=sys.stderr)
             return 1
     finally:
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
-
-
-_BIND_FAILED = re.compile(
-    r"error while attempting to bind on address \('([^']*)', (\d+)[^)]*\): (.*)"
-)
-
-
-def _cannot_listen(config: Config, exc: OSError) -> str:
-    """Why serve could not listen, naming the config key of the listener concerned: the one
-    whose address asyncio names, or (a host name that does not resolve) the one with a name
-    for a host; else every listener, so that the operator still sees which keys to check."""
-    reason = str(exc.strerror or exc)
-    named = [
-        ("listen", config.listen.host, config.listen.port),
-        ("admin", config.admin.host, config.admin.port),
-    ]
-    if config.forward_auth.enabled and (own := config.forward_auth.listen) is not None:
-        named.append(("forward_auth.listen", own.host, own.port))
-    bind = _BIND_FAILED.fullmatch(reason)
-    if bind:
-        host, port, reason = bind.group(1), int(bind.group(2)), bind.group(3)
-        named = [n for n in named if n[2] == port] or named
-        if len(named) > 1:
-            named = [n for n in named if n[1] == host] or named
-    elif isinstance(exc, socket.gaierror):
-        named = [n for n in named if not _is_address(n[1])] or named
-    where = ", ".join(f"{key} {host or '*'}:{port}" for key, host, port in named)
-    return f"cannot listen ({where}): {reason}"
-
-
-def _is_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return host == ""
-    return True
 
 
 def _token(args: argparse.Namespace) -> int:

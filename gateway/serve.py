@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import gc
+import ipaddress
 import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import re
 import signal
 import socket
 import sys
@@ -35,6 +38,13 @@ _CLEANUP_TIMEOUT = 0.1
 _CLOSE_TIMEOUT = 3.0
 # `--workers`: how long past shutdown_grace the parent waits before it kills a worker.
 _WORKER_EXIT_MARGIN = 10.0
+# A worker's exit codes for "could not start": its config, keys or store (as single-process
+# serve's 2), or a listener it could not open (single-process serve's 1).
+_REFUSED = 2
+_CANNOT_LISTEN = 3
+# How often a worker checks that the parent that started it is still there (where the kernel
+# has no parent-death signal, or the parent died before the worker asked for one).
+_PARENT_CHECK_INTERVAL = 1.0
 
 
 class _BadRequestLine(logging.Filter):
@@ -211,6 +221,83 @@ async def start(
     return running
 
 
+_BIND_FAILED = re.compile(
+    r"error while attempting to bind on address \('([^']*)', (\d+)[^)]*\): (.*)"
+)
+
+
+def _listeners(config: Config) -> list[tuple[str, str, int]]:
+    """Every address serve listens on, with its config key."""
+    named = [
+        ("listen", config.listen.host, config.listen.port),
+        ("admin", config.admin.host, config.admin.port),
+    ]
+    if config.forward_auth.enabled and (own := config.forward_auth.listen) is not None:
+        named.append(("forward_auth.listen", own.host, own.port))
+    return named
+
+
+def cannot_listen(config: Config, exc: OSError) -> str:
+    """Why serve could not listen, naming the config key of the listener concerned: the one
+    whose address asyncio names, or (a host name that does not resolve) the one with a name
+    for a host; else every listener, so that the operator still sees which keys to check."""
+    reason = str(exc.strerror or exc)
+    named = _listeners(config)
+    bind = _BIND_FAILED.fullmatch(reason)
+    if bind:
+        host, port, reason = bind.group(1), int(bind.group(2)), bind.group(3)
+        named = [n for n in named if n[2] == port] or named
+        if len(named) > 1:
+            named = [n for n in named if n[1] == host] or named
+    elif isinstance(exc, socket.gaierror):
+        named = [n for n in named if not _is_address(n[1])] or named
+    where = ", ".join(f"{key} {host or '*'}:{port}" for key, host, port in named)
+    return f"cannot listen ({where}): {reason}"
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return host == ""
+    return True
+
+
+def probe_listeners(config: Config) -> None:
+    """With --workers each worker binds with SO_REUSEPORT, which would silently share the port
+    with any process of the same user that does so too (another instance; the orphaned
+    workers of a killed one). Bound here once without it, each address is refused while
+    anything listens on it, in either mode with the same line (uvloop's own bind error names
+    no address); closed again before any worker binds. (Something that starts listening in
+    between is still refused to the workers, one line, by the same message.)"""
+    probes: list[socket.socket] = []
+    try:
+        for _key, host, port in _listeners(config):
+            if port == 0:
+                continue  # any free port: nothing to clash with
+            for family, kind, proto, _, address in socket.getaddrinfo(
+                host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            ):
+                probe = socket.socket(family, kind, proto)
+                probes.append(probe)
+                # As asyncio binds: SO_REUSEADDR (a TIME_WAIT left by a restart is no clash),
+                # IPv6 sockets v6-only.
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                try:
+                    probe.bind(address)
+                except OSError as exc:  # asyncio's words, so cannot_listen names the key
+                    raise OSError(
+                        exc.errno,
+                        f"error while attempting to bind on address {address!r}: "
+                        f"{(exc.strerror or str(exc)).lower()}",
+                    ) from None
+    finally:
+        for probe in probes:
+            probe.close()
+
+
 def tune_gc() -> None:
     """Long-lived start-up objects leave the collector's view, and young collections run less
     often: under load, requests' objects otherwise got promoted and full collections hit p99
@@ -220,7 +307,14 @@ def tune_gc() -> None:
     gc.set_threshold(20_000, 50, 100)
 
 
-async def serve(config: Config, *, reuse_port: bool = False, worker: int | None = None) -> None:
+async def serve(
+    config: Config,
+    *,
+    reuse_port: bool = False,
+    worker: int | None = None,
+    parent: int | None = None,
+) -> None:
+    """`parent`: a worker's supervisor's pid; the worker drains and stops if it goes."""
     running = await start(config, reuse_port=reuse_port)
     tune_gc()
     # Before the startup line: a supervisor that waits for it may signal at once.
@@ -229,6 +323,9 @@ async def serve(config: Config, *, reuse_port: bool = False, worker: int | None 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     loop.add_signal_handler(signal.SIGHUP, _sighup_ignored)
+    watch = None
+    if parent is not None:
+        watch = asyncio.create_task(_watch_parent(parent, stop), name="idlegate-parent-watch")
     proxy_url, admin_url = running.addresses()
     if (forward_auth_url := running.forward_auth_address()) is not None:
         log.info("forward-auth decisions on %s", forward_auth_url)
@@ -242,10 +339,23 @@ async def serve(config: Config, *, reuse_port: bool = False, worker: int | None 
         mask_url(config.store.url),
     )
     await stop.wait()
+    if watch is not None:
+        watch.cancel()
     log.info("draining: readiness off, listener closed, waiting for in-flight requests")
     await running.drain()
     await _cancel_leftovers()
     log.info("stopped")
+
+
+async def _watch_parent(parent: int, stop: asyncio.Event) -> None:
+    """Where PR_SET_PDEATHSIG is not there (or came too late): a worker whose supervisor died
+    (re-parented) drains and stops, as on SIGTERM."""
+    while True:
+        await asyncio.sleep(_PARENT_CHECK_INTERVAL)
+        if os.getppid() != parent:
+            break
+    log.error("the supervisor (pid %d) is gone; this worker stops", parent)
+    stop.set()
 
 
 async def _cancel_leftovers() -> None:
@@ -270,16 +380,38 @@ def _sighup_ignored(*_: object) -> None:
     )
 
 
-def _worker(config: Config, index: int) -> None:
+def _die_with_parent(parent: int) -> None:
+    """SIGTERM (a drain) when the supervisor dies, even by SIGKILL: workers that outlived it
+    would serve on, unseen, a config nobody runs any more (Linux; elsewhere _watch_parent)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before the signal was asked for
+        os._exit(0)
+
+
+def _worker(config: Config, index: int, parent: int, report: Any) -> None:
+    """One worker; a start-up refusal goes to the supervisor as its lines (`report`, a pipe's
+    end), which prints each once, however many workers ran into it."""
+    _die_with_parent(parent)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until serve() installs the logging handler
     configure_logging(config.server.log_level)
     install_uvloop()
     try:
-        asyncio.run(serve(config, reuse_port=True, worker=index))
+        asyncio.run(serve(config, reuse_port=True, worker=index, parent=parent))
     except StartupError as exc:  # as in the CLI: one line a problem, no traceback
-        for line in exc.lines():
-            print(f"idlegate: worker {index}: {line}", file=sys.stderr)
-        sys.exit(2)
+        _refuse(report, exc.lines(), _REFUSED)
+    except OSError as exc:  # as single-process serve: the listener concerned, one line
+        _refuse(report, [cannot_listen(config, exc)], _CANNOT_LISTEN)
+    report.close()
+
+
+def _refuse(report: Any, lines: list[str], code: int) -> None:
+    with contextlib.suppress(OSError):
+        report.send(lines)
+    report.close()
+    sys.exit(code)
 
 
 def run(config: Config, workers: int = 1) -> int:
@@ -290,6 +422,8 @@ def run(config: Config, workers: int = 1) -> int:
     configure_logging(config.server.log_level)
     if config.admin.token_file is not None:
         load_admin_token(config.admin.token_file)  # once here, not once per worker
+    # Before anything starts (keys, store): each listen address checked once, precisely named.
+    probe_listeners(config)  # OSError: cli's cannot_listen line, exit 1
     if workers <= 1:
         install_uvloop()
         asyncio.run(serve(config))
@@ -303,16 +437,35 @@ def run(config: Config, workers: int = 1) -> int:
 def _supervise(config: Config, workers: int) -> int:
     """N workers on one port, each kept running: one that dies unasked (the OOM killer's
     SIGKILL, a crash) is logged and replaced, so the pod does not serve on in part, silently.
-    One that cannot start (exit code 2: its config, keys or store), or dies again and again
-    right after starting, stops them all: the exit code then says so, for the orchestrator."""
+    One that cannot start (its config, keys or store: exit code 2; a port it cannot listen on:
+    1, as single-process serve), or dies again and again right after starting, stops them all:
+    the exit code then says so, for the orchestrator. A refusal is printed once, however many
+    workers ran into it."""
     context = multiprocessing.get_context("spawn")
+    parent = os.getpid()
+    reports: dict[int, Any] = {}  # worker index -> the pipe end its refusal comes through
 
     def spawn(index: int) -> Any:
+        reader, writer = context.Pipe(duplex=False)
         process = context.Process(
-            target=_worker, args=(config, index), name=f"idlegate-worker-{index}"
+            target=_worker, args=(config, index, parent, writer), name=f"idlegate-worker-{index}"
         )
         process.start()
+        writer.close()
+        reports[index] = reader
         return process
+
+    refusals: list[str] = []
+
+    def collect(index: int) -> None:
+        """A dead worker's refusal lines, if it sent any; its pipe closed."""
+        reader = reports.pop(index, None)
+        if reader is None:
+            return
+        with contextlib.suppress(OSError, EOFError):
+            if reader.poll():
+                refusals.extend(line for line in reader.recv() if line not in refusals)
+        reader.close()
 
     processes = [spawn(i) for i in range(workers)]
     started = [time.monotonic()] * workers
@@ -320,6 +473,7 @@ def _supervise(config: Config, workers: int) -> int:
     forwarded: set[int] = set()
     deadline: list[float] = []  # set by the first signal: when stragglers get killed
     failed: list[str] = []
+    exit_code = [1]  # for a failure: 2 for a refused start, as single-process serve
 
     def forward(signum: int, _frame: object) -> None:
         forwarded.add(signum)
@@ -343,13 +497,17 @@ def _supervise(config: Config, workers: int) -> int:
                     process.kill()
                     process.join()
                 continue
+            collect(index)
+            if process.exitcode in (_REFUSED, _CANNOT_LISTEN) and not failed:
+                failed.append(f"worker {process.name} could not start")
+                exit_code[0] = 2 if process.exitcode == _REFUSED else 1
+                forward(signal.SIGTERM, None)  # its lines say why: printed once, below
+                continue
             if forwarded or failed:
                 continue  # stopping: its exit code is collected below
             _forget(process)
             how = _exit_description(process.exitcode)
-            if process.exitcode == 2:
-                failed.append(f"worker {process.name} could not start")
-            elif time.monotonic() - started[index] < _QUICK_DEATH:
+            if time.monotonic() - started[index] < _QUICK_DEATH:
                 quick_deaths[index] += 1
                 if quick_deaths[index] >= _QUICK_DEATHS:
                     failed.append(f"worker {process.name} died {_QUICK_DEATHS} times on start")
@@ -362,13 +520,18 @@ def _supervise(config: Config, workers: int) -> int:
             log.error("worker %s %s unasked; starting another in its place", process.name, how)
             processes[index], started[index] = spawn(index), time.monotonic()
     codes = []
-    for process in processes:
+    for index, process in enumerate(processes):
+        collect(index)
         _forget(process)
         code = process.exitcode or 0
         # A worker stopped by the signal we forwarded before it could install its own handler
         # (still starting) stopped as asked.
         codes.append(0 if -code in forwarded else code)
-    return 0 if all(code == 0 for code in codes) and not failed else 1
+    for line in refusals:
+        print(f"idlegate: {line}", file=sys.stderr)
+    if failed:
+        return exit_code[0]
+    return 0 if all(code == 0 for code in codes) else 1
 
 
 # A worker that dies this soon after it started, this many times in a row, is not replaced
