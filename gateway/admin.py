@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import hmac
@@ -392,6 +393,11 @@ class AdminAPI:
         (issuer,) = self._issuers(query.get("issuer"), query.get("provider"), ambiguous_ok=False)
         key = self._hasher.of_token("jti", issuer, jti)
         policy = self._config.policy
+        # The store's list, not only the one this process last polled: with --workers the
+        # revoke may have been answered by another worker a moment ago (read-your-write). The
+        # store down: the list held answers, as it does for requests.
+        with contextlib.suppress(StoreUnavailable):
+            await self._revocations.refresh()
         try:
             last = await self._store.last_activity(key) if policy.track_by == "jti" else None
         except StoreUnavailable:
