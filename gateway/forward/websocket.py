@@ -30,6 +30,7 @@ import binascii
 import contextlib
 import logging
 import math
+import re
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -228,6 +229,27 @@ def check_handshake(request: web.BaseRequest, method: str | None = None) -> None
         or not _valid_key(headers.getall("Sec-WebSocket-Key", ()))
     ):
         raise Refusal(Reason.MALFORMED_REQUEST, "not a valid WebSocket handshake")
+    if "Sec-WebSocket-Protocol" in headers and any(
+        _TOKEN_PROTOCOL.fullmatch(protocol) for protocol in _offered_protocols(headers)
+    ):
+        # Browsers cannot set Authorization on a WebSocket, so some clients offer the token
+        # as a subprotocol (`access_token, <jwt>`; Kubernetes' `base64url.bearer...`). The
+        # upstream gets the list as offered and may use that token instead of the one
+        # verified (and may pick it, when it would be logged as the subprotocol): a second
+        # token, refused as one in the query is.
+        raise Refusal(
+            Reason.MALFORMED_REQUEST,
+            "a token in Sec-WebSocket-Protocol is not accepted: send it in Authorization",
+        )
+
+
+# An offered subprotocol that is a token: a JWS (three base64url parts) or JWE (five) whose
+# header is a JSON object (`ey...`: base64url of `{`), or Kubernetes'
+# `base64url.bearer.authorization.k8s.io.<token>`. Dotted names (`wamp.2.json`) are not.
+_TOKEN_PROTOCOL = re.compile(
+    r"ey[A-Za-z0-9_-]{8,}(?:\.[A-Za-z0-9_-]*){2}(?:(?:\.[A-Za-z0-9_-]*){2})?"
+    r"|(?i:base64url\.bearer\.authorization\.k8s\.io\.).*"
+)
 
 
 def _valid_key(keys: Sequence[str]) -> bool:

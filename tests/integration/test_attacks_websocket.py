@@ -263,3 +263,54 @@ async def test_a_token_in_the_query_is_refused_and_never_logged(
     logged = capsys.readouterr().out
     assert '"reason":"malformed_request"' in logged and signature not in logged
     assert not [r for r in caplog.records if signature in r.getMessage()]
+
+
+@pytest.mark.parametrize(
+    "offered",
+    [
+        "access_token, {other}",  # the token after a marker protocol (a common client pattern)
+        "{other}",
+        "chat, {other}",
+        "base64url.bearer.authorization.k8s.io.{other}",  # Kubernetes' spelling
+    ],
+    ids=["after-a-marker", "alone", "beside-a-protocol", "kubernetes"],
+)
+async def test_a_token_offered_as_a_subprotocol_is_refused_and_never_reaches_the_upstream(
+    gateways: GatewayFactory,
+    ws_upstream: WsUpstream,
+    capsys: pytest.CaptureFixture[str],
+    offered: str,
+):
+    """A second token beside the verified one (browsers cannot set Authorization, so some
+    clients offer theirs as a subprotocol): the upstream gets the list as offered and might
+    use it instead, unverified (revoked, forged); and an upstream that picked it would have it
+    logged as the subprotocol. Refused as a second token in the query is."""
+    gw = await ws_gateway(gateways, ws_upstream.url, server={"access_log": True})
+    other = gw.token(sub="mallory")
+    before = requests_counted("/ws/", "rejected", "malformed_request")
+    sent = handshake(gw.token(), f"Sec-WebSocket-Protocol: {offered.format(other=other)}")
+    response = parse(await exchange(port(gw), sent, timeout=1))
+    assert response.status == 400
+    assert ws_upstream.handshakes == []
+    assert requests_counted("/ws/", "rejected", "malformed_request") == before + 1
+    await asyncio.sleep(0.05)
+    assert other.rsplit(".", 1)[1] not in capsys.readouterr().out
+
+
+async def test_dotted_subprotocol_names_are_no_tokens(
+    gateways: GatewayFactory, ws_upstream: WsUpstream
+):
+    gw = await ws_gateway(gateways, ws_upstream.url)
+    async with (
+        aiohttp.ClientSession() as http,
+        http.ws_connect(
+            f"{gw.url}/ws/x",
+            headers={"Authorization": f"Bearer {gw.token()}"},
+            protocols=("wamp.2.json", "ocpp2.0.1", "v10.stomp"),
+        ) as ws,
+    ):
+        await ws.send_str("hi")
+        assert (await ws.receive(timeout=2)).data == "hi"
+    assert ws_upstream.handshakes and "wamp.2.json" in ws_upstream.handshakes[-1].get(
+        "Sec-WebSocket-Protocol", ""
+    )

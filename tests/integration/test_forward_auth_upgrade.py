@@ -116,3 +116,18 @@ async def test_the_proxy_port_still_drops_an_h2c_upgrade_and_forwards_the_reques
     response = await gw.get("/api/x", gw.token(), headers=headers)
     assert response.status == 200
     assert "upgrade" not in {name.lower() for name, _ in upstream.received[-1].header_list}
+
+
+async def test_a_token_offered_as_a_subprotocol_is_refused(gw: GatewayUnderTest):
+    """The edge passes Sec-WebSocket-Protocol upstream as offered: a second token there is
+    refused as on the proxy port (test_attacks_websocket.py)."""
+    lines = ("X-Original-URI: /ws/feed", "X-Original-Method: GET", "Upgrade: websocket")
+    protocol = f"Sec-WebSocket-Protocol: access_token, {gw.token(sub='mallory')}"
+    assert await ask(gw, *lines, *HANDSHAKE, protocol, token=gw.token()) == (
+        400,
+        "malformed_request",
+    )
+    assert await ask(gw, *lines, *HANDSHAKE, "Sec-WebSocket-Protocol: chat", token=gw.token()) == (
+        200,
+        "",
+    )
