@@ -241,6 +241,9 @@ def cannot_listen(config: Config, exc: OSError) -> str:
     """Why serve could not listen, naming the config key of the listener concerned: the one
     whose address asyncio names, or (a host name that does not resolve) the one with a name
     for a host; else every listener, so that the operator still sees which keys to check."""
+    if isinstance(exc, _ProbeRefused):
+        key, host, port = exc.listener
+        return f"cannot listen ({key} {host or '*'}:{port}): {exc.strerror}"
     reason = str(exc.strerror or exc)
     named = _listeners(config)
     bind = _BIND_FAILED.fullmatch(reason)
@@ -263,6 +266,14 @@ def _is_address(host: str) -> bool:
     return True
 
 
+class _ProbeRefused(OSError):
+    """`probe_listeners` could not bind `listener` (its key, host and port)."""
+
+    def __init__(self, errno: int, reason: str, listener: tuple[str, str, int]) -> None:
+        super().__init__(errno, reason)
+        self.listener = listener
+
+
 def probe_listeners(config: Config) -> None:
     """With --workers each worker binds with SO_REUSEPORT, which would silently share the port
     with any process of the same user that does so too (another instance; the orphaned
@@ -272,7 +283,8 @@ def probe_listeners(config: Config) -> None:
     between is still refused to the workers, one line, by the same message.)"""
     probes: list[socket.socket] = []
     try:
-        for _key, host, port in _listeners(config):
+        for listener in _listeners(config):
+            _key, host, port = listener
             if port == 0:
                 continue  # any free port: nothing to clash with
             for family, kind, proto, _, address in socket.getaddrinfo(
@@ -287,12 +299,9 @@ def probe_listeners(config: Config) -> None:
                     probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 try:
                     probe.bind(address)
-                except OSError as exc:  # asyncio's words, so cannot_listen names the key
-                    raise OSError(
-                        exc.errno,
-                        f"error while attempting to bind on address {address!r}: "
-                        f"{(exc.strerror or str(exc)).lower()}",
-                    ) from None
+                except OSError as exc:  # as asyncio words it: in lower case
+                    reason = (exc.strerror or str(exc)).lower()
+                    raise _ProbeRefused(exc.errno or 0, reason, listener) from None
     finally:
         for probe in probes:
             probe.close()

@@ -34,7 +34,7 @@ Address = tuple[str, int]
 _ASKING = _pack("ASKING")
 _TIME = _pack("TIME")
 _ROLE = _pack("ROLE")
-_NO_TIME = b"$0\r\n\r\n"  # the empty bulk string: '' for a script
+EMPTY_BULK = b"$0\r\n\r\n"  # the empty bulk string: '' for a script
 
 
 class ServerTime:
@@ -118,20 +118,25 @@ class NotMaster(ConnectionLost):
     """The node a sentinel named answered ROLE with another role (a replica, a sentinel)."""
 
 
-def _role_name(reply: Any) -> str:
-    if isinstance(reply, list) and reply:
+def role_name(reply: Any) -> str:
+    """ROLE's first element (master, slave, sentinel), or what else the reply was."""
+    if isinstance(reply, list | tuple) and reply:
         first = reply[0]
         return first.decode(errors="replace") if isinstance(first, bytes) else str(first)
     return f"an unexpected ROLE reply ({type(reply).__name__})"
 
 
-def _brief(exc: BaseException) -> str:
-    """Why an address was given up, in a few words."""
+def brief(exc: BaseException) -> str:
+    """A connection failure in a few words: the system's reason where there is one (redis-py
+    wraps it in a sentence repeating the address), else the error's own text."""
     if isinstance(exc, TimeoutError) and not str(exc):
         return "no answer in time"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__
+    cause = exc.__cause__ or exc.__context__
+    for error in (exc, cause):
+        if isinstance(error, OSError) and error.strerror:
+            return error.strerror
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 class _Protocol(asyncio.Protocol):
@@ -249,7 +254,7 @@ class PipelinedConnection:
         self.clock = ServerClock()
         self._clock_of: tuple[str, int] | None = None
         self._deadline_step = -1  # `send_until`'s last deadline, in 10 ms steps, and its bulk
-        self._deadline_bulk = _NO_TIME
+        self._deadline_bulk = EMPTY_BULK
 
     def _connected(self) -> _Protocol | None:
         current = self._current
@@ -298,7 +303,7 @@ class PipelinedConnection:
             return self._connect_and_send(command, deadline, until=True)
         offset = self.clock.offset  # `_deadline_of`, written out: once per request
         if offset is None:
-            return self._send(current, command + _NO_TIME, deadline)
+            return self._send(current, command + EMPTY_BULK, deadline)
         step = math.ceil((deadline + offset) * 100)
         if step != self._deadline_step:
             self._encode_deadline(step)
@@ -307,7 +312,7 @@ class PipelinedConnection:
     def _deadline_of(self, deadline: float) -> bytes:
         offset = self.clock.offset
         if offset is None:
-            return _NO_TIME
+            return EMPTY_BULK
         step = math.ceil((deadline + offset) * 100)
         if step != self._deadline_step:
             self._encode_deadline(step)
@@ -431,7 +436,7 @@ class PipelinedConnection:
                 try:
                     await self._open_at(str(host), int(port), connect_by, check_role=True)
                 except (OSError, TimeoutError, ReplyError) as exc:
-                    refused.append(f"{host}:{port}: {_brief(exc)}")
+                    refused.append(f"{host}:{port}: {brief(exc)}")
                     continue
                 if self._on_master is not None:
                     self._on_master((str(host), int(port)))
@@ -479,7 +484,7 @@ class PipelinedConnection:
                     answer = await role
                 except ReplyError:  # ROLE refused (an ACL): cannot check; READONLY would tell
                     answer = [b"master"]
-                name = _role_name(answer)
+                name = role_name(answer)
                 if name != "master":
                     raise NotMaster(f"{name}, not the master")
             if self.on_connect is not None:

@@ -49,11 +49,14 @@ from gateway.store.base import (
 from gateway.store.cluster import SLOTS, Address, ClusterConnections, SlotUncovered
 from gateway.store.pipeline import (
     DEADLINE,
+    EMPTY_BULK,
     ConnectionLost,
     PipelinedConnection,
     ReplyError,
     ServerTime,
+    brief,
     pack_command,
+    role_name,
 )
 
 log = logging.getLogger("idlegate.store")
@@ -63,7 +66,6 @@ _TouchArgs = tuple[Any, ...]  # DEADLINE among them: resolved by the connection
 # fault all the same, never a 500.
 _FAILURES = (RedisError, RedisClusterException, TimeoutError, OSError, ReplyError)
 T = TypeVar("T")
-_EMPTY_BULK = b"$0\r\n\r\n"
 # check_and_touch.lua's answer for a call it ran past its deadline (nothing written), which
 # the caller was about to give up on: as much an outage as no answer.
 _LATE = 2
@@ -239,7 +241,7 @@ class RedisStore:
         before formats and packs nothing."""
         key, args = self._touch_command(touch)
         whole = pack_command("EVALSHA", self._check_and_touch.sha, 1, key, *args[:-1], "")
-        packed = (whole[: -len(_EMPTY_BULK)], key, args)
+        packed = (whole[: -len(EMPTY_BULK)], key, args)
         touch.encoded = (self, packed)
         return packed
 
@@ -269,7 +271,7 @@ class RedisStore:
         try:
             try:
                 if self.caller_time:  # a fake clock's now: no deadline on Redis's
-                    reply = await connection.send(packed[0] + _EMPTY_BULK, deadline)
+                    reply = await connection.send(packed[0] + EMPTY_BULK, deadline)
                 else:
                     reply = await connection.send_until(packed[0], deadline)
             except (ReplyError, ConnectionLost) as exc:
@@ -562,7 +564,7 @@ class RedisStore:
         # The slot map (if not known), then the writes.
         answers = await self._call("ping", every_master, round_trips=2)
         down = sorted(
-            f"{host}:{port} ({_brief(a)})"
+            f"{host}:{port} ({brief(a)})"
             for (host, port), a in answers.items()
             if isinstance(a, BaseException)
         )
@@ -787,7 +789,7 @@ class ConcurrentSentinel(Sentinel):
                         answered = True
                         failures.setdefault(str(exc), []).append(names[query])
                     except (RedisError, OSError, TimeoutError) as exc:
-                        failures.setdefault(_brief(exc), []).append(names[query])
+                        failures.setdefault(brief(exc), []).append(names[query])
                     else:
                         answered = True
                         counts[address] = counts.get(address, 0) + 1
@@ -860,27 +862,6 @@ def _redirected(exc: ReplyError) -> bool:
     return str(exc).startswith(("MOVED ", "ASK "))
 
 
-def _brief(exc: BaseException) -> str:
-    """A connection failure in a few words: the system's reason where there is one (redis-py
-    wraps it in a sentence repeating the address), else the error's own text."""
-    if isinstance(exc, TimeoutError) and not str(exc):
-        return "no answer in time"
-    cause = exc.__cause__ or exc.__context__
-    for error in (exc, cause):
-        if isinstance(error, OSError) and error.strerror:
-            return error.strerror
-    text = str(exc) or type(exc).__name__
-    return text if len(text) <= 120 else text[:117] + "..."
-
-
-def _role(reply: Any) -> str | None:
-    """ROLE's first element (master, slave, sentinel), None if the reply is not one."""
-    if isinstance(reply, list | tuple) and reply:
-        first = reply[0]
-        return first.decode() if isinstance(first, bytes) else str(first)
-    return None
-
-
 class _MasterConnection(SentinelManagedConnection):
     """redis-py's connection to the master the sentinels name, checked with ROLE after it
     connects (Redis's Sentinel client guidelines): an address that is no master (a stale
@@ -912,12 +893,12 @@ class _MasterConnection(SentinelManagedConnection):
         try:
             await self.connect_to(address)  # type: ignore[no-untyped-call,unused-ignore]
             await self.send_command("ROLE")
-            role = _role(await self.read_response())
+            role = role_name(await self.read_response())
         except ResponseError:  # ROLE refused (an ACL): cannot check; READONLY would tell
             role = "master"
         except (RedisError, OSError, TimeoutError) as exc:
             await self.disconnect()
-            refused.append(f"{address[0]}:{address[1]}: {_brief(exc)}")
+            refused.append(f"{address[0]}:{address[1]}: {brief(exc)}")
             return False
         if role != "master":
             await self.disconnect()

@@ -204,27 +204,6 @@ def test_store_url_options_are_checked_offline_one_line_exit_2(
         ("IDLEGATE_POLICY__LEEWAY", "1.0e+300", "policy.leeway: a duration cannot be over"),
         ("IDLEGATE_POLICY__IDLE_TIMEOUT", "1.0e+300", "policy.idle_timeout: a duration cannot"),
         ("IDLEGATE_PROVIDERS__0__JWKS_MIN_REFRESH", "0", "providers.0.jwks_min_refresh: must be"),
-    ],
-)
-@pytest.mark.usefixtures("serve_never_starts")
-def test_durations_that_cannot_work_are_one_line_exit_2(
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-    command: str,
-    variable: str,
-    value: str,
-    line: str,
-):
-    monkeypatch.setenv(variable, value)
-    assert exit_code([command, "-c", str(GATEWAY_YAML)]) == 2
-    (found,) = error_lines(capsys)
-    assert found.startswith(f"idlegate: {line}")
-
-
-@pytest.mark.parametrize("command", ["check-config", "serve"])
-@pytest.mark.parametrize(
-    ("variable", "value", "line"),
-    [
         ("IDLEGATE_ROUTES__0__PREFIX", "/q?x", "routes.0.prefix: '/q?x' contains '?'"),
         ("IDLEGATE_ROUTES__0__PREFIX", "/a/../b/", "routes.0.prefix: '/a/../b/' is not in the"),
         ("IDLEGATE_ROUTES__0__PREFIX", "/c%2fd/", "routes.0.prefix: '/c%2fd/' can never match"),
@@ -233,7 +212,7 @@ def test_durations_that_cannot_work_are_one_line_exit_2(
     ],
 )
 @pytest.mark.usefixtures("serve_never_starts")
-def test_routes_and_hosts_that_cannot_work_are_one_line_exit_2(
+def test_values_that_cannot_work_are_one_line_exit_2(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
     command: str,
@@ -241,6 +220,7 @@ def test_routes_and_hosts_that_cannot_work_are_one_line_exit_2(
     value: str,
     line: str,
 ):
+    """Durations, route prefixes and hosts that cannot work."""
     monkeypatch.setenv(variable, value)
     assert exit_code([command, "-c", str(GATEWAY_YAML)]) == 2
     (found,) = error_lines(capsys)
